@@ -1,0 +1,307 @@
+"""The one shared dirty bitmap that every tracker's report is OR-merged into.
+
+One bit per host page of guest-physical (IOVA) space, in the kernel's layout: bit k is page k,
+held in little-endian u64 word k // 64 at position k % 64, LSB first. Keeping the kernel layout
+means a report with the bitmap's page size and a 64-page-aligned base ORs in word for word.
+
+Trackers never hand the shared words to the kernel: a REPORT sets bits with plain
+read-modify-writes, so it would race with other merges. Each tracker reports into its own zeroed
+scratch buffer (`DirtyBitmap.scratch`) and merges that under the bitmap's lock.
+
+Byte-level views (`view(np.uint8)` + `bitorder="little"`) assume a little-endian host, as the
+kernel ABI on x86_64 and arm64 does.
+"""
+
+from __future__ import annotations
+
+import mmap
+import threading
+from functools import cache
+
+import numpy as np
+
+from orchestrator.bits import set_bit_range, words_for
+
+_ONES = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+
+# Words handled per step by the shifted merge and by bit expansion: temporaries stay in L2
+# instead of allocating (and page-faulting) a second full-size bitmap.
+_CHUNK = 1 << 15
+
+# A harvest clears word by word while at most this fraction of words is dirty, else in one fill.
+_SPARSE_CLEAR = 1 / 8
+
+
+def _zeroed_words(nwords: int) -> np.ndarray:
+    """Zeroed, page-aligned u64 words backed by an anonymous mapping.
+
+    The kernel pins a report buffer page by page, and zero pages cost nothing until touched.
+    """
+    region = mmap.mmap(-1, max(nwords, 1) * 8)
+    return np.frombuffer(region, dtype=np.uint64)[:nwords]
+
+
+def _check_page_size(page_size: int) -> None:
+    if page_size <= 0 or page_size & (page_size - 1):
+        raise ValueError(f"page size {page_size} is not a power of two")
+
+
+_BYTE_POPCOUNT = np.array([bin(b).count("1") for b in range(256)], dtype=np.uint8)
+
+
+def _popcount_table(words: np.ndarray) -> int:
+    """Popcount via a byte table, for numpy < 2 (no np.bitwise_count)."""
+    return int(_BYTE_POPCOUNT[words.view(np.uint8)].sum(dtype=np.int64))
+
+
+def _popcount_native(words: np.ndarray) -> int:
+    return int(np.bitwise_count(words).sum(dtype=np.int64))
+
+
+popcount = _popcount_native if hasattr(np, "bitwise_count") else _popcount_table
+
+
+def _or_bits(dst: np.ndarray, src: np.ndarray, bit: int) -> None:
+    """OR the bits of `src` into `dst` starting at bit offset `bit`; bits past `dst` are dropped."""
+    first, shift = divmod(bit, 64)
+    n = min(src.size, dst.size - first)
+    if n <= 0:
+        return
+    if shift == 0:
+        target = dst[first : first + n]
+        np.bitwise_or(target, src[:n], out=target)
+        return
+    up, down = np.uint64(shift), np.uint64(64 - shift)
+    tmp = np.empty(min(n, _CHUNK), dtype=np.uint64)
+    for start in range(0, n, _CHUNK):
+        part = src[start : min(start + _CHUNK, n)]
+        shifted = tmp[: part.size]
+        low = dst[first + start : first + start + part.size]
+        np.left_shift(part, up, out=shifted)
+        np.bitwise_or(low, shifted, out=low)
+        high = dst[first + start + 1 : first + start + 1 + part.size]
+        np.right_shift(part, down, out=shifted)
+        np.bitwise_or(high, shifted[: high.size], out=high)
+
+
+@cache
+def _spread_table(factor: int) -> np.ndarray:
+    """(256, factor) bytes: byte value v with each of its bits repeated `factor` times."""
+    bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
+    return np.packbits(np.repeat(bits, factor, axis=1), axis=1, bitorder="little")
+
+
+def _replicate(words: np.ndarray, factor: int) -> np.ndarray:
+    """Bit k becomes bits [k*factor, (k+1)*factor): a coarse report page covers `factor` pages."""
+    raw = words.view(np.uint8)
+    if factor < 8:
+        return _spread_table(factor)[raw].reshape(-1).view(np.uint64)
+    # Each report bit becomes factor/8 whole bytes of 0x00 or 0xFF; repeat the widest unit.
+    nbytes = factor // 8
+    unit = np.dtype(f"<u{min(nbytes, 8)}")
+    fill = np.unpackbits(raw, bitorder="little").astype(unit)
+    np.multiply(fill, np.iinfo(unit).max, out=fill)
+    return np.repeat(fill, nbytes // unit.itemsize).view(np.uint64)
+
+
+def _coalesce(words: np.ndarray, factor: int) -> np.ndarray:
+    """Bit j is set iff any of bits [j*factor, (j+1)*factor) is: a bitmap page is dirty if any
+    finer report page inside it is. For factor > 64, len(words) must be a multiple of factor/64."""
+    raw = words.view(np.uint8)
+    if factor < 8:
+        hit = np.unpackbits(raw, bitorder="little").reshape(-1, factor).any(axis=1)
+    elif factor <= 64:
+        hit = raw.view(f"<u{factor // 8}") != 0
+    else:
+        hit = words.reshape(-1, factor // 64).any(axis=1)
+    out = np.zeros(words_for(hit.size), dtype=np.uint64)
+    packed = np.packbits(hit, bitorder="little")
+    out.view(np.uint8)[: packed.size] = packed
+    return out
+
+
+def _positions(index: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Sorted bit numbers of `values`, word i of which is word `index[i]` of a bitmap.
+
+    Only the given (nonzero) words are unpacked, a chunk at a time.
+    """
+    out = np.empty(popcount(values), dtype=np.int64)
+    filled = 0
+    for start in range(0, values.size, _CHUNK):
+        bits = np.unpackbits(values[start : start + _CHUNK].view(np.uint8), bitorder="little")
+        hits = np.flatnonzero(bits)
+        out[filled : filled + hits.size] = (index[start + (hits >> 6)] << 6) | (hits & 63)
+        filled += hits.size
+    return out
+
+
+def _nonzero_words(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    index = np.flatnonzero(words)
+    return index, words[index]
+
+
+class DirtyBitmap:
+    """Dirty bits for `npages` pages of `page_size` bytes, starting at IOVA 0.
+
+    Thread-safe: merges and marks run from worker threads and take one lock. Harvests swap in a
+    zeroed spare buffer under that lock, so a bit merged concurrently lands either in this
+    harvest or in the next one, never in neither.
+    """
+
+    def __init__(self, npages: int, page_size: int = 4096) -> None:
+        if npages <= 0:
+            raise ValueError(f"npages must be positive, got {npages}")
+        _check_page_size(page_size)
+        self._npages = npages
+        self._page_size = page_size
+        self._nwords = words_for(npages)
+        # Bits past npages in the last word must stay clear so counts and harvests are exact.
+        self._tail = np.uint64((1 << (npages - 1) % 64 + 1) - 1)
+        self._lock = threading.Lock()
+        self._harvest_lock = threading.Lock()  # serialises users of the spare buffer
+        self._words = _zeroed_words(self._nwords)
+        self._spare = _zeroed_words(self._nwords)
+
+    @property
+    def npages(self) -> int:
+        return self._npages
+
+    @property
+    def page_size(self) -> int:
+        return self._page_size
+
+    @staticmethod
+    def scratch(npages: int) -> np.ndarray:
+        """A zeroed, page-aligned report buffer for `npages` report pages.
+
+        A tracker allocates it once and reuses it every round: `buf.fill(0)`, REPORT into it (the
+        kernel only sets bits), then `merge_report`. The kernel never touches the shared words.
+        """
+        return _zeroed_words(words_for(npages))
+
+    def mark(self, iova: int, length: int) -> None:
+        """Mark every page that [iova, iova + length) touches, clipped to the bitmap."""
+        if length <= 0:
+            return
+        first = iova // self._page_size
+        stop = min(-(-(iova + length) // self._page_size), self._npages)
+        with self._lock:
+            set_bit_range(self._words, first, stop)
+
+    def mark_all(self) -> None:
+        """Mark every page: the fallback when a tracker's log can no longer be trusted."""
+        with self._lock:
+            self._words.fill(_ONES)
+            self._words[-1] &= self._tail
+
+    def merge_report(self, iova: int, page_size: int, words: np.ndarray) -> None:
+        """OR in a report: bit k of `words` covers [iova + k*page_size, +page_size).
+
+        Pages touched by a set bit are marked, rounded outward and clipped to the bitmap. The
+        page-size conversion runs outside the lock; only the final OR holds it.
+        """
+        _check_page_size(page_size)
+        if iova < 0:
+            raise ValueError(f"negative iova {iova:#x}")
+        src = np.ascontiguousarray(words, dtype=np.uint64)
+        if src.ndim != 1:
+            raise ValueError("a report is a 1-D array of u64 words")
+        grain = min(page_size, self._page_size)
+        if iova % grain:
+            # Every report page straddles two grains: the union of the report placed at the
+            # grain below and at the grain above marks exactly the pages it touches.
+            base = iova - iova % grain
+            self.merge_report(base, page_size, src)
+            self.merge_report(base + grain, page_size, src)
+            return
+        end = self._npages * self._page_size
+        if iova >= end:
+            return
+        nbits = min(src.size * 64, -(-(end - iova) // page_size))
+        src = src[: words_for(nbits)]
+        first_page = iova // self._page_size
+        if page_size >= self._page_size:
+            if page_size > self._page_size:
+                src = _replicate(src, page_size // self._page_size)
+            self._or_in(first_page, src)
+            return
+        factor = self._page_size // page_size
+        lead = iova % self._page_size // page_size
+        group = max(factor // 64, 1)
+        if lead or src.size % group:
+            aligned = np.zeros(-(-words_for(nbits + lead) // group) * group, dtype=np.uint64)
+            _or_bits(aligned, src, lead)
+            src = aligned
+        self._or_in(first_page, _coalesce(src, factor))
+
+    def _or_in(self, first_page: int, src: np.ndarray) -> None:
+        with self._lock:
+            _or_bits(self._words, src, first_page)
+            self._words[-1] &= self._tail
+
+    def count(self) -> int:
+        """Number of dirty pages."""
+        with self._lock:
+            return popcount(self._words)
+
+    def dirty_pages(self) -> np.ndarray:
+        """Sorted dirty page numbers (int64), without clearing them."""
+        with self._lock:
+            index, values = _nonzero_words(self._words)
+        return _positions(index, values)
+
+    def harvest(self) -> np.ndarray:
+        """Sorted dirty page numbers (int64), cleared atomically with respect to merges.
+
+        Only nonzero words are expanded, so a sparse 1 TiB bitmap costs one scan of its words.
+        """
+        with self._harvest_lock:
+            taken = self._swap()
+            index, values = _nonzero_words(taken)
+            if index.size > _SPARSE_CLEAR * taken.size:
+                taken.fill(0)
+            else:
+                taken[index] = 0
+            self._spare = taken
+        return _positions(index, values)
+
+    def harvest_words(self) -> np.ndarray:
+        """The dirty words (kernel layout), cleared atomically; for callers that want `runs`.
+
+        The caller gets the buffer itself, not a copy; a fresh zeroed spare replaces it.
+        """
+        with self._harvest_lock:
+            taken = self._swap()
+            self._spare = _zeroed_words(self._nwords)
+        return taken
+
+    def _swap(self) -> np.ndarray:
+        """Put the zeroed spare in service and return the words it replaced; needs _harvest_lock."""
+        with self._lock:
+            taken, self._words = self._words, self._spare
+        return taken
+
+    @staticmethod
+    def runs(pages_or_words: np.ndarray) -> np.ndarray:
+        """(start_page, npages) rows of the maximal dirty runs, as an (n, 2) int64 array.
+
+        Takes sorted unique page numbers (a signed integer array, as from `harvest`) or kernel
+        layout words (uint64, as from `harvest_words`). Words are never expanded bit by bit: a
+        run boundary is a bit that differs from the one below it, so only boundaries are found.
+        """
+        data = np.asarray(pages_or_words)
+        if data.dtype == np.uint64:
+            below = np.zeros_like(data)
+            np.right_shift(data[:-1], np.uint64(63), out=below[1:])
+            bounds = _positions(*_nonzero_words(data ^ ((data << np.uint64(1)) | below)))
+            if bounds.size % 2:  # a run reaching the last bit has no closing edge
+                bounds = np.append(bounds, data.size * 64)
+            starts, stops = bounds[0::2], bounds[1::2]
+        elif data.size:
+            pages = data.astype(np.int64, copy=False)
+            breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+            starts = pages[np.r_[0, breaks]]
+            stops = pages[np.r_[breaks - 1, pages.size - 1]] + 1
+        else:
+            starts = stops = np.empty(0, dtype=np.int64)
+        return np.column_stack((starts, stops - starts))
