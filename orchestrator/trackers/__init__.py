@@ -1,0 +1,25 @@
+"""Dirty-page trackers and the set that drives them into one shared bitmap."""
+
+from .all_dirty import AllDirtyTracker
+from .base import SentAware, StartAttempt, StartOutcome, Tracker
+from .content import ContentTracker
+from .events import TrackerEvent, TrackerState, TrackerStats
+from .iommufd_hwpt import IommufdHwptTracker
+from .set import RecoveryPolicy, TrackerSet
+from .vfio_dma import VfioDmaLogTracker
+
+__all__ = [
+    "AllDirtyTracker",
+    "ContentTracker",
+    "IommufdHwptTracker",
+    "RecoveryPolicy",
+    "SentAware",
+    "StartAttempt",
+    "StartOutcome",
+    "Tracker",
+    "TrackerEvent",
+    "TrackerSet",
+    "TrackerState",
+    "TrackerStats",
+    "VfioDmaLogTracker",
+]

@@ -1,0 +1,130 @@
+"""The tracker protocol: every source of dirty pages looks the same to the tracker set.
+
+Methods are blocking (they issue ioctls or scan memory) and are run in worker threads by
+`TrackerSet`; a tracker never touches the shared bitmap except through `DirtyBitmap`'s
+locked merge/mark operations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from ..bitmap import DirtyBitmap
+from ..bits import words_for
+from ..memory import MemoryLayout
+from ..vfio.ranges import IovaRange, normalize
+
+
+@dataclass
+class StartAttempt:
+    step: str
+    ranges: int
+    errno: int | None  # None: accepted
+
+
+@dataclass
+class StartOutcome:
+    """What a start achieved. `untracked` is memory the tracker should see but cannot log:
+    it is marked dirty on every collect (perma-dirty), so nothing there can be missed."""
+
+    page_size: int
+    tracked: list[IovaRange]
+    untracked: list[IovaRange] = field(default_factory=list)
+    attempts: list[StartAttempt] = field(default_factory=list)
+
+
+@runtime_checkable
+class Tracker(Protocol):
+    name: str
+    kind: str
+
+    def start(self, layout: MemoryLayout) -> StartOutcome:
+        """Begin tracking; raise on failure (the set falls back to all-dirty)."""
+
+    def collect(self, bitmap: DirtyBitmap) -> None:
+        """OR everything dirtied since the last collect (or start) into the bitmap."""
+
+    def stop(self) -> None:
+        """Stop tracking; must be safe to call in any state."""
+
+    def covered(self, layout: MemoryLayout) -> list[IovaRange]:
+        """Every range this tracker is responsible for: what a failure marks dirty. Known
+        before `start`, so a tracker that never started is still covered."""
+
+
+@runtime_checkable
+class SentAware(Protocol):
+    """A tracker that needs to know what the destination now holds (content hashing)."""
+
+    def record_sent(self, pages: np.ndarray, data: np.ndarray) -> None:
+        """`pages` (relative to the tracker's base) now hold exactly `data` at the destination."""
+
+
+def reach_within(reach: list[IovaRange] | None, layout: MemoryLayout) -> list[IovaRange]:
+    """The RAM a device can reach: all of it, or its window clipped to RAM."""
+    ram = layout.ranges()
+    return clip(normalize(reach, layout.page_size), ram) if reach else ram
+
+
+def mark_ranges(bitmap: DirtyBitmap, ranges: list[IovaRange]) -> None:
+    for r in ranges:
+        bitmap.mark(r.iova, r.length)
+
+
+def clip(ranges: list[IovaRange], to: list[IovaRange]) -> list[IovaRange]:
+    """Intersection of two sorted, disjoint range lists."""
+    out: list[IovaRange] = []
+    for a in ranges:
+        for b in to:
+            lo, hi = max(a.iova, b.iova), min(a.end, b.end)
+            if lo < hi:
+                out.append(IovaRange(lo, hi - lo))
+    return out
+
+
+def subtract(ranges: list[IovaRange], minus: list[IovaRange]) -> list[IovaRange]:
+    """Parts of `ranges` not covered by `minus` (both sorted, disjoint)."""
+    out: list[IovaRange] = []
+    for a in ranges:
+        cur = a.iova
+        for b in minus:
+            if b.end <= cur or b.iova >= a.end:
+                continue
+            if b.iova > cur:
+                out.append(IovaRange(cur, b.iova - cur))
+            cur = max(cur, b.end)
+        if cur < a.end:
+            out.append(IovaRange(cur, a.end - cur))
+    return out
+
+
+# One report covers at most this much IOVA: a 2 MiB scratch bitmap at 4 KiB pages, the same
+# window the kernel's iova_bitmap pins at a time.
+REPORT_CHUNK = 64 << 30
+
+
+class ReportBuffer:
+    """A private scratch bitmap that reports are written into before the locked OR-merge
+    (invariant 2: the kernel sets bits non-atomically, so it never writes the shared bitmap).
+
+    Reused across rounds; a tracker takes a new one after a restart, so a report abandoned by
+    the watchdog can only ever write into a buffer nobody reads any more.
+    """
+
+    def __init__(self) -> None:
+        self._words = np.zeros(0, np.uint64)
+
+    def chunks(self, ranges: list[IovaRange], page_size: int):
+        """Yield (iova, length, zeroed words) for every report-sized piece of `ranges`."""
+        for r in ranges:
+            for lo in range(r.iova, r.end, REPORT_CHUNK):
+                length = min(REPORT_CHUNK, r.end - lo)
+                nwords = words_for(-(-length // page_size))
+                if self._words.size < nwords:
+                    self._words = np.zeros(nwords, np.uint64)
+                out = self._words[:nwords]
+                out.fill(0)
+                yield lo, length, out

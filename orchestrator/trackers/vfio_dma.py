@@ -1,0 +1,103 @@
+"""Device DMA logging through the VFIO uAPI: one tracker per device."""
+
+from __future__ import annotations
+
+import errno
+
+from .. import uapi as U
+from ..bitmap import DirtyBitmap
+from ..memory import MemoryLayout
+from ..vfio import VfioDevice, VfioError
+from ..vfio.ranges import IovaRange, start_ladder
+from .base import ReportBuffer, StartAttempt, StartOutcome, mark_ranges, reach_within, subtract
+
+# errnos after which a coarser plan may still be accepted; anything else ends the ladder.
+LADDER_ERRNOS = {errno.E2BIG, errno.EOPNOTSUPP, errno.ENOMEM, errno.ENOSPC, errno.EINVAL, errno.ERANGE}
+
+
+class VfioDmaLogTracker:
+    """Logs one device's DMA writes.
+
+    START walks the fallback ladder (exact ranges -> combined -> buckets -> one span); when
+    every rung is refused the device's reachable memory is perma-dirty. Reports are issued per
+    tracked range, widened to the granted page size (a dirty unit that starts below the
+    report's iova would be dropped by the kernel), into a private zeroed scratch buffer at the
+    bitmap's page size, then OR-merged into the shared bitmap.
+    """
+
+    kind = "vfio-dma-log"
+
+    def __init__(
+        self,
+        device: VfioDevice,
+        reach: list[IovaRange] | None = None,
+        page_size: int | None = None,
+        max_ranges: int = U.LOG_MAX_RANGES,
+        name: str | None = None,
+    ) -> None:
+        self.device = device
+        self.name = name or device.name
+        self._reach_arg = reach
+        self._page_hint = page_size
+        self.max_ranges = max_ranges
+        self.reach: list[IovaRange] = []
+        self.page_size = 0
+        self.windows: list[IovaRange] = []
+        self.untracked: list[IovaRange] = []
+        self._report_page = 4096
+        self._buffer = ReportBuffer()
+        self._active = False
+
+    def covered(self, layout: MemoryLayout) -> list[IovaRange]:
+        return reach_within(self._reach_arg, layout)
+
+    def start(self, layout: MemoryLayout) -> StartOutcome:
+        self._report_page = layout.page_size
+        self.reach = self.covered(layout)
+        hint = self._page_hint or layout.page_size
+        attempts: list[StartAttempt] = []
+        if not self.device.probe_dma_logging():
+            attempts.append(StartAttempt("probe", 0, errno.ENOTTY))
+            return self._give_up(attempts)
+        for plan in start_ladder(self.reach, hint, self.max_ranges):
+            try:
+                granted = self.device.start_dma_logging(plan.ranges, hint)
+            except VfioError as exc:
+                attempts.append(StartAttempt(plan.step, len(plan.ranges), exc.errno))
+                if exc.errno not in LADDER_ERRNOS:
+                    raise
+                continue
+            attempts.append(StartAttempt(plan.step, len(plan.ranges), None))
+            self._active = True
+            self.page_size = granted
+            tracked = list(plan.ranges)
+            self.untracked = subtract(self.reach, tracked)
+            self.windows = [self._widen(r, granted) for r in tracked]
+            self._buffer = ReportBuffer()
+            return StartOutcome(granted, tracked, self.untracked, attempts)
+        return self._give_up(attempts)
+
+    def _give_up(self, attempts: list[StartAttempt]) -> StartOutcome:
+        self._active = False
+        self.page_size = self._report_page
+        self.windows = []
+        self.untracked = list(self.reach)
+        return StartOutcome(self.page_size, [], self.untracked, attempts)
+
+    @staticmethod
+    def _widen(r: IovaRange, granule: int) -> IovaRange:
+        lo = r.iova - r.iova % granule
+        hi = -(-r.end // granule) * granule
+        return IovaRange(lo, hi - lo)
+
+    def collect(self, bitmap: DirtyBitmap) -> None:
+        page = bitmap.page_size
+        for lo, length, out in self._buffer.chunks(self.windows, page):
+            self.device.report_dma_log(lo, length, page, out)
+            bitmap.merge_report(lo, page, out)
+        mark_ranges(bitmap, self.untracked)
+
+    def stop(self) -> None:
+        if self._active:
+            self._active = False
+            self.device.stop_dma_logging()

@@ -1,0 +1,42 @@
+"""Run a blocking call in its own daemon thread and await it with a watchdog.
+
+A tracker's ioctl can hang (a wedged device); such a thread cannot be killed. Daemon threads
+keep a hung call from blocking interpreter exit, and a fresh thread per call means one hung
+tracker never starves the others of workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Any
+
+
+def run_blocking(fn: Callable[..., Any], *args: Any, name: str = "tracker-call") -> asyncio.Future:
+    """Start `fn(*args)` in a daemon thread; the returned future resolves with its result."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if fut.done():
+            return
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+    def body() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            ok, value = False, exc
+        else:
+            ok, value = True, result
+        try:
+            loop.call_soon_threadsafe(settle, ok, value)
+        except RuntimeError:
+            pass  # the loop is gone; nobody is waiting any more
+
+    threading.Thread(target=body, name=name, daemon=True).start()
+    return fut
