@@ -1,0 +1,87 @@
+"""Convergence policies: given what the last rounds showed, continue, switch over, or stop.
+
+Pure functions of observations (no clocks, no I/O), so experiments can swap policies and a
+simulator can drive them exactly as a real migration does.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class Decision(str, enum.Enum):
+    CONTINUE = "continue"
+    SWITCHOVER = "switchover"
+    CANCEL = "cancel"
+
+
+@dataclass(frozen=True)
+class Observation:
+    """State after a collect: what the final round would have to move right now."""
+
+    round: int  # rounds completed so far (round 0 is the full copy)
+    pending_pages: int  # dirty in the shared bitmap, not yet sent
+    page_size: int
+    device_bytes: int  # device state still to move at switchover (stop-copy size)
+    bandwidth_bps: float  # smoothed send bandwidth, bytes per second
+    elapsed_s: float  # since the migration started
+
+    @property
+    def pending_bytes(self) -> int:
+        return self.pending_pages * self.page_size + self.device_bytes
+
+    @property
+    def expected_downtime_s(self) -> float:
+        if self.bandwidth_bps <= 0:
+            return float("inf")
+        return self.pending_bytes / self.bandwidth_bps
+
+
+@dataclass(frozen=True)
+class Verdict:
+    decision: Decision
+    reason: str
+    converged: bool = False  # the expected downtime fit the limit (not forced by a cap)
+
+
+class Policy(Protocol):
+    def decide(self, obs: Observation) -> Verdict: ...
+
+
+@dataclass(frozen=True)
+class DowntimePolicy:
+    """QEMU's rule: switch over once the expected downtime fits the limit. Caps on rounds and
+    time bound a migration that does not converge; `on_limit` says what happens then:
+    `cancel` (the source keeps running) or `force` (switch over anyway, longer downtime)."""
+
+    downtime_limit_s: float = 0.3
+    max_rounds: int = 30
+    max_time_s: float = 300.0
+    on_limit: str = "cancel"
+
+    def __post_init__(self) -> None:
+        if self.on_limit not in ("cancel", "force"):
+            raise ValueError(f"on_limit must be 'cancel' or 'force', got {self.on_limit!r}")
+        if self.downtime_limit_s <= 0 or self.max_rounds < 1 or self.max_time_s <= 0:
+            raise ValueError("downtime limit, round cap and time cap must be positive")
+
+    def decide(self, obs: Observation) -> Verdict:
+        dt_ms = obs.expected_downtime_s * 1e3
+        if obs.expected_downtime_s <= self.downtime_limit_s:
+            return Verdict(
+                Decision.SWITCHOVER,
+                f"expected downtime {dt_ms:.1f} ms <= limit {self.downtime_limit_s * 1e3:.0f} ms",
+                converged=True,
+            )
+        cap = None
+        if obs.round >= self.max_rounds:
+            cap = f"round cap {self.max_rounds} reached"
+        elif obs.elapsed_s >= self.max_time_s:
+            cap = f"time cap {self.max_time_s:g} s reached"
+        if cap is None:
+            return Verdict(Decision.CONTINUE, f"expected downtime {dt_ms:.1f} ms > limit")
+        if self.on_limit == "force":
+            return Verdict(Decision.SWITCHOVER, f"{cap}; forcing switchover (expected downtime {dt_ms:.1f} ms)")
+        return Verdict(Decision.CANCEL, f"{cap} without converging (expected downtime {dt_ms:.1f} ms); cancelled")

@@ -1,0 +1,75 @@
+"""The sans-IO precopy engine: bookkeeping of rounds and the bandwidth estimate.
+
+The driver that owns I/O (QEMU, a simulator) tells the engine what each round did and asks
+it what to do next; the engine never touches memory, sockets or clocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .policy import DowntimePolicy, Observation, Policy, Verdict
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    round: int
+    dirty_pages: int
+    sent_pages: int
+    sent_bytes: int
+    duration_ms: float
+    bandwidth_bps: float
+    expected_downtime_ms: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PrecopyEngine:
+    page_size: int = 4096
+    policy: Policy = field(default_factory=DowntimePolicy)
+    ewma_alpha: float = 0.5  # weight of the newest round in the bandwidth estimate
+    rounds: list[RoundRecord] = field(default_factory=list)
+    bandwidth_bps: float = 0.0
+    verdict: Verdict | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.ewma_alpha <= 1:
+            raise ValueError(f"ewma_alpha must be in (0, 1], got {self.ewma_alpha}")
+
+    def record_round(self, dirty_pages: int, sent_pages: int, sent_bytes: int, duration_s: float) -> RoundRecord:
+        """A round finished sending: fold its throughput into the estimate."""
+        if duration_s > 0 and sent_bytes > 0:
+            sample = sent_bytes / duration_s
+            a = self.ewma_alpha
+            self.bandwidth_bps = sample if self.bandwidth_bps == 0 else a * sample + (1 - a) * self.bandwidth_bps
+        expected = dirty_pages * self.page_size / self.bandwidth_bps if self.bandwidth_bps else float("inf")
+        rec = RoundRecord(
+            round=len(self.rounds),
+            dirty_pages=dirty_pages,
+            sent_pages=sent_pages,
+            sent_bytes=sent_bytes,
+            duration_ms=duration_s * 1e3,
+            bandwidth_bps=self.bandwidth_bps,
+            expected_downtime_ms=expected * 1e3,
+        )
+        self.rounds.append(rec)
+        return rec
+
+    def next_step(self, pending_pages: int, device_bytes: int, elapsed_s: float) -> Verdict:
+        """After a collect: ask the policy whether to send another round or switch over."""
+        obs = Observation(
+            round=len(self.rounds),
+            pending_pages=pending_pages,
+            page_size=self.page_size,
+            device_bytes=device_bytes,
+            bandwidth_bps=self.bandwidth_bps,
+            elapsed_s=elapsed_s,
+        )
+        self.verdict = self.policy.decide(obs)
+        return self.verdict
+
+    @property
+    def converged(self) -> bool:
+        return self.verdict is not None and self.verdict.converged

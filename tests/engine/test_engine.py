@@ -1,0 +1,84 @@
+"""The sans-IO engine and the downtime policy, driven by a tiny simulated guest."""
+
+import pytest
+
+from orchestrator.engine import Decision, DowntimePolicy, Observation, PrecopyEngine
+
+PAGE = 4096
+
+
+def obs(pending, bw, rnd=1, dev=0, elapsed=1.0):
+    return Observation(rnd, pending, PAGE, dev, bw, elapsed)
+
+
+def test_switchover_when_downtime_fits():
+    p = DowntimePolicy(downtime_limit_s=0.3)
+    v = p.decide(obs(pending=1000, bw=1e9))  # 4 MB at 1 GB/s = 4 ms
+    assert v.decision == Decision.SWITCHOVER and v.converged
+    assert "4.1 ms <= limit 300 ms" in v.reason
+
+
+def test_device_bytes_count_toward_downtime():
+    p = DowntimePolicy(downtime_limit_s=0.3)
+    assert p.decide(obs(pending=0, bw=1e9, dev=int(0.2e9))).decision == Decision.SWITCHOVER
+    assert p.decide(obs(pending=0, bw=1e9, dev=int(0.4e9))).decision == Decision.CONTINUE
+
+
+def test_no_bandwidth_yet_means_continue():
+    assert DowntimePolicy().decide(obs(pending=1, bw=0.0)).decision == Decision.CONTINUE
+
+
+@pytest.mark.parametrize("on_limit,decision", [("cancel", Decision.CANCEL), ("force", Decision.SWITCHOVER)])
+def test_caps(on_limit, decision):
+    p = DowntimePolicy(max_rounds=5, max_time_s=10, on_limit=on_limit)
+    v = p.decide(obs(pending=10**9, bw=1e6, rnd=5))
+    assert v.decision == decision and not v.converged and "round cap 5" in v.reason
+    v = p.decide(obs(pending=10**9, bw=1e6, rnd=1, elapsed=11))
+    assert v.decision == decision and "time cap" in v.reason
+
+
+def test_policy_rejects_nonsense():
+    with pytest.raises(ValueError, match="on_limit"):
+        DowntimePolicy(on_limit="pray")
+    with pytest.raises(ValueError):
+        DowntimePolicy(downtime_limit_s=0)
+
+
+def test_ewma_bandwidth():
+    e = PrecopyEngine(page_size=PAGE, ewma_alpha=0.5)
+    e.record_round(100, 100, 400_000, 0.001)  # 400 MB/s
+    assert e.bandwidth_bps == pytest.approx(4e8)
+    r = e.record_round(10, 100, 400_000, 0.004)  # 100 MB/s
+    assert e.bandwidth_bps == pytest.approx(2.5e8)
+    assert r.round == 1 and r.expected_downtime_ms == pytest.approx(10 * PAGE / 2.5e8 * 1e3)
+
+
+def simulate(dirty_rate_pps, bw_bps, total_pages, policy):
+    """A guest dirtying pages at a constant rate, a link of fixed bandwidth."""
+    e = PrecopyEngine(page_size=PAGE, policy=policy)
+    t, pending = 0.0, total_pages
+    while True:
+        dur = pending * PAGE / bw_bps
+        e.record_round(pending, pending, pending * PAGE, dur)
+        t += dur
+        pending = min(total_pages, int(dirty_rate_pps * dur))
+        v = e.next_step(pending, 0, t)
+        if v.decision != Decision.CONTINUE:
+            return e, v
+
+
+def test_converging_guest_switches_over():
+    e, v = simulate(dirty_rate_pps=20_000, bw_bps=1e9, total_pages=262_144, policy=DowntimePolicy())
+    assert v.decision == Decision.SWITCHOVER and e.converged
+    assert len(e.rounds) <= 5
+    counts = [r.dirty_pages for r in e.rounds]
+    assert counts == sorted(counts, reverse=True)
+
+
+def test_non_converging_guest_is_cancelled_or_forced():
+    pol = DowntimePolicy(downtime_limit_s=0.001, max_rounds=8)
+    e, v = simulate(dirty_rate_pps=400_000, bw_bps=1e9, total_pages=262_144, policy=pol)
+    assert v.decision == Decision.CANCEL and not e.converged and len(e.rounds) == 8
+    pol = DowntimePolicy(downtime_limit_s=0.001, max_rounds=8, on_limit="force")
+    e, v = simulate(dirty_rate_pps=400_000, bw_bps=1e9, total_pages=262_144, policy=pol)
+    assert v.decision == Decision.SWITCHOVER and not e.converged
