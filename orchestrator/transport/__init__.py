@@ -1,0 +1,5 @@
+"""Page sinks: where precopy rounds send guest pages."""
+
+from .local import LocalSink, SinkError
+
+__all__ = ["LocalSink", "SinkError"]

@@ -1,0 +1,61 @@
+"""The local sink moves exactly the pages asked for, maps regions to file offsets, skips zero
+pages in round 0, and finds every mismatching page."""
+
+import numpy as np
+import pytest
+
+from orchestrator.memory import MemoryLayout, RamRegion
+from orchestrator.transport import LocalSink, SinkError
+
+PAGE = 4096
+
+
+def ram_file(path, npages, fill=None, seed=0):
+    data = np.zeros(npages * PAGE, np.uint8) if fill is None else fill
+    data.tofile(path)
+    return str(path)
+
+
+def test_send_copies_only_requested_pages(tmp_path):
+    rng = np.random.default_rng(1)
+    src = rng.integers(0, 256, 64 * PAGE, dtype=np.uint8)
+    s, d = ram_file(tmp_path / "s", 64, src), ram_file(tmp_path / "d", 64)
+    layout = MemoryLayout.flat(64 * PAGE)
+    seen = []
+    with LocalSink.flat(layout, s, d) as sink:
+        moved = sink.send(np.array([1, 2, 40]), on_sent=lambda p, data: seen.append((p.tolist(), data.shape)))
+        assert moved == 3 * PAGE
+        assert sink.mismatched_pages().tolist() == [p for p in range(64) if p not in (1, 2, 40)]
+    dst = np.fromfile(d, np.uint8).reshape(64, PAGE)
+    assert np.array_equal(dst[[1, 2, 40]], src.reshape(64, PAGE)[[1, 2, 40]])
+    assert not dst[0].any() and seen == [([1, 2, 40], (3, PAGE))]
+
+
+def test_round0_skips_zero_pages(tmp_path):
+    src = np.zeros(100 * PAGE, np.uint8)
+    src[5 * PAGE + 17] = 1
+    src[99 * PAGE + PAGE - 1] = 7
+    s, d = ram_file(tmp_path / "s", 100, src), ram_file(tmp_path / "d", 100)
+    with LocalSink.flat(MemoryLayout.flat(100 * PAGE), s, d) as sink:
+        assert sink.send_nonzero() == (2, 2 * PAGE)
+        assert sink.mismatched_pages().size == 0
+
+
+def test_regions_map_gpa_to_file_offsets(tmp_path):
+    # guest pages 0..3 live at file pages 0..3; guest pages 100..103 at file pages 4..7
+    src = np.repeat(np.arange(1, 9, dtype=np.uint8), PAGE)
+    s, d = ram_file(tmp_path / "s", 8, src), ram_file(tmp_path / "d", 8)
+    layout = MemoryLayout((RamRegion(0, 4 * PAGE, "ram", 0), RamRegion(100 * PAGE, 4 * PAGE, "ram", 4 * PAGE)))
+    with LocalSink(layout, {"ram": s}, {"ram": d}) as sink:
+        sink.send(np.array([2, 101]))
+        assert sink.mismatched_pages().tolist() == [0, 1, 3, 100, 102, 103]
+    dst = np.fromfile(d, np.uint8).reshape(8, PAGE)[:, 0].tolist()
+    assert dst == [0, 0, 3, 0, 0, 6, 0, 0]
+
+
+def test_short_ram_file_is_a_clear_error(tmp_path):
+    s, d = ram_file(tmp_path / "s", 8), ram_file(tmp_path / "d", 4)
+    with pytest.raises(SinkError, match=r"has 16384 bytes, the guest layout needs 32768"):
+        LocalSink.flat(MemoryLayout.flat(8 * PAGE), s, d)
+    with pytest.raises(SinkError, match="cannot open RAM file"):
+        LocalSink.flat(MemoryLayout.flat(8 * PAGE), s, str(tmp_path / "missing"))
