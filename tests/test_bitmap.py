@@ -116,6 +116,25 @@ def test_invalid_arguments() -> None:
         bitmap.merge_report(0, 12288, np.zeros(1, dtype=np.uint64))
     with pytest.raises(ValueError):
         bitmap.merge_report(-PAGE, PAGE, np.zeros(1, dtype=np.uint64))
+    with pytest.raises(ValueError):
+        bitmap.mark(-PAGE, 2 * PAGE)
+
+
+def test_failed_harvest_keeps_the_bits() -> None:
+    bitmap = DirtyBitmap(1000)
+    bitmap.mark(10 * PAGE, 100 * PAGE)
+    with pytest.raises(ValueError):
+        bitmap.harvest_words(out=np.empty(3, dtype=np.uint64))
+    assert bitmap.harvest().tolist() == list(range(10, 110))
+
+
+def test_harvest_words_reuses_the_callers_buffer() -> None:
+    bitmap = DirtyBitmap(200)
+    out = np.full(words_for(200), 7, dtype=np.uint64)
+    bitmap.mark(64 * PAGE, PAGE)
+    assert bitmap.harvest_words(out) is out
+    assert out.tolist() == [0, 1, 0, 0]
+    assert not bitmap.harvest_words(out).any()
 
 
 def test_popcount_table_matches_native() -> None:
@@ -252,22 +271,30 @@ def test_runs_of_nothing() -> None:
 def test_concurrent_merges_lose_no_bit_across_harvests() -> None:
     """Writers merge disjoint and overlapping reports while a harvester keeps harvesting: the
     union of every harvest must be exactly everything merged."""
-    npages = 1 << 16
+    npages = 1 << 20
     bitmap = DirtyBitmap(npages)
     rng = np.random.default_rng(7)
-    writers, rounds, report_pages_n = 4, 150, 1 << 12
+    # Reports of 1024+ words: numpy drops the GIL for them, so merges really overlap harvests.
+    writers, rounds, report_pages_n = 4, 150, 1 << 16
+    # Writers 0 and 1 own disjoint quarters; the others land anywhere, overlapping everyone.
+    quarter = npages // 4
+    lows = [0, quarter] + [0] * (writers - 2)
+    highs = [quarter, 2 * quarter] + [npages] * (writers - 2)
     plans = [
-        [(int(rng.integers(0, npages - report_pages_n)), rng.integers(0, report_pages_n, 20))
+        [(int(rng.integers(low, high - report_pages_n)), rng.integers(0, report_pages_n, 200))
          for _ in range(rounds)]
-        for _ in range(writers)
+        for low, high in zip(lows, highs)
     ]
     merged = [set() for _ in range(writers)]
     harvested: list[np.ndarray] = []
     done = threading.Event()
+    harvesting_started = threading.Event()  # writers pause halfway until harvests are under way
 
     def write(plan, seen: set[int]) -> None:
         scratch = DirtyBitmap.scratch(report_pages_n)
-        for base, bits in plan:
+        for step, (base, bits) in enumerate(plan):
+            if step == len(plan) // 2:
+                assert harvesting_started.wait(timeout=30)
             scratch.fill(0)
             for bit in bits.tolist():
                 scratch[bit // 64] |= np.uint64(1 << bit % 64)
@@ -279,6 +306,8 @@ def test_concurrent_merges_lose_no_bit_across_harvests() -> None:
             harvested.append(bitmap.harvest())
             harvested.append(np.flatnonzero(np.unpackbits(
                 bitmap.harvest_words().view(np.uint8), bitorder="little")))
+            if len(harvested) >= 10:
+                harvesting_started.set()
 
     with ThreadPoolExecutor(writers + 1) as pool:
         harvesting = pool.submit(harvest)
@@ -289,4 +318,3 @@ def test_concurrent_merges_lose_no_bit_across_harvests() -> None:
     harvested.append(bitmap.harvest())
 
     assert set(np.concatenate(harvested).tolist()) == set().union(*merged)
-    assert len(harvested) > 3
