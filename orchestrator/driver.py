@@ -104,11 +104,13 @@ class Migration:
         if pages is None:
             n, nbytes = await asyncio.to_thread(self.sink.send_nonzero, self.trackers.record_sent)
             dirty = self.layout.npages
+            work = sum(r.length for r in self.layout.regions)
         else:
             nbytes = await asyncio.to_thread(self.sink.send, pages, self.trackers.record_sent)
             n = len(pages)
             dirty = n if dirty is None else dirty
-        rec = self.engine.record_round(dirty, n, nbytes, time.monotonic() - t)
+            work = None
+        rec = self.engine.record_round(dirty, n, nbytes, time.monotonic() - t, work)
         if self._on_round:
             self._on_round(rec)
         return rec
@@ -144,8 +146,10 @@ class Migration:
     async def _precopy(self) -> None:
         await self._send()  # round 0
         while True:
+            t = time.monotonic()
             await self.trackers.collect(len(self.engine.rounds))
-            verdict = self.engine.next_step(self.bitmap.count(), 0, self._elapsed())
+            collect_s = time.monotonic() - t
+            verdict = self.engine.next_step(self.bitmap.count(), 0, self._elapsed(), collect_s)
             if verdict.decision != Decision.CONTINUE:
                 self.report.decision = verdict.reason
                 return

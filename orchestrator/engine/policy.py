@@ -27,6 +27,7 @@ class Observation:
     device_bytes: int  # device state still to move at switchover (stop-copy size)
     bandwidth_bps: float  # smoothed send bandwidth, bytes per second
     elapsed_s: float  # since the migration started
+    collect_s: float = 0.0  # how long the last collect took: the final one runs paused too
 
     @property
     def pending_bytes(self) -> int:
@@ -36,7 +37,7 @@ class Observation:
     def expected_downtime_s(self) -> float:
         if self.bandwidth_bps <= 0:
             return float("inf")
-        return self.pending_bytes / self.bandwidth_bps
+        return self.pending_bytes / self.bandwidth_bps + self.collect_s
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ class PrecopyEngine:
     page_size: int = 4096
     policy: Policy = field(default_factory=DowntimePolicy)
     ewma_alpha: float = 0.5  # weight of the newest round in the bandwidth estimate
+    min_sample_bytes: int = 1 << 20  # smaller rounds measure fixed overhead, not bandwidth
     rounds: list[RoundRecord] = field(default_factory=list)
     bandwidth_bps: float = 0.0
     verdict: Verdict | None = None
@@ -38,10 +39,16 @@ class PrecopyEngine:
         if not 0 < self.ewma_alpha <= 1:
             raise ValueError(f"ewma_alpha must be in (0, 1], got {self.ewma_alpha}")
 
-    def record_round(self, dirty_pages: int, sent_pages: int, sent_bytes: int, duration_s: float) -> RoundRecord:
-        """A round finished sending: fold its throughput into the estimate."""
-        if duration_s > 0 and sent_bytes > 0:
-            sample = sent_bytes / duration_s
+    def record_round(
+        self, dirty_pages: int, sent_pages: int, sent_bytes: int, duration_s: float, work_bytes: int | None = None
+    ) -> RoundRecord:
+        """A round finished sending: fold its throughput into the estimate. `work_bytes` is
+        what the round had to read when that is more than it sent (round 0 scans all of RAM
+        to skip zero pages), so the sample is a rate of work, not of what happened to be
+        non-zero."""
+        work = sent_bytes if work_bytes is None else work_bytes
+        if duration_s > 0 and work > 0 and (work >= self.min_sample_bytes or self.bandwidth_bps == 0):
+            sample = work / duration_s
             a = self.ewma_alpha
             self.bandwidth_bps = sample if self.bandwidth_bps == 0 else a * sample + (1 - a) * self.bandwidth_bps
         expected = dirty_pages * self.page_size / self.bandwidth_bps if self.bandwidth_bps else float("inf")
@@ -57,7 +64,7 @@ class PrecopyEngine:
         self.rounds.append(rec)
         return rec
 
-    def next_step(self, pending_pages: int, device_bytes: int, elapsed_s: float) -> Verdict:
+    def next_step(self, pending_pages: int, device_bytes: int, elapsed_s: float, collect_s: float = 0.0) -> Verdict:
         """After a collect: ask the policy whether to send another round or switch over."""
         obs = Observation(
             round=len(self.rounds),
@@ -66,6 +73,7 @@ class PrecopyEngine:
             device_bytes=device_bytes,
             bandwidth_bps=self.bandwidth_bps,
             elapsed_s=elapsed_s,
+            collect_s=collect_s,
         )
         self.verdict = self.policy.decide(obs)
         return self.verdict

@@ -82,3 +82,24 @@ def test_non_converging_guest_is_cancelled_or_forced():
     pol = DowntimePolicy(downtime_limit_s=0.001, max_rounds=8, on_limit="force")
     e, v = simulate(dirty_rate_pps=400_000, bw_bps=1e9, total_pages=262_144, policy=pol)
     assert v.decision == Decision.SWITCHOVER and not e.converged
+
+
+def test_round0_rate_counts_scanned_bytes():
+    e = PrecopyEngine(page_size=PAGE)
+    e.record_round(1000, 10, 10 * PAGE, 0.01, work_bytes=1000 * PAGE)
+    assert e.bandwidth_bps == pytest.approx(1000 * PAGE / 0.01)
+
+
+def test_collect_time_counts_toward_downtime():
+    p = DowntimePolicy(downtime_limit_s=0.3)
+    assert p.decide(Observation(1, 0, PAGE, 0, 1e9, 1.0, collect_s=0.2)).decision == Decision.SWITCHOVER
+    v = p.decide(Observation(1, 0, PAGE, 0, 1e9, 1.0, collect_s=0.4))
+    assert v.decision == Decision.CONTINUE and "400.0 ms" in v.reason
+
+
+def test_tiny_rounds_do_not_move_the_estimate():
+    e = PrecopyEngine(page_size=PAGE)
+    e.record_round(1000, 1000, 1000 * PAGE, 0.004)
+    before = e.bandwidth_bps
+    e.record_round(1, 1, PAGE, 0.001)  # 4 MB/s of pure overhead
+    assert e.bandwidth_bps == before
