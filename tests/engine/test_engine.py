@@ -45,7 +45,7 @@ def test_policy_rejects_nonsense():
 
 
 def test_ewma_bandwidth():
-    e = PrecopyEngine(page_size=PAGE, ewma_alpha=0.5)
+    e = PrecopyEngine(page_size=PAGE, ewma_alpha=0.5, min_sample_bytes=0)
     e.record_round(100, 100, 400_000, 0.001)  # 400 MB/s
     assert e.bandwidth_bps == pytest.approx(4e8)
     r = e.record_round(10, 100, 400_000, 0.004)  # 100 MB/s
