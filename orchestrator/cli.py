@@ -1,0 +1,117 @@
+"""`python -m orchestrator ...`: migrate (attach to running QEMUs) and demo (launch its own)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .attach import Endpoints, attach
+from .driver import Migration, MigrationOptions, MigrationReport
+from .output import event_line, round_line, summary, write_json
+from .qemu.errors import QemuError
+from .qemu.qmp import QmpSession
+from .trackers import ContentTracker, Tracker, VfioDmaLogTracker
+from .transport import SinkError
+from .vfio import RealSyscalls, VfioDevice, VfioError, VfioUsageError
+
+EXIT_OK, EXIT_MIGRATION_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+BAD_INPUT = (QemuError, SinkError, VfioError, VfioUsageError, ValueError, OSError)
+
+
+def add_policy_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--downtime-limit", type=float, default=300.0, metavar="MS", help="switch over once the expected downtime fits (default 300)")
+    p.add_argument("--max-rounds", type=int, default=30, metavar="N", help="round cap (default 30)")
+    p.add_argument("--max-time", type=float, default=300.0, metavar="S", help="time cap in seconds (default 300)")
+    p.add_argument("--on-limit", choices=("cancel", "force"), default="cancel", help="when a cap is hit: cancel (source keeps running) or force the switchover")
+    p.add_argument("--json", metavar="PATH|-", help="write the JSON report there ('-' for stdout)")
+
+
+def options_from(args: argparse.Namespace, verify: bool) -> MigrationOptions:
+    return MigrationOptions(
+        downtime_limit_ms=args.downtime_limit,
+        max_rounds=args.max_rounds,
+        max_time_s=args.max_time,
+        on_limit=args.on_limit,
+        verify=verify,
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m orchestrator", description=__doc__)
+    sub = top.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("migrate", help="migrate between two QEMUs that are already running")
+    m.add_argument("--src-qmp", required=True, type=Path, metavar="SOCK")
+    m.add_argument("--dst-qmp", required=True, type=Path, metavar="SOCK", help="destination started with -incoming defer")
+    m.add_argument("--src-ram", required=True, type=Path, metavar="FILE", help="the source's share=on RAM file")
+    m.add_argument("--dst-ram", required=True, type=Path, metavar="FILE")
+    m.add_argument("--uri", help="QEMU-to-QEMU state stream (default: a private unix socket)")
+    m.add_argument("--tracker", action="append", choices=("content",), help="RAM trackers (default: content)")
+    m.add_argument("--vfio-device", action="append", type=Path, default=[], metavar="PATH", help="a VFIO device fd to track by DMA logging (repeatable)")
+    m.add_argument("--verify", action="store_true", help="compare source and destination RAM while both are paused")
+    add_policy_options(m)
+    return top
+
+
+def vfio_trackers(paths: list[Path]) -> tuple[list[Tracker], list[int]]:
+    sys_ = RealSyscalls()
+    trackers: list[Tracker] = []
+    fds: list[int] = []
+    for path in paths:
+        fd = os.open(path, os.O_RDWR)
+        fds.append(fd)
+        trackers.append(VfioDmaLogTracker(VfioDevice(fd, sys_, name=path.name)))
+    return trackers, fds
+
+
+async def run_migration(ep: Endpoints, trackers: list[Tracker], uri: str, options: MigrationOptions) -> MigrationReport:
+    mig = Migration(ep.src, ep.dst, ep.layout, ep.sink, trackers, uri, options, round_line, event_line)
+    return await mig.run()
+
+
+async def migrate_command(args: argparse.Namespace) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="orchestrator-"))
+    fds: list[int] = []
+    sessions: list[QmpSession] = []
+    ep: Endpoints | None = None
+    try:
+        try:
+            for sock in (args.src_qmp, args.dst_qmp):
+                sessions.append(await QmpSession.connect(sock))
+            ep = await attach(*sessions, args.src_ram, args.dst_ram)
+            options = options_from(args, args.verify)
+            options.policy()  # validates the numbers before anything starts
+            src_mem = np.memmap(args.src_ram, np.uint8, mode="r")
+            trackers: list[Tracker] = [ContentTracker(src_mem)] if "content" in (args.tracker or ["content"]) else []
+            dev_trackers, fds = vfio_trackers(args.vfio_device)
+            trackers += dev_trackers
+        except BAD_INPUT as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        report = await run_migration(ep, trackers, args.uri or f"unix:{workdir / 'migrate.sock'}", options)
+        summary(report)
+        write_json(report.as_dict(), args.json)
+        return EXIT_OK if report.ok else EXIT_MIGRATION_FAILED
+    finally:
+        if ep is not None:
+            ep.sink.close()
+        for s in sessions:
+            await s.close()
+        for fd in fds:
+            os.close(fd)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return asyncio.run(migrate_command(args))
+    except KeyboardInterrupt:
+        print("interrupted: migration cancelled, source left running", file=sys.stderr)
+        return EXIT_MIGRATION_FAILED
