@@ -94,3 +94,27 @@ class iommu_hwpt_get_dirty_bitmap(_Le):  # noqa: N801
         ("page_size", c_u64),
         ("data", c_u64),
     ]
+
+# enum iommufd_hw_info_type
+IOMMU_HW_INFO_TYPE_NONE = 0
+
+# enum iommufd_ioas_map_flags
+IOMMU_IOAS_MAP_FIXED_IOVA = 1 << 0
+IOMMU_IOAS_MAP_WRITEABLE = 1 << 1
+IOMMU_IOAS_MAP_READABLE = 1 << 2
+
+
+class iommu_ioas_alloc(_Le):  # noqa: N801
+    _fields_ = [("size", c_u32), ("flags", c_u32), ("out_ioas_id", c_u32)]
+
+
+class iommu_ioas_map(_Le):  # noqa: N801
+    _fields_ = [
+        ("size", c_u32),
+        ("flags", c_u32),
+        ("ioas_id", c_u32),
+        ("__reserved", c_u32),
+        ("user_va", c_u64),
+        ("length", c_u64),
+        ("iova", c_u64),
+    ]

@@ -1,0 +1,157 @@
+"""The migration data fds: the saving stream a device produces and the resuming stream it takes.
+
+Stream layout (the device's own format, opaque to userspace, shaped like mtty's): a header
+{magic, major, minor, flags, reserved} and then records {kind, length, payload}. PRE_COPY puts a
+PRE_COPY record (a snapshot of the device state) after the header; STOP_COPY appends the FINAL
+record, whose payload is what the destination ends up with.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+from typing import TYPE_CHECKING
+
+from ..uapi import VFIO_MIG_GET_PRECOPY_INFO, VFIO_MIGRATION_PRE_COPY, _Le, vfio_precopy_info
+from .errors import kernel_error
+from .ioctl_arg import IoctlArg
+
+if TYPE_CHECKING:
+    from .migration import MigrationDriver
+
+STREAM_MAGIC = 0x7E9D09898C3E2C4E  # mtty's MTTY_MAGIC
+STREAM_MAJOR, STREAM_MINOR = 1, 0
+REC_PRECOPY, REC_FINAL = 1, 2
+
+
+class stream_header(_Le):  # noqa: N801
+    _fields_ = [
+        ("magic", ctypes.c_uint64),
+        ("major", ctypes.c_uint32),
+        ("minor", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
+    ]
+
+
+class record_header(_Le):  # noqa: N801
+    _fields_ = [("kind", ctypes.c_uint32), ("length", ctypes.c_uint32)]
+
+
+HEADER_SIZE = ctypes.sizeof(stream_header)
+RECORD_SIZE = ctypes.sizeof(record_header)
+
+
+def encode_header() -> bytes:
+    return bytes(stream_header(STREAM_MAGIC, STREAM_MAJOR, STREAM_MINOR, 0, 0))
+
+
+def encode_record(kind: int, payload: bytes) -> bytes:
+    return bytes(record_header(kind, len(payload))) + payload
+
+
+class SaveFile:
+    """The saving fd: read-only, with the precopy-info ioctl."""
+
+    def __init__(self, driver: MigrationDriver, initial: bytes, eos_errno: int | None) -> None:
+        self.driver = driver
+        self.buf = bytearray(initial)
+        self.pos = 0
+        self.precopy_size = 0
+        self.final = False
+        self.disabled = False
+        self._eos_errno = eos_errno
+
+    def append_final(self, record: bytes) -> None:
+        self.buf += record
+        self.final = True
+
+    def read(self, n: int) -> bytes:
+        with self.driver._lock:
+            if self.disabled:
+                raise kernel_error(errno.ENODEV)
+            if self.pos >= len(self.buf) and not self.final and self._eos_errno is not None:
+                # "temporary end of stream" during PRE_COPY: more may come, this is not EOF
+                raise kernel_error(self._eos_errno)
+            out = bytes(self.buf[self.pos : self.pos + max(n, 0)])
+            self.pos += len(out)
+            return out
+
+    def write(self, data: bytes) -> int:
+        raise kernel_error(errno.EBADF)
+
+    def ioctl(self, request: int, arg: bytearray) -> int:
+        """VFIO_MIG_GET_PRECOPY_INFO, in mtty's order of checks."""
+        if request != VFIO_MIG_GET_PRECOPY_INFO or not self.driver.flags & VFIO_MIGRATION_PRE_COPY:
+            raise kernel_error(errno.ENOTTY)
+        user = IoctlArg(arg)
+        info = user.read_struct(vfio_precopy_info)
+        if info.argsz < ctypes.sizeof(vfio_precopy_info):
+            raise kernel_error(errno.EINVAL)
+        with self.driver._lock:
+            if not self.driver.in_precopy():
+                raise kernel_error(errno.EINVAL)
+            if self.disabled:
+                raise kernel_error(errno.ENODEV)
+            if self.pos > len(self.buf):
+                raise kernel_error(errno.EINVAL)
+            info.initial_bytes = max(self.precopy_size - self.pos, 0)
+            info.dirty_bytes = 0
+        user.write_struct(info)
+        return 0
+
+    def release(self) -> None:
+        """Userspace closing its fd; the driver keeps its own reference until it disables it."""
+
+
+class ResumeFile:
+    """The resuming fd: write-only; validated when the device leaves RESUMING."""
+
+    def __init__(self, capacity: int) -> None:
+        self.buf = bytearray()
+        self.capacity = capacity
+        self.disabled = False
+
+    def read(self, n: int) -> bytes:
+        raise kernel_error(errno.EBADF)
+
+    def write(self, data: bytes) -> int:
+        if self.disabled:
+            raise kernel_error(errno.ENODEV)
+        if len(self.buf) + len(data) > self.capacity:
+            raise kernel_error(errno.ENOMEM)
+        had_header = len(self.buf) >= HEADER_SIZE
+        self.buf += data
+        if not had_header and len(self.buf) >= HEADER_SIZE and not self._header_ok():
+            del self.buf[-len(data) :]
+            raise kernel_error(errno.EFAULT)
+        return len(data)
+
+    def ioctl(self, request: int, arg: bytearray) -> int:
+        raise kernel_error(errno.ENOTTY)
+
+    def release(self) -> None:
+        """As for SaveFile."""
+
+    def _header_ok(self) -> bool:
+        h = stream_header.unpack(self.buf)
+        return (h.magic, h.major, h.minor) == (STREAM_MAGIC, STREAM_MAJOR, STREAM_MINOR)
+
+    def load(self) -> bytes:
+        """The FINAL record's payload; EINVAL if the stream is short or malformed."""
+        pos, final = HEADER_SIZE, None
+        if len(self.buf) < HEADER_SIZE:
+            raise kernel_error(errno.EINVAL)
+        while pos < len(self.buf):
+            if pos + RECORD_SIZE > len(self.buf):
+                raise kernel_error(errno.EINVAL)
+            rec = record_header.unpack(self.buf, pos)
+            end = pos + RECORD_SIZE + rec.length
+            if rec.kind not in (REC_PRECOPY, REC_FINAL) or end > len(self.buf) or final is not None:
+                raise kernel_error(errno.EINVAL)
+            if rec.kind == REC_FINAL:
+                final = bytes(self.buf[pos + RECORD_SIZE : end])
+            pos = end
+        if final is None:
+            raise kernel_error(errno.EINVAL)
+        return final

@@ -1,0 +1,171 @@
+"""Migration v2: the core's vfio_mig_get_next_state() and a driver's step-by-step set_state.
+
+The FSM table is the core's; the arcs' side effects (which step opens a data fd, appends the
+final state, loads the resumed state) follow the mtty sample, which every in-tree driver shares
+in shape.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from collections.abc import Callable
+from typing import Union
+
+from ..uapi import (
+    VFIO_MIGRATION_P2P,
+    VFIO_MIGRATION_PRE_COPY,
+    VFIO_MIGRATION_STOP_COPY,
+    vfio_device_mig_state,
+)
+from .errors import kernel_error
+from .faults import FaultState
+from .mig_stream import REC_FINAL, REC_PRECOPY, ResumeFile, SaveFile, encode_header, encode_record
+
+S = vfio_device_mig_state
+ERROR, STOP, RUNNING, STOP_COPY, RESUMING, RUNNING_P2P, PRE_COPY, PRE_COPY_P2P = (
+    S.VFIO_DEVICE_STATE_ERROR,
+    S.VFIO_DEVICE_STATE_STOP,
+    S.VFIO_DEVICE_STATE_RUNNING,
+    S.VFIO_DEVICE_STATE_STOP_COPY,
+    S.VFIO_DEVICE_STATE_RESUMING,
+    S.VFIO_DEVICE_STATE_RUNNING_P2P,
+    S.VFIO_DEVICE_STATE_PRE_COPY,
+    S.VFIO_DEVICE_STATE_PRE_COPY_P2P,
+)
+_ST, _RU, _SC, _RE, _RP, _PC, _PP, _ER = STOP, RUNNING, STOP_COPY, RESUMING, RUNNING_P2P, PRE_COPY, PRE_COPY_P2P, ERROR
+
+# vfio_from_fsm_table[cur][target]: the next state on the way from cur to target.
+_TARGETS = (_ST, _RU, _SC, _RE, _RP, _PC, _PP, _ER)
+_NEXT = {
+    _ST: (_ST, _RP, _SC, _RE, _RP, _RP, _RP, _ER),
+    _RU: (_RP, _RU, _RP, _RP, _RP, _PC, _RP, _ER),
+    _SC: (_ST, _ST, _SC, _ST, _ST, _ER, _ER, _ER),
+    _RE: (_ST, _ST, _ST, _RE, _ST, _ST, _ST, _ER),
+    _RP: (_ST, _RU, _ST, _ST, _RP, _RU, _PP, _ER),
+    _PC: (_RU, _RU, _PP, _RU, _RU, _PC, _PP, _ER),
+    _PP: (_RP, _RP, _SC, _RP, _RP, _PC, _PP, _ER),
+    _ER: (_ER,) * 8,
+}
+NEXT_STATE: dict[tuple[int, int], int] = {
+    (cur, tgt): nxt for cur, row in _NEXT.items() for tgt, nxt in zip(_TARGETS, row)
+}
+
+_ALL = VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_P2P | VFIO_MIGRATION_PRE_COPY
+# state_flags_table: the migration_flags a state needs. ERROR needs ~0, so it is never a target.
+STATE_FLAGS = {
+    _ST: VFIO_MIGRATION_STOP_COPY,
+    _RU: VFIO_MIGRATION_STOP_COPY,
+    _SC: VFIO_MIGRATION_STOP_COPY,
+    _RE: VFIO_MIGRATION_STOP_COPY,
+    _RP: VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_P2P,
+    _PC: VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_PRE_COPY,
+    _PP: _ALL,
+    _ER: 0xFFFF_FFFF_FFFF_FFFF,
+}
+
+
+def _supported(flags: int, state: int) -> bool:
+    need = STATE_FLAGS.get(state)
+    return need is not None and flags & need == need
+
+
+def mig_get_next_state(flags: int, cur: int, new: int) -> int:
+    """vfio_mig_get_next_state: one step from cur toward new, skipping unsupported states."""
+    if not _supported(flags, cur) or not _supported(flags, new):
+        raise kernel_error(errno.EINVAL)
+    nxt = NEXT_STATE[cur, new]
+    while not _supported(flags, nxt):
+        nxt = NEXT_STATE[nxt, new]
+    if nxt == ERROR:
+        raise kernel_error(errno.EINVAL)
+    return nxt
+
+
+DataFile = Union[SaveFile, ResumeFile]
+
+# Arcs that change only whether the device runs or may do P2P: no data moves.
+_QUIET_ARCS = {
+    (_ST, _RU), (_RU, _ST), (_ST, _RP), (_RP, _ST), (_RU, _RP), (_RP, _RU), (_PC, _PP), (_PP, _PC),
+}
+
+
+class MigrationDriver:
+    """A device's migration_set_state/get_state/get_data_size, plus its data streams."""
+
+    def __init__(
+        self,
+        flags: int,
+        get_data: Callable[[], bytes],
+        put_data: Callable[[bytes], None],
+        faults: FaultState,
+        precopy_eos_errno: int | None,
+        max_data_size: int,
+    ) -> None:
+        self.flags = flags
+        self.state: int = RUNNING
+        self._get_data, self._put_data = get_data, put_data
+        self._faults = faults
+        self._eos_errno = precopy_eos_errno
+        self._max_data_size = max_data_size
+        self._lock = threading.RLock()
+        self.saving: SaveFile | None = None
+        self.resuming: ResumeFile | None = None
+
+    def in_precopy(self) -> bool:
+        return self.state in (PRE_COPY, PRE_COPY_P2P)
+
+    def set_state(self, new: int) -> DataFile | None:
+        """Walk toward `new` one arc at a time; a failed arc leaves the state where it was."""
+        with self._lock:
+            res: DataFile | None = None
+            while self.state != new:
+                nxt = mig_get_next_state(self.flags, self.state, new)
+                self._faults.check_transition(nxt)
+                res = self._step(self.state, nxt)
+                self.state = nxt
+            return res
+
+    def data_size(self) -> int:
+        """stop_copy_length: what STOP_COPY would produce from here."""
+        return len(encode_record(REC_FINAL, self._get_data()))
+
+    def reset(self) -> None:
+        """Device release/reset: streams die, the device is RUNNING again."""
+        with self._lock:
+            self._disable_files()
+            self.state = RUNNING
+
+    def _disable_files(self) -> None:
+        for f in (self.saving, self.resuming):
+            if f is not None:
+                f.disabled = True
+        self.saving = self.resuming = None
+
+    def _new_save_file(self, kind: int) -> SaveFile:
+        self.saving = SaveFile(self, encode_header() + encode_record(kind, self._get_data()), self._eos_errno)
+        return self.saving
+
+    def _step(self, cur: int, nxt: int) -> DataFile | None:
+        if (cur, nxt) in _QUIET_ARCS:
+            return None
+        if (cur, nxt) in ((_RU, _PC), (_RP, _PP)):
+            saving = self._new_save_file(REC_PRECOPY)
+            saving.precopy_size = len(saving.buf)
+            return saving
+        if (cur, nxt) in ((_PC, _SC), (_PP, _SC)) and self.saving is not None:
+            self.saving.append_final(encode_record(REC_FINAL, self._get_data()))
+            return None
+        if cur == _ST and nxt == _SC:
+            return self._new_save_file(REC_FINAL)
+        if (cur, nxt) in ((_SC, _ST), (_PC, _RU), (_PP, _RP)):
+            self._disable_files()
+            return None
+        if (cur, nxt) == (_ST, _RE):
+            self.resuming = ResumeFile(len(encode_header()) + 2 * len(encode_record(REC_FINAL, b"")) + 2 * self._max_data_size)
+            return self.resuming
+        if (cur, nxt) == (_RE, _ST) and self.resuming is not None:
+            self._put_data(self.resuming.load())
+            self._disable_files()
+            return None
+        raise kernel_error(errno.EINVAL)

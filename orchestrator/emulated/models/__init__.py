@@ -1,0 +1,9 @@
+"""Emulated device models, one per driver behaviour worth telling apart."""
+
+from .base import DeviceModel
+from .mlx5 import Mlx5Like
+from .mtty import MttyLike
+from .nolog import NoDmaLogging
+from .pds import PdsLike
+
+__all__ = ["DeviceModel", "Mlx5Like", "MttyLike", "NoDmaLogging", "PdsLike"]

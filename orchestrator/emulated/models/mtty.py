@@ -1,0 +1,33 @@
+"""mtty-like device (samples/vfio-mdev/mtty.c): full migration, no-op DMA logging.
+
+Its log_ops accept everything and report nothing, because the device does no DMA: START echoes
+the page size, a second START is fine, REPORT sets no bits. Read at the end of the saving
+stream returns 0 bytes (no ENOMSG).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...uapi import VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY
+from ..iova_bitmap import IovaBitmap
+from ..ranges import Node
+from .base import DeviceModel
+
+
+class MttyLike(DeviceModel):
+    strict_log_state = False
+
+    def __init__(
+        self,
+        *,
+        migration_flags: int = VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_P2P | VFIO_MIGRATION_PRE_COPY,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(migration_flags=migration_flags, **kwargs)
+
+    def _start(self, nodes: list[Node], page_size: int) -> tuple[int, list[Node]]:
+        return page_size, nodes
+
+    def _read_and_clear(self, iova: int, length: int, bitmap: IovaBitmap) -> None:
+        return None
