@@ -28,3 +28,5 @@ bench: deps
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+
+include fixtures/fixtures.mk
