@@ -10,6 +10,7 @@ cancellation cannot leave either behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import os
 import shutil
@@ -19,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .errors import QemuExitedError, QmpDisconnectedError, QmpTimeoutError
 from .qmp import QmpSession
@@ -186,10 +187,8 @@ class QemuVm:
 
     def _kill_and_remove(self) -> None:
         if self.process.returncode is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
-            except ProcessLookupError:
-                pass
         _remove_files(self.paths)
 
     async def _reap(self) -> None:
@@ -213,15 +212,15 @@ async def guarded(awaitable: Awaitable[_T], *vms: QemuVm) -> _T:
         # A broken QMP connection is usually the first sign of a dying QEMU: give the
         # process a moment to be reaped so its exit code and stderr can be reported.
         await asyncio.wait(exits, timeout=_EXIT_GRACE_S, return_when=asyncio.FIRST_COMPLETED)
-        for task, vm in exits.items():
-            if task.done():
+        for exited, vm in exits.items():
+            if exited.done():
                 raise vm.exited_error()
         return work.result()
     finally:
-        tasks = [work, *exits]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        futures: list[asyncio.Future[Any]] = [work, *exits]
+        for future in futures:
+            future.cancel()
+        await asyncio.gather(*futures, return_exceptions=True)
 
 
 @asynccontextmanager
@@ -259,8 +258,5 @@ async def launch(config: VmConfig, *, ready_timeout: float = 10.0) -> AsyncItera
 
 
 def _remove_files(paths: VmPaths) -> None:
-    try:
-        paths.ram.unlink()
-    except FileNotFoundError:
-        pass
+    paths.ram.unlink(missing_ok=True)
     shutil.rmtree(paths.workdir, ignore_errors=True)

@@ -10,6 +10,7 @@ waiting the moment QEMU goes away instead of running into a timeout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import stat
 import time
@@ -78,39 +79,40 @@ class _Recorder(EventListener):
 class QmpSession:
     """A negotiated QMP connection. Create with `await QmpSession.connect(path)`."""
 
-    def __init__(self, client: QMPClient, socket_path: Path) -> None:
-        self._client = client
+    def __init__(self, socket_path: Path) -> None:
         self.socket_path = socket_path
+        self._client = QMPClient(socket_path.name)
         self._events: list[QmpEvent] = []
         self._changed = asyncio.Condition()
         self._lost = False
-        client.register_listener(_Recorder(self))
-        self._watcher = asyncio.create_task(self._watch_connection())
+        # Registered before connecting, so no event can arrive unrecorded.
+        self._client.register_listener(_Recorder(self))
+        self._watcher: asyncio.Task[None] | None = None
 
     @classmethod
     async def connect(cls, socket_path: str | os.PathLike[str], *, timeout: float = 5.0) -> QmpSession:
         """Connect and negotiate capabilities (the library sends `qmp_capabilities`)."""
         path = Path(socket_path)
         _check_socket_path(path)
-        client = QMPClient(path.name)
+        session = cls(path)
         try:
-            await asyncio.wait_for(client.connect(str(path)), timeout)
+            await asyncio.wait_for(session._client.connect(str(path)), timeout)
         except TimeoutError:
-            await client.disconnect()
+            await session._client.disconnect()
             raise QmpConnectError(
                 f"QMP socket {path} sent no QMP greeting within {timeout:g}s: is it a QMP socket?"
             ) from None
         except ConnectError as err:
             raise _connect_error(path, err) from err
-        return cls(client, path)
+        session._watcher = asyncio.create_task(session._watch_connection())
+        return session
 
     async def close(self) -> None:
         """Disconnect; errors of a connection that already broke are not interesting here."""
-        try:
+        with contextlib.suppress(QMPError, OSError, EOFError):
             await self._client.disconnect()
-        except (QMPError, OSError, EOFError):
-            pass
-        await self._watcher  # ends as soon as the connection left RUNNING; wakes waiters
+        if self._watcher is not None:
+            await self._watcher  # ends once the connection left RUNNING; wakes waiters
 
     async def execute(self, command: str, /, **arguments: Any) -> Any:
         """Run a command and return its result. QMP's hyphenated argument names go through
@@ -198,12 +200,12 @@ class QmpSession:
                     f"migration on {self.socket_path} still '{status}' after {timeout:g}s; "
                     f"waited for {sorted(wanted)}"
                 )
-            try:
+            with contextlib.suppress(QmpTimeoutError):
                 await self.wait_event("MIGRATION", None, min(poll_interval, remaining), after=mark)
-            except QmpTimeoutError:
-                pass
 
-    async def _wait_for(self, find: Callable[[], QmpEvent | None], what: str, timeout: float) -> QmpEvent:
+    async def _wait_for(
+        self, find: Callable[[], QmpEvent | None], what: str, timeout: float
+    ) -> QmpEvent:
         async def until_found() -> QmpEvent:
             async with self._changed:
                 while True:

@@ -93,9 +93,9 @@ async def test_private_files_and_cleanup(qemu_available: None) -> None:
 
 @slow
 async def test_cleanup_on_exception(qemu_available: None) -> None:
-    with pytest.raises(ZeroDivisionError):
+    with pytest.raises(RuntimeError, match="caller failed"):
         async with launch(VmConfig(unique(), ram_mib=64)) as vm:
-            1 / 0
+            raise RuntimeError("caller failed")
     assert_gone(vm)
 
 
@@ -119,7 +119,8 @@ async def test_cleanup_on_cancellation(qemu_available: None) -> None:
 @slow
 async def test_qemu_refusing_to_start_reports_code_and_stderr(qemu_available: None) -> None:
     name = unique()
-    with pytest.raises(QemuExitedError, match=f"QEMU '{name}' exited unexpectedly with code 1: .*-bogus") as err:
+    expected = f"QEMU '{name}' exited unexpectedly with code 1: .*-bogus"
+    with pytest.raises(QemuExitedError, match=expected) as err:
         async with launch(VmConfig(name, ram_mib=64, extra_args=("-bogus",))):
             pass
     assert err.value.returncode == 1
@@ -135,7 +136,8 @@ async def test_qemu_dying_while_awaited_reports_its_exit(qemu_available: None) -
             await waiting
         with pytest.raises(QemuExitedError):
             vm.check_running()
-        with pytest.raises(QmpDisconnectedError, match=f"QMP connection {vm.paths.qmp} broke during 'query-status'"):
+        broken = f"QMP connection {vm.paths.qmp} broke during 'query-status'"
+        with pytest.raises(QmpDisconnectedError, match=broken):
             await vm.qmp.execute("query-status")
     assert_gone(vm)
 

@@ -108,7 +108,8 @@ async def test_events_are_logged_with_receipt_times(vm: QemuVm) -> None:
 async def test_migration_to_nowhere_fails_with_qemus_reason(vm: QemuVm) -> None:
     missing = vm.paths.workdir / "nobody-listens.sock"
     await migration.start(vm.qmp, f"unix:{missing}")
-    with pytest.raises(MigrationError, match=r"is 'failed' while waiting for \['completed'\]: .*No such file"):
+    failed = r"is 'failed' while waiting for \['completed'\]: .*No such file"
+    with pytest.raises(MigrationError, match=failed):
         await vm.qmp.wait_migration_status({"completed"}, timeout=10)
     # Cancelling a failed migration changes nothing and the guest keeps running.
     assert await migration.cancel(vm.qmp) == "failed"

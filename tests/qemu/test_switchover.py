@@ -150,3 +150,13 @@ async def test_cancel_without_a_migration_is_harmless(halting_guest: VmConfig) -
     async with launch(halting_guest) as src:
         assert await migration.cancel(src.qmp) == "none"
         assert (await src.qmp.execute("query-status"))["running"]
+
+
+async def test_cancel_resumes_a_source_that_was_paused_before(halting_guest: VmConfig) -> None:
+    # QEMU resumes the source after a cancel only if it ran when the migration began; the
+    # orchestrator's promise is stronger: the source runs afterwards.
+    async with launch(halting_guest) as src, launch(destination(halting_guest)) as dst:
+        await src.qmp.execute("stop")
+        await _reach("pre-switchover", src, dst)
+        assert await migration.cancel(src.qmp) == "cancelled"
+        assert (await src.qmp.execute("query-status"))["status"] == "running"
