@@ -37,11 +37,6 @@ class FlatRange:
     offset: int
     nonvolatile: bool
 
-    @property
-    def end(self) -> int:
-        """Exclusive end."""
-        return self.start + self.size
-
 
 @dataclass(frozen=True)
 class FlatView:
