@@ -40,7 +40,7 @@ _U64_UNRESOLVED = 48 // 8
 _U32_ATTACHED, _U32_SPARE, _U32_EPOCH = 40 // 4, 44 // 4, 64 // 4
 _U32_INFLIGHT = (128 // 4, 192 // 4)
 
-_SYS_FUTEX = {"x86_64": 202, "aarch64": 98}
+_SYS_FUTEX = {"x86_64": 202, "aarch64": 98}.get(platform.machine())
 _FUTEX_WAKE_OP = 5
 _FLIP_OP = (4 << 28) | (1 << 12)  # FUTEX_OP_XOR with oparg 1, compare unused
 _SPINS = 1000
@@ -138,8 +138,10 @@ class VcpuDirtyLog:
             raise ValueError(f"need a uint64 bitmap of {words_for(self.npages)} words")
 
     def _flip(self) -> None:
+        if _SYS_FUTEX is None:
+            raise OSError(f"no futex syscall number known for {platform.machine()}")
         ret = _libc.syscall(
-            ctypes.c_long(_SYS_FUTEX[platform.machine()]),
+            ctypes.c_long(_SYS_FUTEX),
             ctypes.c_void_p(self._base + 4 * _U32_SPARE), ctypes.c_int(_FUTEX_WAKE_OP),
             ctypes.c_int(0), ctypes.c_void_p(0),
             ctypes.c_void_p(self._base + 4 * _U32_EPOCH), ctypes.c_int(_FLIP_OP))
