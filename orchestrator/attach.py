@@ -43,7 +43,22 @@ def _same_file(given: Path, qemu_path: Path, side: str) -> None:
 
 
 def to_memory_layout(layout: GuestLayout, page_size: int = 4096) -> MemoryLayout:
-    return MemoryLayout(tuple(RamRegion(r.gpa, r.size, str(r.path), r.offset) for r in layout.regions), page_size)
+    """The RAM the data path copies. Pieces of one backend at the same guest-to-file delta are
+    joined across the holes between them: the pc machine shows its BIOS area as ROM until
+    firmware switches it (PAM), and the guest can switch it back at any time, so those file
+    bytes are guest RAM too. It also makes a fresh destination and a booted source agree."""
+    regions: list[RamRegion] = []
+    for r in layout.regions:
+        prev = regions[-1] if regions else None
+        if prev is not None and prev.path == str(r.path) and prev.gpa - prev.offset == r.gpa - r.offset:
+            regions[-1] = RamRegion(prev.gpa, r.gpa + r.size - prev.gpa, prev.path, prev.offset)
+        else:
+            regions.append(RamRegion(r.gpa, r.size, str(r.path), r.offset))
+    return MemoryLayout(tuple(regions), page_size)
+
+
+def _describe(layout: MemoryLayout) -> str:
+    return ", ".join(f"{r.gpa:#x}+{r.length:#x}" for r in layout.regions)
 
 
 async def attach(src: QmpSession, dst: QmpSession, src_ram: Path, dst_ram: Path) -> Endpoints:
@@ -60,15 +75,16 @@ async def attach(src: QmpSession, dst: QmpSession, src_ram: Path, dst_ram: Path)
     src_layout, dst_layout = await discover_layout(src), await discover_layout(dst)
     check_migratable(src_layout)
     check_migratable(dst_layout)
-    shape = [(r.gpa, r.size, r.offset) for r in src_layout.regions]
-    if shape != [(r.gpa, r.size, r.offset) for r in dst_layout.regions]:
-        raise LayoutError("source and destination guests have different RAM layouts (size or placement differ)")
+    layout, dst_shape = to_memory_layout(src_layout), to_memory_layout(dst_layout)
+    if [(r.gpa, r.length, r.offset) for r in layout.regions] != [(r.gpa, r.length, r.offset) for r in dst_shape.regions]:
+        raise LayoutError(
+            f"source and destination guests have different RAM layouts: {_describe(layout)} vs {_describe(dst_shape)}"
+        )
     src_file, dst_file = _one_file(src_layout, "source"), _one_file(dst_layout, "destination")
     _same_file(src_ram, src_file, "source")
     _same_file(dst_ram, dst_file, "destination")
     if os.path.samefile(src_ram, dst_ram):
         raise LayoutError(f"source and destination RAM are the same file ({src_ram})")
-    layout = to_memory_layout(src_layout)
     key = str(src_file)
     sink = LocalSink(layout, {key: str(src_ram)}, {key: str(dst_ram)})
     return Endpoints(src, dst, layout, sink)

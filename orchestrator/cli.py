@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .attach import Endpoints, attach
+from .demo import parse_size, run_demo
 from .driver import Migration, MigrationOptions, MigrationReport
 from .output import event_line, round_line, summary, write_json
 from .qemu.errors import QemuError
@@ -20,6 +21,7 @@ from .qemu.qmp import QmpSession
 from .trackers import ContentTracker, Tracker, VfioDmaLogTracker
 from .transport import SinkError
 from .vfio import RealSyscalls, VfioDevice, VfioError, VfioUsageError
+from .workload import WORKLOADS, guest_rate
 
 EXIT_OK, EXIT_MIGRATION_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 BAD_INPUT = (QemuError, SinkError, VfioError, VfioUsageError, ValueError, OSError)
@@ -56,6 +58,13 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--vfio-device", action="append", type=Path, default=[], metavar="PATH", help="a VFIO device fd to track by DMA logging (repeatable)")
     m.add_argument("--verify", action="store_true", help="compare source and destination RAM while both are paused")
     add_policy_options(m)
+
+    d = sub.add_parser("demo", help="launch two QEMUs running the fixture guest and migrate it live")
+    d.add_argument("--workload", default="light", choices=sorted(WORKLOADS), help="what the guest does while it migrates (default light)")
+    d.add_argument("--mem", default="256M", metavar="SIZE", help="guest RAM (default 256M)")
+    d.add_argument("--tracker", choices=("vcpu", "content"), default="vcpu", help="vCPU dirty tracker: the TCG plugin or content hashing")
+    d.add_argument("--no-verify", action="store_true", help="skip the bit-exact comparison at switchover")
+    add_policy_options(d)
     return top
 
 
@@ -108,10 +117,31 @@ async def migrate_command(args: argparse.Namespace) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+async def demo_command(args: argparse.Namespace) -> int:
+    try:
+        options = options_from(args, not args.no_verify)
+        options.policy()
+        mem = parse_size(args.mem)
+        print(f"demo: {args.workload} guest ({WORKLOADS[args.workload]}), {args.mem} RAM, tracker {args.tracker}", flush=True)
+        result = await run_demo(args.workload, mem, args.tracker, options, round_line, event_line)
+    except BAD_INPUT as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    rep = result.report
+    summary(rep)
+    if result.src_progress:
+        print(f"source guest:      last progress {result.src_progress[-1]}, {guest_rate(result.src_progress):.0f} pages/s")
+    if result.dst_progress:
+        print(f"destination guest: running, progress {result.dst_progress[-1]}")
+    write_json(rep.as_dict(), args.json)
+    return EXIT_OK if rep.ok else EXIT_MIGRATION_FAILED
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    command = {"migrate": migrate_command, "demo": demo_command}[args.command]
     try:
-        return asyncio.run(migrate_command(args))
+        return asyncio.run(command(args))
     except KeyboardInterrupt:
         print("interrupted: migration cancelled, source left running", file=sys.stderr)
         return EXIT_MIGRATION_FAILED

@@ -28,7 +28,8 @@ def round_line(rec: RoundRecord, out: TextIO = sys.stdout) -> None:
 
 def event_line(ev: TrackerEvent, out: TextIO = sys.stdout) -> None:
     err = f" errno {ev.errno}" if ev.errno is not None else ""
-    print(f"  [{ev.tracker}] round {ev.round}: {ev.kind}{err}: {ev.action}", file=out, flush=True)
+    when = "at exit" if ev.round < 0 else f"round {ev.round}"
+    print(f"  [{ev.tracker}] {when}: {ev.kind}{err}: {ev.action}", file=out, flush=True)
 
 
 def summary(rep: MigrationReport, out: TextIO = sys.stdout) -> None:

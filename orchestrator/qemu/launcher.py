@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import QemuExitedError, QmpDisconnectedError, QmpTimeoutError
+from .errors import QemuExitedError, QmpConnectError, QmpDisconnectedError, QmpTimeoutError
 from .qmp import QmpSession
 
 RAM_BACKEND_ID = "ram0"
@@ -173,17 +173,22 @@ class QemuVm:
             raise QmpTimeoutError(f"QEMU '{self.name}' still running after {timeout:g}s") from None
 
     async def _wait_for_qmp(self, timeout: float) -> None:
+        # QEMU binds the socket (the file appears) a moment before it listens, so a refused
+        # or failed connection is retried for as long as QEMU is alive and time remains.
         deadline = time.monotonic() + timeout
-        while not self.paths.qmp.exists():
+        while True:
             if self.process.returncode is not None:
                 raise self.exited_error()
-            if time.monotonic() > deadline:
-                raise QmpTimeoutError(
-                    f"QEMU '{self.name}' did not create its QMP socket {self.paths.qmp} "
-                    f"within {timeout:g}s"
-                )
+            try:
+                self._qmp = await QmpSession.connect(self.paths.qmp)
+                return
+            except QmpConnectError as err:
+                if time.monotonic() > deadline:
+                    raise QmpTimeoutError(
+                        f"QEMU '{self.name}' offered no QMP on {self.paths.qmp} within "
+                        f"{timeout:g}s: {err}"
+                    ) from err
             await asyncio.sleep(0.02)
-        self._qmp = await QmpSession.connect(self.paths.qmp)
 
     def _kill_and_remove(self) -> None:
         if self.process.returncode is None:

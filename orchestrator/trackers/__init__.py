@@ -6,6 +6,7 @@ from .content import ContentTracker
 from .events import TrackerEvent, TrackerState, TrackerStats
 from .iommufd_hwpt import IommufdHwptTracker
 from .set import RecoveryPolicy, TrackerSet
+from .vcpu import VcpuTracker
 from .vfio_dma import VfioDmaLogTracker
 
 __all__ = [
@@ -21,5 +22,6 @@ __all__ = [
     "TrackerSet",
     "TrackerState",
     "TrackerStats",
+    "VcpuTracker",
     "VfioDmaLogTracker",
 ]
