@@ -8,12 +8,14 @@ import asyncio
 import os
 import re
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .attach import attach
+from .attach import Endpoints, attach
 from .driver import Migration, MigrationOptions, MigrationReport
 from .qemu.launcher import QemuVm, Role, VmConfig, launch
 from .trackers import ContentTracker, Tracker, VcpuTracker
@@ -59,14 +61,31 @@ def check_fixtures(tracker: str) -> None:
         raise FileNotFoundError(f"fixtures not built ({', '.join(missing)}): run `make fixtures`")
 
 
-async def run_demo(
-    workload: str,
-    mem: int,
-    tracker: str,
-    options: MigrationOptions,
-    on_round=None,
-    on_event=None,
-) -> DemoResult:
+@dataclass
+class GuestPair:
+    """A running source (guest at work) and a waiting destination, attached and checked."""
+
+    src: QemuVm
+    dst: QemuVm
+    endpoints: Endpoints
+    log: VcpuDirtyLog | None
+
+    def trackers(self) -> list[Tracker]:
+        if self.log is not None:
+            return [VcpuTracker(self.log)]
+        return [ContentTracker(_source_view(self.src.ram_path))]
+
+    def migration(self, options: MigrationOptions, trackers: list[Tracker] | None = None, on_round=None, on_event=None) -> Migration:
+        ep = self.endpoints
+        return Migration(
+            ep.src, ep.dst, ep.layout, ep.sink, self.trackers() if trackers is None else trackers,
+            self.dst.migration_uri(), options, on_round, on_event,
+        )
+
+
+@asynccontextmanager
+async def guest_pair(workload: str, mem: int, tracker: str = "vcpu") -> AsyncIterator[GuestPair]:
+    """Launch both QEMUs with the fixture guest doing `workload`; remove everything on exit."""
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
     if mem % (1 << 20) or mem < (64 << 20):
@@ -81,21 +100,24 @@ async def run_demo(
             await wait_progress(src, 1, 60)
             ep = await attach(src.qmp, dst.qmp, src.ram_path, dst.ram_path)
             try:
-                trackers: list[Tracker] = [VcpuTracker(log) if log else ContentTracker(_source_view(src.ram_path))]
-                mig = Migration(src.qmp, dst.qmp, ep.layout, ep.sink, trackers, dst.migration_uri(), options, on_round, on_event)
-                report = await mig.run()
+                yield GuestPair(src, dst, ep, log)
             finally:
                 ep.sink.close()
-            src_lines = parse_progress(src.read_serial())
-            dst_lines: list[Progress] = []
-            if report.status == "completed":
-                before = len(parse_progress(dst.read_serial()))
-                dst_lines = (await wait_progress(dst, before + 1, 30))[before:]
-            return DemoResult(report, src_lines, dst_lines)
     finally:
         if log is not None:
             log.close()
             log.unlink()
+
+
+async def run_demo(workload: str, mem: int, tracker: str, options: MigrationOptions, on_round=None, on_event=None) -> DemoResult:
+    async with guest_pair(workload, mem, tracker) as pair:
+        report = await pair.migration(options, on_round=on_round, on_event=on_event).run()
+        src_lines = parse_progress(pair.src.read_serial())
+        dst_lines: list[Progress] = []
+        if report.status == "completed":
+            before = len(parse_progress(pair.dst.read_serial()))
+            dst_lines = (await wait_progress(pair.dst, before + 1, 30))[before:]
+        return DemoResult(report, src_lines, dst_lines)
 
 
 def _source_view(path: Path) -> np.ndarray:
