@@ -75,7 +75,7 @@ def mig_get_next_state(flags: int, cur: int, new: int) -> int:
     if not _supported(flags, cur) or not _supported(flags, new):
         raise kernel_error(errno.EINVAL)
     nxt = NEXT_STATE[cur, new]
-    while not _supported(flags, nxt):
+    while nxt != ERROR and not _supported(flags, nxt):  # ERROR is a dead end, not a detour
         nxt = NEXT_STATE[nxt, new]
     if nxt == ERROR:
         raise kernel_error(errno.EINVAL)

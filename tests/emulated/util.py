@@ -44,6 +44,27 @@ class UserMem:
         return np.unpackbits(raw, bitorder="little")[:nbits]
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_PROT_NONE = 0
+
+
+class GuardedMem(UserMem):
+    """`size` usable bytes ending exactly where an inaccessible page begins."""
+
+    def __init__(self, size: int) -> None:
+        pages = -(-size // mmap.PAGESIZE)
+        super().__init__((pages + 1) * mmap.PAGESIZE)
+        self.guard = self.addr + pages * mmap.PAGESIZE
+        assert _libc.mprotect(ctypes.c_void_p(self.guard), mmap.PAGESIZE, _PROT_NONE) == 0
+        self.start = self.guard - size  # usable bytes: [start, guard)
+
+    def put_at_end(self, data: bytes) -> int:
+        """Place data so it ends at the guard page; returns its address."""
+        off = self.guard - self.addr - len(data)
+        self.put(off, data)
+        return self.addr + off
+
+
 def feature(flags: int, payload: bytes = b"", argsz: int | None = None) -> bytearray:
     argsz = 8 + len(payload) if argsz is None else argsz
     return bytearray(struct.pack("<II", argsz, flags) + payload)
