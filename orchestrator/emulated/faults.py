@@ -32,6 +32,7 @@ class FaultState:
     start_failures: deque[int] = field(default_factory=deque)
     transition_failures: dict[int, int] = field(default_factory=dict)
     _hang: threading.Event | None = None
+    _hang_active: threading.Event | None = None
     _hang_timeout: float = 0.0
     report_hanging: bool = False
 
@@ -47,8 +48,10 @@ class FaultState:
             self._hang_timeout = self.hang_timeout if hang_timeout is None else hang_timeout
 
     def release_hang(self) -> None:
-        if self._hang is not None:
-            self._hang.set()
+        """Release the blocked REPORT, or disarm the next one if none is blocked yet."""
+        for event in (self._hang, self._hang_active):
+            if event is not None:
+                event.set()
 
     def hang_if_armed(self) -> None:
         """Block an armed REPORT until released or timed out, then fail it with EIO.
@@ -59,11 +62,11 @@ class FaultState:
         event, self._hang = self._hang, None
         if event is None:
             return
-        self.report_hanging = True
+        self._hang_active, self.report_hanging = event, True
         try:
             event.wait(self._hang_timeout)
         finally:
-            self.report_hanging = False
+            self._hang_active, self.report_hanging = None, False
         raise kernel_error(errno.EIO)
 
     def check_attached(self) -> None:
