@@ -29,7 +29,7 @@ BAD_INPUT = (QemuError, SinkError, VfioError, VfioUsageError, ValueError, OSErro
 
 def add_policy_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--downtime-limit", type=float, default=300.0, metavar="MS", help="switch over once the expected downtime fits (default 300)")
-    p.add_argument("--max-rounds", type=int, default=30, metavar="N", help="round cap (default 30)")
+    p.add_argument("--max-rounds", type=int, default=30, metavar="N", help="cap on precopy rounds, round 0 included (default 30)")
     p.add_argument("--max-time", type=float, default=300.0, metavar="S", help="time cap in seconds (default 300)")
     p.add_argument("--on-limit", choices=("cancel", "force"), default="cancel", help="when a cap is hit: cancel (source keeps running) or force the switchover")
     p.add_argument("--json", metavar="PATH|-", help="write the JSON report there ('-' for stdout)")

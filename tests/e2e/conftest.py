@@ -1,0 +1,18 @@
+"""Live-migration tests with real QEMU (TCG) and the fixture guest."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def built_fixtures():
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 is not installed (make fixtures installs it)")
+    subprocess.run(["make", "-s", "fixtures"], cwd=REPO, check=True)
