@@ -68,9 +68,3 @@ class UnitLog:
                 keep_last.append(last[i1:])
                 self._first, self._last = np.concatenate(keep_first), np.concatenate(keep_last)
             return out_first, out_last
-
-    def dirty_units(self) -> int:
-        """How many units are dirty (for tests and introspection)."""
-        with self._lock:
-            self._normalise()
-            return int(np.sum(self._last - self._first)) + len(self._first)

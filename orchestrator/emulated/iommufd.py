@@ -136,7 +136,6 @@ class IommufdDevice:
 
     id: int
     model: DeviceModel
-    hwpt: Hwpt | None = None
 
 
 @dataclass(frozen=True)
@@ -188,12 +187,10 @@ class Iommufd:
                 raise kernel_error(errno.EINVAL)  # dirty tracking is enforced on attach
         else:
             raise kernel_error(errno.ENOENT)
-        dev.hwpt = hwpt
         dev.model.attached_hwpt = hwpt
         return hwpt.id
 
     def detach(self, dev: IommufdDevice) -> None:
-        dev.hwpt = None
         dev.model.attached_hwpt = None
 
     # -- file ops -----------------------------------------------------------------------------

@@ -20,10 +20,19 @@ from ..uapi import (
 )
 from .errors import kernel_error
 from .faults import FaultState
-from .mig_stream import REC_FINAL, REC_PRECOPY, ResumeFile, SaveFile, encode_header, encode_record
+from .mig_stream import (
+    HEADER_SIZE,
+    REC_FINAL,
+    REC_PRECOPY,
+    RECORD_SIZE,
+    ResumeFile,
+    SaveFile,
+    encode_header,
+    encode_record,
+)
 
 S = vfio_device_mig_state
-ERROR, STOP, RUNNING, STOP_COPY, RESUMING, RUNNING_P2P, PRE_COPY, PRE_COPY_P2P = (
+_ER, _ST, _RU, _SC, _RE, _RP, _PC, _PP = (
     S.VFIO_DEVICE_STATE_ERROR,
     S.VFIO_DEVICE_STATE_STOP,
     S.VFIO_DEVICE_STATE_RUNNING,
@@ -33,7 +42,6 @@ ERROR, STOP, RUNNING, STOP_COPY, RESUMING, RUNNING_P2P, PRE_COPY, PRE_COPY_P2P =
     S.VFIO_DEVICE_STATE_PRE_COPY,
     S.VFIO_DEVICE_STATE_PRE_COPY_P2P,
 )
-_ST, _RU, _SC, _RE, _RP, _PC, _PP, _ER = STOP, RUNNING, STOP_COPY, RESUMING, RUNNING_P2P, PRE_COPY, PRE_COPY_P2P, ERROR
 
 # vfio_from_fsm_table[cur][target]: the next state on the way from cur to target.
 _TARGETS = (_ST, _RU, _SC, _RE, _RP, _PC, _PP, _ER)
@@ -75,9 +83,9 @@ def mig_get_next_state(flags: int, cur: int, new: int) -> int:
     if not _supported(flags, cur) or not _supported(flags, new):
         raise kernel_error(errno.EINVAL)
     nxt = NEXT_STATE[cur, new]
-    while nxt != ERROR and not _supported(flags, nxt):  # ERROR is a dead end, not a detour
+    while nxt != _ER and not _supported(flags, nxt):  # ERROR is a dead end, not a detour
         nxt = NEXT_STATE[nxt, new]
-    if nxt == ERROR:
+    if nxt == _ER:
         raise kernel_error(errno.EINVAL)
     return nxt
 
@@ -103,7 +111,7 @@ class MigrationDriver:
         max_data_size: int,
     ) -> None:
         self.flags = flags
-        self.state: int = RUNNING
+        self.state: int = _RU
         self._get_data, self._put_data = get_data, put_data
         self._faults = faults
         self._eos_errno = precopy_eos_errno
@@ -113,7 +121,7 @@ class MigrationDriver:
         self.resuming: ResumeFile | None = None
 
     def in_precopy(self) -> bool:
-        return self.state in (PRE_COPY, PRE_COPY_P2P)
+        return self.state in (_PC, _PP)
 
     def set_state(self, new: int) -> DataFile | None:
         """Walk toward `new` one arc at a time; a failed arc leaves the state where it was."""
@@ -134,7 +142,7 @@ class MigrationDriver:
         """Device release/reset: streams die, the device is RUNNING again."""
         with self._lock:
             self._disable_files()
-            self.state = RUNNING
+            self.state = _RU
 
     def _disable_files(self) -> None:
         for f in (self.saving, self.resuming):
@@ -162,7 +170,8 @@ class MigrationDriver:
             self._disable_files()
             return None
         if (cur, nxt) == (_ST, _RE):
-            self.resuming = ResumeFile(len(encode_header()) + 2 * len(encode_record(REC_FINAL, b"")) + 2 * self._max_data_size)
+            # room for the header and two full records (mtty: writing past the data size is ENOMEM)
+            self.resuming = ResumeFile(HEADER_SIZE + 2 * (RECORD_SIZE + self._max_data_size))
             return self.resuming
         if (cur, nxt) == (_RE, _ST) and self.resuming is not None:
             self._put_data(self.resuming.load())

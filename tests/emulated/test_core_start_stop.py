@@ -28,7 +28,8 @@ from .util import (
 
 def start_arg(ranges, page_size=4096, num=None, ptr=None, argsz=None, flags=SET | START):
     mem = ranges_mem(ranges)
-    arg = feature(flags, control(page_size, len(ranges) if num is None else num, mem.addr if ptr is None else ptr), argsz)
+    num = len(ranges) if num is None else num
+    arg = feature(flags, control(page_size, num, mem.addr if ptr is None else ptr), argsz)
     return arg, mem
 
 
@@ -230,7 +231,8 @@ def test_start_writes_back_the_whole_control_with_the_chosen_page_size(kernel):
 
 
 @pytest.mark.parametrize(
-    "flags, want", [(SET, 0), (PROBE, 0), (PROBE | SET, 0), (GET, errno.EINVAL), (PROBE | GET, errno.EINVAL), (0, errno.EINVAL)]
+    "flags, want",
+    [(SET, 0), (PROBE, 0), (PROBE | SET, 0), (GET, errno.EINVAL), (PROBE | GET, errno.EINVAL), (0, errno.EINVAL)],
 )
 def test_stop_table(kernel, mlx5, flags, want):
     fd, model = mlx5

@@ -38,7 +38,9 @@ class Setup:
         self.ioas = out(uapi.iommu_ioas_alloc, arg).out_ioas_id
         self.buffer = UserMem(length)
         flags = uapi.IOMMU_IOAS_MAP_FIXED_IOVA | uapi.IOMMU_IOAS_MAP_READABLE | uapi.IOMMU_IOAS_MAP_WRITEABLE
-        arg = cmd(uapi.iommu_ioas_map, flags=flags, ioas_id=self.ioas, user_va=self.buffer.addr, length=length, iova=iova)
+        arg = cmd(
+            uapi.iommu_ioas_map, flags=flags, ioas_id=self.ioas, user_va=self.buffer.addr, length=length, iova=iova
+        )
         kernel.ioctl(self.iommufd, uapi.IOMMU_IOAS_MAP, arg)
 
     def hwpt_alloc(self, flags=uapi.IOMMU_HWPT_ALLOC_DIRTY_TRACKING):
@@ -53,7 +55,8 @@ class Setup:
 
     def set_dirty(self, hwpt, enable=True, flags=None):
         f = (uapi.IOMMU_HWPT_DIRTY_TRACKING_ENABLE if enable else 0) if flags is None else flags
-        self.kernel.ioctl(self.iommufd, uapi.IOMMU_HWPT_SET_DIRTY_TRACKING, cmd(uapi.iommu_hwpt_set_dirty_tracking, flags=f, hwpt_id=hwpt))
+        arg = cmd(uapi.iommu_hwpt_set_dirty_tracking, flags=f, hwpt_id=hwpt)
+        self.kernel.ioctl(self.iommufd, uapi.IOMMU_HWPT_SET_DIRTY_TRACKING, arg)
 
     def get_dirty(self, hwpt, iova, length, page_size, data, flags=0, **extra):
         arg = cmd(uapi.iommu_hwpt_get_dirty_bitmap, hwpt_id=hwpt, flags=flags, iova=iova, length=length,
