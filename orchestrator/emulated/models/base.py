@@ -7,8 +7,8 @@ active", then the hardware), which pds shares where it has the same checks.
 
 from __future__ import annotations
 
-import errno
 import threading
+from errno import EINVAL, EIO
 from typing import TYPE_CHECKING
 
 from ...uapi import VFIO_MIGRATION_P2P, VFIO_MIGRATION_STOP_COPY
@@ -116,13 +116,13 @@ class DeviceModel:
         """Let a REPORT blocked by Fault.REPORT_HANG return (with EIO). Safe from any thread."""
         self._faults.release_hang()
 
-    def fail_start(self, code: int, count: int = 1) -> None:
-        """The next `count` START calls reaching the driver fail with `code`."""
-        self._faults.start_failures.extend([code] * count)
+    def fail_start(self, errno: int, count: int = 1) -> None:
+        """The next `count` START calls reaching the driver fail with `errno`."""
+        self._faults.start_failures.extend([errno] * count)
 
-    def fail_transition(self, target_state: int, code: int = errno.EIO) -> None:
-        """The next MIG_DEVICE_STATE arc into `target_state` fails with `code`."""
-        self._faults.transition_failures[int(target_state)] = code
+    def fail_transition(self, target_state: int, errno: int = EIO) -> None:
+        """The next MIG_DEVICE_STATE arc into `target_state` fails with `errno`."""
+        self._faults.transition_failures[int(target_state)] = errno
 
     # -- vfio_log_ops -----------------------------------------------------------------------
 
@@ -132,7 +132,7 @@ class DeviceModel:
             self.start_calls += 1
             self._faults.check_attached()
             if self.strict_log_state and self.logging_active:
-                raise kernel_error(errno.EINVAL)
+                raise kernel_error(EINVAL)
             self._faults.check_start()
             granted, tracked = self._start(nodes, page_size)
             self.granted_page_size = granted
@@ -155,7 +155,7 @@ class DeviceModel:
         self._faults.hang_if_armed()
         with self._lock:
             if self.strict_log_state and not self.logging_active:
-                raise kernel_error(errno.EINVAL)
+                raise kernel_error(EINVAL)
             self._faults.check_attached()
             self._faults.check_report()
             self._read_and_clear(iova, length, bitmap)
