@@ -12,6 +12,9 @@ from ..vfio.ranges import IovaRange, start_ladder
 from .base import ReportBuffer, StartAttempt, StartOutcome, mark_ranges, reach_within, subtract
 
 # errnos after which a coarser plan may still be accepted; anything else ends the ladder.
+# Ranges start on a grid of this many pages: one u64 of report bitmap per step, the offset
+# granularity pds needs inside a region, and the bitmap merge's aligned fast path.
+REPORT_GRANULE = 64
 LADDER_ERRNOS = {errno.E2BIG, errno.EOPNOTSUPP, errno.ENOMEM, errno.ENOSPC, errno.EINVAL, errno.ERANGE}
 
 
@@ -59,7 +62,7 @@ class VfioDmaLogTracker:
         if not self.device.probe_dma_logging():
             attempts.append(StartAttempt("probe", 0, errno.ENOTTY))
             return self._give_up(attempts)
-        for plan in start_ladder(self.reach, hint, self.max_ranges):
+        for plan in start_ladder(self.reach, hint, self.max_ranges, align=REPORT_GRANULE * hint):
             try:
                 granted = self.device.start_dma_logging(plan.ranges, hint)
             except VfioError as exc:

@@ -95,13 +95,25 @@ def buckets(ranges: list[IovaRange]) -> list[IovaRange]:
 
 
 def start_ladder(
-    ranges: Iterable[IovaRange | tuple[int, int]], page_size: int, max_ranges: int, mid_ranges: int = 16
+    ranges: Iterable[IovaRange | tuple[int, int]],
+    page_size: int,
+    max_ranges: int,
+    mid_ranges: int = 16,
+    align: int | None = None,
 ) -> Iterator[StartPlan]:
     """Yield START plans from exact to coarsest: exact (or smallest-gap down to the kernel's
     limit), smallest-gap down to `mid_ranges`, 32/64-bit buckets, one span. Each rung has
     strictly fewer ranges than the one before; after the last rung the caller gives up and
-    treats the device's reachable memory as perma-dirty."""
-    exact = normalize(ranges, page_size)
+    treats the device's reachable memory as perma-dirty.
+
+    `align` (a power-of-two multiple of page_size) widens every range to that grid. Drivers
+    fold our ranges into regions of their own and some only report correctly from offsets
+    that are whole bitmap words into a region (pds: 64 pages); when every range starts on
+    the grid, so does every region a driver can build from them."""
+    grid = align or page_size
+    if grid % page_size:
+        raise VfioUsageError(f"alignment {grid:#x} is not a multiple of the page size {page_size:#x}")
+    exact = normalize(ranges, grid)
     if not exact:
         raise VfioUsageError("no IOVA ranges to track")
     rungs = [

@@ -34,6 +34,8 @@ def build_devices(kernel: EmulatedKernel, exact: bool):
         ("mlx5-4k", Mlx5Like(max_ranges=4, min_page_size=4096, max_page_size=1 << 16), {}, None),
         ("pds", PdsLike(max_regions=2), {}, None),
         ("mlx5-1range", Mlx5Like(max_ranges=1, min_page_size=4096), {}, [IovaRange(2 * MiB, 2 * MiB)]),
+        # two windows the device folds into one region, the second 62 pages from its start
+        ("pds-1region", PdsLike(max_regions=1), {}, [IovaRange(0x5000, 0x20000), IovaRange(0x43000, 0x20000)]),
     ]
     if not exact:
         fleet += [
@@ -54,12 +56,12 @@ def reach_pages(reach):
     return {p for r in reach for p in range(r.iova // PAGE, r.end // PAGE)} & RAM_PAGES
 
 
-write = st.tuples(st.just("write"), st.integers(0, 4), st.integers(0, 6 * MiB - 1), st.integers(1, 64 * 1024))
+write = st.tuples(st.just("write"), st.integers(0, 5), st.integers(0, 6 * MiB - 1), st.integers(1, 64 * 1024))
 collect = st.just(("collect",))
 harvest = st.just(("harvest",))
 faults = st.tuples(
     st.just("fault"),
-    st.integers(0, 4),
+    st.integers(0, 5),
     st.sampled_from(["eio-once", "eio-sticky", "detach", "reattach", "hang", "start-e2big", "start-eopnotsupp", "start-enomem"]),
     st.integers(1, 5),
 )
@@ -143,11 +145,13 @@ def runs(pages):
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(st.lists(st.one_of(write, write, collect, harvest, faults), max_size=40))
+# a REPORT window that starts off the 64-page grid of the region the device built
+@example([("write", 3, 0x43000, 0x2000), ("harvest",)])
 # a write between a failure's mark being harvested and the restart's START
 @example([("fault", 0, "eio-sticky", 1), ("harvest",), ("write", 0, 0x5000, 0x100), ("harvest",), ("harvest",)])
 @example([("fault", 1, "detach", 1), ("harvest",), ("fault", 1, "reattach", 1), ("write", 1, 0x3000, 8), ("harvest",)])
 # a 2 MiB unit that starts below the report's iova
-@example([("write", 3, 3 * MiB + 0x1000, 8), ("harvest",)])
+@example([("write", 4, 3 * MiB + 0x1000, 8), ("harvest",)])
 @example([("fault", 2, "hang", 1), ("harvest",), ("write", 2, 2 * MiB, 0x4000), ("harvest",), ("harvest",)])
 def test_no_lost_bit_under_faults(ops):
     asyncio.run(run_ops(ops, exact=False))

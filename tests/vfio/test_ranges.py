@@ -100,3 +100,13 @@ def test_ladder_rejects_bad_input(bad, needle):
 def test_normalize_rejects_non_pow2_page():
     with pytest.raises(VfioUsageError, match="power of two"):
         normalize([(0, 0x1000)], 3000)
+
+
+def test_ladder_aligns_to_the_report_grid():
+    grid = 64 * PAGE
+    plans = list(start_ladder([(0x5000, 0x20000), (0x43000, 0x20000)], PAGE, 256, align=grid))
+    assert plans[0].ranges == (IovaRange(0, 0x80000),), "both widened to the grid, then they touch"
+    for p in plans:
+        assert all(r.iova % grid == 0 and r.length % grid == 0 for r in p.ranges)
+    with pytest.raises(VfioUsageError, match="multiple of the page size"):
+        list(start_ladder([(0, PAGE)], 8192, 256, align=4096))
