@@ -24,7 +24,7 @@ from .memory import MemoryLayout
 from .qemu import migration as choreography
 from .qemu.qmp import QmpSession
 from .trackers import RecoveryPolicy, Tracker, TrackerEvent, TrackerSet
-from .transport import LocalSink
+from .transport import PageSink
 
 
 class VerificationFailed(RuntimeError):
@@ -77,7 +77,7 @@ class Migration:
         src: QmpSession,
         dst: QmpSession,
         layout: MemoryLayout,
-        sink: LocalSink,
+        sink: PageSink,
         trackers: Sequence[Tracker],
         uri: str,
         options: MigrationOptions = MigrationOptions(),
@@ -98,15 +98,15 @@ class Migration:
         return time.monotonic() - self._t0
 
     async def _send(self, pages=None, dirty: int | None = None) -> RoundRecord:
-        """One round's copy, off the event loop (it is memory bandwidth bound). `dirty` is
-        what the round found dirty when that differs from what it sends."""
+        """One round's copy. `dirty` is what the round found dirty when that differs from
+        what it sends."""
         t = time.monotonic()
         if pages is None:
-            n, nbytes = await asyncio.to_thread(self.sink.send_nonzero, self.trackers.record_sent)
+            n, nbytes = await self.sink.send_round0(self.trackers.record_sent)
             dirty = self.layout.npages
             work = sum(r.length for r in self.layout.regions)
         else:
-            nbytes = await asyncio.to_thread(self.sink.send, pages, self.trackers.record_sent)
+            nbytes = await self.sink.send_pages(pages, self.trackers.record_sent)
             n = len(pages)
             dirty = n if dirty is None else dirty
             work = None
@@ -163,7 +163,7 @@ class Migration:
         final = self.bitmap.harvest()
         await self._send(final[:0] if opts.skip_final_copy else final, dirty=len(final))
         if opts.verify:
-            bad = await asyncio.to_thread(self.sink.mismatched_pages)
+            bad = await self.sink.verify()
             if bad.size:
                 raise VerificationFailed(bad.tolist())
             rep.verified, rep.mismatched_pages = True, []

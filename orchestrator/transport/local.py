@@ -7,17 +7,17 @@ its guest-physical pages onto its own file offset.
 
 from __future__ import annotations
 
+import asyncio
 import mmap
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..memory import MemoryLayout, RamRegion
+from .base import OnSent
 
 BATCH_PAGES = 8192  # 32 MiB of 4 KiB pages per gather/scatter
-OnSent = Callable[[np.ndarray, np.ndarray], None]
 
 
 class SinkError(RuntimeError):
@@ -52,7 +52,10 @@ class _Region:
 
 
 class LocalSink:
-    """Source and destination RAM files on this host (both QEMUs share-mapped them)."""
+    """Source and destination RAM files on this host (both QEMUs share-mapped them).
+
+    The copy methods are blocking (memory-bandwidth bound); the `PageSink` methods run them
+    in a worker thread so the event loop keeps serving QMP and trackers meanwhile."""
 
     def __init__(self, layout: MemoryLayout, src_paths: dict[str, str], dst_paths: dict[str, str]) -> None:
         """`src_paths`/`dst_paths` map each region's source path to the file to open on that
@@ -137,6 +140,15 @@ class LocalSink:
                 if nz.size:
                     total += self.send(nz + reg.first_page, on_sent) // self.page_size
         return total, total * self.page_size
+
+    async def send_round0(self, on_sent: OnSent | None = None) -> tuple[int, int]:
+        return await asyncio.to_thread(self.send_nonzero, on_sent)
+
+    async def send_pages(self, pages: np.ndarray, on_sent: OnSent | None = None) -> int:
+        return await asyncio.to_thread(self.send, pages, on_sent)
+
+    async def verify(self) -> np.ndarray:
+        return await asyncio.to_thread(self.mismatched_pages)
 
     def mismatched_pages(self) -> np.ndarray:
         """Guest page numbers whose bytes differ between source and destination (run while
