@@ -123,6 +123,12 @@ class MigrationDriver:
     def in_precopy(self) -> bool:
         return self.state in (_PC, _PP)
 
+    @property
+    def lock(self) -> threading.RLock:
+        """Held by every state transition: DMA bursts take it too, so a transition (and the
+        state it captures) never interleaves with a burst."""
+        return self._lock
+
     def set_state(self, new: int) -> DataFile | None:
         """Walk toward `new` one arc at a time; a failed arc leaves the state where it was."""
         with self._lock:

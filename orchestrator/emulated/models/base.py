@@ -8,10 +8,16 @@ active", then the hardware), which pds shares where it has the same checks.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from errno import EINVAL, EIO
 from typing import TYPE_CHECKING
 
-from ...uapi import VFIO_MIGRATION_P2P, VFIO_MIGRATION_STOP_COPY
+from ...uapi import (
+    VFIO_DEVICE_STATE_PRE_COPY,
+    VFIO_DEVICE_STATE_RUNNING,
+    VFIO_MIGRATION_P2P,
+    VFIO_MIGRATION_STOP_COPY,
+)
 from ..errors import kernel_error
 from ..dirtylog import UnitLog
 from ..faults import Fault, FaultState
@@ -23,6 +29,7 @@ if TYPE_CHECKING:
     from ..iommufd import Hwpt
 
 DEFAULT_MAX_DATA_SIZE = 1 << 20
+DMA_STATES = (VFIO_DEVICE_STATE_RUNNING, VFIO_DEVICE_STATE_PRE_COPY)
 
 
 def require_pow2(name: str, value: int) -> int:
@@ -172,6 +179,25 @@ class DeviceModel:
             hwpt = self.attached_hwpt
         if hwpt is not None:
             hwpt.record_dma(iova, length)
+
+    def dma(self, burst: Callable[[], list[tuple[int, int]]]) -> bool:
+        """Run one DMA burst if the device may initiate DMA now; returns whether it ran.
+
+        `burst` writes guest memory and returns the (iova, length) ranges it wrote; they are
+        logged after the memory write, as hardware would. A device outside RUNNING/PRE_COPY is
+        quiesced (the P2P, STOP and STOP_COPY states forbid new DMA), and the burst runs under
+        the lock every state transition holds, so the state a transition captures is exactly
+        what was written."""
+        if self.migration is None:
+            for iova, length in burst():
+                self.dma_write(iova, length)
+            return True
+        with self.migration.lock:
+            if self.migration.state not in DMA_STATES:
+                return False
+            for iova, length in burst():
+                self.dma_write(iova, length)
+            return True
 
     def release(self) -> None:
         """Last close of the device: tracking stops and migration returns to RUNNING."""
