@@ -1,6 +1,6 @@
 """Page sinks: where precopy rounds send guest pages."""
 
-from .base import OnSent, PageSink
-from .local import LocalSink, SinkError
+from .base import OnSent, PageSink, SinkError
+from .local import LocalSink
 
 __all__ = ["LocalSink", "OnSent", "PageSink", "SinkError"]

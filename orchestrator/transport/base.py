@@ -12,6 +12,10 @@ import numpy as np
 OnSent = Callable[[np.ndarray, np.ndarray], None]
 
 
+class SinkError(RuntimeError):
+    """A page sink cannot do its job (bad RAM file, unreachable or refusing receiver)."""
+
+
 class PageSink(Protocol):
     page_size: int
 

@@ -9,38 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import mmap
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..memory import MemoryLayout, RamRegion
-from .base import OnSent
+from .base import OnSent, SinkError
+from .ramfile import map_ram, release
 
 BATCH_PAGES = 8192  # 32 MiB of 4 KiB pages per gather/scatter
-
-
-class SinkError(RuntimeError):
-    pass
-
-
-def _map(path: str, size: int, writable: bool) -> tuple[mmap.mmap, np.ndarray]:
-    flags = os.O_RDWR if writable else os.O_RDONLY
-    try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        raise SinkError(f"cannot open RAM file {path}: {exc.strerror}") from None
-    try:
-        actual = os.fstat(fd).st_size
-        if actual < size:
-            raise SinkError(f"RAM file {path} has {actual} bytes, the guest layout needs {size}")
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        # Fault every page in now, while the guest still runs: first-touch faults would
-        # otherwise land in round 0 and, worse, in the final copy inside the downtime.
-        mm = mmap.mmap(fd, size, mmap.MAP_SHARED | mmap.MAP_POPULATE, prot)
-    finally:
-        os.close(fd)
-    return mm, np.frombuffer(mm, np.uint8)
 
 
 @dataclass
@@ -81,9 +58,9 @@ class LocalSink:
     def _open(self, r: RamRegion, src_paths: dict[str, str], dst_paths: dict[str, str]) -> _Region:
         key = r.path or next(iter(src_paths))
         size = r.offset + r.length
-        smm, s = _map(src_paths[key], size, writable=False)
+        smm, s = map_ram(src_paths[key], size, writable=False)
         self._maps.append(smm)
-        dmm, d = _map(dst_paths[key], size, writable=True)
+        dmm, d = map_ram(dst_paths[key], size, writable=True)
         self._maps.append(dmm)
         shape = (r.length // self.page_size, self.page_size)
         view = slice(r.offset, r.offset + r.length)
@@ -93,12 +70,7 @@ class LocalSink:
         for region in self.regions:
             region.src = region.dst = np.empty((0, self.page_size), np.uint8)
         self.regions.clear()
-        for mm in self._maps:
-            try:
-                mm.close()
-            except BufferError:
-                pass  # a caller still holds a view; the mapping goes when that does
-        self._maps.clear()
+        release(self._maps)
 
     def __enter__(self) -> LocalSink:
         return self
