@@ -8,17 +8,19 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from .attach import Endpoints, attach
 from .demo import parse_size, run_demo
+from .devices.fleet import FAULTS, KINDS, FaultPlan
 from .driver import Migration, MigrationOptions, MigrationReport
 from .output import event_line, round_line, summary, write_json
 from .qemu.errors import QemuError
 from .qemu.qmp import QmpSession
-from .trackers import ContentTracker, Tracker, VfioDmaLogTracker
+from .trackers import ContentTracker, RecoveryPolicy, Tracker, VfioDmaLogTracker
 from .transport import SinkError
 from .vfio import RealSyscalls, VfioDevice, VfioError, VfioUsageError
 from .workload import WORKLOADS, guest_rate
@@ -64,6 +66,9 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--mem", default="256M", metavar="SIZE", help="guest RAM (default 256M)")
     d.add_argument("--tracker", choices=("vcpu", "content"), default="vcpu", help="vCPU dirty tracker: the TCG plugin or content hashing")
     d.add_argument("--no-verify", action="store_true", help="skip the bit-exact comparison at switchover")
+    d.add_argument("--devices", default="mlx5,pds", metavar="KINDS", help=f"emulated DMA devices, comma separated, from {', '.join(KINDS)}; 'none' for none (default mlx5,pds)")
+    d.add_argument("--no-device-tracking", action="store_true", help="devices DMA but nothing tracks them (a negative control: verification must fail)")
+    d.add_argument("--inject", action="append", default=[], metavar="FAULT[@DEVICE][:ROUND]", help=f"inject a device fault before ROUND's collect (repeatable): {', '.join(FAULTS)}")
     add_policy_options(d)
     return top
 
@@ -119,11 +124,16 @@ async def migrate_command(args: argparse.Namespace) -> int:
 
 async def demo_command(args: argparse.Namespace) -> int:
     try:
-        options = options_from(args, not args.no_verify)
+        options = replace(options_from(args, not args.no_verify), recovery=RecoveryPolicy(timeout=1.0))
         options.policy()
         mem = parse_size(args.mem)
-        print(f"demo: {args.workload} guest ({WORKLOADS[args.workload]}), {args.mem} RAM, tracker {args.tracker}", flush=True)
-        result = await run_demo(args.workload, mem, args.tracker, options, round_line, event_line)
+        devices = [] if args.devices == "none" else [k.strip() for k in args.devices.split(",") if k.strip()]
+        faults = [FaultPlan.parse(f) for f in args.inject]
+        print(f"demo: {args.workload} guest ({WORKLOADS[args.workload]}), {args.mem} RAM, tracker {args.tracker}, "
+              f"devices {', '.join(devices) or 'none'}{'' if not args.no_device_tracking else ' (untracked)'}", flush=True)
+        result = await run_demo(
+            args.workload, mem, args.tracker, options, devices, not args.no_device_tracking, faults, round_line, event_line
+        )
     except BAD_INPUT as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -133,8 +143,12 @@ async def demo_command(args: argparse.Namespace) -> int:
         print(f"source guest:      last progress {result.src_progress[-1]}, {guest_rate(result.src_progress):.0f} pages/s")
     if result.dst_progress:
         print(f"destination guest: running, progress {result.dst_progress[-1]}")
-    write_json(rep.as_dict(), args.json)
-    return EXIT_OK if rep.ok else EXIT_MIGRATION_FAILED
+    for name, check in result.devices.items():
+        print(f"device {name}: state migrated {'yes' if check['state_migrated'] else 'NO'}, "
+              f"destination DMA consistent {'yes' if not check['destination_mismatched_pages'] else 'NO'}")
+    devices_ok = all(c["state_migrated"] and not c["destination_mismatched_pages"] for c in result.devices.values())
+    write_json({**rep.as_dict(), "device_checks": result.devices}, args.json)
+    return EXIT_OK if rep.ok and devices_ok else EXIT_MIGRATION_FAILED
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,17 +10,18 @@ import re
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .attach import Endpoints, attach
+from .devices.fleet import FaultPlan, Fleet
 from .driver import Migration, MigrationOptions, MigrationReport
 from .qemu.launcher import QemuVm, Role, VmConfig, launch
 from .trackers import ContentTracker, Tracker, VcpuTracker
 from .vcpulog import PLUGIN, VcpuDirtyLog
-from .workload import GUEST_ELF, WORKLOADS, Progress, parse_progress
+from .workload import GUEST_ELF, WORKLOADS, Progress, dma_window, parse_progress
 
 _SIZE = re.compile(r"^(\d+)([KMG]?)$", re.I)
 
@@ -38,6 +39,9 @@ class DemoResult:
     report: MigrationReport
     src_progress: list[Progress]
     dst_progress: list[Progress]
+    # per device: did the destination get the source's final state, and did its DMA go on
+    # from there consistently (pages of its window that disagree)
+    devices: dict[str, dict] = field(default_factory=dict)
 
 
 async def wait_progress(vm: QemuVm, after: int, timeout: float) -> list[Progress]:
@@ -69,23 +73,42 @@ class GuestPair:
     dst: QemuVm
     endpoints: Endpoints
     log: VcpuDirtyLog | None
+    fleet: Fleet | None = None
+    device_tracking: bool = True
 
     def trackers(self) -> list[Tracker]:
-        if self.log is not None:
-            return [VcpuTracker(self.log)]
-        return [ContentTracker(_source_view(self.src.ram_path))]
+        """The vCPU tracker (plugin or content hashing), plus one DMA-log tracker per
+        emulated device unless device tracking is off."""
+        ram: list[Tracker] = [VcpuTracker(self.log)] if self.log else [ContentTracker(_source_view(self.src.ram_path))]
+        return ram + (self.fleet.trackers() if self.fleet and self.device_tracking else [])
 
     def migration(self, options: MigrationOptions, trackers: list[Tracker] | None = None, on_round=None, on_event=None) -> Migration:
         ep = self.endpoints
+        hooks = [h for h in (self.fleet.on_round if self.fleet else None, on_round) if h]
+
+        def each_round(rec) -> None:
+            for hook in hooks:
+                hook(rec)
+
         return Migration(
             ep.src, ep.dst, ep.layout, ep.sink, self.trackers() if trackers is None else trackers,
-            self.dst.migration_uri(), options, on_round, on_event,
+            self.dst.migration_uri(), options, each_round, on_event,
+            devices=self.fleet.migrations() if self.fleet else (),
         )
 
 
 @asynccontextmanager
-async def guest_pair(workload: str, mem: int, tracker: str = "vcpu") -> AsyncIterator[GuestPair]:
-    """Launch both QEMUs with the fixture guest doing `workload`; remove everything on exit."""
+async def guest_pair(
+    workload: str,
+    mem: int,
+    tracker: str = "vcpu",
+    devices: list[str] | None = None,
+    device_tracking: bool = True,
+    faults: list[FaultPlan] | None = None,
+    dma_rate: int = 4000,
+) -> AsyncIterator[GuestPair]:
+    """Launch both QEMUs with the fixture guest doing `workload`, and emulated `devices`
+    DMA-ing into the guest's DMA window; remove everything on exit."""
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
     if mem % (1 << 20) or mem < (64 << 20):
@@ -99,9 +122,16 @@ async def guest_pair(workload: str, mem: int, tracker: str = "vcpu") -> AsyncIte
         async with launch(src_cfg) as src, launch(dst_cfg) as dst:
             await wait_progress(src, 1, 60)
             ep = await attach(src.qmp, dst.qmp, src.ram_path, dst.ram_path)
+            fleet = None
             try:
-                yield GuestPair(src, dst, ep, log)
+                if devices:
+                    fleet = Fleet.create(devices, src.ram_path, dst.ram_path, dma_window(src.read_serial()), dma_rate)
+                    fleet.faults = list(faults or [])
+                    fleet.start()
+                yield GuestPair(src, dst, ep, log, fleet, device_tracking)
             finally:
+                if fleet is not None:
+                    fleet.close()
                 ep.sink.close()
     finally:
         if log is not None:
@@ -109,15 +139,40 @@ async def guest_pair(workload: str, mem: int, tracker: str = "vcpu") -> AsyncIte
             log.unlink()
 
 
-async def run_demo(workload: str, mem: int, tracker: str, options: MigrationOptions, on_round=None, on_event=None) -> DemoResult:
-    async with guest_pair(workload, mem, tracker) as pair:
+async def run_demo(
+    workload: str,
+    mem: int,
+    tracker: str,
+    options: MigrationOptions,
+    devices: list[str] | None = None,
+    device_tracking: bool = True,
+    faults: list[FaultPlan] | None = None,
+    on_round=None,
+    on_event=None,
+) -> DemoResult:
+    async with guest_pair(workload, mem, tracker, devices, device_tracking, faults) as pair:
         report = await pair.migration(options, on_round=on_round, on_event=on_event).run()
         src_lines = parse_progress(pair.src.read_serial())
-        dst_lines: list[Progress] = []
+        result = DemoResult(report, src_lines, [])
         if report.status == "completed":
             before = len(parse_progress(pair.dst.read_serial()))
-            dst_lines = (await wait_progress(pair.dst, before + 1, 30))[before:]
-        return DemoResult(report, src_lines, dst_lines)
+            result.dst_progress = (await wait_progress(pair.dst, before + 1, 30))[before:]
+            if pair.fleet:
+                result.devices = device_checks(pair.fleet)
+        return result
+
+
+def device_checks(fleet: Fleet) -> dict[str, dict]:
+    """After a completed migration: the state each twin resumed from is the source device's
+    final state, and the twin's DMA since then is consistent in the destination's RAM."""
+    windows = fleet.check_destination()
+    return {
+        d.name: {
+            "state_migrated": d.resumed_state == d.src_model.device_data,
+            "destination_mismatched_pages": len(windows.get(d.name, [])),
+        }
+        for d in fleet.devices
+    }
 
 
 def _source_view(path: Path) -> np.ndarray:

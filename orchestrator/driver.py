@@ -2,13 +2,15 @@
 
 The order is the whole point (architecture: "How a migration runs"):
 1. prepare both QEMUs (x-ignore-shared, pause-before-switchover), start every tracker;
-2. round 0 copies every non-zero page; each later round collects every tracker into the one
-   bitmap, asks the engine, and either harvests and sends or stops iterating;
+2. devices enter PRE_COPY; round 0 copies every non-zero page; each later round collects
+   every tracker into the one bitmap, asks the engine (RAM plus device bytes still to move),
+   and either harvests and sends or stops iterating;
 3. switchover: `migrate` (QEMU moves only CPU/device-model state and stops the vCPUs in
-   pre-switchover) -> final collect (vCPUs stopped) -> final copy -> optional bit-exact
-   verification -> `migrate-continue` -> the destination runs;
+   pre-switchover) -> devices to STOP_COPY, their final state read (no DMA after this) ->
+   final collect -> final copy -> optional bit-exact verification -> destination devices
+   loaded -> `migrate-continue` -> the destination runs, then its devices;
 4. any failure or cancellation before `migrate-continue` cancels QEMU's migration and resumes
-   the source; trackers are stopped on every path.
+   the source and its devices; trackers are stopped on every path.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from .bitmap import DirtyBitmap
+from .devices.state import DeviceMigration
 from .engine import Decision, DowntimePolicy, PrecopyEngine, RoundRecord
 from .memory import MemoryLayout
 from .qemu import migration as choreography
@@ -61,6 +64,7 @@ class MigrationReport:
     trackers: list[dict] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
     mismatched_pages: list[int] | None = None
+    devices: list[dict] = field(default_factory=list)
     error: str | None = None
 
     def as_dict(self) -> dict:
@@ -83,12 +87,14 @@ class Migration:
         options: MigrationOptions = MigrationOptions(),
         on_round: Callable[[RoundRecord], None] | None = None,
         on_event: Callable[[TrackerEvent], None] | None = None,
+        devices: Sequence[DeviceMigration] = (),
     ) -> None:
         self.src, self.dst, self.layout, self.sink, self.uri = src, dst, layout, sink, uri
         self.options = options
         self.bitmap = DirtyBitmap(layout.npages, layout.page_size)
         self.engine = PrecopyEngine(layout.page_size, options.policy())
         self.trackers = TrackerSet(trackers, self.bitmap, layout, options.recovery, on_event)
+        self.devices = list(devices)
         self.report = MigrationReport()
         self._on_round = on_round
         self._t0 = 0.0
@@ -121,9 +127,11 @@ class Migration:
         try:
             await choreography.prepare(self.src, self.dst, self.uri)
             async with self.trackers:
+                await self._each(lambda d: d.start_precopy())
                 await self._precopy()
                 if self.engine.verdict.decision == Decision.CANCEL:
                     rep.status, rep.decision = "cancelled", self.engine.verdict.reason
+                    await self._abort()
                     return rep
                 await self._switchover()
             rep.status = "completed"
@@ -149,7 +157,8 @@ class Migration:
             t = time.monotonic()
             await self.trackers.collect(len(self.engine.rounds))
             collect_s = time.monotonic() - t
-            verdict = self.engine.next_step(self.bitmap.count(), 0, self._elapsed(), collect_s)
+            device_bytes = sum(await asyncio.gather(*(d.pending_bytes() for d in self.devices)))
+            verdict = self.engine.next_step(self.bitmap.count(), device_bytes, self._elapsed(), collect_s)
             if verdict.decision != Decision.CONTINUE:
                 self.report.decision = verdict.reason
                 return
@@ -159,6 +168,7 @@ class Migration:
         opts, rep = self.options, self.report
         await choreography.start(self.src, self.uri)
         await choreography.wait_pre_switchover(self.src, opts.qmp_timeout_s)
+        await self._each(lambda d: d.stop_copy())  # devices quiesced: no DMA after this
         await self.trackers.collect(len(self.engine.rounds), final=True)
         final = self.bitmap.harvest()
         await self._send(final[:0] if opts.skip_final_copy else final, dirty=len(final))
@@ -167,19 +177,28 @@ class Migration:
             if bad.size:
                 raise VerificationFailed(bad.tolist())
             rep.verified, rep.mismatched_pages = True, []
+        await self._each(lambda d: d.resume())
         await choreography.continue_(self.src)
         self._continued = True
         sw = await choreography.wait_completed(self.src, self.dst, opts.qmp_timeout_s)
         rep.downtime_ms = sw.downtime_ns / 1e6
+        await self._each(lambda d: d.run_destination())
+
+    async def _each(self, step) -> None:
+        await asyncio.gather(*(step(d) for d in self.devices))
 
     async def _abort(self) -> None:
-        """Before migrate-continue the source still owns the guest: make sure it runs."""
+        """Before migrate-continue the source still owns the guest: make sure it runs, and
+        its devices with it."""
         if self._continued:
             return
+        problems = [p for p in await asyncio.gather(*(d.abort() for d in self.devices)) if p]
         try:
             await choreography.cancel(self.src, self.options.qmp_timeout_s)
-        except Exception as exc:  # noqa: BLE001 - report both failures
-            self.report.error = f"{self.report.error}; cancelling on the source failed too: {exc}"
+        except Exception as exc:  # noqa: BLE001 - report every failure
+            problems.append(f"cancelling on the source failed too: {exc}")
+        if problems:
+            self.report.error = "; ".join([self.report.error or "abort", *problems])
 
     def _finish(self) -> None:
         rep = self.report
@@ -189,3 +208,4 @@ class Migration:
         rep.bytes_sent = sum(r.sent_bytes for r in self.engine.rounds)
         rep.trackers = [s.as_dict() for s in self.trackers.stats()]
         rep.events = [e.as_dict() for e in self.trackers.events]
+        rep.devices = [d.report.as_dict() for d in self.devices]

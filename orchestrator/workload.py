@@ -20,6 +20,8 @@ WORKLOADS: dict[str, str] = {
 }
 
 _PROGRESS = re.compile(r"^P (\d+) (\d+) (\d+)$", re.M)
+_ANNOUNCE = re.compile(r"^A (.*)$", re.M)
+_DMA = re.compile(r"^(0x[0-9a-f]+)-(0x[0-9a-f]+)$", re.I)
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,20 @@ class Progress:
 
 def parse_progress(serial_text: str) -> list[Progress]:
     return [Progress(*map(int, m.groups())) for m in _PROGRESS.finditer(serial_text)]
+
+
+def dma_window(serial_text: str) -> tuple[int, int] | None:
+    """(guest-physical start, length) of the RAM the guest leaves to devices, from its
+    `A ... dma=S-E ...` line; None before the guest has announced itself."""
+    m = _ANNOUNCE.search(serial_text)
+    if not m:
+        return None
+    fields = dict(kv.split("=", 1) for kv in m.group(1).split() if "=" in kv)
+    span = _DMA.match(fields.get("dma", ""))
+    if not span:
+        raise ValueError(f"guest announced no DMA window: {m.group(0)!r}")
+    lo, hi = int(span.group(1), 16), int(span.group(2), 16)
+    return lo, hi - lo
 
 
 def guest_rate(lines: list[Progress]) -> float:

@@ -82,6 +82,10 @@ class DmaEngine:
     def state(self) -> EngineState:
         return EngineState.unpack(self.model.device_data)
 
+    def check(self) -> list[int]:
+        """Pages of the window that disagree with the engine's state (quiesce it first)."""
+        return check_window(self._ram.view(np.uint8), self.state)
+
     def start(self) -> DmaEngine:
         self._thread.start()
         return self

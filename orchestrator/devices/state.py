@@ -1,0 +1,139 @@
+"""Device state through VFIO migration v2, for one source device and its destination twin.
+
+Source: RUNNING -> PRE_COPY (precopy data read in the background while RAM iterates) ->
+STOP_COPY at switchover (the rest read to end of stream) -> STOP. Destination: RESUMING ->
+state written -> STOP, then RUNNING once the guest runs there. Data fds are read and written
+off the event loop through the syscall seam, so a slow device never stalls the migration,
+and the same code serves real device fds and emulated ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .. import uapi as U
+from ..vfio import EndOfStream, State, VfioDevice, VfioError
+
+CHUNK = 1 << 20
+POLL_S = 0.02  # how often to look for new precopy data after a temporary end of stream
+
+
+@dataclass
+class DeviceReport:
+    name: str
+    precopy_bytes: int = 0
+    stop_copy_bytes: int = 0
+    state: str = "RUNNING"
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class DeviceMigration:
+    name: str
+    src: VfioDevice
+    dst: VfioDevice
+    on_destination_running: Callable[[], None] | None = None
+    report: DeviceReport = field(init=False)
+    _data: bytearray = field(default_factory=bytearray, init=False)
+    _fd: int | None = field(default=None, init=False)
+    _pump: asyncio.Task | None = field(default=None, init=False)
+    _stopping: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self.report = DeviceReport(self.name)
+
+    async def _call(self, fn, *args):
+        return await asyncio.to_thread(fn, *args)
+
+    async def start_precopy(self) -> None:
+        """Enter PRE_COPY when the device offers it and start reading its precopy data."""
+        if not await self._call(self.src.migration_flags) & U.VFIO_MIGRATION_PRE_COPY:
+            return
+        self._fd = await self._call(self.src.set_state, State.VFIO_DEVICE_STATE_PRE_COPY)
+        self.report.state = "PRE_COPY"
+        self._pump = asyncio.create_task(self._read_precopy(), name=f"{self.name}-precopy")
+
+    async def _read_precopy(self) -> None:
+        """Read until told to stop; never abandons a read in flight, so no byte is dropped."""
+        while not self._stopping:
+            try:
+                chunk = await self._call(self.src.read_data, self._fd, CHUNK)
+            except EndOfStream:
+                chunk = b""
+            if chunk:
+                self._data += chunk
+                self.report.precopy_bytes += len(chunk)
+            else:
+                await asyncio.sleep(POLL_S)
+
+    async def _stop_pump(self) -> None:
+        self._stopping = True
+        if self._pump is not None:
+            await self._pump
+            self._pump = None
+
+    async def pending_bytes(self) -> int:
+        """What switchover would still have to move: precopy data not read yet plus the
+        stop-copy size (the device's own estimate, part of the expected downtime)."""
+        pending = await self._call(self.src.stop_copy_size)
+        if self._fd is not None and self.report.state == "PRE_COPY":
+            initial, dirty = await self._call(self.src.precopy_info, self._fd)
+            pending += initial + dirty
+        return pending
+
+    async def stop_copy(self) -> None:
+        """At switchover (vCPUs stopped): quiesce the device and read its final state."""
+        await self._stop_pump()
+        fd = await self._call(self.src.set_state, State.VFIO_DEVICE_STATE_STOP_COPY)
+        self.report.state = "STOP_COPY"
+        if fd is not None:
+            await self._close(self.src, self._fd)
+            self._fd = fd
+        while chunk := await self._call(self.src.read_data, self._fd, CHUNK):
+            self._data += chunk
+            self.report.stop_copy_bytes += len(chunk)
+        await self._close(self.src, self._fd)
+        self._fd = None
+        await self._call(self.src.set_state, State.VFIO_DEVICE_STATE_STOP)
+        self.report.state = "STOP"
+
+    async def resume(self) -> None:
+        """Load the state into the destination device before the destination runs."""
+        fd = await self._call(self.dst.set_state, State.VFIO_DEVICE_STATE_RESUMING)
+        try:
+            view = memoryview(self._data)
+            for lo in range(0, len(view), CHUNK):
+                await self._call(self.dst.write_data, fd, bytes(view[lo : lo + CHUNK]))
+        finally:
+            await self._close(self.dst, fd)
+        await self._call(self.dst.set_state, State.VFIO_DEVICE_STATE_STOP)
+
+    async def run_destination(self) -> None:
+        await self._call(self.dst.set_state, State.VFIO_DEVICE_STATE_RUNNING)
+        self.report.state = "MIGRATED"
+        if self.on_destination_running:
+            self.on_destination_running()
+
+    async def abort(self) -> str | None:
+        """Migration abandoned: the source device runs again. Returns an error text if it
+        could not be brought back (the caller reports it; the VM itself keeps running)."""
+        await self._stop_pump()
+        await self._close(self.src, self._fd)
+        self._fd = None
+        try:
+            await self._call(self.src.set_state, State.VFIO_DEVICE_STATE_RUNNING)
+        except VfioError as exc:
+            return f"{self.name}: could not return to RUNNING: {exc}"
+        self.report.state = "RUNNING"
+        return None
+
+    async def _close(self, dev: VfioDevice, fd: int | None) -> None:
+        if fd is not None:
+            try:
+                await self._call(dev.close_data, fd)
+            except VfioError:
+                pass  # the state machine may already have torn the stream down
