@@ -7,6 +7,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: test test-fast demo bench deps clean
 
 $(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
@@ -14,13 +15,13 @@ $(STAMP): pyproject.toml
 
 deps: $(STAMP)
 
-test: deps
+test: deps fixtures
 	$(PY) -m pytest -q
 
-test-fast: deps
+test-fast: deps fixtures
 	$(PY) -m pytest -q -m "not slow"
 
-demo: deps
+demo: deps fixtures
 	$(PY) -m orchestrator demo
 
 bench: deps
