@@ -14,6 +14,7 @@ from pathlib import Path
 from .memory import MemoryLayout, RamRegion
 from .qemu.errors import LayoutError, MigrationError
 from .qemu.layout import GuestLayout, check_migratable, discover_layout
+from .qemu.migration import check_capabilities
 from .qemu.qmp import QmpSession
 from .transport import LocalSink
 
@@ -64,6 +65,8 @@ def _describe(layout: MemoryLayout) -> str:
 async def attach(src: QmpSession, dst: QmpSession, src_ram: Path, dst_ram: Path) -> Endpoints:
     """Validate both sides and open the page sink. Raises `LayoutError`/`MigrationError`
     naming what is wrong; nothing in either QEMU has been changed when it does."""
+    for session in (src, dst):
+        await check_capabilities(session)
     src_status = (await src.execute("query-status"))["status"]
     if src_status not in ("running", "paused"):
         raise MigrationError(f"source QEMU is '{src_status}', not running")

@@ -112,7 +112,9 @@ async def cancel(src: QmpSession, timeout: float = 30.0) -> str:
     return status
 
 
-async def _enable_capabilities(session: QmpSession) -> None:
+async def check_capabilities(session: QmpSession) -> None:
+    """Raise `MigrationError` naming what is missing unless this QEMU offers every
+    capability the choreography needs; changes nothing."""
     available = {c["capability"] for c in await session.execute("query-migrate-capabilities")}
     missing = [name for name in CAPABILITIES if name not in available]
     if missing:
@@ -120,6 +122,10 @@ async def _enable_capabilities(session: QmpSession) -> None:
             f"QEMU at {session.socket_path} lacks migration capabilities {missing}; "
             f"the orchestrator needs {list(CAPABILITIES)}"
         )
+
+
+async def _enable_capabilities(session: QmpSession) -> None:
+    await check_capabilities(session)
     await session.execute(
         "migrate-set-capabilities",
         capabilities=[{"capability": name, "state": True} for name in CAPABILITIES],
