@@ -1,8 +1,10 @@
 """The local page sink: copy guest pages from the source RAM file into the destination's.
 
-Both files are mapped shared; pages move in batches by numpy gather/scatter (one C loop per
-batch, never a Python loop per page). Page numbers are guest-physical; each RAM region maps
-its guest-physical pages onto its own file offset.
+Both files are mapped shared. A run of at least `RUN_PAGES` contiguous pages moves as one slice
+copy (a plain memcpy, read once and written once); scattered pages move by numpy gather/scatter
+in cache-sized batches, so the gathered copy is still in cache when it is scattered. Either way
+one C loop per run or batch, never a Python loop per page. Page numbers are guest-physical;
+each RAM region maps its guest-physical pages onto its own file offset.
 """
 
 from __future__ import annotations
@@ -13,11 +15,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..bitmap import DirtyBitmap
 from ..memory import MemoryLayout, RamRegion
 from .base import OnSent, SinkError
 from .ramfile import map_ram, release
 
-BATCH_PAGES = 8192  # 32 MiB of 4 KiB pages per gather/scatter
+# Scattered pages per gather/scatter. Measured with `python -m bench` (micro.copy): a 512 KiB
+# gather is still in L2 when it is scattered, nearly twice the bandwidth of a 32 MiB batch.
+BATCH_PAGES = 128
+# A run this long amortises a Python iteration (a few microseconds) over >= 256 KiB of memcpy.
+RUN_PAGES = 64
+SCAN_PAGES = 8192  # round 0 looks for zero pages 32 MiB at a time
 
 
 @dataclass
@@ -90,27 +98,48 @@ class LocalSink:
         """Copy these guest pages (sorted page numbers); returns bytes moved."""
         moved = 0
         for reg, local, gp in self._split(np.asarray(pages, np.int64)):
-            for i in range(0, local.size, BATCH_PAGES):
-                idx = local[i : i + BATCH_PAGES]
-                data = reg.src[idx]  # gather: one snapshot of these pages
-                reg.dst[idx] = data
-                if on_sent:
-                    on_sent(gp[i : i + BATCH_PAGES], data)
-                moved += idx.size
+            moved += self._copy(reg, local, gp, on_sent)
         self.pages_sent += moved
         self.bytes_sent += moved * self.page_size
         return moved * self.page_size
+
+    def _copy(self, reg: _Region, local: np.ndarray, gp: np.ndarray, on_sent: OnSent | None) -> int:
+        """Copy region pages `local` (sorted), which are guest pages `gp`; returns pages moved.
+
+        `on_sent` sees the destination's rows for a run (what it now holds, no extra copy) and
+        the gathered snapshot for scattered pages.
+        """
+        runs = DirtyBitmap.runs(local)
+        lengths = runs[:, 1]
+        long = lengths >= RUN_PAGES
+        at = np.cumsum(lengths) - lengths  # where each run starts in `local`
+        for (start, n), i in zip(runs[long].tolist(), at[long].tolist()):
+            dst = reg.dst[start : start + n]
+            np.copyto(dst, reg.src[start : start + n])
+            if on_sent:
+                on_sent(gp[i : i + n], dst)
+        scattered = np.repeat(~long, lengths)
+        idx, gp = local[scattered], gp[scattered]
+        for i in range(0, idx.size, BATCH_PAGES):
+            batch = idx[i : i + BATCH_PAGES]
+            data = reg.src[batch]  # gather: one snapshot of these pages
+            reg.dst[batch] = data
+            if on_sent:
+                on_sent(gp[i : i + BATCH_PAGES], data)
+        return local.size
 
     def send_nonzero(self, on_sent: OnSent | None = None) -> tuple[int, int]:
         """Round 0: every page that is not all zero (the destination starts zeroed).
         Returns (pages, bytes) moved."""
         total = 0
         for reg in self.regions:
-            for lo in range(0, reg.npages, BATCH_PAGES):
-                block = reg.src[lo : lo + BATCH_PAGES]
-                nz = np.flatnonzero(block.view(np.uint64).any(axis=1)) + lo
-                if nz.size:
-                    total += self.send(nz + reg.first_page, on_sent) // self.page_size
+            for lo in range(0, reg.npages, SCAN_PAGES):
+                block = reg.src[lo : lo + SCAN_PAGES].view(np.uint64)
+                # An OR-reduce per page is the cheapest exact zero test numpy has (no bool temp).
+                nz = np.flatnonzero(np.bitwise_or.reduce(block, axis=1)) + lo
+                total += self._copy(reg, nz, nz + reg.first_page, on_sent)
+        self.pages_sent += total
+        self.bytes_sent += total * self.page_size
         return total, total * self.page_size
 
     async def send_round0(self, on_sent: OnSent | None = None) -> tuple[int, int]:
