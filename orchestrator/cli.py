@@ -65,6 +65,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--workload", default="light", choices=sorted(WORKLOADS), help="what the guest does while it migrates (default light)")
     d.add_argument("--mem", default="256M", metavar="SIZE", help="guest RAM (default 256M)")
     d.add_argument("--tracker", choices=("vcpu", "content"), default="vcpu", help="vCPU dirty tracker: the TCG plugin or content hashing")
+    d.add_argument("--accel", choices=("tcg", "kvm"), default="tcg", help="accelerator (kvm needs /dev/kvm and --tracker content)")
     d.add_argument("--no-verify", action="store_true", help="skip the bit-exact comparison at switchover")
     d.add_argument("--devices", default="mlx5,pds", metavar="KINDS", help=f"emulated DMA devices, comma separated, from {', '.join(KINDS)}; 'none' for none (default mlx5,pds)")
     d.add_argument("--no-device-tracking", action="store_true", help="devices DMA but nothing tracks them (a negative control: verification must fail)")
@@ -132,7 +133,8 @@ async def demo_command(args: argparse.Namespace) -> int:
         print(f"demo: {args.workload} guest ({WORKLOADS[args.workload]}), {args.mem} RAM, tracker {args.tracker}, "
               f"devices {', '.join(devices) or 'none'}{'' if not args.no_device_tracking else ' (untracked)'}", flush=True)
         result = await run_demo(
-            args.workload, mem, args.tracker, options, devices, not args.no_device_tracking, faults, round_line, event_line
+            args.workload, mem, args.tracker, options, devices, not args.no_device_tracking, faults, args.accel,
+            round_line, event_line,
         )
     except BAD_INPUT as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -58,6 +58,15 @@ async def wait_progress(vm: QemuVm, after: int, timeout: float) -> list[Progress
         await asyncio.sleep(0.05)
 
 
+def check_accel(accel: str, tracker: str) -> None:
+    if accel not in ("tcg", "kvm"):
+        raise ValueError(f"accelerator {accel!r}: choose tcg or kvm")
+    if accel == "kvm" and tracker == "vcpu":
+        raise ValueError("the vCPU plugin tracker needs TCG: with --accel kvm use --tracker content")
+    if accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        raise ValueError("--accel kvm needs a usable /dev/kvm on this host")
+
+
 def check_fixtures(tracker: str) -> None:
     need = [GUEST_ELF] + ([PLUGIN] if tracker == "vcpu" else [])
     missing = [str(p) for p in need if not p.exists()]
@@ -106,6 +115,7 @@ async def guest_pair(
     device_tracking: bool = True,
     faults: list[FaultPlan] | None = None,
     dma_rate: int = 4000,
+    accel: str = "tcg",
 ) -> AsyncIterator[GuestPair]:
     """Launch both QEMUs with the fixture guest doing `workload`, and emulated `devices`
     DMA-ing into the guest's DMA window; remove everything on exit."""
@@ -114,11 +124,12 @@ async def guest_pair(
     if mem % (1 << 20) or mem < (64 << 20):
         raise ValueError(f"guest memory {mem} must be a whole number of MiB, at least 64M")
     check_fixtures(tracker)
+    check_accel(accel, tracker)
     ram_mib, append = mem >> 20, WORKLOADS[workload]
     log = VcpuDirtyLog.create(Path("/dev/shm") / f"orchestrator-vcpu-{uuid.uuid4().hex}", mem >> 12) if tracker == "vcpu" else None
     try:
-        src_cfg = VmConfig("src", ram_mib, kernel=GUEST_ELF, append=append, plugin=log.plugin_args() if log else None)
-        dst_cfg = VmConfig("dst", ram_mib, Role.DESTINATION, kernel=GUEST_ELF, append=append)
+        src_cfg = VmConfig("src", ram_mib, kernel=GUEST_ELF, append=append, plugin=log.plugin_args() if log else None, accel=accel)
+        dst_cfg = VmConfig("dst", ram_mib, Role.DESTINATION, kernel=GUEST_ELF, append=append, accel=accel)
         async with launch(src_cfg) as src, launch(dst_cfg) as dst:
             await wait_progress(src, 1, 60)
             ep = await attach(src.qmp, dst.qmp, src.ram_path, dst.ram_path)
@@ -147,10 +158,11 @@ async def run_demo(
     devices: list[str] | None = None,
     device_tracking: bool = True,
     faults: list[FaultPlan] | None = None,
+    accel: str = "tcg",
     on_round=None,
     on_event=None,
 ) -> DemoResult:
-    async with guest_pair(workload, mem, tracker, devices, device_tracking, faults) as pair:
+    async with guest_pair(workload, mem, tracker, devices, device_tracking, faults, accel=accel) as pair:
         report = await pair.migration(options, on_round=on_round, on_event=on_event).run()
         src_lines = parse_progress(pair.src.read_serial())
         result = DemoResult(report, src_lines, [])

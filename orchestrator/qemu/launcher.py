@@ -61,6 +61,8 @@ class VmConfig:
     share: bool = True
     ram_dir: Path = Path("/dev/shm")
     qemu_binary: str = "qemu-system-x86_64"
+    #: "tcg" (the default: runs anywhere, and the only one TCG plugins work with) or "kvm".
+    accel: str = "tcg"
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ def qemu_argv(config: VmConfig, paths: VmPaths) -> list[str]:
         "-object",
         f"memory-backend-file,id={RAM_BACKEND_ID},size={config.ram_mib}M,"
         f"mem-path={paths.ram},share={share}",
-        "-accel", "tcg",
+        "-accel", config.accel,
         "-smp", "1",
         "-qmp", f"unix:{paths.qmp},server=on,wait=off",
         "-serial", "stdio" if config.serial is SerialMode.PIPE else f"file:{paths.serial}",
