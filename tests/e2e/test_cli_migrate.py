@@ -126,3 +126,16 @@ async def test_qemu_without_the_needed_capabilities(tmp_path):
         assert code == 2 and "lacks migration capabilities ['x-ignore-shared']" in err
         changing = {"migrate-set-capabilities", "migrate", "migrate-incoming", "stop", "cont"}
         assert not changing & set(s.commands + d.commands), "nothing was changed"
+
+
+async def test_embedding_example(tmp_path):
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        from migrate_two_vms import migrate
+    finally:
+        sys.path.pop(0)
+    src_cm, dst_cm, s, d = await pair(tmp_path)
+    async with src_cm as src, dst_cm as dst:
+        await wait_progress(src, 1, 60)
+        report = await migrate(s, d, src.ram_path, dst.ram_path)
+        assert report.ok and report.verified is True, report.error
