@@ -1,7 +1,7 @@
 """Benchmarks, run by `python -m bench`.
 
-Each module registers suites into a section of the JSON result (`micro` now; `e2e` and others
-later). Every figure that depends on machine speed is measured beside a baseline in the same run,
+Each module registers suites into a section of the JSON result: `micro` (a dict of figures) and
+`e2e` (a list of rows). Every figure that depends on machine speed is measured beside a baseline in the same run,
 because only ratios are comparable on a shared, noisy machine.
 """
 
@@ -13,23 +13,35 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 Result = dict[str, float | int | str]
+# A suite returns figures to merge into a dict section, or rows to append to a list section.
+SuiteResult = Result | list[dict]
 
 
 @dataclass(frozen=True)
 class Options:
     quick: bool = False
+    reps: int | None = None  # end-to-end migrations per contender and row; None: mode default
+    mem_mib: int = 256  # end-to-end guest RAM
 
     @property
     def repeat(self) -> int:
-        """Timed repetitions per figure; the median is reported."""
+        """Timed repetitions per micro figure; the median is reported."""
         return 3 if self.quick else 9
+
+    @property
+    def e2e_reps(self) -> int:
+        """Each repetition is a fresh pair of QEMUs: this is what `make bench` spends its time on."""
+        return self.reps if self.reps is not None else 1 if self.quick else 5
+
+
+Run = Callable[[Options], SuiteResult]
 
 
 @dataclass(frozen=True)
 class Suite:
     section: str
     name: str
-    run: Callable[[Options], Result]
+    run: Run
 
     @property
     def key(self) -> str:
@@ -39,10 +51,10 @@ class Suite:
 SUITES: list[Suite] = []
 
 
-def suite(section: str) -> Callable[[Callable[[Options], Result]], Callable[[Options], Result]]:
-    """Register a function returning figures to merge into `section` of the results."""
+def suite(section: str) -> Callable[[Run], Run]:
+    """Register a function returning figures (or rows) for `section` of the results."""
 
-    def register(run: Callable[[Options], Result]) -> Callable[[Options], Result]:
+    def register(run: Run) -> Run:
         SUITES.append(Suite(section, run.__name__, run))
         return run
 

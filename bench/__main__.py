@@ -1,4 +1,5 @@
-"""`python -m bench [--quick] [--only SECTION[.SUITE]]`: run the suites, print JSON, save results.json."""
+"""`python -m bench [--quick] [--only SECTION[.SUITE]] [--reps N] [--mem MIB] [--output DIR]`: run the
+suites, print the JSON and a markdown table, save both (results.json, results.md)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,16 @@ import os
 import platform
 import pkgutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
 import bench
 from bench import SUITES, Options
+from bench.report import markdown
 
-RESULTS = Path(__file__).with_name("results.json")
+HERE = Path(__file__).parent
 
 
 def load_suites() -> None:
@@ -29,14 +32,19 @@ def load_suites() -> None:
 def main(argv: list[str] | None = None) -> int:
     load_suites()
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions, one migration per contender")
     parser.add_argument("--only", action="append", metavar="SUITE",
                         choices=sorted({s.section for s in SUITES} | {s.key for s in SUITES}),
                         help="run just this section or section.suite (repeatable)")
+    parser.add_argument("--reps", type=int, metavar="N", help="end-to-end migrations per contender and row")
+    parser.add_argument("--mem", type=int, default=256, metavar="MIB", help="end-to-end guest RAM (default 256)")
+    parser.add_argument("--output", type=Path, default=HERE, metavar="DIR",
+                        help="where results.json and results.md go (default: the bench package)")
     args = parser.parse_args(argv)
 
-    options = Options(quick=args.quick)
-    results: dict[str, dict] = {
+    options = Options(quick=args.quick, reps=args.reps, mem_mib=args.mem)
+    started = time.monotonic()
+    results: dict[str, dict | list] = {
         "meta": {
             "python": platform.python_version(),
             "numpy": np.__version__,
@@ -44,17 +52,27 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "quick": options.quick,
             "repeat": options.repeat,
+            "e2e_reps": options.e2e_reps,
         }
     }
     for entry in SUITES:
         if args.only and not {entry.section, entry.key} & set(args.only):
             continue
         print(f"running {entry.key}", file=sys.stderr)
-        results.setdefault(entry.section, {}).update(entry.run(options))
+        found = entry.run(options)
+        if isinstance(found, list):
+            results.setdefault(entry.section, []).extend(found)
+        else:
+            results.setdefault(entry.section, {}).update(found)
+    results["meta"]["wall_s"] = round(time.monotonic() - started, 1)
 
     text = json.dumps(results, indent=2)
+    table = markdown(results)
     print(text)
-    RESULTS.write_text(text + "\n")
+    print(table)
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "results.json").write_text(text + "\n")
+    (args.output / "results.md").write_text(table)
     return 0
 
 

@@ -1,0 +1,79 @@
+"""End to end: the orchestrator against QEMU's own precopy on the same running guest.
+
+Every row is one workload of the fixture guest; each repetition launches a fresh pair per
+contender, in turn (QEMU, orchestrator, orchestrator with content hashing, QEMU, ...), so load
+from neighbours hits all of them alike. Medians per metric; `ratio` is orchestrator / QEMU per
+metric (below 1 is better for times and bytes; for `guest_rate` it is the share of its speed the
+guest kept), `ratio_content` the same for the content-hash tracker. What each number measures
+is in `bench.migrate` and bench/README.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+from bench import Options, suite
+from bench.migrate import CONTENDERS, ORCHESTRATOR, ORCHESTRATOR_CONTENT, QEMU, SETTLE_LINES, Contender, Limits, Sample
+from orchestrator.demo import guest_pair, wait_progress
+
+LIMITS = Limits()
+METRICS = ("total_ms", "downtime_ms", "bytes_sent", "rounds", "guest_rate", "guest_rate_before")
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    workload: str  # a preset of orchestrator.workload.WORKLOADS
+    pair: Mapping[str, object] = field(default_factory=dict)  # more guest_pair keywords
+
+
+#: The rows `make bench` runs. A row with emulated DMA devices is one more entry, its devices
+#: passed through to guest_pair, e.g. Row("device-heavy", "heavy", {"devices": ["mlx5"]}).
+ROWS: list[Row] = [Row("idle", "idle"), Row("light", "light"), Row("heavy", "heavy")]
+
+
+async def _one(row: Row, contender: Contender, options: Options) -> Sample:
+    async with guest_pair(row.workload, options.mem_mib << 20, tracker=contender.tracker, **row.pair) as pair:
+        await wait_progress(pair.src, SETTLE_LINES, 60)
+        return await contender.migrate(pair, LIMITS)
+
+
+def _median(values: list) -> float | None:
+    present = [v for v in values if v is not None]
+    return round(statistics.median(present), 2) if present else None
+
+
+def summarise(samples: list[Sample]) -> dict:
+    out: dict = {m: _median([getattr(s, m) for s in samples]) for m in METRICS}
+    out["converged"] = all(s.converged for s in samples)
+    out["samples"] = [asdict(s) for s in samples]
+    return out
+
+
+def ratios(ours: dict, theirs: dict) -> dict[str, float | None]:
+    return {
+        m: round(ours[m] / theirs[m], 3) if ours[m] is not None and theirs[m] else None for m in METRICS
+    }
+
+
+@suite("e2e")
+def migrations(options: Options) -> list[dict]:
+    rows = []
+    for row in ROWS:
+        samples: dict[str, list[Sample]] = {c.key: [] for c in CONTENDERS}
+        for _ in range(options.e2e_reps):
+            for contender in CONTENDERS:
+                samples[contender.key].append(asyncio.run(_one(row, contender, options)))
+        summary = {key: summarise(found) for key, found in samples.items()}
+        rows.append({
+            "workload": row.name,
+            "mem_mib": options.mem_mib,
+            "reps": options.e2e_reps,
+            **summary,
+            "ratio": ratios(summary[ORCHESTRATOR.key], summary[QEMU.key]),
+            "ratio_content": ratios(summary[ORCHESTRATOR_CONTENT.key], summary[QEMU.key]),
+        })
+    return rows

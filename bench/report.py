@@ -1,0 +1,84 @@
+"""The markdown view of a results dict: end-to-end table, ratios, micro figures, targets."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+# The performance targets the results are checked against.
+COPY_TARGET_GBPS = 4.0
+MERGE_TARGET_RATIO = 0.5
+TOTAL_TARGET_RATIO = 0.5
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        return f"{value:,.3g}" if abs(value) < 10 else f"{value:,.0f}"
+    return str(value)
+
+
+def _table(header: Iterable[str], rows: Iterable[Iterable[object]]) -> list[str]:
+    header = list(header)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _contenders(row: dict) -> list[str]:
+    return [k for k, v in row.items() if isinstance(v, dict) and "converged" in v]
+
+
+def _e2e(rows: list[dict]) -> list[str]:
+    out = ["## End to end (medians)", ""]
+    table = []
+    for row in rows:
+        for key in _contenders(row):
+            c = row[key]
+            table.append([row["workload"], key, c["total_ms"], c["downtime_ms"],
+                          None if c["bytes_sent"] is None else c["bytes_sent"] / 2**20, c["rounds"],
+                          c["converged"], c["guest_rate"], c["guest_rate_before"]])
+    out += _table(["workload", "contender", "total ms", "downtime ms", "MiB sent", "rounds", "converged",
+                   "guest pages/s during", "guest pages/s before"], table)
+    out += ["Ratios, orchestrator / QEMU:", ""]
+    ratio_rows = []
+    for row in rows:
+        for key in ("ratio", "ratio_content"):
+            r = row[key]
+            ratio_rows.append([row["workload"], key, r["total_ms"], r["downtime_ms"], r["bytes_sent"],
+                               r["rounds"], r["guest_rate"], r["guest_rate_before"]])
+    return out + _table(["workload", "", "total", "downtime", "bytes", "rounds", "guest rate during",
+                         "guest rate before"], ratio_rows)
+
+
+def _targets(results: dict) -> list[str]:
+    checks: list[tuple[str, object, bool | None]] = []
+    for row in results.get("e2e", []):
+        total, down = row["ratio"]["total_ms"], row["ratio"]["downtime_ms"]
+        checks.append((f"{row['workload']}: total <= {TOTAL_TARGET_RATIO}x QEMU", total,
+                       None if total is None else total <= TOTAL_TARGET_RATIO))
+        checks.append((f"{row['workload']}: downtime <= QEMU", down, None if down is None else down <= 1))
+    micro = results.get("micro", {})
+    if "copy_gbps" in micro:
+        checks.append((f"local copy >= {COPY_TARGET_GBPS} GB/s (scattered pages)", micro["copy_gbps"],
+                       micro["copy_gbps"] >= COPY_TARGET_GBPS))
+    if "merge_ratio" in micro:
+        checks.append((f"merge >= {MERGE_TARGET_RATIO} x memcpy", micro["merge_ratio"],
+                       micro["merge_ratio"] >= MERGE_TARGET_RATIO))
+    return ["## Targets", ""] + _table(["target", "measured", "met"], checks)
+
+
+def markdown(results: dict) -> str:
+    meta = results.get("meta", {})
+    lines = ["# Benchmark results", "",
+             f"{meta.get('cpus')} CPUs, Python {meta.get('python')}, numpy {meta.get('numpy')}; "
+             f"quick={meta.get('quick')}, micro repeat={meta.get('repeat')}, "
+             f"migrations per contender={meta.get('e2e_reps')}, wall {meta.get('wall_s')} s.", ""]
+    if results.get("e2e"):
+        lines += _e2e(results["e2e"])
+    if results.get("micro"):
+        lines += ["## Micro", ""] + _table(["figure", "value"], results["micro"].items())
+    lines += _targets(results)
+    return "\n".join(lines)
