@@ -24,7 +24,7 @@ test-fast: deps fixtures
 demo: deps fixtures
 	$(PY) -m orchestrator demo
 
-bench: deps
+bench: deps fixtures
 	$(PY) -m bench
 
 clean:

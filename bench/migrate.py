@@ -89,7 +89,9 @@ async def qemu_precopy(pair: GuestPair, limits: Limits) -> Sample:
         info = await src.query_migrate()
         await choreography.cancel(src)
         return _qemu_sample(info, time.monotonic() - start, None, clock)
-    return _qemu_sample(done.source_info, time.monotonic() - start, done.downtime_ns / 1e6, clock)
+    seconds = time.monotonic() - start
+    # QEMU 7.2 reports `completed` a moment before it fills in total-time and downtime: ask again.
+    return _qemu_sample(await src.query_migrate(), seconds, done.downtime_ns / 1e6, clock)
 
 
 def _qemu_sample(info: dict, seconds: float, downtime_ms: float | None, clock: GuestClock) -> Sample:
