@@ -163,15 +163,21 @@ def test_exact_without_faults(ops):
     asyncio.run(run_ops(ops, exact=True))
 
 
+def one_device(model):
+    """A tracker set over a single emulated device."""
+    kernel = EmulatedKernel()
+    t = VfioDmaLogTracker(VfioDevice(kernel.open_device(model), kernel, name="dev"), name="dev")
+    bm = DirtyBitmap(LAYOUT.npages, PAGE)
+    return bm, TrackerSet([t], bm, LAYOUT)
+
+
 def test_every_ladder_step_failing_ends_perma_dirty_and_loses_nothing():
     """START refused at every rung: the device's whole reach is dirty every round."""
     async def go():
-        kernel = EmulatedKernel()
         model = Mlx5Like(max_ranges=4)
         model.fail_start(errno.EOPNOTSUPP, count=10)
-        t = VfioDmaLogTracker(VfioDevice(kernel.open_device(model), kernel, name="dev"), name="dev")
-        bm = DirtyBitmap(LAYOUT.npages, PAGE)
-        async with TrackerSet([t], bm, LAYOUT) as ts:
+        bm, ts = one_device(model)
+        async with ts:
             fallbacks = [e for e in ts.events if e.kind == "start-fallback"]
             assert [e.errno for e in fallbacks] == [errno.EOPNOTSUPP] * len(fallbacks) and len(fallbacks) >= 2
             assert ts.stats()[0].state.value == "perma-dirty"
@@ -182,12 +188,10 @@ def test_every_ladder_step_failing_ends_perma_dirty_and_loses_nothing():
 
 def test_ladder_falls_back_one_rung_at_a_time():
     async def go():
-        kernel = EmulatedKernel()
         model = Mlx5Like(max_ranges=4)
         model.fail_start(errno.ENOMEM, count=1)
-        t = VfioDmaLogTracker(VfioDevice(kernel.open_device(model), kernel, name="dev"), name="dev")
-        bm = DirtyBitmap(LAYOUT.npages, PAGE)
-        async with TrackerSet([t], bm, LAYOUT) as ts:
+        bm, ts = one_device(model)
+        async with ts:
             kinds = [(e.kind, e.errno) for e in ts.events]
             assert kinds[0] == ("start-fallback", errno.ENOMEM)
             assert kinds[1][0] == "start" and ts.stats()[0].state.value == "running"
@@ -199,11 +203,9 @@ def test_ladder_falls_back_one_rung_at_a_time():
 
 def test_granted_page_size_is_the_tracker_granularity():
     async def go():
-        kernel = EmulatedKernel()
         model = Mlx5Like(max_ranges=1, min_page_size=1 << 21, max_page_size=1 << 21)
-        t = VfioDmaLogTracker(VfioDevice(kernel.open_device(model), kernel, name="dev"), name="dev")
-        bm = DirtyBitmap(LAYOUT.npages, PAGE)
-        async with TrackerSet([t], bm, LAYOUT) as ts:
+        bm, ts = one_device(model)
+        async with ts:
             assert ts.stats()[0].page_size == 1 << 21
             model.dma_write(2 * MiB + 5 * PAGE, 8)
             await ts.collect(1)
