@@ -16,7 +16,17 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 from bench import Options, suite
-from bench.migrate import CONTENDERS, ORCHESTRATOR, ORCHESTRATOR_CONTENT, QEMU, SETTLE_LINES, Contender, Limits, Sample
+from bench.migrate import (
+    CONTENDERS,
+    ORCHESTRATOR,
+    ORCHESTRATOR_CONTENT,
+    QEMU,
+    SETTLE_LINES,
+    Contender,
+    Limits,
+    Sample,
+    fresh_destination,
+)
 from orchestrator.demo import guest_pair, wait_progress
 
 LIMITS = Limits()
@@ -38,6 +48,7 @@ ROWS: list[Row] = [Row("idle", "idle"), Row("light", "light"), Row("heavy", "hea
 async def _one(row: Row, contender: Contender, options: Options) -> Sample:
     async with guest_pair(row.workload, options.mem_mib << 20, tracker=contender.tracker, **row.pair) as pair:
         await wait_progress(pair.src, SETTLE_LINES, 60)
+        fresh_destination(pair.dst)
         return await contender.migrate(pair, LIMITS)
 
 

@@ -11,13 +11,18 @@ stamped when the event is read from QMP.
   the capability/parameter setup and `migrate-incoming` before it are not counted.
 - Orchestrator: the clock starts right before `attach` (layout discovery on both sides, RAM
   files mapped and pre-faulted) and covers `Migration.run()`: capabilities, tracker start,
-  round 0, every round, switchover, tracker stop. The pair was attached once already when it
-  was launched, so this second attach finds the destination file allocated; QEMU's run gets
-  the same head start, since it runs on a pair built the same way.
+  round 0, every round, switchover, tracker stop.
+
+The pair was attached once when it was launched, and that attach pre-faulted, so allocated,
+the whole destination RAM file. A destination QEMU that has just started holds no pages, so
+`fresh_destination` gives them back to the kernel before either clock starts: each contender
+pays for the destination memory it makes the kernel allocate, as it would in a real migration.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -35,6 +40,21 @@ UNLIMITED_BPS = 1 << 40
 #: Progress lines (100 ms each) the guest prints before the clock starts: the pre-migration
 #: rate is measured over them and every working set has been written once.
 SETTLE_LINES = 11
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
+_PUNCH_HOLE = 0x2 | 0x1  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+
+
+def fresh_destination(vm: QemuVm) -> None:
+    """Free every page of `vm`'s RAM file (it reads as zeros again) and keep its size."""
+    fd = os.open(vm.ram_path, os.O_RDWR)
+    try:
+        if _libc.fallocate(fd, _PUNCH_HOLE, 0, vm.ram_size) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"punching {vm.ram_path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
