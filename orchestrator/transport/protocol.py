@@ -1,0 +1,254 @@
+"""The page stream's wire format: one fixed header, typed frames, strict decoding.
+
+Every frame is a 16-byte little-endian header, then `length` payload bytes:
+
+    magic "OP" | version u8 | kind u8 | length u32 | seq u64
+
+A reader states which kinds it accepts at this point of the conversation and the largest
+payload of each (`read_frame`), so an unexpected kind or an oversize length is refused before
+a single payload byte is read. Payload layouts (all integers little-endian):
+
+    HELLO      client nonce[32] session id[16] lane u16
+    CHALLENGE  server nonce[32]
+    AUTH       HMAC-SHA256 proof[32]
+    WELCOME    epoch[16] file size u64 page size u32 | proof[32]
+    PAGES      n_data u32 n_zero_runs u32 | data[n_data][page size] | index u64[n_data]
+               | (first u64, count u64)[n_zero_runs]          seq = the batch number
+    ACK        (empty)                                          seq = the batch written
+    ROUND_END  round u32 pages u64
+    VERIFY     (first u64, count u64)[n]
+    DIGESTS    first u64 | hash u64[count]                      seq = the VERIFY's seq
+    BYE        (empty)
+    ERROR      reason, UTF-8
+
+Page numbers on the wire are page indices into the destination RAM file (file offset / page
+size), not guest-physical numbers: the receiver needs nothing but the file to check every one.
+Page data comes first in PAGES so the sender can gather pages straight into the frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from .inbound import Inbound
+
+MAGIC = b"OP"
+VERSION = 1
+HEADER = struct.Struct("<2sBBIQ")
+HELLO = struct.Struct("<32s16sH")
+WELCOME = struct.Struct("<16sQI")
+PROOF_BYTES = 32
+NONCE_BYTES = 32
+ROUND_END = struct.Struct("<IQ")
+COUNTS = struct.Struct("<II")
+U64 = np.dtype("<u8")
+
+MAX_BATCH_PAGES = 512  # 2 MiB of 4 KiB pages: large frames, and a bounded receive buffer
+MAX_VERIFY_RANGES = 1024
+DIGEST_CHUNK = 1 << 16  # hashes per DIGESTS frame (512 KiB)
+MAX_ERROR_BYTES = 512
+
+
+class Kind(enum.IntEnum):
+    HELLO = 1
+    CHALLENGE = 2
+    AUTH = 3
+    WELCOME = 4
+    PAGES = 5
+    ACK = 6
+    ROUND_END = 7
+    VERIFY = 8
+    DIGESTS = 9
+    BYE = 10
+    ERROR = 11
+
+
+class ProtocolError(Exception):
+    """The peer sent something this side refuses: bad framing, bounds, or authentication."""
+
+
+class PeerError(Exception):
+    """The peer reported an error (an ERROR frame) and is closing the connection."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    kind: Kind
+    seq: int
+    payload: bytes | memoryview  # a view is valid until the next read from the same stream
+
+
+def header(kind: Kind, seq: int, length: int) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, kind, length, seq)
+
+
+def encode(kind: Kind, seq: int = 0, payload: bytes = b"") -> bytes:
+    return header(kind, seq, len(payload)) + payload
+
+
+def error_frame(reason: str) -> bytes:
+    return encode(Kind.ERROR, 0, reason.encode()[:MAX_ERROR_BYTES])
+
+
+def parse_header(head: bytes, accept: Mapping[Kind, int]) -> tuple[Kind, int, int]:
+    """(kind, length, seq) of a header, or `ProtocolError` if this side must not read on."""
+    magic, version, kind, length, seq = HEADER.unpack(head)
+    if magic != MAGIC:
+        raise ProtocolError(f"not a page-stream frame (magic {magic!r})")
+    if version != VERSION:
+        raise ProtocolError(f"protocol version {version} is not supported (this side speaks {VERSION})")
+    if kind == Kind.ERROR:
+        return Kind.ERROR, min(length, MAX_ERROR_BYTES), seq
+    if kind not in accept:
+        name = Kind(kind).name if kind in Kind._value2member_map_ else f"unknown kind {kind}"
+        raise ProtocolError(f"unexpected {name} frame here")
+    if length > accept[Kind(kind)]:
+        raise ProtocolError(f"{Kind(kind).name} frame of {length} bytes exceeds the {accept[Kind(kind)]}-byte limit")
+    return Kind(kind), length, seq
+
+
+async def read_frame(reader: asyncio.StreamReader | Inbound, accept: Mapping[Kind, int]) -> Frame:
+    """The next frame of a kind in `accept` (kind -> largest payload). An ERROR frame from the
+    peer is always accepted and raised as `PeerError`."""
+    kind, length, seq = parse_header(await reader.readexactly(HEADER.size), accept)
+    payload = await reader.readexactly(length) if length else b""
+    if kind == Kind.ERROR:
+        raise PeerError(bytes(payload).decode(errors="replace"))
+    return Frame(kind, seq, payload)
+
+
+def exact(frame: Frame, size: int) -> bytes | memoryview:
+    if len(frame.payload) != size:
+        raise ProtocolError(f"{frame.kind.name} payload is {len(frame.payload)} bytes, expected {size}")
+    return frame.payload
+
+
+# --- PAGES ------------------------------------------------------------------------------------
+
+
+def pages_limit(page_size: int) -> int:
+    """Largest PAGES payload: a full batch as data, plus a zero run per page (the worst case)."""
+    return COUNTS.size + MAX_BATCH_PAGES * (page_size + U64.itemsize + 2 * U64.itemsize)
+
+
+@dataclass
+class EncodedPages:
+    """A PAGES frame built around one gather of the source pages."""
+
+    frame: memoryview
+    data: np.ndarray  # (n, page size): the rows sent as data, a view into the frame
+    is_data: np.ndarray  # per batch page: sent as data (True) or inside a zero run (False)
+
+
+def frame_bytes(page_size: int) -> int:
+    """The largest PAGES frame, header included: the size of a sender's frame buffer."""
+    return HEADER.size + pages_limit(page_size)
+
+
+def encode_pages(
+    seq: int, rows: np.ndarray, local: np.ndarray, index: np.ndarray, buf: bytearray, find_zero: bool = True
+) -> EncodedPages:
+    """Gather `rows[local]` (each row one page) straight into a PAGES frame in `buf` (at least
+    `frame_bytes` long) whose wire page numbers are `index`. With `find_zero`, pages that are
+    all zero travel as runs, without their bytes (round 0 has skipped zero pages already)."""
+    n, page_size = local.size, rows.shape[1]
+    if not 0 < n <= MAX_BATCH_PAGES:
+        raise ValueError(f"a batch holds 1..{MAX_BATCH_PAGES} pages, not {n}")
+    top = HEADER.size + COUNTS.size
+    data = np.frombuffer(buf, np.uint8, n * page_size, top).reshape(n, page_size)
+    np.take(rows, local, axis=0, out=data, mode="clip")  # 'raise' would buffer `out`; `local` is in range
+    is_data = np.bitwise_or.reduce(data.view(U64), axis=1) != 0 if find_zero else np.ones(n, bool)
+    k = int(np.count_nonzero(is_data))
+    if k < n:
+        data[:k] = data[is_data]
+        zero = index[~is_data]
+        breaks = np.flatnonzero(np.diff(zero) != 1) + 1
+        starts = np.concatenate(([0], breaks))
+        runs = np.column_stack((zero[starts], np.diff(np.concatenate((starts, [zero.size])))))
+    else:
+        runs = np.zeros((0, 2), np.int64)
+    at = top + k * page_size
+    tail = np.concatenate((index[is_data], runs.ravel())).astype(U64)
+    end = at + tail.nbytes
+    buf[at:end] = tail.tobytes()
+    buf[: HEADER.size] = header(Kind.PAGES, seq, end - HEADER.size)
+    buf[HEADER.size : top] = COUNTS.pack(k, len(runs))
+    return EncodedPages(memoryview(buf)[:end], data[:k], is_data)
+
+
+@dataclass
+class PageBatch:
+    index: np.ndarray  # int64 file page numbers, one per data row
+    data: np.ndarray  # (n, page size) uint8, a view into the payload
+    zero: np.ndarray  # int64 file page numbers to clear
+
+
+def decode_pages(payload: bytes | memoryview, page_size: int, file_pages: int) -> PageBatch:
+    """Check a PAGES payload against the RAM file (`file_pages` pages) and return what to
+    write; raises `ProtocolError` on any inconsistency, before anything is written."""
+    if len(payload) < COUNTS.size:
+        raise ProtocolError(f"PAGES payload of {len(payload)} bytes is shorter than its counts")
+    n, nruns = COUNTS.unpack_from(payload)
+    if n > MAX_BATCH_PAGES or nruns > MAX_BATCH_PAGES:
+        raise ProtocolError(f"PAGES with {n} data pages and {nruns} zero runs exceeds {MAX_BATCH_PAGES}")
+    size = COUNTS.size + n * (page_size + U64.itemsize) + nruns * 2 * U64.itemsize
+    if len(payload) != size:
+        raise ProtocolError(f"PAGES payload is {len(payload)} bytes, its counts say {size}")
+    at = COUNTS.size + n * page_size
+    data = np.frombuffer(payload, np.uint8, n * page_size, COUNTS.size).reshape(n, page_size)
+    index = np.frombuffer(payload, U64, n, at)
+    runs = np.frombuffer(payload, U64, 2 * nruns, at + n * U64.itemsize).reshape(nruns, 2)
+    if n and int(index.max()) >= file_pages:
+        raise ProtocolError(f"page {int(index.max())} is outside the RAM file ({file_pages} pages)")
+    first, count = runs[:, 0], runs[:, 1]
+    if nruns and (int(count.min()) == 0 or int(first.max()) >= file_pages or bool((count > file_pages - first).any())):
+        raise ProtocolError(f"a zero run is empty or reaches past the RAM file ({file_pages} pages)")
+    total = int(count.sum(dtype=np.uint64)) if nruns else 0
+    if n + total > MAX_BATCH_PAGES:
+        raise ProtocolError(f"PAGES covers {n + total} pages, more than {MAX_BATCH_PAGES}")
+    offsets = np.cumsum(count) - count
+    zero = np.arange(total, dtype=np.int64) + np.repeat((first - offsets).astype(np.int64), count.astype(np.int64))
+    return PageBatch(index.astype(np.int64), data, zero)
+
+
+# --- VERIFY / DIGESTS ---------------------------------------------------------------------------
+
+
+def encode_ranges(ranges: np.ndarray) -> bytes:
+    """(first, count) rows of file pages."""
+    return np.ascontiguousarray(ranges, U64).tobytes()
+
+
+def decode_ranges(payload: bytes | memoryview, file_pages: int) -> np.ndarray:
+    if len(payload) % 16 or not 0 < len(payload) // 16 <= MAX_VERIFY_RANGES:
+        raise ProtocolError(f"VERIFY payload of {len(payload)} bytes is not 1..{MAX_VERIFY_RANGES} ranges")
+    ranges = np.frombuffer(payload, U64).reshape(-1, 2)
+    first, count = ranges[:, 0], ranges[:, 1]
+    if int(first.max()) >= file_pages or bool((count > file_pages - first).any()) or int(count.sum(dtype=np.uint64)) > file_pages:
+        raise ProtocolError(f"VERIFY ranges reach past the RAM file ({file_pages} pages)")
+    return ranges.astype(np.int64)
+
+
+def digest_chunks(ranges: np.ndarray):
+    """(first, count) of each DIGESTS frame answering `ranges`: both sides derive the same."""
+    for first, count in ranges.tolist():
+        for lo in range(0, count, DIGEST_CHUNK):
+            yield first + lo, min(DIGEST_CHUNK, count - lo)
+
+
+def encode_digests(seq: int, first: int, hashes: np.ndarray) -> bytes:
+    return encode(Kind.DIGESTS, seq, struct.pack("<Q", first) + hashes.astype(U64).tobytes())
+
+
+def decode_digests(frame: Frame, first: int, count: int) -> np.ndarray:
+    payload = exact(frame, 8 + 8 * count)
+    got = struct.unpack_from("<Q", payload)[0]
+    if got != first:
+        raise ProtocolError(f"DIGESTS for page {got}, expected {first}")
+    return np.frombuffer(payload, U64, count, 8)

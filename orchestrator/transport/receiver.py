@@ -1,0 +1,251 @@
+"""The destination side of the page stream: authenticated senders write pages into one RAM file.
+
+One migration session at a time. A session is the sender's random id; it may hold several
+connections ("lanes", numbered by the sender). A new connection for a lane that is already
+connected is a reconnect: the old connection is cancelled and waited for before the new one is
+welcomed. Pages are written synchronously in the event loop, between two awaits, so a
+cancelled connection has either written a whole frame or nothing, and nothing of the old
+connection can land after a resend on the new one.
+
+The receiver's epoch (random, per process) goes out in every WELCOME: a sender that sees it
+change knows this receiver holds none of the earlier rounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import ssl
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..pagehash import page_hashes
+from .auth import NonceLedger, client_proof, same, server_proof
+from .inbound import Inbound
+from .protocol import (
+    HELLO,
+    MAX_VERIFY_RANGES,
+    NONCE_BYTES,
+    PROOF_BYTES,
+    ROUND_END,
+    WELCOME,
+    Kind,
+    PageBatch,
+    PeerError,
+    ProtocolError,
+    decode_pages,
+    decode_ranges,
+    digest_chunks,
+    encode,
+    encode_digests,
+    error_frame,
+    exact,
+    frame_bytes,
+    pages_limit,
+    read_frame,
+)
+from .ramfile import file_size, map_ram, release
+
+log = logging.getLogger(__name__)
+
+MAX_LANES = 64
+EPOCH_BYTES = 16
+
+
+@dataclass
+class _Session:
+    id: bytes
+    lanes: dict[int, asyncio.Task] = field(default_factory=dict)
+    idle_since: float = 0.0
+    rounds: int = 0
+    pages: int = 0  # pages written in the current round, resends included
+
+
+class Receiver:
+    """Serves one RAM file. `start` listens; `serve` handles one connection: an `Inbound`
+    when listening, or any asyncio stream pair (which is how tests feed it raw bytes)."""
+
+    def __init__(
+        self,
+        ram_path: str,
+        token: bytes,
+        *,
+        page_size: int = 4096,
+        ssl_context: ssl.SSLContext | None = None,
+        handshake_timeout_s: float = 10.0,
+        idle_timeout_s: float = 60.0,
+        max_connections: int = 64,
+    ) -> None:
+        self.page_size = page_size
+        self.file_size = file_size(ram_path)
+        self.file_pages = self.file_size // page_size
+        self._maps = []
+        mm, view = map_ram(ram_path, self.file_size, writable=True)
+        self._maps.append(mm)
+        self.pages = view[: self.file_pages * page_size].reshape(self.file_pages, page_size)
+        self.epoch = secrets.token_bytes(EPOCH_BYTES)
+        self.session: _Session | None = None
+        self.finished = asyncio.Event()  # a session ended with BYE
+        self._token = token
+        self._ssl = ssl_context
+        self._handshake_timeout = handshake_timeout_s
+        self._idle_timeout = idle_timeout_s
+        self._max_connections = max_connections
+        self._nonces = NonceLedger()
+        self._connections: set[asyncio.Task] = set()
+        self._server: asyncio.Server | None = None
+        self._accept = {
+            Kind.PAGES: pages_limit(page_size),
+            Kind.ROUND_END: ROUND_END.size,
+            Kind.VERIFY: 16 * MAX_VERIFY_RANGES,
+            Kind.BYE: 0,
+        }
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        """Listen; returns the bound address (port 0 picks a free one)."""
+        capacity = 2 * frame_bytes(self.page_size)  # a whole frame, and the next arriving
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: Inbound(capacity, lambda conn: self.serve(conn, conn)), host, port, ssl=self._ssl
+        )
+        return self._server.sockets[0].getsockname()[:2]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        self.pages = np.empty((0, self.page_size), np.uint8)
+        release(self._maps)
+
+    async def __aenter__(self) -> Receiver:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def serve(self, reader: asyncio.StreamReader | Inbound, writer: asyncio.StreamWriter | Inbound) -> None:
+        me = asyncio.current_task()
+        peer = writer.get_extra_info("peername")
+        if len(self._connections) >= self._max_connections:
+            await _refuse(writer, "too many connections")
+            return
+        self._connections.add(me)
+        session: _Session | None = None
+        lane = -1
+        try:
+            async with asyncio.timeout(self._handshake_timeout):
+                session, lane = await self._handshake(reader, writer, me)
+            await self._serve_lane(session, reader, writer)
+        except ProtocolError as exc:
+            log.warning("%s: refused: %s", peer, exc)
+            await _refuse(writer, str(exc))
+        except PeerError as exc:
+            log.warning("%s: sender reported an error: %s", peer, exc)
+        except TimeoutError:
+            log.warning("%s: no complete handshake within %gs", peer, self._handshake_timeout)
+            await _refuse(writer, "handshake timed out")
+        except (asyncio.IncompleteReadError, OSError):
+            log.info("%s: connection dropped (lane %d)", peer, lane)
+        finally:
+            self._connections.discard(me)
+            if session is not None and session.lanes.get(lane) is me:
+                del session.lanes[lane]
+                if not session.lanes:
+                    session.idle_since = asyncio.get_running_loop().time()
+            writer.close()
+
+    async def _handshake(self, reader, writer, me: asyncio.Task) -> tuple[_Session, int]:
+        hello = await read_frame(reader, {Kind.HELLO: HELLO.size})
+        client_nonce, session_id, lane = HELLO.unpack(exact(hello, HELLO.size))
+        server_nonce = secrets.token_bytes(NONCE_BYTES)
+        writer.write(encode(Kind.CHALLENGE, 0, server_nonce))
+        await writer.drain()
+        answer = exact(await read_frame(reader, {Kind.AUTH: PROOF_BYTES}), PROOF_BYTES)
+        if not same(answer, client_proof(self._token, server_nonce, client_nonce, session_id, lane)):
+            raise ProtocolError("authentication failed")
+        if not self._nonces.fresh(client_nonce):
+            raise ProtocolError("authentication failed: replayed client nonce")
+        if lane >= MAX_LANES:
+            raise ProtocolError(f"lane {lane} is beyond the {MAX_LANES} this receiver serves")
+        session = await self._admit(session_id, lane, me)
+        body = WELCOME.pack(self.epoch, self.file_size, self.page_size)
+        proof = server_proof(self._token, server_nonce, client_nonce, session_id, lane, body)
+        writer.write(encode(Kind.WELCOME, 0, body + proof))
+        await writer.drain()
+        return session, lane
+
+    async def _admit(self, session_id: bytes, lane: int, me: asyncio.Task) -> _Session:
+        """Join or start the session; one at a time, unless the current one is abandoned."""
+        now = asyncio.get_running_loop().time()
+        s = self.session
+        if s is not None and s.id != session_id:
+            if s.lanes or now - s.idle_since < self._idle_timeout:
+                raise ProtocolError("receiver busy: another migration session is in progress")
+            log.warning("session %s abandoned (no connection for %gs)", s.id.hex()[:8], self._idle_timeout)
+            s = None
+        if s is None:
+            s = self.session = _Session(session_id, idle_since=now)
+            log.info("session %s started", session_id.hex()[:8])
+        old = s.lanes.get(lane)
+        if old is not None:
+            log.info("session %s: lane %d reconnected", session_id.hex()[:8], lane)
+            old.cancel()
+            await asyncio.wait([old])
+        s.lanes[lane] = me
+        return s
+
+    async def _serve_lane(self, s: _Session, reader, writer) -> None:
+        while True:
+            frame = await read_frame(reader, self._accept)
+            if frame.kind == Kind.PAGES:
+                batch = decode_pages(frame.payload, self.page_size, self.file_pages)
+                self.apply(batch)
+                s.pages += batch.index.size + batch.zero.size
+                writer.write(encode(Kind.ACK, frame.seq))
+                await writer.drain()
+            elif frame.kind == Kind.ROUND_END:
+                number, sent = ROUND_END.unpack(exact(frame, ROUND_END.size))
+                log.info("round %d: %d pages sent, %d written", number, sent, s.pages)
+                s.rounds, s.pages = s.rounds + 1, 0
+            elif frame.kind == Kind.VERIFY:
+                await self._digests(frame.seq, decode_ranges(frame.payload, self.file_pages), writer)
+            else:  # BYE
+                self._end(s)
+                return
+
+    def apply(self, batch: PageBatch) -> None:
+        """Write a checked batch (`decode_pages` bounded every index by the file)."""
+        if batch.index.size:
+            self.pages[batch.index] = batch.data
+        if batch.zero.size:
+            self.pages[batch.zero] = 0
+
+    async def _digests(self, seq: int, ranges: np.ndarray, writer) -> None:
+        for first, count in digest_chunks(ranges):
+            rows = self.pages[first : first + count]
+            writer.write(encode_digests(seq, first, await asyncio.to_thread(page_hashes, rows, self.page_size)))
+            await writer.drain()
+        log.info("verification: hashes of %d pages sent", int(ranges[:, 1].sum()))
+
+    def _end(self, s: _Session) -> None:
+        log.info("session %s ended after %d rounds", s.id.hex()[:8], s.rounds)
+        me = asyncio.current_task()
+        for task in s.lanes.values():
+            if task is not me:
+                task.cancel()
+        s.lanes.clear()
+        if self.session is s:
+            self.session = None
+        self.finished.set()
+
+
+async def _refuse(writer: asyncio.StreamWriter, reason: str) -> None:
+    try:
+        writer.write(error_frame(reason))
+        await writer.drain()
+    except OSError:
+        pass
+    writer.close()

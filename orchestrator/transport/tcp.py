@@ -1,0 +1,405 @@
+"""The page sink that streams pages to a receiver on the destination host.
+
+Pages go out in batches of up to `MAX_BATCH_PAGES`, over several parallel connections
+("lanes") pulling from one shared queue, each with a window of frames awaiting the receiver's
+ACK. A batch is gathered straight from the mapped source file into its frame (one numpy take,
+no Python work per page).
+
+Faults. A lane whose connection drops (reset, EOF, no ACK in time) reconnects with back-off
+and resends every batch it had not seen acknowledged, on the same lane, re-reading those pages
+from the source. `send_pages` therefore keeps the `PageSink` contract as it is: when it
+returns, the destination holds every page asked for, and no driver change is needed. Reading a
+page again later is always safe: the copy is at least as new as the harvested one, and any
+write after the harvest set its dirty bit for the next round anyway. The receiver fences the
+old connection of a lane before welcoming the new one, so a stale frame cannot overwrite a
+resent page. `on_sent` is called only for acknowledged batches, with the bytes they carried.
+
+Consecutive failed reconnects beyond the `Reconnect` policy raise `ReceiverGone`: the
+migration fails and the driver cancels it with the source running. A receiver that comes back
+with a different epoch (it restarted) raises `ReceiverRestarted`: it may have lost pages of
+earlier rounds, nothing says which, and a silent full resend would hide a destination that
+lost its memory, so the migration fails clearly instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import ssl
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+
+from ..memory import MemoryLayout
+from ..pagehash import page_hashes
+from .auth import client_proof, same, server_proof
+from .base import OnSent, SinkError
+from .bucket import TokenBucket
+from .endpoint import Endpoint
+from .protocol import (
+    DIGEST_CHUNK,
+    HELLO,
+    MAX_BATCH_PAGES,
+    NONCE_BYTES,
+    PROOF_BYTES,
+    ROUND_END,
+    WELCOME,
+    EncodedPages,
+    Kind,
+    PeerError,
+    ProtocolError,
+    decode_digests,
+    digest_chunks,
+    encode,
+    encode_pages,
+    encode_ranges,
+    exact,
+    frame_bytes,
+    read_frame,
+)
+from .ramfile import map_ram, release
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+SCAN_PAGES = 8192  # round 0 looks for zero pages 32 MiB at a time
+# What a lane survives by reconnecting; anything else (refusal, bad peer, TLS trust) is final.
+_TRANSIENT = (OSError, asyncio.IncompleteReadError, TimeoutError)
+
+
+class ReceiverGone(SinkError):
+    """The receiver stayed unreachable through every reconnect attempt."""
+
+
+class ReceiverRestarted(SinkError):
+    """The receiver answered with a new epoch: it does not hold the earlier rounds."""
+
+
+class ReceiverRefused(SinkError):
+    """The receiver refused this sender (token, busy, protocol) or failed to prove the token."""
+
+
+@dataclass(frozen=True)
+class Reconnect:
+    attempts: int = 6  # consecutive failures without an acknowledged batch in between
+    first_delay_s: float = 0.2
+    max_delay_s: float = 5.0
+
+    def delay(self, failure: int) -> float:
+        return min(self.max_delay_s, self.first_delay_s * 2 ** (failure - 1))
+
+
+@dataclass(frozen=True)
+class TcpOptions:
+    streams: int = 4
+    max_bandwidth: float | None = None  # bytes per second on the wire, all streams together
+    window: int = 4  # frames awaiting ACK per stream
+    reconnect: Reconnect = Reconnect()
+    ack_timeout_s: float = 30.0
+    connect_timeout_s: float = 10.0
+    ssl: ssl.SSLContext | None = None
+    server_hostname: str | None = None  # TLS name to check, default the endpoint's host
+
+
+@dataclass
+class _Region:
+    first_page: int  # guest page number of the region's first page
+    file_first: int  # its page number in the RAM file (the same on both sides)
+    rows: np.ndarray  # (npages, page size) view of the source file
+
+
+@dataclass
+class _Batch:
+    region: _Region
+    local: np.ndarray  # page indices within the region
+    find_zero: bool = True  # look for zero pages to send as runs
+
+    @property
+    def guest(self) -> np.ndarray:
+        return self.local + self.region.first_page
+
+
+@dataclass
+class _Sent:
+    seq: int
+    batch: _Batch
+    pages: EncodedPages
+
+
+@dataclass
+class _Conn:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+
+@dataclass
+class _Lane:
+    number: int
+    conn: _Conn | None = None
+    seq: int = 0
+    progressed: bool = False  # a batch was acknowledged since the last failure
+    inflight: deque[_Sent] = field(default_factory=deque)
+    resend: deque[_Batch] = field(default_factory=deque)
+    buffers: list[bytearray] = field(default_factory=list)
+
+    def drop(self) -> None:
+        """Abandon the connection; unacknowledged batches go first on the next one."""
+        if self.conn is not None:
+            self.conn.writer.transport.abort()  # nothing queued on a broken stream is wanted
+            self.conn = None
+        self.resend.extendleft(reversed([s.batch for s in self.inflight]))
+        self.buffers += [s.pages.frame.obj for s in self.inflight]
+        self.inflight.clear()
+
+
+class TcpSink:
+    """Streams guest pages from the source RAM file to a `Receiver`. Open with `connect`."""
+
+    def __init__(self, layout: MemoryLayout, src_path: str, endpoint: Endpoint, token: bytes, options: TcpOptions) -> None:
+        self.page_size = layout.page_size
+        self.endpoint, self.options = endpoint, options
+        self.session = secrets.token_bytes(16)
+        self.epoch: bytes | None = None
+        self.pages_sent = self.bytes_sent = self.wire_bytes = self.reconnects = 0
+        self._token = token
+        self._rounds = 0
+        self._need = max(r.offset + r.length for r in layout.regions)
+        self._bucket = TokenBucket(options.max_bandwidth) if options.max_bandwidth else None
+        self._lanes = [_Lane(i) for i in range(options.streams)]
+        mm, view = map_ram(src_path, self._need, writable=False)
+        self._maps = [mm]
+        rows = view.reshape(-1, self.page_size)
+        self._rows = rows
+        self.regions = [
+            _Region(r.gpa // self.page_size, r.offset // self.page_size, rows[r.offset // self.page_size :][: r.length // self.page_size])
+            for r in layout.regions
+        ]
+
+    @classmethod
+    async def connect(cls, layout: MemoryLayout, src_path: str, endpoint: Endpoint, token: bytes, options: TcpOptions = TcpOptions()) -> TcpSink:
+        """Map the source, open every stream and authenticate both ways."""
+        if options.streams < 1 or options.window < 1:
+            raise ValueError(f"need at least one stream and a window of one frame, not {options.streams}/{options.window}")
+        sink = cls(layout, src_path, endpoint, token, options)
+        try:
+            await _first_error([sink._on_lane(lane, _connected) for lane in sink._lanes])
+        except BaseException:
+            sink.close()
+            raise
+        return sink
+
+    # --- connections ---------------------------------------------------------------------
+
+    async def _open(self, lane: _Lane) -> _Conn:
+        opts = self.options
+        host = (opts.server_hostname or self.endpoint.host) if opts.ssl else None
+        async with asyncio.timeout(opts.connect_timeout_s):
+            reader, writer = await asyncio.open_connection(
+                self.endpoint.host, self.endpoint.port, ssl=opts.ssl, server_hostname=host
+            )
+            try:
+                await self._handshake(reader, writer, lane.number)
+            except BaseException:
+                writer.close()
+                raise
+        return _Conn(reader, writer)
+
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, lane: int) -> None:
+        client_nonce = secrets.token_bytes(NONCE_BYTES)
+        writer.write(encode(Kind.HELLO, 0, HELLO.pack(client_nonce, self.session, lane)))
+        try:
+            server_nonce = exact(await read_frame(reader, {Kind.CHALLENGE: NONCE_BYTES}), NONCE_BYTES)
+            writer.write(encode(Kind.AUTH, 0, client_proof(self._token, server_nonce, client_nonce, self.session, lane)))
+            welcome = exact(await read_frame(reader, {Kind.WELCOME: WELCOME.size + PROOF_BYTES}), WELCOME.size + PROOF_BYTES)
+        except (PeerError, ProtocolError) as exc:
+            raise ReceiverRefused(f"receiver {self.endpoint} refused the connection: {exc}") from None
+        body, proof = welcome[: WELCOME.size], welcome[WELCOME.size :]
+        if not same(proof, server_proof(self._token, server_nonce, client_nonce, self.session, lane, body)):
+            raise ReceiverRefused(f"receiver {self.endpoint} could not prove it holds the token")
+        epoch, size, page_size = WELCOME.unpack(body)
+        if self.epoch is None:
+            self.epoch = epoch
+        elif epoch != self.epoch:
+            raise ReceiverRestarted(
+                f"receiver {self.endpoint} restarted during the migration (new epoch): "
+                "it may not hold the pages of earlier rounds, so the migration cannot go on"
+            )
+        if page_size != self.page_size or size < self._need:
+            raise SinkError(
+                f"receiver {self.endpoint} serves {size} bytes in {page_size}-byte pages; "
+                f"the guest needs {self._need} bytes in {self.page_size}-byte pages"
+            )
+
+    async def _on_lane(self, lane: _Lane, op: Callable[[_Conn], Awaitable[_T]]) -> _T:
+        """Run `op` on the lane's connection, reconnecting with back-off when it drops."""
+        policy, failures = self.options.reconnect, 0
+        while True:
+            try:
+                if lane.conn is None:
+                    lane.conn = await self._open(lane)
+                return await op(lane.conn)
+            except ssl.SSLCertVerificationError as exc:
+                raise ReceiverRefused(f"receiver {self.endpoint}: {exc}") from None
+            except _TRANSIENT as exc:
+                lane.drop()
+                failures = 1 if lane.progressed else failures + 1
+                lane.progressed = False
+                if failures > policy.attempts:
+                    raise ReceiverGone(
+                        f"receiver {self.endpoint} unreachable on stream {lane.number} after "
+                        f"{policy.attempts} reconnect attempts: {exc or type(exc).__name__}"
+                    ) from None
+                self.reconnects += 1
+                delay = policy.delay(failures)
+                log.warning("stream %d to %s dropped (%s); reconnecting in %.1fs", lane.number, self.endpoint, exc or type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+
+    # --- pages ---------------------------------------------------------------------------
+
+    async def _pump(self, lane: _Lane, conn: _Conn, batches: Iterator[_Batch], on_sent: OnSent | None) -> None:
+        """Send batches (this lane's resends first) keeping `window` frames unacknowledged."""
+        opts = self.options
+        while True:
+            while len(lane.inflight) < opts.window:
+                batch = lane.resend.popleft() if lane.resend else next(batches, None)
+                if batch is None:
+                    break
+                # Buffers are reused once acknowledged: no fresh 2 MiB (and its page faults) per frame.
+                buf = lane.buffers.pop() if lane.buffers else bytearray(frame_bytes(self.page_size))
+                # The gather is the snapshot `on_sent` reports: it must be a copy, not the mapping.
+                index = batch.local + batch.region.file_first
+                pages = encode_pages(lane.seq, batch.region.rows, batch.local, index, buf, batch.find_zero)
+                sent = _Sent(lane.seq, batch, pages)
+                lane.seq += 1
+                lane.inflight.append(sent)
+                if self._bucket is not None:
+                    await self._bucket.take(len(sent.pages.frame))
+                conn.writer.write(sent.pages.frame)
+                self.wire_bytes += len(sent.pages.frame)
+                await conn.writer.drain()
+            if not lane.inflight:
+                return
+            async with asyncio.timeout(opts.ack_timeout_s):
+                ack = await read_frame(conn.reader, {Kind.ACK: 0})
+            sent = lane.inflight.popleft()
+            if ack.seq != sent.seq:
+                raise ReceiverRefused(f"receiver {self.endpoint} acknowledged batch {ack.seq}, expected {sent.seq}")
+            lane.progressed = True
+            self._delivered(sent, on_sent)
+            lane.buffers.append(sent.pages.frame.obj)
+
+    def _delivered(self, sent: _Sent, on_sent: OnSent | None) -> None:
+        n = sent.batch.local.size
+        self.pages_sent += n
+        self.bytes_sent += n * self.page_size
+        if on_sent is None:
+            return
+        guest, is_data = sent.batch.guest, sent.pages.is_data
+        on_sent(guest[is_data], sent.pages.data)
+        if not is_data.all():
+            on_sent(guest[~is_data], np.zeros((n - len(sent.pages.data), self.page_size), np.uint8))
+
+    async def _stream(self, batches: Iterator[_Batch], on_sent: OnSent | None) -> int:
+        """Send every batch over all lanes; returns the pages delivered."""
+        before = self.pages_sent
+        try:
+            await _first_error([
+                self._on_lane(lane, lambda conn, lane=lane: self._pump(lane, conn, batches, on_sent)) for lane in self._lanes
+            ])
+        except (PeerError, ProtocolError) as exc:
+            raise ReceiverRefused(f"receiver {self.endpoint}: {exc}") from None
+        pages = self.pages_sent - before
+        end = encode(Kind.ROUND_END, 0, ROUND_END.pack(self._rounds, pages))
+        await self._on_lane(self._lanes[0], lambda conn: _send(conn, end))
+        self._rounds += 1
+        return pages
+
+    def _batches(self, pages: np.ndarray) -> Iterator[_Batch]:
+        for reg in self.regions:
+            lo, hi = np.searchsorted(pages, [reg.first_page, reg.first_page + len(reg.rows)])
+            local = pages[lo:hi] - reg.first_page
+            for i in range(0, local.size, MAX_BATCH_PAGES):
+                yield _Batch(reg, local[i : i + MAX_BATCH_PAGES])
+
+    def _nonzero_batches(self) -> Iterator[_Batch]:
+        for reg in self.regions:
+            for lo in range(0, len(reg.rows), SCAN_PAGES):
+                block = reg.rows[lo : lo + SCAN_PAGES].view(np.uint64)
+                nz = np.flatnonzero(np.bitwise_or.reduce(block, axis=1)) + lo
+                for i in range(0, nz.size, MAX_BATCH_PAGES):
+                    yield _Batch(reg, nz[i : i + MAX_BATCH_PAGES], find_zero=False)
+
+    async def send_round0(self, on_sent: OnSent | None = None) -> tuple[int, int]:
+        n = await self._stream(self._nonzero_batches(), on_sent)
+        return n, n * self.page_size
+
+    async def send_pages(self, pages: np.ndarray, on_sent: OnSent | None = None) -> int:
+        return await self._stream(self._batches(np.asarray(pages, np.int64)), on_sent) * self.page_size
+
+    # --- verification --------------------------------------------------------------------
+
+    async def verify(self) -> np.ndarray:
+        """The receiver hashes what it holds (`pagehash`), chunk by chunk; each chunk is
+        compared with the same hashes of the source as it arrives."""
+        ranges = np.array([(r.file_first, len(r.rows)) for r in self.regions], np.int64)
+        try:
+            bad = await self._on_lane(self._lanes[0], lambda conn: self._compare(conn, ranges))
+        except (PeerError, ProtocolError) as exc:
+            raise ReceiverRefused(f"receiver {self.endpoint} during verification: {exc}") from None
+        return self._to_guest(bad)
+
+    async def _compare(self, conn: _Conn, ranges: np.ndarray) -> np.ndarray:
+        await _send(conn, encode(Kind.VERIFY, 0, encode_ranges(ranges)))
+        bad: list[np.ndarray] = []
+        for first, count in digest_chunks(ranges):
+            async with asyncio.timeout(self.options.ack_timeout_s):
+                frame = await read_frame(conn.reader, {Kind.DIGESTS: 8 + 8 * DIGEST_CHUNK})
+            theirs = decode_digests(frame, first, count)
+            mine = await asyncio.to_thread(page_hashes, self._rows[first : first + count], self.page_size)
+            bad.append(np.flatnonzero(mine != theirs) + first)
+        return np.concatenate(bad)
+
+    def _to_guest(self, file_pages: np.ndarray) -> np.ndarray:
+        out = [
+            file_pages[(file_pages >= r.file_first) & (file_pages < r.file_first + len(r.rows))] - r.file_first + r.first_page
+            for r in self.regions
+        ]
+        return np.sort(np.concatenate(out)).astype(np.int64)
+
+    def close(self) -> None:
+        """Say BYE on every stream (flushed as the connections close) and unmap the source."""
+        for lane in self._lanes:
+            if lane.conn is not None:
+                lane.conn.writer.write(encode(Kind.BYE))
+                lane.conn.writer.close()
+                lane.conn = None
+        for r in self.regions:
+            r.rows = np.empty((0, self.page_size), np.uint8)
+        self._rows = np.empty((0, self.page_size), np.uint8)
+        release(self._maps)
+
+
+async def _connected(conn: _Conn) -> None:
+    """The operation that only needs the connection to be up."""
+
+
+async def _send(conn: _Conn, frame: bytes) -> None:
+    conn.writer.write(frame)
+    await conn.writer.drain()
+
+
+async def _first_error(coros: list[Awaitable[object]]) -> None:
+    """Run all; the first to fail cancels the rest and its exception is raised as it is."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for t in done:
+        if t.exception() is not None:
+            raise t.exception()
