@@ -16,7 +16,9 @@ from .qemu.errors import LayoutError, MigrationError
 from .qemu.layout import GuestLayout, check_migratable, discover_layout
 from .qemu.migration import check_capabilities
 from .qemu.qmp import QmpSession
-from .transport import LocalSink
+from .transport import LocalSink, PageSink
+from .transport.endpoint import Endpoint
+from .transport.tcp import TcpOptions, TcpSink
 
 
 @dataclass
@@ -24,7 +26,7 @@ class Endpoints:
     src: QmpSession
     dst: QmpSession
     layout: MemoryLayout
-    sink: LocalSink
+    sink: PageSink
 
 
 def _one_file(layout: GuestLayout, side: str) -> Path:
@@ -62,9 +64,10 @@ def _describe(layout: MemoryLayout) -> str:
     return ", ".join(f"{r.gpa:#x}+{r.length:#x}" for r in layout.regions)
 
 
-async def attach(src: QmpSession, dst: QmpSession, src_ram: Path, dst_ram: Path) -> Endpoints:
-    """Validate both sides and open the page sink. Raises `LayoutError`/`MigrationError`
-    naming what is wrong; nothing in either QEMU has been changed when it does."""
+async def _validate(src: QmpSession, dst: QmpSession, src_ram: Path) -> tuple[MemoryLayout, Path]:
+    """Everything that can be checked from the source host: the RAM layout to copy and the
+    destination QEMU's RAM file. Raises `LayoutError`/`MigrationError` naming what is wrong;
+    nothing in either QEMU has been changed when it does."""
     for session in (src, dst):
         await check_capabilities(session)
     src_status = (await src.execute("query-status"))["status"]
@@ -85,9 +88,25 @@ async def attach(src: QmpSession, dst: QmpSession, src_ram: Path, dst_ram: Path)
         )
     src_file, dst_file = _one_file(src_layout, "source"), _one_file(dst_layout, "destination")
     _same_file(src_ram, src_file, "source")
+    return layout, dst_file
+
+
+async def attach(src: QmpSession, dst: QmpSession, src_ram: Path, dst_ram: Path) -> Endpoints:
+    """Validate both sides and open a local page sink (both RAM files on this host)."""
+    layout, dst_file = await _validate(src, dst, src_ram)
     _same_file(dst_ram, dst_file, "destination")
     if os.path.samefile(src_ram, dst_ram):
         raise LayoutError(f"source and destination RAM are the same file ({src_ram})")
-    key = str(src_file)
+    key = layout.regions[0].path
     sink = LocalSink(layout, {key: str(src_ram)}, {key: str(dst_ram)})
+    return Endpoints(src, dst, layout, sink)
+
+
+async def attach_remote(
+    src: QmpSession, dst: QmpSession, src_ram: Path, receiver: Endpoint, token: bytes, options: TcpOptions = TcpOptions()
+) -> Endpoints:
+    """Validate both sides and stream pages to a receiver on the destination host, which
+    serves the destination QEMU's RAM file (it checks the file's size, not its identity)."""
+    layout, _ = await _validate(src, dst, src_ram)
+    sink = await TcpSink.connect(layout, str(src_ram), receiver, token, options)
     return Endpoints(src, dst, layout, sink)
