@@ -15,11 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .attach import Endpoints, attach
+from .attach import Endpoints, attach, attach_remote
 from .devices.fleet import FaultPlan, Fleet
 from .driver import Migration, MigrationOptions, MigrationReport
 from .qemu.launcher import QemuVm, Role, VmConfig, launch
+from .receive import loopback_receiver
 from .trackers import ContentTracker, Tracker, VcpuTracker
+from .transport.auth import load_token
+from .transport.endpoint import Endpoint
 from .vcpulog import PLUGIN, VcpuDirtyLog
 from .workload import GUEST_ELF, WORKLOADS, Progress, dma_window, parse_progress
 
@@ -116,9 +119,11 @@ async def guest_pair(
     faults: list[FaultPlan] | None = None,
     dma_rate: int = 4000,
     accel: str = "tcg",
+    transport: str = "local",
 ) -> AsyncIterator[GuestPair]:
     """Launch both QEMUs with the fixture guest doing `workload`, and emulated `devices`
-    DMA-ing into the guest's DMA window; remove everything on exit."""
+    DMA-ing into the guest's DMA window; pages go by `transport` (local copy, or tcp through
+    a receiver on loopback); remove everything on exit."""
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
     if mem % (1 << 20) or mem < (64 << 20):
@@ -130,9 +135,9 @@ async def guest_pair(
     try:
         src_cfg = VmConfig("src", ram_mib, kernel=GUEST_ELF, append=append, plugin=log.plugin_args() if log else None, accel=accel)
         dst_cfg = VmConfig("dst", ram_mib, Role.DESTINATION, kernel=GUEST_ELF, append=append, accel=accel)
-        async with launch(src_cfg) as src, launch(dst_cfg) as dst:
+        async with launch(src_cfg) as src, launch(dst_cfg) as dst, _receiver(dst, transport) as receiver:
             await wait_progress(src, 1, 60)
-            ep = await attach(src.qmp, dst.qmp, src.ram_path, dst.ram_path)
+            ep = await _attach(src, dst, receiver)
             fleet = None
             try:
                 if devices:
@@ -150,6 +155,25 @@ async def guest_pair(
             log.unlink()
 
 
+@asynccontextmanager
+async def _receiver(dst: QemuVm, transport: str) -> AsyncIterator[tuple[Endpoint, Path] | None]:
+    """For the tcp transport, a receiver on loopback serving the destination's RAM file."""
+    if transport == "local":
+        yield None
+    elif transport == "tcp":
+        async with loopback_receiver(dst.ram_path) as receiver:
+            yield receiver
+    else:
+        raise ValueError(f"unknown transport {transport!r}; choose local or tcp")
+
+
+async def _attach(src: QemuVm, dst: QemuVm, receiver: tuple[Endpoint, Path] | None) -> Endpoints:
+    if receiver is None:
+        return await attach(src.qmp, dst.qmp, src.ram_path, dst.ram_path)
+    where, token_file = receiver
+    return await attach_remote(src.qmp, dst.qmp, src.ram_path, where, load_token(token_file))
+
+
 async def run_demo(
     workload: str,
     mem: int,
@@ -161,8 +185,9 @@ async def run_demo(
     accel: str = "tcg",
     on_round=None,
     on_event=None,
+    transport: str = "local",
 ) -> DemoResult:
-    async with guest_pair(workload, mem, tracker, devices, device_tracking, faults, accel=accel) as pair:
+    async with guest_pair(workload, mem, tracker, devices, device_tracking, faults, accel=accel, transport=transport) as pair:
         report = await pair.migration(options, on_round=on_round, on_event=on_event).run()
         src_lines = parse_progress(pair.src.read_serial())
         result = DemoResult(report, src_lines, [])
