@@ -1,4 +1,5 @@
-"""`python -m orchestrator ...`: migrate (attach to running QEMUs) and demo (launch its own)."""
+"""`python -m orchestrator ...`: migrate (attach to running QEMUs), demo (launch its own), and
+receive (on the destination host, for migrate --dst-receiver)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .attach import Endpoints, attach
+from .attach import Endpoints, attach, attach_remote
 from .demo import parse_size, run_demo
 from .devices.fleet import FAULTS, KINDS, FaultPlan
 from .driver import Migration, MigrationOptions, MigrationReport
 from .output import event_line, round_line, summary, write_json
 from .qemu.errors import QemuError
 from .qemu.qmp import QmpSession
+from .receive import serve
 from .trackers import ContentTracker, RecoveryPolicy, Tracker, VfioDmaLogTracker
 from .transport import SinkError
+from .transport.auth import load_token
+from .transport.endpoint import client_context, parse_endpoint
+from .transport.tcp import TcpOptions
 from .vfio import RealSyscalls, VfioDevice, VfioError, VfioUsageError
 from .workload import WORKLOADS, guest_rate
 
@@ -54,8 +59,11 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--src-qmp", required=True, type=Path, metavar="SOCK")
     m.add_argument("--dst-qmp", required=True, type=Path, metavar="SOCK", help="destination started with -incoming defer")
     m.add_argument("--src-ram", required=True, type=Path, metavar="FILE", help="the source's share=on RAM file")
-    m.add_argument("--dst-ram", required=True, type=Path, metavar="FILE")
-    m.add_argument("--uri", help="QEMU-to-QEMU state stream (default: a private unix socket)")
+    where = m.add_mutually_exclusive_group(required=True)
+    where.add_argument("--dst-ram", type=Path, metavar="FILE", help="the destination's RAM file, on this host")
+    where.add_argument("--dst-receiver", metavar="HOST:PORT", help="a `receive` on the destination host (needs --token-file and --uri)")
+    m.add_argument("--uri", help="QEMU-to-QEMU state stream, e.g. tcp:HOST:PORT (default: a private unix socket)")
+    add_stream_options(m)
     m.add_argument("--tracker", action="append", choices=("content",), help="RAM trackers (default: content)")
     m.add_argument("--vfio-device", action="append", type=Path, default=[], metavar="PATH", help="a VFIO device fd to track by DMA logging (repeatable)")
     m.add_argument("--verify", action="store_true", help="compare source and destination RAM while both are paused")
@@ -67,11 +75,39 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--tracker", choices=("vcpu", "content"), default="vcpu", help="vCPU dirty tracker: the TCG plugin or content hashing")
     d.add_argument("--accel", choices=("tcg", "kvm"), default="tcg", help="accelerator (kvm needs /dev/kvm and --tracker content)")
     d.add_argument("--no-verify", action="store_true", help="skip the bit-exact comparison at switchover")
+    d.add_argument("--transport", choices=("local", "tcp"), default="local", help="how pages move: local copy, or a TCP stream through a receiver on loopback")
     d.add_argument("--devices", default="mlx5,pds", metavar="KINDS", help=f"emulated DMA devices, comma separated, from {', '.join(KINDS)}; 'none' for none (default mlx5,pds)")
     d.add_argument("--no-device-tracking", action="store_true", help="devices DMA but nothing tracks them (a negative control: verification must fail)")
     d.add_argument("--inject", action="append", default=[], metavar="FAULT[@DEVICE][:ROUND]", help=f"inject a device fault before ROUND's collect (repeatable): {', '.join(FAULTS)}")
     add_policy_options(d)
+
+    r = sub.add_parser("receive", help="on the destination host: receive guest pages into the destination QEMU's RAM file")
+    r.add_argument("--listen", required=True, metavar="HOST:PORT")
+    r.add_argument("--ram", required=True, type=Path, metavar="FILE", help="the destination QEMU's share=on RAM file")
+    r.add_argument("--token-file", required=True, type=Path, metavar="FILE", help="the shared secret (mode 0600), the same file content as the sender's")
+    r.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve TLS with this certificate (with --tls-key)")
+    r.add_argument("--tls-key", type=Path, metavar="PEM")
+    r.add_argument("--once", action="store_true", help="exit when the first migration session ends")
     return top
+
+
+def add_stream_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token-file", type=Path, metavar="FILE", help="shared secret for --dst-receiver (mode 0600)")
+    p.add_argument("--tls-ca", type=Path, metavar="PEM", help="use TLS; the receiver's certificate must chain to this CA")
+    p.add_argument("--tls-server-name", metavar="NAME", help="name the receiver's certificate must carry (default: its host)")
+    p.add_argument("--streams", type=int, default=4, metavar="N", help="parallel connections (default 4)")
+    p.add_argument("--max-bandwidth", type=parse_size, metavar="BYTES", help="cap on page-stream bytes per second, e.g. 100M")
+
+
+async def attach_from(args: argparse.Namespace, src: QmpSession, dst: QmpSession) -> Endpoints:
+    """A local sink (--dst-ram) or a TCP stream to a receiver (--dst-receiver)."""
+    if args.dst_ram is not None:
+        return await attach(src, dst, args.src_ram, args.dst_ram)
+    if args.token_file is None or args.uri is None:
+        raise ValueError("--dst-receiver needs --token-file, and --uri for QEMU's own stream (e.g. tcp:HOST:PORT)")
+    tls = client_context(args.tls_ca) if args.tls_ca else None
+    options = TcpOptions(streams=args.streams, max_bandwidth=args.max_bandwidth, ssl=tls, server_hostname=args.tls_server_name)
+    return await attach_remote(src, dst, args.src_ram, parse_endpoint(args.dst_receiver), load_token(args.token_file), options)
 
 
 def vfio_trackers(paths: list[Path]) -> tuple[list[Tracker], list[int]]:
@@ -99,7 +135,7 @@ async def migrate_command(args: argparse.Namespace) -> int:
         try:
             for sock in (args.src_qmp, args.dst_qmp):
                 sessions.append(await QmpSession.connect(sock))
-            ep = await attach(*sessions, args.src_ram, args.dst_ram)
+            ep = await attach_from(args, *sessions)
             options = options_from(args, args.verify)
             options.policy()  # validates the numbers before anything starts
             src_mem = np.memmap(args.src_ram, np.uint8, mode="r")
@@ -134,7 +170,7 @@ async def demo_command(args: argparse.Namespace) -> int:
               f"devices {', '.join(devices) or 'none'}{'' if not args.no_device_tracking else ' (untracked)'}", flush=True)
         result = await run_demo(
             args.workload, mem, args.tracker, options, devices, not args.no_device_tracking, faults, args.accel,
-            round_line, event_line,
+            round_line, event_line, transport=args.transport,
         )
     except BAD_INPUT as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -153,9 +189,19 @@ async def demo_command(args: argparse.Namespace) -> int:
     return EXIT_OK if rep.ok and devices_ok else EXIT_MIGRATION_FAILED
 
 
+async def receive_command(args: argparse.Namespace) -> int:
+    try:
+        if (args.tls_cert is None) != (args.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        return await serve(args.ram, args.listen, args.token_file, args.tls_cert, args.tls_key, args.once)
+    except BAD_INPUT as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    command = {"migrate": migrate_command, "demo": demo_command}[args.command]
+    command = {"migrate": migrate_command, "demo": demo_command, "receive": receive_command}[args.command]
     try:
         return asyncio.run(command(args))
     except KeyboardInterrupt:
