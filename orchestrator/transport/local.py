@@ -17,7 +17,7 @@ import numpy as np
 
 from ..bitmap import DirtyBitmap
 from ..memory import MemoryLayout, RamRegion
-from .base import OnSent, SinkError
+from .base import OnSent
 from .ramfile import map_ram, release
 
 # Scattered pages per gather/scatter. Measured with `python -m bench` (micro.copy): a 512 KiB
