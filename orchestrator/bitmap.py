@@ -14,7 +14,6 @@ kernel ABI on x86_64 and arm64 does.
 
 from __future__ import annotations
 
-import mmap
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +21,7 @@ from functools import cache
 
 import numpy as np
 
-from orchestrator.bits import set_bit_range, words_for
+from orchestrator.bits import page_words, set_bit_range, words_for
 
 _ONES = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
 
@@ -35,12 +34,8 @@ _SPARSE_CLEAR = 1 / 8
 
 
 def _zeroed_words(nwords: int) -> np.ndarray:
-    """Zeroed, page-aligned u64 words backed by an anonymous mapping.
-
-    The kernel pins a report buffer page by page, and zero pages cost nothing until touched.
-    """
-    region = mmap.mmap(-1, max(nwords, 1) * 8)
-    return np.frombuffer(region, dtype=np.uint64)[:nwords]
+    """Zeroed, page-aligned u64 words; zero pages cost nothing until touched."""
+    return page_words(nwords)[:nwords]
 
 
 def _check_page_size(page_size: int) -> None:
@@ -178,12 +173,14 @@ class DirtyBitmap:
 
     @staticmethod
     def scratch(npages: int) -> np.ndarray:
-        """A zeroed, page-aligned report buffer for `npages` report pages.
+        """A zeroed report buffer for `npages` report pages, in whole pages (`bits.page_words`):
+        the kernel may set bits past the queried length up to the end of the last page.
 
         A tracker allocates it once and reuses it every round: `buf.fill(0)`, REPORT into it (the
-        kernel only sets bits), then `merge_report`. The kernel never touches the shared words.
+        kernel only sets bits), then `merge_report` of the whole buffer. The kernel never
+        touches the shared words.
         """
-        return _zeroed_words(words_for(npages))
+        return page_words(words_for(npages))
 
     def mark(self, iova: int, length: int) -> None:
         """Mark every page that [iova, iova + length) touches, clipped to the bitmap."""

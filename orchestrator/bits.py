@@ -6,6 +6,8 @@ reports) and the shared dirty bitmap need "set bits [start, stop)" without a per
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
 _ONES = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
@@ -34,3 +36,18 @@ def set_bit_range(words: np.ndarray, start: int, stop: int) -> None:
 def words_for(nbits: int) -> int:
     """uint64 words needed for nbits bits."""
     return (nbits + 63) >> 6
+
+
+PAGE_WORDS = mmap.PAGESIZE // 8
+
+
+def page_words(nwords: int) -> np.ndarray:
+    """At least `nwords` zeroed u64 words, starting and ending on a page boundary.
+
+    Anonymous memory: zero pages cost nothing until touched. Whole pages matter for report
+    buffers: the kernel pins a user bitmap page by page and, for a dirty unit that runs past
+    the queried length, sets bits up to the end of the last page it pinned (iova_bitmap_set
+    is bounded by the pinned pages, not by the length) - into memory a tight buffer does not
+    own."""
+    n = max(1, -(-nwords // PAGE_WORDS)) * PAGE_WORDS
+    return np.frombuffer(mmap.mmap(-1, n * 8), dtype=np.uint64)

@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from ..bitmap import DirtyBitmap
-from ..bits import words_for
+from ..bits import PAGE_WORDS, words_for
 from ..memory import MemoryLayout
 from ..vfio.ranges import IovaRange, normalize
 
@@ -110,21 +110,24 @@ class ReportBuffer:
     """A private scratch bitmap that reports are written into before the locked OR-merge
     (invariant 2: the kernel sets bits non-atomically, so it never writes the shared bitmap).
 
-    Reused across rounds; a tracker takes a new one after a restart, so a report abandoned by
-    the watchdog can only ever write into a buffer nobody reads any more.
+    Whole pages, merged whole: a dirty unit that straddles a query's end is reported (and
+    cleared in the device) in full, its bits past the length included, so those bits are
+    real dirty pages. Reused across rounds; a tracker takes a new one after a restart, so a
+    report abandoned by the watchdog can only ever write into a buffer nobody reads any more.
     """
 
     def __init__(self) -> None:
-        self._words = np.zeros(0, np.uint64)
+        self._words = DirtyBitmap.scratch(0)
 
     def chunks(self, ranges: list[IovaRange], page_size: int):
-        """Yield (iova, length, zeroed words) for every report-sized piece of `ranges`."""
+        """Yield (iova, length, zeroed page-rounded words) for every report-sized piece."""
         for r in ranges:
             for lo in range(r.iova, r.end, REPORT_CHUNK):
                 length = min(REPORT_CHUNK, r.end - lo)
-                nwords = words_for(-(-length // page_size))
-                if self._words.size < nwords:
-                    self._words = np.zeros(nwords, np.uint64)
-                out = self._words[:nwords]
+                npages = -(-length // page_size)
+                need = -(-words_for(npages) // PAGE_WORDS) * PAGE_WORDS
+                if self._words.size < need:
+                    self._words = DirtyBitmap.scratch(npages)
+                out = self._words[:need]
                 out.fill(0)
                 yield lo, length, out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 
 import numpy as np
 
@@ -36,7 +37,9 @@ def check_span(iova: int, length: int, what: str) -> None:
 
 def check_out_bitmap(out: np.ndarray, nbits: int, what: str) -> None:
     """The kernel ORs into the caller's buffer through a raw pointer: it must be real,
-    writable, contiguous uint64 memory large enough for every bit of the query."""
+    writable, contiguous uint64 memory large enough for every bit of the query, and end on a
+    page boundary, since a dirty unit running past the query's end has its bits set up to
+    the end of the last page the kernel pinned (`bits.page_words` allocates such buffers)."""
     if not isinstance(out, np.ndarray) or out.dtype != np.uint64:
         raise VfioUsageError(f"{what}: bitmap must be a numpy uint64 array")
     if not out.flags.c_contiguous or not out.flags.writeable:
@@ -44,6 +47,11 @@ def check_out_bitmap(out: np.ndarray, nbits: int, what: str) -> None:
     need = words_for(nbits)
     if out.size < need:
         raise VfioUsageError(f"{what}: bitmap holds {out.size} words, the query needs {need}")
+    if (out.ctypes.data + out.nbytes) % mmap.PAGESIZE:
+        raise VfioUsageError(
+            f"{what}: bitmap must end on a page boundary (the kernel may set bits up to the end "
+            "of its last page); allocate it with orchestrator.bits.page_words"
+        )
 
 
 class VfioDevice:
@@ -69,14 +77,16 @@ class VfioDevice:
 
     # -- DMA logging ------------------------------------------------------------------------
     def probe_dma_logging(self) -> bool:
-        """True when DMA_LOGGING_START is supported; ENOTTY means the driver has no log ops."""
+        """True when DMA_LOGGING_START is supported."""
         try:
             self._feature(
                 "DMA_LOGGING_START probe",
                 U.VFIO_DEVICE_FEATURE_PROBE | U.VFIO_DEVICE_FEATURE_SET | U.VFIO_DEVICE_FEATURE_DMA_LOGGING_START,
             )
         except VfioError as exc:
-            if exc.errno == errno.ENOTTY:
+            # ENOTTY: no log ops. EINVAL: a kernel that predates the feature (its default
+            # feature path said EINVAL before it said ENOTTY).
+            if exc.errno in (errno.ENOTTY, errno.EINVAL):
                 return False
             raise
         return True

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from orchestrator import uapi as U
+from orchestrator.bits import page_words
 from orchestrator.vfio import IommufdHwpt, State, VfioDevice, VfioUsageError
 
 
@@ -38,7 +39,7 @@ class Recorder:
 
 
 dev = VfioDevice(7, NoSyscalls(), name="dev0")
-zeroed = np.zeros(64, np.uint64)
+zeroed = page_words(64)
 
 
 @pytest.mark.parametrize(
@@ -77,6 +78,14 @@ def test_report_bad_input(iova, length, page, out, needle):
         dev.report_dma_log(iova, length, page, out)
 
 
+def test_report_bitmap_must_end_on_a_page():
+    """A real kernel may set bits up to the end of the bitmap's last page."""
+    with pytest.raises(VfioUsageError, match="end on a page boundary"):
+        dev.report_dma_log(0, 0x1000, 4096, page_words(8)[:4])
+    dev_ok = VfioDevice(7, Recorder())
+    dev_ok.report_dma_log(0, 0x1000, 4096, page_words(8))
+
+
 def test_report_readonly_buffer_rejected():
     ro = np.zeros(8, np.uint64)
     ro.flags.writeable = False
@@ -112,7 +121,7 @@ def test_start_encoding_and_granted_page_size():
 
 def test_report_encoding_points_at_out():
     rec = Recorder()
-    out = np.zeros(4, np.uint64)
+    out = page_words(4)
     VfioDevice(5, rec).report_dma_log(0x100000, 0x40000, 4096, out)
     _, _, raw = rec.calls[0]
     argsz, flags, iova, length, page, ptr = struct.unpack("<IIQQQQ", raw)

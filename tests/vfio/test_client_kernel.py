@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from orchestrator.bitmap import DirtyBitmap
+from orchestrator.bits import page_words
 from orchestrator.emulated import EmulatedKernel, Fault, Mlx5Like, MttyLike, NoDmaLogging, PdsLike
 from orchestrator.memory import MemoryLayout
 from orchestrator.trackers import IommufdHwptTracker
@@ -43,7 +44,7 @@ def test_start_report_stop_roundtrip_and_granted_size():
     d, m = dev(Mlx5Like(min_page_size=1 << 16, max_page_size=1 << 16))
     assert d.start_dma_logging([(0, 1 << 20)], PAGE) == 1 << 16  # clamped up and written back
     m.dma_write(0x12345, 1)
-    out = np.zeros(4, np.uint64)
+    out = page_words(4)
     d.report_dma_log(0, 1 << 20, PAGE, out)
     bits = np.flatnonzero(np.unpackbits(out.view(np.uint8), bitorder="little"))
     assert bits.tolist() == list(range(16, 32)), "one 64 KiB unit replicated into sixteen 4 KiB bits"
@@ -56,7 +57,7 @@ def test_start_report_stop_roundtrip_and_granted_size():
 
 def test_kernel_errors_become_typed_errors():
     d, m = dev(Mlx5Like())
-    out = np.zeros(4, np.uint64)
+    out = page_words(4)
     with pytest.raises(InvalidArgument) as e:
         d.report_dma_log(0, PAGE, PAGE, out)  # REPORT before START
     assert e.value.errno == errno.EINVAL and "DMA_LOGGING_REPORT" in str(e.value)
@@ -154,11 +155,12 @@ async def test_iommufd_hwpt_tracker():
     model.dma_write(APERTURE + 3 * PAGE, 2 * PAGE)
     tracker.collect(bm)
     assert bm.harvest().tolist() == [APERTURE // PAGE + 3, APERTURE // PAGE + 4]
-    out = np.zeros(8, np.uint64)
+    out = page_words(8)
     model.dma_write(APERTURE, 1)
+    second = page_words(8)
     hwpt.get_dirty_bitmap(APERTURE, 64 * PAGE, PAGE, out, no_clear=True)
-    hwpt.get_dirty_bitmap(APERTURE, 64 * PAGE, PAGE, out[4:], no_clear=False)
-    assert out[0] == out[4] == 1, "NO_CLEAR leaves the bit for the next read"
+    hwpt.get_dirty_bitmap(APERTURE, 64 * PAGE, PAGE, second, no_clear=False)
+    assert out[0] == second[0] == 1, "NO_CLEAR leaves the bit for the next read"
     tracker.stop()
 
 
