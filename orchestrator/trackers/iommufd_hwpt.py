@@ -6,17 +6,26 @@ from ..bitmap import DirtyBitmap
 from ..memory import MemoryLayout
 from ..vfio import IommufdHwpt
 from ..vfio.ranges import IovaRange
-from .base import ReportBuffer, StartOutcome
+from .base import ReportBuffer, StartOutcome, mark_ranges, reach_within, subtract
 
 
 class IommufdHwptTracker:
+    """Queries go per mapped IOAS area: a dirty-bitmap query stops at the first unmapped gap
+    and still returns success (iommu_read_and_clear_dirty ignores the walk's result), so a
+    query spanning a gap would silently drop everything after it. Guest RAM the IOAS does
+    not map is untracked and marked dirty every collect."""
+
     kind = "iommufd-hwpt"
 
-    def __init__(self, hwpt: IommufdHwpt, name: str | None = None) -> None:
+    def __init__(self, hwpt: IommufdHwpt, mapped: list[IovaRange] | None = None, name: str | None = None) -> None:
+        """`mapped`: the IOAS's mapped areas (as whoever set up the IOAS mapped guest RAM);
+        default: all of guest RAM, mapped one area per RAM region."""
         self.hwpt = hwpt
         self.name = name or hwpt.name
+        self._mapped_arg = mapped
         self.page_size = 4096
         self.ranges: list[IovaRange] = []
+        self.untracked: list[IovaRange] = []
         self._buffer = ReportBuffer()
         self._active = False
 
@@ -26,17 +35,19 @@ class IommufdHwptTracker:
     def start(self, layout: MemoryLayout) -> StartOutcome:
         """Enabling clears the IOMMU's dirty bits, so only writes from now on are reported."""
         self.page_size = layout.page_size
-        self.ranges = layout.ranges()
+        self.ranges = reach_within(self._mapped_arg, layout)
+        self.untracked = subtract(layout.ranges(), self.ranges)
         self._buffer = ReportBuffer()
         self.hwpt.set_dirty_tracking(True)
         self._active = True
-        return StartOutcome(self.page_size, list(self.ranges))
+        return StartOutcome(self.page_size, list(self.ranges), list(self.untracked))
 
     def collect(self, bitmap: DirtyBitmap) -> None:
         page = bitmap.page_size
         for lo, length, out in self._buffer.chunks(self.ranges, page):
             self.hwpt.get_dirty_bitmap(lo, length, page, out)
             bitmap.merge_report(lo, page, out)
+        mark_ranges(bitmap, self.untracked)
 
     def stop(self) -> None:
         if self._active:

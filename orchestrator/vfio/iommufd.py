@@ -12,17 +12,21 @@ from .errors import VfioUsageError, from_oserror
 from .ranges import is_pow2
 from .syscalls import Syscalls
 
-IOVA_ALIGNMENT = 4096
+IOVA_ALIGNMENT = 4096  # the IOAS minimum on 4 KiB hosts; some hosts use 16 or 64 KiB
 
 
 class IommufdHwpt:
     """One dirty-tracking-capable HWPT on an iommufd."""
 
-    def __init__(self, iommufd: int, hwpt_id: int, syscalls: Syscalls, name: str | None = None) -> None:
+    def __init__(
+        self, iommufd: int, hwpt_id: int, syscalls: Syscalls, name: str | None = None, iova_alignment: int = IOVA_ALIGNMENT
+    ) -> None:
+        """`iova_alignment`: the IOAS's (iopt->iova_alignment); queries must be aligned to it."""
         self.iommufd = iommufd
         self.hwpt_id = hwpt_id
         self.sys = syscalls
         self.name = name or f"hwpt{hwpt_id}"
+        self.iova_alignment = iova_alignment
 
     def _ioctl(self, op: str, request: int, struct) -> bytearray:
         buf = bytearray(struct.pack())
@@ -33,7 +37,9 @@ class IommufdHwpt:
         return buf
 
     @classmethod
-    def alloc(cls, iommufd: int, dev_id: int, pt_id: int, syscalls: Syscalls) -> IommufdHwpt:
+    def alloc(
+        cls, iommufd: int, dev_id: int, pt_id: int, syscalls: Syscalls, iova_alignment: int = IOVA_ALIGNMENT
+    ) -> IommufdHwpt:
         """IOMMU_HWPT_ALLOC with DIRTY_TRACKING: fails (EOPNOTSUPP) when the device's IOMMU
         cannot track dirty pages, which is how capability is enforced."""
         req = U.iommu_hwpt_alloc(
@@ -48,7 +54,7 @@ class IommufdHwpt:
             syscalls.ioctl(iommufd, U.IOMMU_HWPT_ALLOC, buf)
         except OSError as exc:
             raise from_oserror("IOMMU_HWPT_ALLOC", exc, f"dev {dev_id}") from None
-        return cls(iommufd, U.iommu_hwpt_alloc.unpack(buf).out_hwpt_id, syscalls)
+        return cls(iommufd, U.iommu_hwpt_alloc.unpack(buf).out_hwpt_id, syscalls, iova_alignment=iova_alignment)
 
     @staticmethod
     def dirty_capable(iommufd: int, dev_id: int, syscalls: Syscalls) -> bool:
@@ -77,12 +83,13 @@ class IommufdHwpt:
     ) -> None:
         """OR the dirty bits of [iova, iova+length) into `out` (bit k = iova + k*page_size).
         The kernel requires iova and length aligned to both the IOAS alignment and page_size;
+        it stops silently at the first unmapped gap, so query one mapped area at a time;
         NO_CLEAR reads without clearing (used before an unmap)."""
         what = f"{self.name}: IOMMU_HWPT_GET_DIRTY_BITMAP"
         check_span(iova, length, what)
         if not is_pow2(page_size):
             raise VfioUsageError(f"{what}: page size {page_size!r} must be a power of two")
-        align = max(page_size, IOVA_ALIGNMENT)
+        align = max(page_size, self.iova_alignment)
         if iova % align or length % align:
             raise VfioUsageError(f"{what}: range {iova:#x}+{length:#x} is not aligned to {align:#x}")
         check_out_bitmap(out, length // page_size, what)

@@ -11,13 +11,14 @@ import pytest
 from orchestrator.bitmap import DirtyBitmap
 from orchestrator.bits import page_words
 from orchestrator.emulated import EmulatedKernel, Fault, Mlx5Like, MttyLike, NoDmaLogging, PdsLike
-from orchestrator.memory import MemoryLayout
+from orchestrator.memory import MemoryLayout, RamRegion
 from orchestrator.trackers import IommufdHwptTracker
 from orchestrator.vfio import (
     AlreadyExists,
     EndOfStream,
     InvalidArgument,
     IommufdHwpt,
+    IovaRange,
     NotSupported,
     State,
     TrackerLost,
@@ -139,29 +140,47 @@ def test_failed_transition_names_the_real_state():
     assert e.value.errno == errno.EBADF
 
 
-async def test_iommufd_hwpt_tracker():
+def hwpt_setup(length=1 << 20):
     kernel = EmulatedKernel()
     model = Mlx5Like()
-    s = Setup(kernel, model, 1 << 20)
+    s = Setup(kernel, model, length)
     assert IommufdHwpt.dirty_capable(s.iommufd, s.dev_id, kernel)
     hwpt = IommufdHwpt.alloc(s.iommufd, s.dev_id, s.ioas, kernel)
     s.attach(hwpt.hwpt_id)
-    layout = MemoryLayout.flat(APERTURE + (1 << 20))
+    return model, hwpt
+
+
+def test_iommufd_hwpt_tracker():
+    model, hwpt = hwpt_setup()
+    layout = MemoryLayout((RamRegion(APERTURE, 1 << 20),))
     tracker = IommufdHwptTracker(hwpt)
-    tracker.ranges = []
     bm = DirtyBitmap(layout.npages, PAGE)
     tracker.start(layout)
-    tracker.ranges = [r for r in tracker.ranges if r.iova >= APERTURE] or tracker.ranges
     model.dma_write(APERTURE + 3 * PAGE, 2 * PAGE)
     tracker.collect(bm)
     assert bm.harvest().tolist() == [APERTURE // PAGE + 3, APERTURE // PAGE + 4]
-    out = page_words(8)
+    out, second = page_words(8), page_words(8)
     model.dma_write(APERTURE, 1)
-    second = page_words(8)
     hwpt.get_dirty_bitmap(APERTURE, 64 * PAGE, PAGE, out, no_clear=True)
     hwpt.get_dirty_bitmap(APERTURE, 64 * PAGE, PAGE, second, no_clear=False)
     assert out[0] == second[0] == 1, "NO_CLEAR leaves the bit for the next read"
     tracker.stop()
+
+
+def test_iommufd_tracker_queries_mapped_areas_and_marks_the_rest():
+    """RAM the IOAS does not map is dirty every round; what it maps is queried area by area,
+    so a gap never hides the pages after it."""
+    model, hwpt = hwpt_setup(1 << 20)  # the IOAS maps [APERTURE, +1 MiB)
+    ram = RamRegion(APERTURE - (1 << 20), 2 << 20)  # RAM starts 1 MiB below the mapping
+    layout = MemoryLayout((ram,))
+    tracker = IommufdHwptTracker(hwpt, mapped=[IovaRange(APERTURE, 1 << 20)])
+    bm = DirtyBitmap(layout.npages, PAGE)
+    outcome = tracker.start(layout)
+    assert outcome.untracked == [IovaRange(APERTURE - (1 << 20), 1 << 20)]
+    model.dma_write(APERTURE + 5 * PAGE, 1)
+    tracker.collect(bm)
+    low = list(range((APERTURE - (1 << 20)) // PAGE, APERTURE // PAGE))
+    assert bm.harvest().tolist() == low + [APERTURE // PAGE + 5]
 
 
 def test_hwpt_on_a_device_without_iommu_dirty_support():
