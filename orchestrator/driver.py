@@ -45,6 +45,7 @@ class MigrationOptions:
     verify: bool = False
     recovery: RecoveryPolicy = RecoveryPolicy()
     qmp_timeout_s: float = 60.0
+    device_timeout_s: float = 10.0  # one device state call (a hung device fails the migration)
     skip_final_copy: bool = False  # fault hook for negative controls: verification must catch it
 
     def policy(self) -> DowntimePolicy:
@@ -95,6 +96,8 @@ class Migration:
         self.engine = PrecopyEngine(layout.page_size, options.policy())
         self.trackers = TrackerSet(trackers, self.bitmap, layout, options.recovery, on_event)
         self.devices = list(devices)
+        for d in self.devices:
+            d.timeout_s = options.device_timeout_s
         self.report = MigrationReport()
         self._on_round = on_round
         self._t0 = 0.0

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import uapi as U
+from ..blocking import watched
 from ..vfio import EndOfStream, State, VfioDevice, VfioError
 
 CHUNK = 1 << 20
@@ -37,6 +38,9 @@ class DeviceMigration:
     src: VfioDevice
     dst: VfioDevice
     on_destination_running: Callable[[], None] | None = None
+    # how long one device call may take: a REPORT hung in the driver holds the device's
+    # mutex, and every later ioctl on the device waits behind it
+    timeout_s: float = 10.0
     report: DeviceReport = field(init=False)
     _data: bytearray = field(default_factory=bytearray, init=False)
     _fd: int | None = field(default=None, init=False)
@@ -47,7 +51,7 @@ class DeviceMigration:
         self.report = DeviceReport(self.name)
 
     async def _call(self, fn, *args):
-        return await asyncio.to_thread(fn, *args)
+        return await watched(fn, *args, timeout=self.timeout_s, name=f"{self.name}: {fn.__name__}")
 
     async def start_precopy(self) -> None:
         """Enter PRE_COPY when the device offers it and start reading its precopy data."""
@@ -71,14 +75,17 @@ class DeviceMigration:
                 await asyncio.sleep(POLL_S)
 
     async def _stop_pump(self) -> None:
+        """Let the reader finish; its failure (a hung or failed read) is the caller's."""
         self._stopping = True
-        if self._pump is not None:
-            await self._pump
-            self._pump = None
+        pump, self._pump = self._pump, None
+        if pump is not None:
+            await pump
 
     async def pending_bytes(self) -> int:
         """What switchover would still have to move: precopy data not read yet plus the
         stop-copy size (the device's own estimate, part of the expected downtime)."""
+        if self._pump is not None and self._pump.done():
+            self._pump.result()  # a precopy read failed: surface it now, not at switchover
         pending = await self._call(self.src.stop_copy_size)
         if self._fd is not None and self.report.state == "PRE_COPY":
             initial, dirty = await self._call(self.src.precopy_info, self._fd)
@@ -121,13 +128,19 @@ class DeviceMigration:
     async def abort(self) -> str | None:
         """Migration abandoned: the source device runs again. Returns an error text if it
         could not be brought back (the caller reports it; the VM itself keeps running)."""
-        await self._stop_pump()
+        problems = []
+        try:
+            await self._stop_pump()
+        except (VfioError, TimeoutError) as exc:
+            problems.append(f"precopy read failed: {exc}")
         await self._close(self.src, self._fd)
         self._fd = None
         try:
             await self._call(self.src.set_state, State.VFIO_DEVICE_STATE_RUNNING)
-        except VfioError as exc:
-            return f"{self.name}: could not return to RUNNING: {exc}"
+        except (VfioError, TimeoutError) as exc:
+            problems.append(f"could not return to RUNNING: {exc}")
+        if problems:
+            return f"{self.name}: {'; '.join(problems)}"
         self.report.state = "RUNNING"
         return None
 
@@ -135,5 +148,5 @@ class DeviceMigration:
         if fd is not None:
             try:
                 await self._call(dev.close_data, fd)
-            except VfioError:
+            except (VfioError, TimeoutError):
                 pass  # the state machine may already have torn the stream down

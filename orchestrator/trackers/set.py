@@ -23,11 +23,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..bitmap import DirtyBitmap
+from ..blocking import run_blocking
 from ..memory import MemoryLayout
 from ..vfio.ranges import IovaRange
 from .base import SentAware, StartOutcome, Tracker, mark_ranges
 from .events import TrackerEvent, TrackerState, TrackerStats
-from .worker import run_blocking
 
 
 @dataclass(frozen=True)

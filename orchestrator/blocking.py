@@ -1,8 +1,9 @@
 """Run a blocking call in its own daemon thread and await it with a watchdog.
 
-A tracker's ioctl can hang (a wedged device); such a thread cannot be killed. Daemon threads
-keep a hung call from blocking interpreter exit, and a fresh thread per call means one hung
-tracker never starves the others of workers.
+A device ioctl can hang (a wedged device, or one stuck behind a hung REPORT holding the
+driver's mutex); such a thread cannot be killed. Daemon threads keep a hung call from
+blocking interpreter exit, and a fresh thread per call means one hung device never starves
+the others of workers.
 """
 
 from __future__ import annotations
@@ -40,3 +41,19 @@ def run_blocking(fn: Callable[..., Any], *args: Any, name: str = "tracker-call")
 
     threading.Thread(target=body, name=name, daemon=True).start()
     return fut
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()  # a late failure of an abandoned call is expected, not "never retrieved"
+
+
+async def watched(fn: Callable[..., Any], *args: Any, timeout: float, name: str) -> Any:
+    """`fn(*args)` in a daemon thread; TimeoutError naming the call if it takes longer than
+    `timeout` seconds (the thread is abandoned, not stopped)."""
+    fut = run_blocking(fn, *args, name=name)
+    fut.add_done_callback(_retrieve)
+    try:
+        return await asyncio.wait_for(asyncio.shield(fut), timeout)
+    except TimeoutError:
+        raise TimeoutError(f"{name} did not return within {timeout:g}s") from None
