@@ -8,6 +8,8 @@ from collections.abc import Iterable
 COPY_TARGET_GBPS = 4.0
 MERGE_TARGET_RATIO = 0.5
 TOTAL_TARGET_RATIO = 0.5
+STREAM_TARGET_RATIO = 0.6
+HARVEST_TARGET_MS = 20.0
 
 
 def _cell(value: object) -> str:
@@ -67,6 +69,12 @@ def _targets(results: dict) -> list[str]:
     if "merge_ratio" in micro:
         checks.append((f"merge >= {MERGE_TARGET_RATIO} x memcpy", micro["merge_ratio"],
                        micro["merge_ratio"] >= MERGE_TARGET_RATIO))
+    if "harvest_1tib_ms" in micro:
+        checks.append((f"sparse 1 TiB harvest <= {HARVEST_TARGET_MS:g} ms", micro["harvest_1tib_ms"],
+                       micro["harvest_1tib_ms"] <= HARVEST_TARGET_MS))
+    if "stream_ratio" in micro:
+        checks.append((f"loopback stream >= {STREAM_TARGET_RATIO} x raw socket", micro["stream_ratio"],
+                       micro["stream_ratio"] >= STREAM_TARGET_RATIO))
     return ["## Targets", ""] + _table(["target", "measured", "met"], checks)
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import Options, Result, suite
+
 from orchestrator.memory import MemoryLayout
 from orchestrator.transport.endpoint import Endpoint
 from orchestrator.transport.receiver import Receiver
@@ -84,6 +86,12 @@ class _Sender:
         self.sink.close()
         self.loop.run_until_complete(asyncio.sleep(0))  # let the BYEs go out
         self.loop.close()
+
+
+@suite("micro")
+def stream(options: Options) -> Result:
+    """The cross-host page stream over loopback beside a raw socket, in the same run."""
+    return stream_throughput(quick=options.quick)
 
 
 def stream_throughput(quick: bool = False, size_mib: int | None = None, streams: int = 4) -> dict[str, float | int]:
