@@ -61,7 +61,7 @@ from .protocol import (
     frame_bytes,
     read_frame,
 )
-from .ramfile import map_ram, release
+from .ramfile import data_runs, map_ram, nonzero_pages, release
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -169,6 +169,7 @@ class TcpSink:
         self._need = max(r.offset + r.length for r in layout.regions)
         self._bucket = TokenBucket(options.max_bandwidth) if options.max_bandwidth else None
         self._lanes = [_Lane(i) for i in range(options.streams)]
+        self._src_path = src_path
         mm, view = map_ram(src_path, self._need, writable=False)
         self._maps = [mm]
         rows = view.reshape(-1, self.page_size)
@@ -326,9 +327,8 @@ class TcpSink:
 
     def _nonzero_batches(self) -> Iterator[_Batch]:
         for reg in self.regions:
-            for lo in range(0, len(reg.rows), SCAN_PAGES):
-                block = reg.rows[lo : lo + SCAN_PAGES].view(np.uint64)
-                nz = np.flatnonzero(np.bitwise_or.reduce(block, axis=1)) + lo
+            runs = data_runs(self._src_path, reg.file_first * self.page_size, len(reg.rows) * self.page_size, self.page_size)
+            for nz in nonzero_pages(reg.rows, runs, SCAN_PAGES):
                 for i in range(0, nz.size, MAX_BATCH_PAGES):
                     yield _Batch(reg, nz[i : i + MAX_BATCH_PAGES], find_zero=False)
 

@@ -1,6 +1,8 @@
 """The local sink moves exactly the pages asked for, maps regions to file offsets, skips zero
 pages in round 0, and finds every mismatching page."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -59,3 +61,42 @@ def test_short_ram_file_is_a_clear_error(tmp_path):
         LocalSink.flat(MemoryLayout.flat(8 * PAGE), s, d)
     with pytest.raises(SinkError, match="cannot open RAM file"):
         LocalSink.flat(MemoryLayout.flat(8 * PAGE), s, str(tmp_path / "missing"))
+
+
+@pytest.fixture
+def shm_files():
+    """Sparse RAM files on tmpfs, like QEMU's: untouched guest memory is a hole."""
+    paths = [f"/dev/shm/sink-test-{os.getpid()}-{name}" for name in ("src", "dst")]
+    for p in paths:
+        with open(p, "wb") as f:
+            f.truncate(1024 * PAGE)
+    yield paths
+    for p in paths:
+        os.unlink(p)
+
+
+def allocated_pages(path):
+    return os.stat(path).st_blocks * 512 // PAGE
+
+
+def test_round0_reads_only_where_the_source_holds_data(shm_files):
+    src, dst = shm_files
+    with open(src, "r+b") as f:
+        for page in (3, 500, 1023):
+            f.seek(page * PAGE + 7)
+            f.write(b"x")
+    with LocalSink.flat(MemoryLayout.flat(1024 * PAGE), src, dst) as sink:
+        assert sink.send_nonzero() == (3, 3 * PAGE)
+        assert allocated_pages(src) == 3, "holes were neither read nor allocated"
+        assert allocated_pages(dst) == 3
+        assert sink.mismatched_pages().size == 0
+        assert allocated_pages(src) == 3 and allocated_pages(dst) == 3
+
+
+def test_verification_sees_data_that_only_the_destination_holds(shm_files):
+    src, dst = shm_files
+    with open(dst, "r+b") as f:
+        f.seek(77 * PAGE)
+        f.write(b"stale")
+    with LocalSink.flat(MemoryLayout.flat(1024 * PAGE), src, dst) as sink:
+        assert sink.mismatched_pages().tolist() == [77]
