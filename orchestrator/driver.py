@@ -169,8 +169,8 @@ class Migration:
 
     async def _switchover(self) -> None:
         opts, rep = self.options, self.report
-        await choreography.start(self.src, self.uri)
-        await choreography.wait_pre_switchover(self.src, opts.qmp_timeout_s)
+        mark = await choreography.start(self.src, self.uri)
+        await choreography.wait_pre_switchover(self.src, opts.qmp_timeout_s, after=mark)
         await self._each(lambda d: d.stop_copy())  # devices quiesced: no DMA after this
         await self.trackers.collect(len(self.engine.rounds), final=True)
         final = self.bitmap.harvest()

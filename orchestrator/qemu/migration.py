@@ -50,24 +50,37 @@ async def prepare(src: QmpSession, dst: QmpSession, dst_uri: str) -> None:
     await dst.execute("migrate-incoming", uri=dst_uri)
 
 
-async def start(src: QmpSession, uri: str) -> None:
+async def start(src: QmpSession, uri: str) -> int:
+    """Start QEMU's migration; returns the event-log position from before it, for
+    `wait_pre_switchover(after=...)`."""
+    mark = src.mark()
     await src.execute("migrate", uri=uri)
+    return mark
 
 
-async def wait_pre_switchover(src: QmpSession, timeout: float = 60.0) -> dict[str, Any]:
-    """Wait until the source pauses before switchover; return its `query-migrate` reply.
+async def wait_pre_switchover(src: QmpSession, timeout: float = 60.0, *, after: int = 0) -> QmpEvent:
+    """Wait until the source pauses before switchover, with its vCPUs stopped.
 
-    Also confirms with `query-status` that its vCPUs are stopped, since the final RAM copy is
-    only correct if nothing in the guest can write memory any more.
-    """
-    info = await src.wait_migration_status({"pre-switchover"}, timeout)
-    status = await src.execute("query-status")
-    if status["running"]:
+    Both facts come from the event stream, which QEMU writes in order (STOP, then MIGRATION
+    pre-switchover): no QMP round trip inside the downtime. Only when no STOP was recorded is
+    the run state asked for, since the final RAM copy is only correct if nothing in the
+    guest can write memory any more."""
+    ended = {"pre-switchover", "failed", "cancelled"}
+    event = await src.wait_event("MIGRATION", lambda e: e.data.get("status") in ended, timeout, after=after)
+    if event.data["status"] != "pre-switchover":
+        info = await src.query_migrate()
         raise MigrationError(
-            f"source {src.socket_path} is in pre-switchover but its vCPUs are running "
-            f"(run state '{status['status']}')"
+            f"source {src.socket_path} migration {event.data['status']} before switchover: "
+            f"{info.get('error-desc', 'no reason given')}"
         )
-    return info
+    if src.last_event("STOP", after=after) is None:
+        status = await src.execute("query-status")
+        if status["running"]:
+            raise MigrationError(
+                f"source {src.socket_path} is in pre-switchover but its vCPUs are running "
+                f"(run state '{status['status']}')"
+            )
+    return event
 
 
 async def continue_(src: QmpSession) -> None:

@@ -120,3 +120,15 @@ async def test_migration_to_nowhere_fails_with_qemus_reason(vm: QemuVm) -> None:
 async def test_waiting_for_a_status_that_never_comes_times_out(vm: QemuVm) -> None:
     with pytest.raises(QmpTimeoutError, match=r"still 'none' after 0.2s; waited for \['active'\]"):
         await vm.qmp.wait_migration_status({"active"}, timeout=0.2)
+
+
+@pytest.mark.slow
+async def test_pre_switchover_wait_names_a_migration_that_failed(vm: QemuVm) -> None:
+    """The wait follows MIGRATION events (the choreography turns `events` on): a migration
+    that fails first ends it at once, with QEMU's reason."""
+    caps = [{"capability": c, "state": True} for c in ("events", "pause-before-switchover")]
+    await vm.qmp.execute("migrate-set-capabilities", capabilities=caps)
+    mark = await migration.start(vm.qmp, f"unix:{vm.paths.workdir / 'nobody-listens.sock'}")
+    with pytest.raises(MigrationError, match=r"migration failed before switchover: .*No such file"):
+        await migration.wait_pre_switchover(vm.qmp, timeout=10, after=mark)
+    assert (await vm.qmp.execute("query-status"))["running"]

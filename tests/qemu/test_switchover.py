@@ -50,8 +50,8 @@ async def test_switchover_with_ram_copied_by_the_orchestrator(halting_guest: VmC
         src_ram[marker_page] = 0xA5
 
         await migration.prepare(src.qmp, dst.qmp, dst.migration_uri())
-        await migration.start(src.qmp, dst.migration_uri())
-        await migration.wait_pre_switchover(src.qmp)
+        mark = await migration.start(src.qmp, dst.migration_uri())
+        await migration.wait_pre_switchover(src.qmp, after=mark)
         assert (await dst.qmp.execute("query-status"))["status"] == "inmigrate"
 
         np.copyto(dst_ram, src_ram)
@@ -92,8 +92,8 @@ async def test_switchover_timing_without_ram_copy(halting_guest: VmConfig) -> No
             await wait_serial(src, "ready")
             np.copyto(ram_of(dst), ram_of(src))
             await migration.prepare(src.qmp, dst.qmp, dst.migration_uri())
-            await migration.start(src.qmp, dst.migration_uri())
-            await migration.wait_pre_switchover(src.qmp)
+            mark = await migration.start(src.qmp, dst.migration_uri())
+            await migration.wait_pre_switchover(src.qmp, after=mark)
             continued_ns = time.monotonic_ns()
             await migration.continue_(src.qmp)
             done = await migration.wait_completed(src.qmp, dst.qmp)
@@ -113,11 +113,11 @@ async def _reach(phase: str, src: QemuVm, dst: QemuVm) -> None:
     if phase == "active":
         # ~100 bytes per 100 ms: the ROM blocks alone keep the migration active for minutes.
         await src.qmp.execute("migrate-set-parameters", **{"max-bandwidth": 1000})
-    await migration.start(src.qmp, dst.migration_uri())
+    mark = await migration.start(src.qmp, dst.migration_uri())
     if phase == "active":
         await src.qmp.wait_migration_status({"active"})
     else:
-        await migration.wait_pre_switchover(src.qmp)
+        await migration.wait_pre_switchover(src.qmp, after=mark)
 
 
 @pytest.mark.parametrize("phase", ["active", "pre-switchover"])
@@ -138,8 +138,8 @@ async def test_cancel_leaves_the_source_running(halting_guest: VmConfig, phase: 
         # The source is intact: a second migration to a fresh destination completes.
         async with launch(destination(halting_guest, "dst2")) as dst2:
             await migration.prepare(src.qmp, dst2.qmp, dst2.migration_uri())
-            await migration.start(src.qmp, dst2.migration_uri())
-            await migration.wait_pre_switchover(src.qmp)
+            mark = await migration.start(src.qmp, dst2.migration_uri())
+            await migration.wait_pre_switchover(src.qmp, after=mark)
             np.copyto(ram_of(dst2), ram_of(src))
             await migration.continue_(src.qmp)
             done = await migration.wait_completed(src.qmp, dst2.qmp)
