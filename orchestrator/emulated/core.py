@@ -164,7 +164,7 @@ def _mig_device_state(ctx: FeatureContext, flags: int, argsz: int) -> None:
     assert migration is not None
     mig.data_fd = -1
     if flags & _GET:
-        mig.device_state = migration.state
+        mig.device_state = migration.get_state()
         ctx.arg.write_struct(mig, DATA)
         return
     try:

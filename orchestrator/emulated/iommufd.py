@@ -3,6 +3,10 @@
 Every command starts with a u32 `size`; the core rejects sizes below the command's minimum
 (EINVAL), requires bytes past the struct it knows to be zero (E2BIG), and copies back at most
 `size` bytes. Object ids share one table per iommufd; looking up the wrong type is ENOENT.
+
+Implemented: IOAS_ALLOC, IOAS_MAP, HWPT_ALLOC, GET_HW_INFO, HWPT_SET_DIRTY_TRACKING and
+HWPT_GET_DIRTY_BITMAP. Every other command (DESTROY, IOAS_UNMAP, IOAS_IOVA_RANGES, OPTION, ...)
+is ENOTTY here although a real kernel implements it.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ class IoPageTable:
             iova = self._first_fit(length)
         elif iova + length - 1 > U64_MAX:
             raise kernel_error(errno.EOVERFLOW)
-        if any(True for _ in self.areas_in(iova, iova + length - 1)):
+        if any(True for _ in self.mapped_parts(iova, iova + length - 1)):
             raise kernel_error(errno.EEXIST)
         i = bisect.bisect_left(self._starts, iova)
         self._starts.insert(i, iova)
@@ -79,14 +83,29 @@ class IoPageTable:
             raise kernel_error(errno.ENOSPC)
         return candidate
 
-    def areas_in(self, iova: int, last: int) -> Iterator[tuple[int, int]]:
-        """The mapped parts of [iova, last], as inclusive (start, last); holes are skipped."""
+    def mapped_parts(self, iova: int, last: int) -> Iterator[tuple[int, int]]:
+        """Every mapped part of [iova, last], as inclusive (start, last); holes are skipped."""
         i = max(bisect.bisect_right(self._starts, iova) - 1, 0)
         for start, end in self._areas[i:]:
             if start > last:
                 break
             if end >= iova:
                 yield max(start, iova), min(end, last)
+
+    def contig_chunks(self, iova: int, last: int) -> Iterator[tuple[int, int]]:
+        """iopt_for_each_contig_area: starts at the area holding `iova` (none: no chunk) and
+        stops at the first gap, so nothing past a hole is walked."""
+        i = bisect.bisect_right(self._starts, iova) - 1
+        if i < 0 or self._areas[i][1] < iova:
+            return
+        cur = iova
+        while True:
+            end = self._areas[i][1]
+            yield cur, min(end, last)
+            i += 1
+            if end >= last or i == len(self._areas) or self._starts[i] != end + 1:
+                return
+            cur = end + 1
 
 
 @dataclass(eq=False)
@@ -113,7 +132,7 @@ class Hwpt:
     def record_dma(self, iova: int, length: int) -> None:
         """A device write through this domain sets the dirty bit of each mapped IOPTE it hits."""
         if self.tracking:
-            for start, last in self.ioas.iopt.areas_in(iova, min(iova + length - 1, U64_MAX)):
+            for start, last in self.ioas.iopt.mapped_parts(iova, min(iova + length - 1, U64_MAX)):
                 self.log.mark(start, last + 1)
 
     def set_dirty_tracking(self, enable: bool) -> None:
@@ -122,12 +141,21 @@ class Hwpt:
         self.tracking = enable
 
     def read_and_clear_dirty(self, iova: int, last: int, bitmap: IovaBitmap, clear: bool) -> None:
-        # The mock refuses (-EINVAL) when tracking is off; upstream ignores the walk's result.
+        """__iommu_read_and_clear_dirty: the driver op runs once per contiguous chunk; a gap ends
+        the walk and its -EINVAL, like a driver error, is dropped by iommu_read_and_clear_dirty.
+
+        Per chunk the walk is Intel's and AMD's: a cursor starts at the chunk's iova and steps by
+        the IO page size; the IOPTE holding the cursor is read (and cleared) and, if dirty,
+        recorded as (cursor, io_page_size). A chunk starting mid IO page thus reports its head
+        page from the chunk start and every record runs one offset into the next page."""
         if not self.tracking:
-            return
-        for start, end in self.ioas.iopt.areas_in(iova, last):
-            first_u, last_u = self.log.take(start, end + 1, clear=clear)
-            bitmap.set_units(first_u, last_u, self.log.shift)
+            return  # the drivers refuse (-EINVAL) with tracking off; the result is dropped
+        shift, page = self.log.shift, self.io_page_size
+        for cur, end in self.ioas.iopt.contig_chunks(iova, last):
+            visited = (end - cur) // page + 1  # cursors cur, cur + page, ... <= end
+            first_page = cur >> shift
+            first_u, last_u = self.log.take(first_page << shift, (first_page + visited) << shift, clear=clear)
+            bitmap.set_units(first_u, last_u, page, base=cur & (page - 1))
 
 
 @dataclass(eq=False)
@@ -246,7 +274,11 @@ class Iommufd:
         if (cmd.data_type == IOMMU_HWPT_DATA_NONE) != (cmd.data_len == 0):
             raise kernel_error(errno.EINVAL)
         dev = self._get(cmd.dev_id, IommufdDevice)
-        ioas = self._get(cmd.pt_id, Ioas)
+        ioas = self._objects.get(cmd.pt_id)
+        if isinstance(ioas, Hwpt):
+            raise kernel_error(errno.EOPNOTSUPP)  # a nested HWPT needs user data these lack
+        if not isinstance(ioas, Ioas):
+            raise kernel_error(errno.EINVAL)  # iommufd_hwpt_alloc: any failed pt_id lookup
         if cmd.data_type != IOMMU_HWPT_DATA_NONE:
             raise kernel_error(errno.EOPNOTSUPP)
         if cmd.flags & ~(IOMMU_HWPT_ALLOC_NEST_PARENT | IOMMU_HWPT_ALLOC_DIRTY_TRACKING):

@@ -67,7 +67,7 @@ class SaveFile:
         self.final = True
 
     def read(self, n: int) -> bytes:
-        with self.driver._lock:
+        with self.driver.lock:
             if self.disabled:
                 raise kernel_error(errno.ENODEV)
             if self.pos >= len(self.buf) and not self.final and self._eos_errno is not None:
@@ -88,7 +88,7 @@ class SaveFile:
         info = user.read_struct(vfio_precopy_info)
         if info.argsz < ctypes.sizeof(vfio_precopy_info):
             raise kernel_error(errno.EINVAL)
-        with self.driver._lock:
+        with self.driver.state_mutex:  # mtty and mlx5 check the state under it
             if not self.driver.in_precopy():
                 raise kernel_error(errno.EINVAL)
             if self.disabled:

@@ -99,7 +99,10 @@ _QUIET_ARCS = {
 
 
 class MigrationDriver:
-    """A device's migration_set_state/get_state/get_data_size, plus its data streams."""
+    """A device's migration_set_state/get_state/get_data_size, plus its data streams.
+
+    `state_mutex` is the device driver's, shared with its log ops: every mig_ops entry takes it
+    first, as mlx5 and pds do. `lock` is taken inside it by transitions, and alone by DMA."""
 
     def __init__(
         self,
@@ -107,6 +110,7 @@ class MigrationDriver:
         get_data: Callable[[], bytes],
         put_data: Callable[[bytes], None],
         faults: FaultState,
+        state_mutex: threading.RLock,
         precopy_eos_errno: int | None,
         max_data_size: int,
     ) -> None:
@@ -114,6 +118,7 @@ class MigrationDriver:
         self.state: int = _RU
         self._get_data, self._put_data = get_data, put_data
         self._faults = faults
+        self.state_mutex = state_mutex
         self._eos_errno = precopy_eos_errno
         self._max_data_size = max_data_size
         self._lock = threading.RLock()
@@ -129,9 +134,13 @@ class MigrationDriver:
         state it captures) never interleaves with a burst."""
         return self._lock
 
+    def get_state(self) -> int:
+        with self.state_mutex:
+            return self.state
+
     def set_state(self, new: int) -> DataFile | None:
         """Walk toward `new` one arc at a time; a failed arc leaves the state where it was."""
-        with self._lock:
+        with self.state_mutex, self._lock:
             res: DataFile | None = None
             while self.state != new:
                 nxt = mig_get_next_state(self.flags, self.state, new)
@@ -142,19 +151,22 @@ class MigrationDriver:
 
     def data_size(self) -> int:
         """stop_copy_length: what STOP_COPY would produce from here."""
-        return len(encode_record(REC_FINAL, self._get_data()))
+        with self.state_mutex:
+            return len(encode_record(REC_FINAL, self._get_data()))
 
     def reset(self) -> None:
         """Device release/reset: streams die, the device is RUNNING again."""
-        with self._lock:
-            self._disable_files()
+        with self.state_mutex, self._lock:
+            self.disable_files()
             self.state = _RU
 
-    def _disable_files(self) -> None:
-        for f in (self.saving, self.resuming):
-            if f is not None:
-                f.disabled = True
-        self.saving = self.resuming = None
+    def disable_files(self) -> None:
+        """The driver drops its data fds: userspace's copies fail with ENODEV from now on."""
+        with self._lock:
+            for f in (self.saving, self.resuming):
+                if f is not None:
+                    f.disabled = True
+            self.saving = self.resuming = None
 
     def _new_save_file(self, kind: int) -> SaveFile:
         self.saving = SaveFile(self, encode_header() + encode_record(kind, self._get_data()), self._eos_errno)
@@ -173,7 +185,7 @@ class MigrationDriver:
         if cur == _ST and nxt == _SC:
             return self._new_save_file(REC_FINAL)
         if (cur, nxt) in ((_SC, _ST), (_PC, _RU), (_PP, _RP)):
-            self._disable_files()
+            self.disable_files()
             return None
         if (cur, nxt) == (_ST, _RE):
             # room for the header and two full records (mtty: writing past the data size is ENOMEM)
@@ -181,6 +193,6 @@ class MigrationDriver:
             return self.resuming
         if (cur, nxt) == (_RE, _ST) and self.resuming is not None:
             self._put_data(self.resuming.load())
-            self._disable_files()
+            self.disable_files()
             return None
         raise kernel_error(errno.EINVAL)

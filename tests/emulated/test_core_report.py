@@ -130,12 +130,40 @@ def test_unit_starting_below_report_iova_is_dropped_and_cleared(kernel):
     assert not do_report(kernel, fd, MIB, MIB, 4096).any()  # the device forgot it
 
 
-def test_bits_past_length_inside_the_last_byte_are_set_but_not_beyond(kernel):
+def test_bits_past_length_are_set_through_the_straddling_unit(kernel):
+    """iova_bitmap_set is bounded by the pinned user pages, not by the length: the 1 MiB unit
+    sets all its 256 bits although the bitmap has one byte."""
     fd, model = tracker(kernel, granule=MIB)
     model.dma_write(0, 1)
-    mem = UserMem(16)
+    mem = UserMem(64)
     kernel.ioctl(fd, FEATURE, report_arg(0, 3 * 4096, 4096, mem.addr))
-    assert mem.bytes(0, 4) == b"\xff\x00\x00\x00"
+    assert mem.bytes(0, 33) == b"\xff" * 32 + b"\x00"
+
+
+@pytest.mark.parametrize("offset, end", [(4096, 2 * 4096), (4096 + 2048, 3 * 4096)])
+def test_tail_bits_reach_the_end_of_the_last_pinned_page(kernel, offset, end):
+    """A 1 GiB unit needs 32 KiB of bitmap; the pin for it (iova_bitmap_get) covers the one
+    bitmap byte's page, plus one more page when the window starts mid-page, and every bit
+    there is set. The page after that is never touched."""
+    fd, model = tracker(kernel, granule=GIB)
+    model.dma_write(0, 1)
+    mem = UserMem(4 * 4096)
+    kernel.ioctl(fd, FEATURE, report_arg(0, 3 * 4096, 4096, mem.addr + offset))
+    assert mem.bytes(0, offset) == bytes(offset)
+    assert mem.bytes(offset, end - offset) == b"\xff" * (end - offset)
+    assert mem.bytes(end) == bytes(4 * 4096 - end)
+
+
+def test_tail_bits_never_reach_a_guard_page(kernel):
+    """The second page of the window is inaccessible: pinning stops before it, so the bits
+    land in the bitmap's own page only and the ioctl succeeds."""
+    fd, model = tracker(kernel, granule=GIB)
+    model.dma_write(0, 1)
+    mem = GuardedMem(8)
+    kernel.ioctl(fd, FEATURE, report_arg(0, 3 * 4096, 4096, mem.start))
+    head = mem.start - mem.addr
+    assert mem.bytes(0, head) == bytes(head)
+    assert mem.bytes(head, 8) == b"\xff" * 8
 
 
 def test_read_clears_and_new_dma_shows_again(kernel):

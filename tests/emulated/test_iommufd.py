@@ -12,6 +12,7 @@ from orchestrator.emulated import EmulatedKernel, Mlx5Like, MttyLike, NoDmaLoggi
 from .util import UserMem, do_report, do_start, expect_errno
 
 APERTURE = 1 << 24  # where the selftest maps its buffer (MOCK_APERTURE_START-like)
+NO_SUCH_IOCTL = 0x3BFF  # _IO(';', 0xff): neither iommufd nor its VFIO compat layer knows it
 
 
 def cmd(struct_cls, **fields):
@@ -178,16 +179,63 @@ def test_get_dirty_bitmap_errors(kernel):
         expect_errno(code, lambda: s.get_dirty(**{**ok, **change}))
 
 
-def test_holes_are_ignored_and_bad_pointers_are_silent(kernel):
+def test_walk_starts_in_a_mapped_area_and_stops_at_the_first_gap(kernel):
+    """iopt_area_contig_init finds no area for an iova in a gap: nothing is walked, nothing is
+    cleared, and the ioctl still returns 0; a later query from the mapped part finds the bits."""
     model = NoDmaLogging()
     s = Setup(kernel, model, 1 << 20)
     hwpt = s.tracking()
     model.dma_write(APERTURE - 4096, 3 * 4096)  # the first page is unmapped: a hole
     mem = UserMem(64)
     s.get_dirty(hwpt, APERTURE - (1 << 20), 2 << 20, 4096, mem.addr)
-    assert np.flatnonzero(mem.bits(0, 512)).tolist() == [256, 257]
+    assert not mem.bits(0, 512).any()
+    s.get_dirty(hwpt, APERTURE, 1 << 20, 4096, mem.addr)
+    assert np.flatnonzero(mem.bits(0, 256)).tolist() == [0, 1]
+
+
+def test_walk_crosses_adjacent_areas_but_not_a_gap(kernel):
+    model = NoDmaLogging()
+    s = Setup(kernel, model, 1 << 20)
+    hwpt = s.tracking()
+    flags = uapi.IOMMU_IOAS_MAP_FIXED_IOVA | uapi.IOMMU_IOAS_MAP_READABLE | uapi.IOMMU_IOAS_MAP_WRITEABLE
+    for iova in (APERTURE + (1 << 20), APERTURE + (3 << 20)):  # adjacent, then after a 1 MiB gap
+        arg = cmd(uapi.iommu_ioas_map, flags=flags, ioas_id=s.ioas, user_va=s.buffer.addr, length=1 << 20,
+                  iova=iova)
+        kernel.ioctl(s.iommufd, uapi.IOMMU_IOAS_MAP, arg)
+    for mib in (0, 1, 3):
+        model.dma_write(APERTURE + (mib << 20), 1)
+    mem = UserMem(4096)
+    s.get_dirty(hwpt, APERTURE, 4 << 20, 1 << 20, mem.addr)
+    assert np.flatnonzero(mem.bits(0, 4)).tolist() == [0, 1]
+    mem.put(0, bytes(8))
+    s.get_dirty(hwpt, APERTURE + (3 << 20), 1 << 20, 1 << 20, mem.addr)
+    assert mem.bits(0, 1).tolist() == [1]  # not reached before, so not cleared
+
+
+def test_bad_bitmap_pointer_is_silent(kernel):
+    model = NoDmaLogging()
+    s = Setup(kernel, model, 1 << 20)
+    hwpt = s.tracking()
     model.dma_write(APERTURE, 1)
-    s.get_dirty(hwpt, APERTURE, 1 << 20, 4096, 0)  # the walk's result is ignored upstream
+    s.get_dirty(hwpt, APERTURE, 1 << 20, 4096, 0)  # iova_bitmap_set returns void
+
+
+def test_query_from_mid_huge_page_reports_from_the_cursor(kernel):
+    """Intel and AMD walk a cursor from the query's iova in IO-page steps and record
+    (cursor, io_page_size) for a dirty IOPTE: a query starting mid 1 MiB page reports that page
+    from the query start on, and the last record overruns the query's end."""
+    model = NoDmaLogging(iommu_page_size=1 << 20)
+    s = Setup(kernel, model, 4 << 20)
+    hwpt = s.tracking()
+    model.dma_write(APERTURE + (1 << 20), 1)  # IO page 1: [1M, 2M)
+    model.dma_write(APERTURE + (3 << 20), 1)  # IO page 3: [3M, 4M), beyond the cursor walk
+    mem = UserMem(4096)
+    s.get_dirty(hwpt, APERTURE + (1 << 20) + (512 << 10), 2 << 20, 4096, mem.addr)
+    # cursors 1.5M (page 1: dirty) and 2.5M (page 2: clean); bits 0..255 cover [1.5M, 2.5M)
+    assert np.flatnonzero(mem.bits(0, 1024)).tolist() == list(range(256))
+    mem.put(0, bytes(4096))
+    s.get_dirty(hwpt, APERTURE, 4 << 20, 1 << 20, mem.addr)
+    assert np.flatnonzero(mem.bits(0, 4)).tolist() == [3]  # page 1 was cleared, page 3 was not read
 
 
 def test_iommufd_size_rules(kernel):
@@ -200,7 +248,7 @@ def test_iommufd_size_rules(kernel):
     kernel.ioctl(s.iommufd, uapi.IOMMU_IOAS_ALLOC, arg)  # zero tail: fine
     arg[12] = 1
     expect_errno(errno.E2BIG, lambda: kernel.ioctl(s.iommufd, uapi.IOMMU_IOAS_ALLOC, arg))
-    expect_errno(errno.ENOTTY, lambda: kernel.ioctl(s.iommufd, uapi.IOMMU_DESTROY, bytearray(8)))
+    expect_errno(errno.ENOTTY, lambda: kernel.ioctl(s.iommufd, NO_SUCH_IOCTL, bytearray(8)))
     arg = cmd(uapi.iommu_ioas_map, flags=uapi.IOMMU_IOAS_MAP_FIXED_IOVA | uapi.IOMMU_IOAS_MAP_READABLE,
               ioas_id=s.ioas, user_va=s.buffer.addr, length=4096, iova=APERTURE)
     expect_errno(errno.EEXIST, lambda: kernel.ioctl(s.iommufd, uapi.IOMMU_IOAS_MAP, arg))
@@ -229,6 +277,18 @@ def test_cdev_must_bind_first(kernel):
     group_fd = kernel.open_device(Mlx5Like())
     expect_errno(errno.EINVAL, lambda: kernel.ioctl(group_fd, uapi.VFIO_DEVICE_BIND_IOMMUFD, bind))
     expect_errno(errno.ENOTTY, lambda: kernel.ioctl(group_fd, uapi.VFIO_DEVICE_ATTACH_IOMMUFD_PT, arg))
+
+
+def test_hwpt_alloc_pt_id_that_is_no_ioas(kernel):
+    """iommufd_hwpt_alloc: a failed pt_id lookup is EINVAL, not ENOENT; a paging HWPT as parent
+    asks for a nested domain, which needs user data (EOPNOTSUPP)."""
+    s = Setup(kernel, NoDmaLogging(), 1 << 20)
+    hwpt = s.hwpt_alloc()
+    for pt_id, code in [(999, errno.EINVAL), (s.dev_id, errno.EINVAL), (hwpt, errno.EOPNOTSUPP)]:
+        arg = cmd(uapi.iommu_hwpt_alloc, flags=0, dev_id=s.dev_id, pt_id=pt_id)
+        expect_errno(code, lambda: kernel.ioctl(s.iommufd, uapi.IOMMU_HWPT_ALLOC, arg))
+    arg = cmd(uapi.iommu_hwpt_alloc, flags=0, dev_id=999, pt_id=s.ioas)
+    expect_errno(errno.ENOENT, lambda: kernel.ioctl(s.iommufd, uapi.IOMMU_HWPT_ALLOC, arg))
 
 
 def test_attach_to_ioas_uses_an_automatic_domain_without_dirty_ops(kernel):

@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 
+from orchestrator import uapi
 from orchestrator.emulated import Fault, Mlx5Like, MttyLike, NoDmaLogging, PdsLike
 
 from .util import (
@@ -21,10 +22,13 @@ from .util import (
     errno_of,
     expect_errno,
     feature,
+    mig_set,
     report_arg,
 )
 
 MIB, GIB = 1 << 20, 1 << 30
+S = uapi.vfio_device_mig_state
+STOP_STATE, RUNNING_STATE, PRE_COPY = S.VFIO_DEVICE_STATE_STOP, S.VFIO_DEVICE_STATE_RUNNING, S.VFIO_DEVICE_STATE_PRE_COPY
 
 
 # -- mlx5 -----------------------------------------------------------------------------------
@@ -91,28 +95,63 @@ def test_mlx5_sticky_eio_until_stop_and_start(kernel):
     assert do_report(kernel, fd, 0, MIB)[0]
 
 
-def test_eio_once(kernel):
+def test_eio_once_loses_the_queried_bits(kernel):
+    """A failed REPORT leaves the log corrupted: the firmware consumed the queried range, so a
+    client that merely retries gets nothing; outside that range the log is intact."""
     model = Mlx5Like()
     fd = kernel.open_device(model)
     do_start(kernel, fd, [(0, MIB)])
     model.dma_write(4096, 1)
+    model.dma_write(MIB - 4096, 1)
     model.inject(Fault.REPORT_EIO_ONCE)
-    expect_errno(errno.EIO, lambda: do_report(kernel, fd, 0, MIB))
+    expect_errno(errno.EIO, lambda: do_report(kernel, fd, 0, MIB // 2))
+    assert not do_report(kernel, fd, 0, MIB // 2).any()
+    assert np.flatnonzero(do_report(kernel, fd, 0, MIB)).tolist() == [255]
+
+
+def test_eio_once_on_pds_acks_what_it_read(kernel):
+    model = PdsLike()
+    fd = kernel.open_device(model)
+    do_start(kernel, fd, [(0, 128 * 4096)])
+    model.dma_write(0, 128 * 4096)
+    model.inject(Fault.REPORT_EIO_ONCE)
+    expect_errno(errno.EIO, lambda: do_report(kernel, fd, 0, 64 * 4096))
+    assert np.flatnonzero(do_report(kernel, fd, 0, 128 * 4096)).tolist() == list(range(64, 128))
+
+
+def test_detach_frees_the_tracker_and_reattach_needs_a_new_start(kernel):
+    """VF disable (mlx5vf_cmd_close_migratable): the tracker and the data fds are gone. While
+    detached START is ENOTCONN and REPORT is EINVAL (nothing active); after reattach the old
+    log does not come back, only a new START tracks again."""
+    model = Mlx5Like()
+    fd = kernel.open_device(model)
+    do_start(kernel, fd, [(0, MIB)])
+    model.dma_write(0, 1)
+    data_fd = mig_set(kernel, fd, PRE_COPY)
+    model.inject(Fault.DETACH)
+    assert not model.logging_active and model.tracked_ranges == []
+    expect_errno(errno.ENODEV, lambda: kernel.read(data_fd, 1))
+    expect_errno(errno.EINVAL, lambda: do_report(kernel, fd, 0, MIB))
+    expect_errno(errno.ENOTCONN, lambda: do_start(kernel, fd, [(0, MIB)]))
+    do_stop(kernel, fd)  # STOP still succeeds
+    model.reattach()
+    expect_errno(errno.EINVAL, lambda: do_report(kernel, fd, 0, MIB))
+    do_start(kernel, fd, [(0, MIB)])
+    assert not do_report(kernel, fd, 0, MIB).any()
+    model.dma_write(4096, 1)
     assert np.flatnonzero(do_report(kernel, fd, 0, MIB)).tolist() == [1]
 
 
-def test_detach_is_enotconn_until_reattached(kernel):
+def test_detach_wakes_a_hung_report_with_eio(kernel):
+    """set_tracker_error completes the firmware wait before the teardown takes the mutex."""
     model = Mlx5Like()
     fd = kernel.open_device(model)
-    model.inject(Fault.DETACH)
-    expect_errno(errno.ENOTCONN, lambda: do_start(kernel, fd, [(0, MIB)]))
-    model.reattach()
     do_start(kernel, fd, [(0, MIB)])
+    model.inject(Fault.REPORT_HANG)
+    reporter = Background(lambda: do_report(kernel, fd, 0, MIB))
+    wait_for(lambda: model.report_hanging)
     model.inject(Fault.DETACH)
-    expect_errno(errno.ENOTCONN, lambda: do_report(kernel, fd, 0, MIB))
-    do_stop(kernel, fd)  # STOP still succeeds
-    model.reattach()
-    do_start(kernel, fd, [(0, MIB)])
+    assert reporter.result(5) == errno.EIO and not model.logging_active
 
 
 def test_fail_start_walks_a_fallback_ladder(kernel):
@@ -125,26 +164,53 @@ def test_fail_start_walks_a_fallback_ladder(kernel):
     assert model.start_calls == 4 and model.logging_active
 
 
-def test_report_hang_blocks_until_released_then_eio(kernel):
+class Background:
+    """Run an ioctl sequence on another thread; `result` joins it and gives its errno."""
+
+    def __init__(self, fn):
+        self._errno = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn):
+        self._errno = errno_of(fn)
+
+    def blocked(self, seconds=0.2):
+        self._thread.join(seconds)
+        return self._thread.is_alive()
+
+    def result(self, timeout):
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "still blocked"
+        return self._errno
+
+
+def wait_for(cond, timeout=5):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+
+
+def test_report_hang_holds_the_state_mutex_until_released_then_eio(kernel):
+    """mlx5 waits for the firmware under state_mutex: STOP and a migration state change issued
+    meanwhile queue behind it; DMA, being hardware, goes on. Released, the REPORT fails with
+    EIO and the queued calls complete."""
     model = Mlx5Like()
     fd = kernel.open_device(model)
     do_start(kernel, fd, [(0, MIB)])
     model.inject(Fault.REPORT_HANG)
-    result = {}
-
-    def worker():
-        result["errno"] = errno_of(lambda: do_report(kernel, fd, 0, MIB))
-
-    t = threading.Thread(target=worker)
-    t.start()
-    deadline = time.monotonic() + 5
-    while not model.report_hanging and time.monotonic() < deadline:
-        time.sleep(0.001)
-    assert model.report_hanging
-    do_stop(kernel, fd)  # other ioctls are not stuck behind the hung REPORT
+    reporter = Background(lambda: do_report(kernel, fd, 0, MIB))
+    wait_for(lambda: model.report_hanging)
+    stopper = Background(lambda: do_stop(kernel, fd))
+    mover = Background(lambda: mig_set(kernel, fd, STOP_STATE))
+    assert stopper.blocked() and mover.blocked()
+    assert model.stop_calls == 0 and model.mig_state == RUNNING_STATE
+    assert model.dma(lambda: [(0, 4096)])  # the DMA path never waits for the driver
     model.release_hang()
-    t.join(5)
-    assert result == {"errno": errno.EIO} and not model.report_hanging
+    assert reporter.result(5) == errno.EIO
+    assert stopper.result(5) == 0 and mover.result(5) == 0
+    assert not model.report_hanging and model.mig_state == STOP_STATE and not model.logging_active
 
 
 def test_report_hang_times_out(kernel):
@@ -176,7 +242,26 @@ def test_pds_start_errors(kernel):
 def test_pds_page_size_is_used_as_given(kernel):
     model = PdsLike()
     fd = kernel.open_device(model)
-    assert do_start(kernel, fd, [(0, MIB)], page_size=65536) == 65536 == model.granted_page_size
+    assert do_start(kernel, fd, [(0, 64 * 65536)], page_size=65536) == 65536 == model.granted_page_size
+
+
+def test_pds_page_size_that_is_not_a_power_of_two(kernel):
+    """12288: the driver counts regions and reads bits in 12 KiB pages; the device, told only
+    ilog2(12288) = 13, tracks 8 KiB pages. Device page 1 (8K..16K) shows as IOVA 12K..24K."""
+    model = PdsLike()
+    fd = kernel.open_device(model)
+    assert do_start(kernel, fd, [(0, 64 * 12288)], page_size=12288) == 12288
+    assert model.tracked_ranges == [(0, 64 * 8192)]  # what the device covers
+    model.dma_write(8192, 1)
+    model.dma_write(64 * 8192, 1)  # past the device's pages: not tracked
+    assert np.flatnonzero(do_report(kernel, fd, 0, 16 * 12288, 4096)).tolist() == [3, 4, 5]
+    assert not do_report(kernel, fd, 0, 64 * 12288, 4096).any()
+
+
+def test_pds_page_size_zero(kernel):
+    """Only (0, 0) passes the core with page size 0; the driver would divide by it."""
+    fd = kernel.open_device(PdsLike())
+    expect_errno(errno.EINVAL, lambda: do_start(kernel, fd, [(0, 0)], page_size=0))
 
 
 def test_pds_combines_above_max_regions(kernel):
@@ -186,11 +271,33 @@ def test_pds_combines_above_max_regions(kernel):
     assert model.tracked_ranges == [(0, GIB + 64 * 4096)]
 
 
-def test_pds_device_bitmap_offset_alignment(kernel):
-    """Every region but the last must start at a multiple of 8 bytes of device bitmap."""
+@pytest.mark.parametrize(
+    "ranges, ok",
+    [
+        ([(0, 8 * 4096)], False),  # a lone 8-page region: 1 byte, checked after the last too
+        ([(0, 64 * 4096), (MIB, 8 * 4096)], False),
+        ([(0, 8 * 4096), (MIB, 64 * 4096)], False),
+        ([(0, 64 * 4096), (MIB, 128 * 4096)], True),
+        ([(0, 71 * 4096)], True),  # bmp_bytes rounds down: 8 bytes
+        ([(0, 63 * 4096)], False),
+    ],
+)
+def test_pds_device_bitmap_offset_alignment(kernel, ranges, ok):
+    """Each region adds page_count / 8 bytes of device bitmap; after every one of them the
+    running offset must be a multiple of 8 bytes."""
     fd = kernel.open_device(PdsLike())
-    expect_errno(errno.EINVAL, lambda: do_start(kernel, fd, [(0, 8 * 4096), (MIB, 4096)]))
-    do_start(kernel, fd, [(0, 64 * 4096), (MIB, 8 * 4096)])
+    assert errno_of(lambda: do_start(kernel, fd, ranges)) == (0 if ok else errno.EINVAL)
+
+
+def test_pds_bmp_bytes_round_down_bounds_a_report(kernel):
+    """71 pages: bmp_bytes is 8, so a REPORT needing 16 bytes of bitmap is EINVAL although
+    the range fits the region."""
+    model = PdsLike()
+    fd = kernel.open_device(model)
+    do_start(kernel, fd, [(0, 71 * 4096)])
+    expect_errno(errno.EINVAL, lambda: do_report(kernel, fd, 0, 71 * 4096))
+    model.dma_write(63 * 4096, 1)
+    assert np.flatnonzero(do_report(kernel, fd, 0, 64 * 4096)).tolist() == [63]
 
 
 def test_pds_report_must_fit_one_region(kernel):

@@ -3,6 +3,11 @@
 Subclasses supply the driver-specific parts (`_start`, `_read_and_clear`); the
 entry points here fix the order real drivers check things in: mlx5's (detach, then "already
 active", then the hardware), which pds shares where it has the same checks.
+
+Two locks, as in the drivers: `state_mutex` is the driver's (mlx5 and pds `state_mutex`), held by
+START, STOP, REPORT and every migration state change, so a REPORT stuck waiting for the firmware
+blocks them all. DMA is the hardware's and never takes it; it serialises with state transitions
+through the migration driver's transition lock only.
 """
 
 from __future__ import annotations
@@ -18,18 +23,24 @@ from ...uapi import (
     VFIO_MIGRATION_P2P,
     VFIO_MIGRATION_STOP_COPY,
 )
-from ..errors import kernel_error
 from ..dirtylog import UnitLog
+from ..errors import kernel_error
 from ..faults import Fault, FaultState
-from ..iova_bitmap import IovaBitmap
+from ..iova_bitmap import DiscardedBitmap, IovaBitmap
 from ..migration import MigrationDriver
 from ..ranges import Node
+from ..runs import U64_MAX
 
 if TYPE_CHECKING:
     from ..iommufd import Hwpt
 
 DEFAULT_MAX_DATA_SIZE = 1 << 20
 DMA_STATES = (VFIO_DEVICE_STATE_RUNNING, VFIO_DEVICE_STATE_PRE_COPY)
+
+
+def ilog2(value: int) -> int:
+    """Floor log2; -1 for 0, which any clamp to a minimum then absorbs."""
+    return value.bit_length() - 1
 
 
 def require_pow2(name: str, value: int) -> int:
@@ -56,8 +67,8 @@ class DeviceModel:
         iommu_page_size: int = 4096,
         hang_timeout: float = 30.0,
     ) -> None:
-        self._lock = threading.RLock()
-        self._faults = FaultState(hang_timeout=hang_timeout)
+        self.state_mutex = threading.RLock()
+        self._faults = FaultState(default_hang_timeout=hang_timeout)
         self._max_data_size = max_data_size
         self.device_data = device_data
         self.iommu_dirty = iommu_dirty
@@ -69,6 +80,7 @@ class DeviceModel:
                 lambda: self.device_data,
                 self._load_device_data,
                 self._faults,
+                self.state_mutex,
                 self.precopy_eos_errno,
                 max_data_size,
             )
@@ -113,11 +125,26 @@ class DeviceModel:
     # -- faults -----------------------------------------------------------------------------
 
     def inject(self, fault: Fault, *, hang_timeout: float | None = None) -> None:
-        self._faults.inject(fault, hang_timeout)
+        if fault is Fault.DETACH:
+            self._detach()
+        else:
+            self._faults.inject(fault, hang_timeout)
+
+    def _detach(self) -> None:
+        """mlx5vf_cmd_close_migratable then `mdev_detach`: set_tracker_error wakes a REPORT
+        waiting on the firmware (it fails with EIO); under the state mutex the data fds are
+        disabled and the tracker is freed, so its log is gone for good."""
+        self._faults.release_hang()
+        with self.state_mutex:
+            if self.migration is not None:
+                self.migration.disable_files()
+            self._free_tracker()
+            self._faults.detached = True
 
     def reattach(self) -> None:
-        """Undo Fault.DETACH."""
-        self._faults.detached = False
+        """The VF is enabled again (MLX5_PF_NOTIFY_ENABLE_VF): START works again, from scratch."""
+        with self.state_mutex:
+            self._faults.detached = False
 
     def release_hang(self) -> None:
         """Let a REPORT blocked by Fault.REPORT_HANG return (with EIO). Safe from any thread."""
@@ -135,7 +162,7 @@ class DeviceModel:
 
     def log_start(self, nodes: list[Node], page_size: int) -> int:
         """Start tracking the core-validated nodes (sorted by start); returns the page size."""
-        with self._lock:
+        with self.state_mutex:
             self.start_calls += 1
             self._faults.check_attached()
             if self.strict_log_state and self.logging_active:
@@ -143,40 +170,51 @@ class DeviceModel:
             self._faults.check_start()
             granted, tracked = self._start(nodes, page_size)
             self.granted_page_size = granted
-            self.tracked_ranges = [(s, (last - s + 1) & ((1 << 64) - 1)) for s, last in tracked]
+            self.tracked_ranges = [(s, (last - s + 1) & U64_MAX) for s, last in tracked]
             self.logging_active = True
             return granted
 
     def log_stop(self) -> int:
-        with self._lock:
+        with self.state_mutex:
             self.stop_calls += 1
-            self._log = None
-            self.logging_active = False
-            self.tracked_ranges = []
-            self.granted_page_size = None
-            self._faults.sticky_eio = False
+            self._free_tracker()
             return 0
 
     def log_read_and_clear(self, iova: int, length: int, bitmap: IovaBitmap) -> None:
-        self.report_calls += 1
-        self._faults.hang_if_armed()
-        with self._lock:
+        """mlx5vf_tracker_read_and_clear's order: not active, detached, tracker error, then the
+        firmware, which may hang or fail after consuming the queried part of its log."""
+        with self.state_mutex:
+            self.report_calls += 1
             if self.strict_log_state and not self.logging_active:
                 raise kernel_error(EINVAL)
             self._faults.check_attached()
-            self._faults.check_report()
+            self._faults.check_sticky()
+            self._faults.hang_if_armed()
+            if self._faults.take_eio_once():
+                self._read_and_clear(iova, length, DiscardedBitmap())
+                raise kernel_error(EIO)
             self._read_and_clear(iova, length, bitmap)
+
+    def _free_tracker(self) -> None:
+        """The driver frees its tracker (mlx5 _mlx5vf_free_page_tracker_resources, pds
+        pds_vfio_dirty_disable): the log and any tracker error go with it."""
+        self._log = None
+        self.logging_active = False
+        self.tracked_ranges = []
+        self.granted_page_size = None
+        self._faults.sticky_eio = False
 
     # -- what the device does -----------------------------------------------------------------
 
     def dma_write(self, iova: int, length: int) -> None:
-        """The device writes [iova, iova+length): its tracker and its IOMMU domain see it."""
+        """The device writes [iova, iova+length): its tracker and its IOMMU domain see it.
+
+        Hardware takes no driver lock: a REPORT stuck under the state mutex does not stop it."""
         if length <= 0:
             return
-        with self._lock:
-            if self.logging_active:
-                self._log_dma(iova, iova + length)
-            hwpt = self.attached_hwpt
+        if self.logging_active:
+            self._log_dma(iova, iova + length)
+        hwpt = self.attached_hwpt
         if hwpt is not None:
             hwpt.record_dma(iova, length)
 
@@ -184,10 +222,11 @@ class DeviceModel:
         """Run one DMA burst if the device may initiate DMA now; returns whether it ran.
 
         `burst` writes guest memory and returns the (iova, length) ranges it wrote; they are
-        logged after the memory write, as hardware would. A device outside RUNNING/PRE_COPY is
-        quiesced (the P2P, STOP and STOP_COPY states forbid new DMA), and the burst runs under
-        the lock every state transition holds, so the state a transition captures is exactly
-        what was written."""
+        logged after the memory write, as hardware would. The uAPI lets a device that can tell
+        P2P transactions apart stop only those in the *_P2P states; these devices cannot, so
+        they stop all DMA there (which the uAPI allows): outside RUNNING/PRE_COPY the device is
+        quiesced. The burst runs under the transition lock every state change holds, so the
+        state a transition captures is exactly what was written."""
         if self.migration is None:
             for iova, length in burst():
                 self.dma_write(iova, length)
@@ -216,9 +255,10 @@ class DeviceModel:
 
     def _log_dma(self, lo: int, hi: int) -> None:
         """Hardware logs writes inside its tracked ranges only; the rest is invisible."""
-        if self._log is None:
+        log = self._log  # STOP may free it meanwhile: marking the old one is harmless
+        if log is None:
             return
         for start, length in self.tracked_ranges:
             a, b = max(lo, start), min(hi, start + length)
             if a < b:
-                self._log.mark(a, b)
+                log.mark(a, b)

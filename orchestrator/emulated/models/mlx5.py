@@ -11,12 +11,7 @@ from ..errors import kernel_error
 from ..iova_bitmap import IovaBitmap
 from ..ranges import Node, combine_iova_ranges
 from ..runs import U64_MAX
-from .base import DeviceModel, require_pow2
-
-
-def ilog2(value: int) -> int:
-    """Floor log2; -1 for 0, which any clamp to a minimum then absorbs."""
-    return value.bit_length() - 1
+from .base import DeviceModel, ilog2, require_pow2
 
 
 class Mlx5Like(DeviceModel):
@@ -46,7 +41,7 @@ class Mlx5Like(DeviceModel):
 
     def _start(self, nodes: list[Node], page_size: int) -> tuple[int, list[Node]]:
         log_page = min(max(ilog2(page_size), self.log_min_page_size), self.log_max_page_size)
-        tracked = nodes if len(nodes) <= self.max_ranges else combine_iova_ranges(nodes, self.max_ranges)
+        tracked = combine_iova_ranges(nodes, self.max_ranges)
         # Merged gaps count: the firmware is told the address space the ranges span.
         total = sum((last - start + 1) & U64_MAX for start, last in tracked) & U64_MAX
         log_addr_space = (total - 1).bit_length() if total else -1  # ilog2(roundup_pow_of_two)
@@ -59,4 +54,4 @@ class Mlx5Like(DeviceModel):
         """The firmware reports each dirty page address it holds in the range, and forgets it."""
         assert self._log is not None
         first, last = self._log.take(iova, iova + length)
-        bitmap.set_units(first, last, self._log.shift)
+        bitmap.set_units(first, last, 1 << self._log.shift)
