@@ -1,7 +1,11 @@
 """drivers/vfio/vfio_main.c: VFIO_DEVICE_FEATURE dispatch and the core's per-feature checks.
 
 The core validates and copies; the device model (its vfio_log_ops / mig_ops) decides.
-Argument sizes are `feature.argsz - 8`, as the core passes them to its handlers.
+Argument sizes are `feature.argsz - 8`, as the core passes them to its handlers. Any other
+feature goes to the driver's device_feature op: vfio-pci models (mlx5, pds, no-logging) have
+vfio_pci_core_ioctl_feature, whose LOW_POWER_* features take SET only; mtty has no such op
+(ENOTTY). The power state itself is not modelled: a low-power SET that passes the checks is a
+no-op here (its wakeup eventfd is not validated).
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from ..uapi import (
     VFIO_DEVICE_FEATURE_DMA_LOGGING_START,
     VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP,
     VFIO_DEVICE_FEATURE_GET,
+    VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY,
+    VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY_WITH_WAKEUP,
+    VFIO_DEVICE_FEATURE_LOW_POWER_EXIT,
     VFIO_DEVICE_FEATURE_MASK,
     VFIO_DEVICE_FEATURE_MIG_DATA_SIZE,
     VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
@@ -185,7 +192,22 @@ def _mig_data_size(ctx: FeatureContext, flags: int, argsz: int) -> None:
         ctx.arg.write_struct(vfio_device_feature_mig_data_size(ctx.model.migration.data_size()), DATA)
 
 
+def _low_power(minsz: int) -> Callable[[FeatureContext, int, int], None]:
+    """vfio_pci_core_pm_entry / _pm_entry_with_wakeup / _pm_exit: vfio_check_feature(SET)."""
+
+    def handler(ctx: FeatureContext, flags: int, argsz: int) -> None:
+        if not ctx.model.vfio_pci:
+            raise kernel_error(errno.ENOTTY)
+        if check_feature(flags, argsz, _SET, minsz):
+            ctx.arg.read(DATA, minsz)
+
+    return handler
+
+
 _HANDLERS: dict[int, Callable[[FeatureContext, int, int], None]] = {
+    VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY: _low_power(0),
+    VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY_WITH_WAKEUP: _low_power(8),  # {s32 eventfd, u32 reserved}
+    VFIO_DEVICE_FEATURE_LOW_POWER_EXIT: _low_power(0),
     VFIO_DEVICE_FEATURE_MIGRATION: _migration,
     VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE: _mig_device_state,
     VFIO_DEVICE_FEATURE_DMA_LOGGING_START: _logging_start,

@@ -3,6 +3,10 @@
 A cdev fd (/dev/vfio/devices/vfioN) grants nothing until VFIO_DEVICE_BIND_IOMMUFD succeeds:
 every other ioctl, read and write is EINVAL. A group-obtained fd is usable at once and has no
 iommufd ioctls (they fall through to the driver, which does not know them: ENOTTY).
+
+Implemented: VFIO_DEVICE_FEATURE and the cdev BIND/ATTACH/DETACH ioctls. Everything else a real
+vfio-pci driver answers (GET_INFO, GET_REGION_INFO, GET_IRQ_INFO, SET_IRQS, RESET, ...) is
+ENOTTY here, and so are device reads and writes (EINVAL): no regions are emulated.
 """
 
 from __future__ import annotations
@@ -63,7 +67,8 @@ class DeviceFile:
         raise kernel_error(errno.ENOTTY)
 
     def read(self, n: int) -> bytes:
-        """Device regions are not emulated; an unbound cdev refuses like any other access."""
+        """Region access is not emulated: EINVAL, which is what vfio-pci returns for an offset
+        in no region and what an unbound cdev returns for any access."""
         raise kernel_error(errno.EINVAL)
 
     def write(self, data: bytes) -> int:

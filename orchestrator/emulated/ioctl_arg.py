@@ -1,8 +1,10 @@
 """The ioctl argument buffer as the kernel sees it: user memory reached through `arg`.
 
-`fcntl.ioctl(fd, req, buf, True)` passes the kernel a pointer to `buf`; anything the kernel
-reads or writes past its end is memory the caller never handed over, so it fails with EFAULT
-here, as copy_from_user would on an unmapped address.
+With a real fd, `fcntl.ioctl(fd, req, buf, True)` copies `buf` into a 1024-byte stack buffer,
+passes the kernel a pointer to that, and copies it back: a payload shorter than what the kernel
+reads is padded with whatever the stack held, not faulted. Here the kernel sees `buf` itself,
+and reading or writing past its end fails with EFAULT (as copy_from_user on an unmapped
+address), so a short argument shows up as an error instead of as garbage input.
 """
 
 from __future__ import annotations

@@ -2,6 +2,13 @@
 
 Device fds, migration data fds and iommufd fds live in one table, numbered like a process's
 fds (lowest free from 3), so client code cannot tell this from the real syscalls.
+
+Not every ioctl is emulated. A device fd implements VFIO_DEVICE_FEATURE (the features in
+core.py) and the cdev BIND/ATTACH/DETACH_IOMMUFD_PT; a saving data fd implements
+VFIO_MIG_GET_PRECOPY_INFO; /dev/iommu implements IOAS_ALLOC, IOAS_MAP, HWPT_ALLOC,
+GET_HW_INFO and the two dirty-tracking commands. Anything else is ENOTTY, including ioctls a
+real kernel implements (VFIO_DEVICE_GET_INFO, GET_REGION_INFO, RESET, IOMMU_DESTROY,
+IOAS_UNMAP, ...), so tests of ENOTTY use request numbers no kernel knows.
 """
 
 from __future__ import annotations

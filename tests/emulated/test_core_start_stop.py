@@ -6,7 +6,7 @@ import struct
 import pytest
 
 from orchestrator import uapi
-from orchestrator.emulated import EmulatedKernel, Mlx5Like, MttyLike, NoDmaLogging
+from orchestrator.emulated import EmulatedKernel, Mlx5Like, MttyLike, NoDmaLogging, PdsLike
 
 from .util import (
     FEATURE,
@@ -24,6 +24,9 @@ from .util import (
     feature,
     ranges_mem,
 )
+
+
+NO_SUCH_IOCTL = 0x5A7F  # _IO('Z', 0x7f): vfio-pci's ioctl falls through to ENOTTY for it
 
 
 def start_arg(ranges, page_size=4096, num=None, ptr=None, argsz=None, flags=SET | START):
@@ -53,8 +56,27 @@ def test_get_and_set_without_probe_is_einval(kernel, mtty):
 
 
 @pytest.mark.parametrize("fid", [0, 3, 4, 5, 10, 11, 12, 0xFFFF])
-def test_features_outside_the_core_are_enotty(kernel, mtty, fid):
+def test_features_outside_the_core_are_enotty_on_mtty(kernel, mtty, fid):
+    """mtty has no device_feature op."""
     fd, _ = mtty
+    expect_errno(errno.ENOTTY, lambda: kernel.ioctl(fd, FEATURE, feature(GET | fid, bytes(64))))
+
+
+@pytest.mark.parametrize("fid, minsz", [(3, 0), (4, 8), (5, 0)])
+def test_low_power_features_on_vfio_pci_are_set_only(kernel, fid, minsz):
+    """vfio_pci_core_pm_entry and friends: vfio_check_feature(flags, argsz, SET, minsz)."""
+    fd = kernel.open_device(Mlx5Like())
+    expect_errno(errno.EINVAL, lambda: kernel.ioctl(fd, FEATURE, feature(GET | fid, bytes(8))))
+    kernel.ioctl(fd, FEATURE, feature(PROBE | SET | fid))
+    if minsz:
+        expect_errno(errno.EINVAL, lambda: kernel.ioctl(fd, FEATURE, feature(SET | fid, bytes(minsz - 1))))
+    kernel.ioctl(fd, FEATURE, feature(SET | fid, bytes(minsz)))
+
+
+@pytest.mark.parametrize("fid", [0, 10, 12, 0xFFFF])
+def test_features_vfio_pci_does_not_know_are_enotty(kernel, fid):
+    """PCI_VF_TOKEN (0) is ENOTTY on a VF: only a PF has a vf_token."""
+    fd = kernel.open_device(PdsLike())
     expect_errno(errno.ENOTTY, lambda: kernel.ioctl(fd, FEATURE, feature(GET | fid, bytes(64))))
 
 
@@ -65,7 +87,7 @@ def test_header_past_the_buffer_is_efault(kernel, mtty):
 
 def test_unknown_request_and_fd(kernel, mtty):
     fd, _ = mtty
-    expect_errno(errno.ENOTTY, lambda: kernel.ioctl(fd, uapi.VFIO_DEVICE_GET_REGION_INFO, bytearray(32)))
+    expect_errno(errno.ENOTTY, lambda: kernel.ioctl(fd, NO_SUCH_IOCTL, bytearray(32)))
     expect_errno(errno.EBADF, lambda: kernel.ioctl(999, FEATURE, feature(SET | STOP)))
 
 

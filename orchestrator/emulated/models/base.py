@@ -53,6 +53,8 @@ class DeviceModel:
     """An emulated VFIO device. `has_log_ops` False means the driver registers no vfio_log_ops."""
 
     has_log_ops = True
+    # A vfio-pci variant driver (vfio_pci_core_ioctl_feature), not an mdev like mtty.
+    vfio_pci = True
     # mlx5 and pds refuse a second START and a REPORT while idle; mtty accepts anything.
     strict_log_state = True
     precopy_eos_errno: int | None = None

@@ -17,6 +17,7 @@ from .base import DeviceModel
 
 class MttyLike(DeviceModel):
     strict_log_state = False
+    vfio_pci = False
 
     def __init__(
         self,
