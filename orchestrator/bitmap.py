@@ -21,7 +21,7 @@ from functools import cache
 
 import numpy as np
 
-from orchestrator.bits import page_words, set_bit_range, words_for
+from orchestrator.bits import page_words, report_words, set_bit_range, words_for
 
 _ONES = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
 
@@ -173,14 +173,14 @@ class DirtyBitmap:
 
     @staticmethod
     def scratch(npages: int) -> np.ndarray:
-        """A zeroed report buffer for `npages` report pages, in whole pages (`bits.page_words`):
-        the kernel may set bits past the queried length up to the end of the last page.
+        """A zeroed report buffer for `npages` report pages, as large as a kernel report may
+        write (`bits.report_words`: bits past the queried length reach the pinned pages' end).
 
         A tracker allocates it once and reuses it every round: `buf.fill(0)`, REPORT into it (the
         kernel only sets bits), then `merge_report` of the whole buffer. The kernel never
         touches the shared words.
         """
-        return page_words(words_for(npages))
+        return report_words(npages)
 
     def mark(self, iova: int, length: int) -> None:
         """Mark every page that [iova, iova + length) touches, clipped to the bitmap."""

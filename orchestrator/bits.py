@@ -44,10 +44,21 @@ PAGE_WORDS = mmap.PAGESIZE // 8
 def page_words(nwords: int) -> np.ndarray:
     """At least `nwords` zeroed u64 words, starting and ending on a page boundary.
 
-    Anonymous memory: zero pages cost nothing until touched. Whole pages matter for report
-    buffers: the kernel pins a user bitmap page by page and, for a dirty unit that runs past
-    the queried length, sets bits up to the end of the last page it pinned (iova_bitmap_set
-    is bounded by the pinned pages, not by the length) - into memory a tight buffer does not
-    own."""
+    Anonymous memory: zero pages cost nothing until touched."""
     n = max(1, -(-nwords // PAGE_WORDS)) * PAGE_WORDS
     return np.frombuffer(mmap.mmap(-1, n * 8), dtype=np.uint64)
+
+
+def report_span(nbits: int) -> int:
+    """Words a kernel report of `nbits` bits may write: its own, rounded up to whole pages,
+    and one page more. For a dirty unit that runs past the queried length the kernel sets
+    bits until the end of the pages it pinned (iova_bitmap_set is bounded by those, not by
+    the length), and it pins from the unit's first bitmap byte: the rounded-up rest of the
+    bitmap, plus one page when that byte is not page-aligned."""
+    return (-(-words_for(nbits) // PAGE_WORDS) + 1) * PAGE_WORDS
+
+
+def report_words(nbits: int) -> np.ndarray:
+    """A zeroed buffer a kernel report of `nbits` bits can write without reaching memory
+    the buffer does not own (`report_span`)."""
+    return page_words(report_span(nbits))

@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from ..bitmap import DirtyBitmap
-from ..bits import PAGE_WORDS, words_for
+from ..bits import page_words, report_span, report_words
 from ..memory import MemoryLayout
 from ..vfio.ranges import IovaRange, normalize
 
@@ -117,17 +117,17 @@ class ReportBuffer:
     """
 
     def __init__(self) -> None:
-        self._words = DirtyBitmap.scratch(0)
+        self._words = report_words(0)
 
     def chunks(self, ranges: list[IovaRange], page_size: int):
-        """Yield (iova, length, zeroed page-rounded words) for every report-sized piece."""
+        """Yield (iova, length, zeroed words) for every report-sized piece: as many words as
+        a report may write (`bits.report_span`), all of them merged."""
         for r in ranges:
             for lo in range(r.iova, r.end, REPORT_CHUNK):
                 length = min(REPORT_CHUNK, r.end - lo)
-                npages = -(-length // page_size)
-                need = -(-words_for(npages) // PAGE_WORDS) * PAGE_WORDS
+                need = report_span(-(-length // page_size))
                 if self._words.size < need:
-                    self._words = DirtyBitmap.scratch(npages)
+                    self._words = page_words(need)
                 out = self._words[:need]
                 out.fill(0)
                 yield lo, length, out

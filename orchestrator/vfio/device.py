@@ -14,7 +14,7 @@ import mmap
 import numpy as np
 
 from .. import uapi as U
-from ..bits import words_for
+from ..bits import report_span
 from .errors import VfioError, VfioUsageError, from_oserror
 from .ranges import U64_LIMIT, IovaRange, as_ranges, is_pow2
 from .syscalls import Syscalls
@@ -37,20 +37,23 @@ def check_span(iova: int, length: int, what: str) -> None:
 
 def check_out_bitmap(out: np.ndarray, nbits: int, what: str) -> None:
     """The kernel ORs into the caller's buffer through a raw pointer: it must be real,
-    writable, contiguous uint64 memory large enough for every bit of the query, and end on a
-    page boundary, since a dirty unit running past the query's end has its bits set up to
-    the end of the last page the kernel pinned (`bits.page_words` allocates such buffers)."""
+    writable, contiguous uint64 memory, and as large as a report may write (`bits.report_span`:
+    a dirty unit running past the query's end has its bits set to the end of the pages the
+    kernel pinned), ending on a page boundary. `bits.report_words` allocates such buffers."""
     if not isinstance(out, np.ndarray) or out.dtype != np.uint64:
         raise VfioUsageError(f"{what}: bitmap must be a numpy uint64 array")
     if not out.flags.c_contiguous or not out.flags.writeable:
         raise VfioUsageError(f"{what}: bitmap must be C-contiguous and writable")
-    need = words_for(nbits)
+    need = report_span(nbits)
     if out.size < need:
-        raise VfioUsageError(f"{what}: bitmap holds {out.size} words, the query needs {need}")
+        raise VfioUsageError(
+            f"{what}: bitmap holds {out.size} words, a report of {nbits} bits may write {need} "
+            "(whole pages and one more); allocate it with orchestrator.bits.report_words"
+        )
     if (out.ctypes.data + out.nbytes) % mmap.PAGESIZE:
         raise VfioUsageError(
-            f"{what}: bitmap must end on a page boundary (the kernel may set bits up to the end "
-            "of its last page); allocate it with orchestrator.bits.page_words"
+            f"{what}: bitmap must end on a page boundary (the kernel sets bits up to the end of "
+            "the pages it pinned); allocate it with orchestrator.bits.report_words"
         )
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from orchestrator import uapi as U
-from orchestrator.bits import page_words
+from orchestrator.bits import report_words
 from orchestrator.emulated import EmulatedKernel, Mlx5Like
 from orchestrator.emulated.dma import PAGE, DmaEngine, EngineState, check_window, expected_writes
 from orchestrator.vfio import VfioDevice
@@ -52,7 +52,7 @@ def test_writes_are_logged_like_hardware(ram):
     wait_writes(eng, 12)
     m.migration.set_state(U.VFIO_DEVICE_STATE_STOP)
     eng.stop()
-    out = page_words(1)
+    out = report_words(64)
     dev.report_dma_log(0, 64 * PAGE, PAGE, out)
     logged = np.flatnonzero(np.unpackbits(out[:1].view(np.uint8), bitorder="little")).tolist()
     assert logged == [8, 9, 10, 11]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import time
 
 import numpy as np
 from hypothesis import HealthCheck, example, given, settings
@@ -129,6 +130,10 @@ async def run_ops(ops, exact: bool):
             assert got == written
     for _, model, _, _ in devices:
         model.release_hang()
+        # a STOP issued during a hung REPORT waits behind the device mutex, as upstream
+        deadline = time.monotonic() + 5
+        while model.logging_active and time.monotonic() < deadline:
+            time.sleep(0.005)
         assert not model.logging_active, "every tracker stopped on exit"
     return ts
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from orchestrator import uapi as U
-from orchestrator.bits import page_words
+from orchestrator.bits import page_words, report_words
 from orchestrator.vfio import IommufdHwpt, State, VfioDevice, VfioUsageError
 
 
@@ -39,7 +39,7 @@ class Recorder:
 
 
 dev = VfioDevice(7, NoSyscalls(), name="dev0")
-zeroed = page_words(64)
+zeroed = report_words(1)
 
 
 @pytest.mark.parametrize(
@@ -67,7 +67,7 @@ def test_start_bad_input(ranges, page, needle):
         (0, 0x1000, 1000, zeroed, "power of two"),
         (0, 0, 4096, zeroed, "length > 0"),
         ((1 << 64) - 0x1000, 0x2000, 4096, zeroed, "wraps"),
-        (0, 1 << 30, 4096, zeroed, "needs 4096"),
+        (0, 1 << 30, 4096, zeroed, "may write 4608"),
         (0, 0x1000, 4096, np.zeros(4, np.uint32), "uint64"),
         (0, 0x1000, 4096, zeroed[::2], "contiguous"),
         (0, 0x1000, 4096, [0, 0], "uint64"),
@@ -81,9 +81,10 @@ def test_report_bad_input(iova, length, page, out, needle):
 def test_report_bitmap_must_end_on_a_page():
     """A real kernel may set bits up to the end of the bitmap's last page."""
     with pytest.raises(VfioUsageError, match="end on a page boundary"):
-        dev.report_dma_log(0, 0x1000, 4096, page_words(8)[:4])
-    dev_ok = VfioDevice(7, Recorder())
-    dev_ok.report_dma_log(0, 0x1000, 4096, page_words(8))
+        dev.report_dma_log(0, 0x1000, 4096, page_words(3 * 512)[8 : 8 + 1024])
+    with pytest.raises(VfioUsageError, match="one more"):
+        dev.report_dma_log(0, 0x1000, 4096, page_words(512))  # no spare page
+    VfioDevice(7, Recorder()).report_dma_log(0, 0x1000, 4096, report_words(1))
 
 
 def test_report_readonly_buffer_rejected():
@@ -121,7 +122,7 @@ def test_start_encoding_and_granted_page_size():
 
 def test_report_encoding_points_at_out():
     rec = Recorder()
-    out = page_words(4)
+    out = report_words(64)
     VfioDevice(5, rec).report_dma_log(0x100000, 0x40000, 4096, out)
     _, _, raw = rec.calls[0]
     argsz, flags, iova, length, page, ptr = struct.unpack("<IIQQQQ", raw)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from orchestrator.bitmap import DirtyBitmap
-from orchestrator.bits import page_words
+from orchestrator.bits import report_words
 from orchestrator.emulated import EmulatedKernel, Fault, Mlx5Like, MttyLike, NoDmaLogging, PdsLike
 from orchestrator.memory import MemoryLayout, RamRegion
 from orchestrator.trackers import IommufdHwptTracker
@@ -45,7 +45,7 @@ def test_start_report_stop_roundtrip_and_granted_size():
     d, m = dev(Mlx5Like(min_page_size=1 << 16, max_page_size=1 << 16))
     assert d.start_dma_logging([(0, 1 << 20)], PAGE) == 1 << 16  # clamped up and written back
     m.dma_write(0x12345, 1)
-    out = page_words(4)
+    out = report_words(256)
     d.report_dma_log(0, 1 << 20, PAGE, out)
     bits = np.flatnonzero(np.unpackbits(out.view(np.uint8), bitorder="little"))
     assert bits.tolist() == list(range(16, 32)), "one 64 KiB unit replicated into sixteen 4 KiB bits"
@@ -58,7 +58,7 @@ def test_start_report_stop_roundtrip_and_granted_size():
 
 def test_kernel_errors_become_typed_errors():
     d, m = dev(Mlx5Like())
-    out = page_words(4)
+    out = report_words(256)
     with pytest.raises(InvalidArgument) as e:
         d.report_dma_log(0, PAGE, PAGE, out)  # REPORT before START
     assert e.value.errno == errno.EINVAL and "DMA_LOGGING_REPORT" in str(e.value)
@@ -73,9 +73,11 @@ def test_kernel_errors_become_typed_errors():
     d.stop_dma_logging()
     d.start_dma_logging([(0, 1 << 20)], PAGE)
     d.report_dma_log(0, PAGE, PAGE, out)  # a new tracker clears the sticky error
-    m.inject(Fault.DETACH)
-    with pytest.raises(TrackerLost) as e:
+    m.inject(Fault.DETACH)  # VF disabled: the tracker is freed with it
+    with pytest.raises(InvalidArgument):
         d.report_dma_log(0, PAGE, PAGE, out)
+    with pytest.raises(TrackerLost) as e:
+        d.start_dma_logging([(0, 1 << 20)], PAGE)
     assert e.value.errno == errno.ENOTCONN
     nolog, _ = dev(NoDmaLogging())
     with pytest.raises(NotSupported) as e:
@@ -159,7 +161,7 @@ def test_iommufd_hwpt_tracker():
     model.dma_write(APERTURE + 3 * PAGE, 2 * PAGE)
     tracker.collect(bm)
     assert bm.harvest().tolist() == [APERTURE // PAGE + 3, APERTURE // PAGE + 4]
-    out, second = page_words(8), page_words(8)
+    out, second = report_words(64), report_words(64)
     model.dma_write(APERTURE, 1)
     hwpt.get_dirty_bitmap(APERTURE, 64 * PAGE, PAGE, out, no_clear=True)
     hwpt.get_dirty_bitmap(APERTURE, 64 * PAGE, PAGE, second, no_clear=False)
