@@ -7,6 +7,7 @@ locked merge/mark operations.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -101,6 +102,9 @@ def subtract(ranges: list[IovaRange], minus: list[IovaRange]) -> list[IovaRange]
     return out
 
 
+# A kernel query: (iova, length, page size, zeroed words) -> the words ORed with its report.
+Report = Callable[[int, int, int, np.ndarray], None]
+
 # One report covers at most this much IOVA: a 2 MiB scratch bitmap at 4 KiB pages, the same
 # window the kernel's iova_bitmap pins at a time.
 REPORT_CHUNK = 64 << 30
@@ -119,15 +123,18 @@ class ReportBuffer:
     def __init__(self) -> None:
         self._words = report_words(0)
 
-    def chunks(self, ranges: list[IovaRange], page_size: int):
-        """Yield (iova, length, zeroed words) for every report-sized piece: as many words as
-        a report may write (`bits.report_span`), all of them merged."""
+    def collect(self, bitmap: DirtyBitmap, ranges: list[IovaRange], report: Report) -> None:
+        """Query `ranges` report-sized piece by piece at the bitmap's page size, each into the
+        zeroed buffer (as many words as a report may write, `bits.report_span`), and merge
+        each whole buffer into the shared bitmap."""
+        page = bitmap.page_size
         for r in ranges:
             for lo in range(r.iova, r.end, REPORT_CHUNK):
                 length = min(REPORT_CHUNK, r.end - lo)
-                need = report_span(-(-length // page_size))
+                need = report_span(-(-length // page))
                 if self._words.size < need:
                     self._words = page_words(need)
                 out = self._words[:need]
                 out.fill(0)
-                yield lo, length, out
+                report(lo, length, page, out)
+                bitmap.merge_report(lo, page, out)

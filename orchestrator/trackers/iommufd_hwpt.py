@@ -43,10 +43,7 @@ class IommufdHwptTracker:
         return StartOutcome(self.page_size, list(self.ranges), list(self.untracked))
 
     def collect(self, bitmap: DirtyBitmap) -> None:
-        page = bitmap.page_size
-        for lo, length, out in self._buffer.chunks(self.ranges, page):
-            self.hwpt.get_dirty_bitmap(lo, length, page, out)
-            bitmap.merge_report(lo, page, out)
+        self._buffer.collect(bitmap, self.ranges, self.hwpt.get_dirty_bitmap)
         mark_ranges(bitmap, self.untracked)
 
     def stop(self) -> None:

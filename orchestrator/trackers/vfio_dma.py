@@ -94,10 +94,7 @@ class VfioDmaLogTracker:
         return IovaRange(lo, hi - lo)
 
     def collect(self, bitmap: DirtyBitmap) -> None:
-        page = bitmap.page_size
-        for lo, length, out in self._buffer.chunks(self.windows, page):
-            self.device.report_dma_log(lo, length, page, out)
-            bitmap.merge_report(lo, page, out)
+        self._buffer.collect(bitmap, self.windows, self.device.report_dma_log)
         mark_ranges(bitmap, self.untracked)
 
     def stop(self) -> None:
