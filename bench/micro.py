@@ -11,15 +11,21 @@ import numpy as np
 
 from bench import Case, Options, Result, gbps, median_seconds, ms, suite
 from orchestrator.bitmap import DirtyBitmap
+from orchestrator.bits import words_for
 
 PAGE = 4096
 NPAGES = 1 << 28  # 1 TiB / 4 KiB
 SPARSE_PAGES = 10_000
 
 
+def _words(npages: int) -> np.ndarray:
+    """The words of a report over `npages` pages, in a kernel-ready report buffer."""
+    return DirtyBitmap.scratch(npages)[: words_for(npages)]
+
+
 def _report(dirty_pages: np.ndarray) -> np.ndarray:
     """A report buffer (bitmap page size, base 0) with the given pages set."""
-    words = DirtyBitmap.scratch(NPAGES)
+    words = _words(NPAGES)
     np.bitwise_or.at(words, dirty_pages >> 6,
                      np.left_shift(np.uint64(1), (dirty_pages & 63).astype(np.uint64)))
     return words
@@ -28,11 +34,11 @@ def _report(dirty_pages: np.ndarray) -> np.ndarray:
 @suite("micro")
 def merge(options: Options) -> Result:
     """OR-merge of one tracker's full 1 TiB report: aligned fast path, shifted, and 2 MiB pages."""
-    report = DirtyBitmap.scratch(NPAGES)
+    report = _words(NPAGES)
     report[:] = np.random.default_rng(0).integers(0, 2**64, report.size, dtype=np.uint64)
     copy = np.empty_like(report)
     bitmap = DirtyBitmap(NPAGES)
-    huge = DirtyBitmap.scratch(NPAGES // 512)  # the same guest tracked at 2 MiB
+    huge = _words(NPAGES // 512)  # the same guest tracked at 2 MiB
     huge[::3] = np.uint64(0x0101_0101_0101_0101)
     seconds = median_seconds(
         {
@@ -62,7 +68,7 @@ def harvest(options: Options) -> Result:
     sparse = _report(np.linspace(0, NPAGES - 1, SPARSE_PAGES, dtype=np.int64))
     dense = _report(np.arange(0, NPAGES, 64, dtype=np.int64) + 17)
     bitmap = DirtyBitmap(NPAGES)
-    words = DirtyBitmap.scratch(NPAGES)  # the caller's reused buffer for harvest_words
+    words = _words(NPAGES)  # the caller's reused buffer for harvest_words
     seconds = median_seconds(
         {
             "sparse": Case(bitmap.harvest, lambda: bitmap.merge_report(0, PAGE, sparse)),
