@@ -54,8 +54,6 @@ class LocalSink:
         self.page_size = layout.page_size
         self._maps: list[mmap.mmap] = []
         self.regions: list[_Region] = []
-        self.pages_sent = 0
-        self.bytes_sent = 0
         try:
             for r in layout.regions:
                 self.regions.append(self._open(r, src_paths, dst_paths))
@@ -108,8 +106,6 @@ class LocalSink:
         moved = 0
         for reg, local, gp in self._split(np.asarray(pages, np.int64)):
             moved += self._copy(reg, local, gp, on_sent)
-        self.pages_sent += moved
-        self.bytes_sent += moved * self.page_size
         return moved * self.page_size
 
     def _copy(self, reg: _Region, local: np.ndarray, gp: np.ndarray, on_sent: OnSent | None) -> int:
@@ -144,8 +140,6 @@ class LocalSink:
         for reg in self.regions:
             for nz in nonzero_pages(reg.src, reg.data_runs(self.page_size), SCAN_PAGES):
                 total += self._copy(reg, nz, nz + reg.first_page, on_sent)
-        self.pages_sent += total
-        self.bytes_sent += total * self.page_size
         return total, total * self.page_size
 
     async def send_round0(self, on_sent: OnSent | None = None) -> tuple[int, int]:

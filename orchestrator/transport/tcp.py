@@ -163,7 +163,7 @@ class TcpSink:
         self.endpoint, self.options = endpoint, options
         self.session = secrets.token_bytes(16)
         self.epoch: bytes | None = None
-        self.pages_sent = self.bytes_sent = self.wire_bytes = self.reconnects = 0
+        self.pages_sent = self.reconnects = 0
         self._token = token
         self._rounds = 0
         self._need = max(r.offset + r.length for r in layout.regions)
@@ -279,7 +279,6 @@ class TcpSink:
                 if self._bucket is not None:
                     await self._bucket.take(len(sent.pages.frame))
                 conn.writer.write(sent.pages.frame)
-                self.wire_bytes += len(sent.pages.frame)
                 await conn.writer.drain()
             if not lane.inflight:
                 return
@@ -295,7 +294,6 @@ class TcpSink:
     def _delivered(self, sent: _Sent, on_sent: OnSent | None) -> None:
         n = sent.batch.local.size
         self.pages_sent += n
-        self.bytes_sent += n * self.page_size
         if on_sent is None:
             return
         guest, is_data = sent.batch.guest, sent.pages.is_data
