@@ -46,6 +46,7 @@ class DeviceMigration:
     _fd: int | None = field(default=None, init=False)
     _pump: asyncio.Task | None = field(default=None, init=False)
     _stopping: bool = field(default=False, init=False)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
     def __post_init__(self) -> None:
         self.report = DeviceReport(self.name)
@@ -71,12 +72,18 @@ class DeviceMigration:
             if chunk:
                 self._data += chunk
                 self.report.precopy_bytes += len(chunk)
-            else:
-                await asyncio.sleep(POLL_S)
+                continue
+            try:  # nothing for now: look again soon, or stop at once when told to
+                await asyncio.wait_for(self._wake.wait(), POLL_S)
+            except TimeoutError:
+                pass
 
     async def _stop_pump(self) -> None:
-        """Let the reader finish; its failure (a hung or failed read) is the caller's."""
+        """Let the reader finish; its failure (a hung or failed read) is the caller's. The
+        switchover waits for this with the guest paused, so the reader is woken, not
+        waited out."""
         self._stopping = True
+        self._wake.set()
         pump, self._pump = self._pump, None
         if pump is not None:
             await pump
