@@ -99,26 +99,33 @@ def add_stream_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-bandwidth", type=parse_size, metavar="BYTES", help="cap on page-stream bytes per second, e.g. 100M")
 
 
+def check_migrate_args(args: argparse.Namespace) -> MigrationOptions:
+    """Everything that can be checked without touching a QEMU; returns the options."""
+    options = options_from(args, args.verify)
+    options.policy()
+    if args.dst_receiver is not None and (args.token_file is None or args.uri is None):
+        raise ValueError("--dst-receiver needs --token-file, and --uri for QEMU's own stream (e.g. tcp:HOST:PORT)")
+    return options
+
+
 async def attach_from(args: argparse.Namespace, src: QmpSession, dst: QmpSession) -> Endpoints:
     """A local sink (--dst-ram) or a TCP stream to a receiver (--dst-receiver)."""
     if args.dst_ram is not None:
         return await attach(src, dst, args.src_ram, args.dst_ram)
-    if args.token_file is None or args.uri is None:
-        raise ValueError("--dst-receiver needs --token-file, and --uri for QEMU's own stream (e.g. tcp:HOST:PORT)")
     tls = client_context(args.tls_ca) if args.tls_ca else None
     options = TcpOptions(streams=args.streams, max_bandwidth=args.max_bandwidth, ssl=tls, server_hostname=args.tls_server_name)
     return await attach_remote(src, dst, args.src_ram, parse_endpoint(args.dst_receiver), load_token(args.token_file), options)
 
 
-def vfio_trackers(paths: list[Path]) -> tuple[list[Tracker], list[int]]:
+def vfio_trackers(paths: list[Path], fds: list[int]) -> list[Tracker]:
+    """One DMA-log tracker per device fd; each fd goes into `fds` as soon as it is open, so
+    the caller closes every one even when a later open fails."""
     sys_ = RealSyscalls()
     trackers: list[Tracker] = []
-    fds: list[int] = []
     for path in paths:
-        fd = os.open(path, os.O_RDWR)
-        fds.append(fd)
-        trackers.append(VfioDmaLogTracker(VfioDevice(fd, sys_, name=path.name)))
-    return trackers, fds
+        fds.append(os.open(path, os.O_RDWR))
+        trackers.append(VfioDmaLogTracker(VfioDevice(fds[-1], sys_, name=path.name)))
+    return trackers
 
 
 async def run_migration(ep: Endpoints, trackers: list[Tracker], uri: str, options: MigrationOptions) -> MigrationReport:
@@ -133,15 +140,13 @@ async def migrate_command(args: argparse.Namespace) -> int:
     ep: Endpoints | None = None
     try:
         try:
+            options = check_migrate_args(args)
             for sock in (args.src_qmp, args.dst_qmp):
                 sessions.append(await QmpSession.connect(sock))
             ep = await attach_from(args, *sessions)
-            options = options_from(args, args.verify)
-            options.policy()  # validates the numbers before anything starts
             src_mem = np.memmap(args.src_ram, np.uint8, mode="r")
             trackers: list[Tracker] = [ContentTracker(src_mem)] if "content" in (args.tracker or ["content"]) else []
-            dev_trackers, fds = vfio_trackers(args.vfio_device)
-            trackers += dev_trackers
+            trackers += vfio_trackers(args.vfio_device, fds)
         except BAD_INPUT as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .attach import Endpoints, attach, attach_remote
-from .devices.fleet import FaultPlan, Fleet
+from .devices.fleet import FaultPlan, Fleet, device_names
 from .driver import Migration, MigrationOptions, MigrationReport
 from .qemu.launcher import QemuVm, Role, VmConfig, launch
 from .receive import loopback_receiver
@@ -130,6 +130,8 @@ async def guest_pair(
         raise ValueError(f"guest memory {mem} must be a whole number of MiB, at least 64M")
     check_fixtures(tracker)
     check_accel(accel, tracker)
+    if devices:
+        device_names(devices, faults or [])
     ram_mib, append = mem >> 20, WORKLOADS[workload]
     log = VcpuDirtyLog.create(Path("/dev/shm") / f"orchestrator-vcpu-{uuid.uuid4().hex}", mem >> 12) if tracker == "vcpu" else None
     try:

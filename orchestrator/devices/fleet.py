@@ -65,6 +65,19 @@ class FaultPlan:
         return cls(fault, device or None, round_)
 
 
+def device_names(kinds: list[str], faults: list[FaultPlan] = ()) -> list[str]:
+    """The names a fleet of `kinds` will have; raises ValueError for an unknown kind or a
+    fault aimed at a device the fleet will not have (checked before anything is launched)."""
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"unknown device kinds {unknown}; choose from {', '.join(KINDS)}")
+    names = [f"{kind}-{i}" for i, kind in enumerate(kinds)]
+    for plan in faults:
+        if plan.device is not None and plan.device not in names:
+            raise ValueError(f"fault {plan.fault} is aimed at {plan.device!r}; devices will be {', '.join(names)}")
+    return names
+
+
 @dataclass
 class EmulatedDevice:
     name: str
@@ -91,9 +104,7 @@ class Fleet:
 
     @classmethod
     def create(cls, kinds: list[str], src_ram: Path, dst_ram: Path, dma: tuple[int, int], rate: int = 4000) -> Fleet:
-        unknown = [k for k in kinds if k not in KINDS]
-        if unknown or not kinds:
-            raise ValueError(f"unknown device kinds {unknown}; choose from {', '.join(KINDS)}")
+        names = device_names(kinds)
         src_k, dst_k = EmulatedKernel(), EmulatedKernel()
         share = (dma[1] // len(kinds)) // (2 * MiB) * (2 * MiB)
         if share < 2 * MiB:
@@ -103,7 +114,7 @@ class Fleet:
             length = min(share, NOLOG_WINDOW) if kind == "nolog" else share
             window = IovaRange(dma[0] + i * share, length)
             sm, dm = KINDS[kind](), KINDS[kind]()
-            name = f"{kind}-{i}"
+            name = names[i]
             engine = DmaEngine(sm, str(src_ram), window.iova, window.length // PAGE, rate)
             fleet.devices.append(
                 EmulatedDevice(

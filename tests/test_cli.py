@@ -1,0 +1,41 @@
+"""Argument errors are reported before the CLI touches any QEMU (the sockets here do not
+exist, so reaching for them would be a different error)."""
+
+import pytest
+
+from orchestrator.cli import EXIT_BAD_INPUT, main
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--dst-receiver", "127.0.0.1:1"], "--dst-receiver needs --token-file"),
+        (["--dst-ram", "/nope-dst", "--max-rounds", "0"], "round cap and time cap must be positive"),
+        (["--dst-ram", "/nope-dst", "--on-limit", "cancel", "--downtime-limit", "-1"], "must be positive"),
+    ],
+)
+def test_migrate_argument_errors_come_first(extra, needle, capsys):
+    code = main(["migrate", "--src-qmp", "/nope-src.sock", "--dst-qmp", "/nope-dst.sock", "--src-ram", "/nope", *extra])
+    assert code == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert needle in err and "does not exist" not in err
+
+
+def test_demo_rejects_unknown_device_and_fault(capsys):
+    assert main(["demo", "--devices", "mlx5,gpu"]) == EXIT_BAD_INPUT
+    assert "unknown device kinds ['gpu']" in capsys.readouterr().err
+    assert main(["demo", "--inject", "meteor@mlx5-0:1"]) == EXIT_BAD_INPUT
+    assert "unknown fault 'meteor'" in capsys.readouterr().err
+    assert main(["demo", "--inject", "detach@gpu-7:1"]) == EXIT_BAD_INPUT
+    assert "aimed at 'gpu-7'; devices will be mlx5-0, pds-1" in capsys.readouterr().err
+
+
+def test_demo_input_errors_launch_nothing(monkeypatch, capsys):
+    import orchestrator.demo as demo
+
+    def no_launch(*a, **k):
+        raise AssertionError("a QEMU was launched despite bad input")
+
+    monkeypatch.setattr(demo, "launch", no_launch)
+    assert main(["demo", "--devices", "mlx5,gpu"]) == EXIT_BAD_INPUT
+    assert main(["demo", "--inject", "detach@gpu-7:1"]) == EXIT_BAD_INPUT
