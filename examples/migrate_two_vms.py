@@ -14,12 +14,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from orchestrator.attach import attach
 from orchestrator.driver import Migration, MigrationOptions, MigrationReport
 from orchestrator.qemu.qmp import QmpSession
-from orchestrator.trackers import ContentTracker
+from orchestrator.trackers import content_trackers
 
 
 async def migrate(src_qmp: Path, dst_qmp: Path, src_ram: Path, dst_ram: Path) -> MigrationReport:
@@ -29,7 +27,7 @@ async def migrate(src_qmp: Path, dst_qmp: Path, src_ram: Path, dst_ram: Path) ->
         try:
             # Any accelerator: find dirty pages by content. Add VfioDmaLogTracker(VfioDevice(fd,
             # RealSyscalls())) per device, or a VcpuTracker when QEMU runs the TCG plugin.
-            trackers = [ContentTracker(np.memmap(src_ram, np.uint8, mode="r"))]
+            trackers = content_trackers(ep.layout, str(src_ram))
             with tempfile.TemporaryDirectory() as tmp:
                 uri = f"unix:{tmp}/migrate.sock"
                 options = MigrationOptions(downtime_limit_ms=300, verify=True)

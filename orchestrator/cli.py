@@ -12,8 +12,6 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from .attach import Endpoints, attach, attach_remote
 from .demo import parse_size, run_demo
 from .devices.fleet import FAULTS, KINDS, FaultPlan
@@ -22,7 +20,7 @@ from .output import event_line, round_line, summary, write_json
 from .qemu.errors import QemuError
 from .qemu.qmp import QmpSession
 from .receive import serve
-from .trackers import ContentTracker, RecoveryPolicy, Tracker, VfioDmaLogTracker
+from .trackers import RecoveryPolicy, Tracker, VfioDmaLogTracker, content_trackers
 from .transport import SinkError
 from .transport.auth import load_token
 from .transport.endpoint import client_context, parse_endpoint
@@ -64,7 +62,6 @@ def parser() -> argparse.ArgumentParser:
     where.add_argument("--dst-receiver", metavar="HOST:PORT", help="a `receive` on the destination host (needs --token-file and --uri)")
     m.add_argument("--uri", help="QEMU-to-QEMU state stream, e.g. tcp:HOST:PORT (default: a private unix socket)")
     add_stream_options(m)
-    m.add_argument("--tracker", action="append", choices=("content",), help="RAM trackers (default: content)")
     m.add_argument("--vfio-device", action="append", type=Path, default=[], metavar="PATH", help="a VFIO device fd to track by DMA logging (repeatable)")
     m.add_argument("--verify", action="store_true", help="compare source and destination RAM while both are paused")
     add_policy_options(m)
@@ -144,8 +141,7 @@ async def migrate_command(args: argparse.Namespace) -> int:
             for sock in (args.src_qmp, args.dst_qmp):
                 sessions.append(await QmpSession.connect(sock))
             ep = await attach_from(args, *sessions)
-            src_mem = np.memmap(args.src_ram, np.uint8, mode="r")
-            trackers: list[Tracker] = [ContentTracker(src_mem)] if "content" in (args.tracker or ["content"]) else []
+            trackers: list[Tracker] = [*content_trackers(ep.layout, str(args.src_ram))]
             trackers += vfio_trackers(args.vfio_device, fds)
         except BAD_INPUT as exc:
             print(f"error: {exc}", file=sys.stderr)

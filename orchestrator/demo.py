@@ -13,14 +13,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from .attach import Endpoints, attach, attach_remote
 from .devices.fleet import FaultPlan, Fleet, device_names
 from .driver import Migration, MigrationOptions, MigrationReport
 from .qemu.launcher import QemuVm, Role, VmConfig, launch
 from .receive import loopback_receiver
-from .trackers import ContentTracker, Tracker, VcpuTracker
+from .trackers import Tracker, VcpuTracker, content_trackers
 from .transport.auth import load_token
 from .transport.endpoint import Endpoint
 from .vcpulog import PLUGIN, VcpuDirtyLog
@@ -91,7 +89,9 @@ class GuestPair:
     def trackers(self) -> list[Tracker]:
         """The vCPU tracker (plugin or content hashing), plus one DMA-log tracker per
         emulated device unless device tracking is off."""
-        ram: list[Tracker] = [VcpuTracker(self.log)] if self.log else [ContentTracker(_source_view(self.src.ram_path))]
+        ram: list[Tracker] = (
+            [VcpuTracker(self.log)] if self.log else [*content_trackers(self.endpoints.layout, str(self.src.ram_path))]
+        )
         return ram + (self.fleet.trackers() if self.fleet and self.device_tracking else [])
 
     def migration(self, options: MigrationOptions, trackers: list[Tracker] | None = None, on_round=None, on_event=None) -> Migration:
@@ -212,7 +212,3 @@ def device_checks(fleet: Fleet) -> dict[str, dict]:
         }
         for d in fleet.devices
     }
-
-
-def _source_view(path: Path) -> np.ndarray:
-    return np.memmap(path, np.uint8, mode="r", shape=(os.path.getsize(path),))

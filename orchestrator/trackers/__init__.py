@@ -2,7 +2,7 @@
 
 from .all_dirty import AllDirtyTracker
 from .base import SentAware, StartAttempt, StartOutcome, Tracker
-from .content import ContentTracker
+from .content import ContentTracker, content_trackers
 from .events import TrackerEvent, TrackerState, TrackerStats
 from .iommufd_hwpt import IommufdHwptTracker
 from .set import RecoveryPolicy, TrackerSet
@@ -23,5 +23,6 @@ __all__ = [
     "TrackerState",
     "TrackerStats",
     "VcpuTracker",
+    "content_trackers",
     "VfioDmaLogTracker",
 ]

@@ -53,3 +53,18 @@ class ContentTracker:
 
     def stop(self) -> None:
         """Nothing to stop."""
+
+
+def content_trackers(layout: MemoryLayout, path: str | None = None) -> list[ContentTracker]:
+    """One content tracker per RAM region of `layout`, each over its own bytes of the RAM
+    file and at its own guest-physical address: file offsets are not guest addresses (a pc
+    guest's RAM above the PCI hole sits at 4 GiB in the guest but right after the low RAM in
+    the file). `path` defaults to each region's own file."""
+    trackers = []
+    for i, r in enumerate(layout.regions):
+        source = path or r.path
+        if source is None:
+            raise ValueError(f"RAM region {r.gpa:#x}+{r.length:#x} names no file to read")
+        view = np.memmap(source, np.uint8, mode="r", offset=r.offset, shape=(r.length,))
+        trackers.append(ContentTracker(view, gpa=r.gpa, name="content" if len(layout.regions) == 1 else f"content-{i}"))
+    return trackers

@@ -70,3 +70,24 @@ def test_destination_converges(ops):
     assert np.array_equal(mem, dst)
     t.collect(bm)
     assert bm.count() == 0, "nothing left dirty once the destination matches"
+
+
+def test_regions_are_tracked_at_their_guest_addresses(tmp_path):
+    """RAM above a PCI hole: guest pages 100.. live right after the low RAM in the file."""
+    from orchestrator.memory import RamRegion
+    from orchestrator.trackers import content_trackers
+
+    path = tmp_path / "ram"
+    np.zeros(8 * PAGE, np.uint8).tofile(path)
+    layout = MemoryLayout((RamRegion(0, 4 * PAGE, None, 0), RamRegion(100 * PAGE, 4 * PAGE, None, 4 * PAGE)))
+    trackers = content_trackers(layout, str(path))
+    for t in trackers:
+        t.start(layout)
+    ram = np.memmap(path, np.uint8, mode="r+")
+    ram[5 * PAGE] = 1  # file page 5 is guest page 101
+    ram.flush()
+    bm = DirtyBitmap(layout.npages, PAGE)
+    for t in trackers:
+        t.collect(bm)
+    assert bm.harvest().tolist() == [101]
+    assert [t.name for t in trackers] == ["content-0", "content-1"]
