@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from .bitmap import DirtyBitmap
-from .devices.state import DeviceMigration
+from .devices.state import DeviceMigration, each_device
 from .engine import Decision, DowntimePolicy, PrecopyEngine, RoundRecord
 from .memory import MemoryLayout
 from .qemu import migration as choreography
@@ -160,7 +160,7 @@ class Migration:
             t = time.monotonic()
             await self.trackers.collect(len(self.engine.rounds))
             collect_s = time.monotonic() - t
-            device_bytes = sum(await asyncio.gather(*(d.pending_bytes() for d in self.devices)))
+            device_bytes = sum(await self._each(lambda d: d.pending_bytes()))
             verdict = self.engine.next_step(self.bitmap.count(), device_bytes, self._elapsed(), collect_s)
             if verdict.decision != Decision.CONTINUE:
                 self.report.decision = verdict.reason
@@ -187,15 +187,15 @@ class Migration:
         rep.downtime_ms = sw.downtime_ns / 1e6
         await self._each(lambda d: d.run_destination())
 
-    async def _each(self, step) -> None:
-        await asyncio.gather(*(step(d) for d in self.devices))
+    async def _each(self, step) -> list:
+        return await each_device(self.devices, step)
 
     async def _abort(self) -> None:
         """Before migrate-continue the source still owns the guest: make sure it runs, and
         its devices with it."""
         if self._continued:
             return
-        problems = [p for p in await asyncio.gather(*(d.abort() for d in self.devices)) if p]
+        problems = [p for p in await each_device(self.devices, lambda d: d.abort()) if p]
         try:
             await choreography.cancel(self.src, self.options.qmp_timeout_s)
         except Exception as exc:  # noqa: BLE001 - report every failure

@@ -10,15 +10,29 @@ and the same code serves real device fds and emulated ones.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 from dataclasses import dataclass, field
 
 from .. import uapi as U
 from ..blocking import watched
 from ..vfio import EndOfStream, State, VfioDevice, VfioError
 
+_T = TypeVar("_T")
 CHUNK = 1 << 20
 POLL_S = 0.02  # how often to look for new precopy data after a temporary end of stream
+
+
+async def each_device(devices: list[DeviceMigration], step: Callable[[DeviceMigration], Awaitable[_T]]) -> list[_T]:
+    """Run `step` on every device and let every one settle before returning or raising the
+    first failure: an abort racing a sibling's STOP_COPY could otherwise leave that device
+    stopped under a running VM. (Cancelling the others would not help: their ioctls run in
+    threads that a cancel does not stop.)"""
+    results = await asyncio.gather(*(step(d) for d in devices), return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results
 
 
 @dataclass

@@ -87,3 +87,22 @@ async def test_failed_precopy_read_surfaces_before_switchover():
         await mig.pending_bytes()
     assert await mig.abort() is not None
     assert sm.mig_state == State.VFIO_DEVICE_STATE_RUNNING
+
+
+async def test_a_failing_device_step_waits_for_its_siblings():
+    """The first failure is raised only after every device's step has settled."""
+    from orchestrator.devices.state import each_device
+
+    finished = []
+
+    async def step(name):
+        if name == "fast-fail":
+            raise RuntimeError("STOP_COPY refused")
+        await asyncio.sleep(0.1)
+        finished.append(name)
+        return name
+
+    with pytest.raises(RuntimeError, match="STOP_COPY refused"):
+        await each_device(["fast-fail", "slow"], step)
+    assert finished == ["slow"], "the sibling finished before the failure was raised"
+    assert await each_device(["a", "b"], step) == ["a", "b"]

@@ -125,7 +125,7 @@ async def test_unmigratable_device_fails_safely_with_everything_running(fault, w
     assert extra["source_running"], "the source VM runs"
     assert extra["dma_goes_on"], "its devices keep DMA-ing"
     assert all(t["state"] == "stopped" for t in rep.trackers)
-    assert State.VFIO_DEVICE_STATE_RUNNING in extra["device_states"]
+    assert extra["device_states"] == [State.VFIO_DEVICE_STATE_RUNNING] * 2, "every device back to RUNNING"
 
 
 async def test_mixed_models_in_one_migration():
