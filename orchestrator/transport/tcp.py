@@ -323,16 +323,23 @@ class TcpSink:
             for i in range(0, local.size, MAX_BATCH_PAGES):
                 yield _Batch(reg, local[i : i + MAX_BATCH_PAGES])
 
-    def _nonzero_batches(self) -> Iterator[_Batch]:
-        for reg in self.regions:
-            runs = data_runs(self._src_path, reg.file_first * self.page_size, len(reg.rows) * self.page_size, self.page_size)
-            for nz in nonzero_pages(reg.rows, runs, SCAN_PAGES):
+    def _nonzero_batches(self, runs: list[np.ndarray]) -> Iterator[_Batch]:
+        """Round 0's batches: the non-zero pages inside each region's data runs. The runs
+        are found before streaming starts, so a failure to read the source is the error it
+        is, not a dropped connection to retry."""
+        for reg, reg_runs in zip(self.regions, runs):
+            for nz in nonzero_pages(reg.rows, reg_runs, SCAN_PAGES):
                 for i in range(0, nz.size, MAX_BATCH_PAGES):
                     yield _Batch(reg, nz[i : i + MAX_BATCH_PAGES], find_zero=False)
 
     async def send_round0(self, on_sent: OnSent | None = None) -> tuple[int, int]:
-        n = await self._stream(self._nonzero_batches(), on_sent)
+        runs = await asyncio.to_thread(self._data_runs)
+        n = await self._stream(self._nonzero_batches(runs), on_sent)
         return n, n * self.page_size
+
+    def _data_runs(self) -> list[np.ndarray]:
+        size = self.page_size
+        return [data_runs(self._src_path, r.file_first * size, len(r.rows) * size, size) for r in self.regions]
 
     async def send_pages(self, pages: np.ndarray, on_sent: OnSent | None = None) -> int:
         return await self._stream(self._batches(np.asarray(pages, np.int64)), on_sent) * self.page_size
@@ -350,14 +357,19 @@ class TcpSink:
         return self._to_guest(bad)
 
     async def _compare(self, conn: _Conn, ranges: np.ndarray) -> np.ndarray:
+        """Both VMs are paused: our side of each chunk is hashed while the receiver hashes
+        its side, not after."""
         await _send(conn, encode(Kind.VERIFY, 0, encode_ranges(ranges)))
         bad: list[np.ndarray] = []
         for first, count in digest_chunks(ranges):
-            async with asyncio.timeout(self.options.ack_timeout_s):
-                frame = await read_frame(conn.reader, {Kind.DIGESTS: 8 + 8 * DIGEST_CHUNK})
+            mine = asyncio.ensure_future(asyncio.to_thread(page_hashes, self._rows[first : first + count], self.page_size))
+            try:
+                async with asyncio.timeout(self.options.ack_timeout_s):
+                    frame = await read_frame(conn.reader, {Kind.DIGESTS: 8 + 8 * DIGEST_CHUNK})
+            finally:
+                ours = await mine  # a thread cannot be cancelled: let it finish either way
             theirs = decode_digests(frame, first, count)
-            mine = await asyncio.to_thread(page_hashes, self._rows[first : first + count], self.page_size)
-            bad.append(np.flatnonzero(mine != theirs) + first)
+            bad.append(np.flatnonzero(ours != theirs) + first)
         return np.concatenate(bad)
 
     def _to_guest(self, file_pages: np.ndarray) -> np.ndarray:

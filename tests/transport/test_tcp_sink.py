@@ -279,3 +279,23 @@ def test_endpoint_parsing():
     for bad in ("nohost", ":80", "h:", "h:99999"):
         with pytest.raises(ValueError):
             parse_endpoint(bad)
+
+
+async def test_a_source_read_failure_in_round0_is_an_error_not_a_reconnect(served, tmp_path, monkeypatch):
+    """If where the source holds data cannot be read, round 0 fails as such; it is not a
+    dropped connection to retry after which the round would end with pages missing."""
+    import errno
+
+    import orchestrator.transport.tcp as tcp
+
+    def unreadable(*args):
+        raise OSError(errno.EIO, "Input/output error")
+
+    sink, _, _ = await open_sink(tmp_path, served.endpoint)
+    try:
+        monkeypatch.setattr(tcp, "data_runs", unreadable)
+        with pytest.raises(OSError, match="Input/output error"):
+            await sink.send_round0()
+        assert sink.reconnects == 0
+    finally:
+        sink.close()
