@@ -97,8 +97,7 @@ async def attach(src: QmpSession, dst: QmpSession, src_ram: Path, dst_ram: Path)
     _same_file(dst_ram, dst_file, "destination")
     if os.path.samefile(src_ram, dst_ram):
         raise LayoutError(f"source and destination RAM are the same file ({src_ram})")
-    key = layout.regions[0].path
-    sink = LocalSink(layout, {key: str(src_ram)}, {key: str(dst_ram)})
+    sink = LocalSink.flat(layout, str(src_ram), str(dst_ram))
     return Endpoints(src, dst, layout, sink)
 
 

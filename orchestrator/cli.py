@@ -9,7 +9,6 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 from .attach import Endpoints, attach, attach_remote
@@ -40,14 +39,18 @@ def add_policy_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH|-", help="write the JSON report there ('-' for stdout)")
 
 
-def options_from(args: argparse.Namespace, verify: bool) -> MigrationOptions:
-    return MigrationOptions(
+def options_from(args: argparse.Namespace, verify: bool, **more) -> MigrationOptions:
+    """The options, with the policy numbers checked (ValueError naming the bad one)."""
+    options = MigrationOptions(
         downtime_limit_ms=args.downtime_limit,
         max_rounds=args.max_rounds,
         max_time_s=args.max_time,
         on_limit=args.on_limit,
         verify=verify,
+        **more,
     )
+    options.policy()
+    return options
 
 
 def parser() -> argparse.ArgumentParser:
@@ -99,7 +102,6 @@ def add_stream_options(p: argparse.ArgumentParser) -> None:
 def check_migrate_args(args: argparse.Namespace) -> MigrationOptions:
     """Everything that can be checked without touching a QEMU; returns the options."""
     options = options_from(args, args.verify)
-    options.policy()
     if args.dst_receiver is not None and (args.token_file is None or args.uri is None):
         raise ValueError("--dst-receiver needs --token-file, and --uri for QEMU's own stream (e.g. tcp:HOST:PORT)")
     return options
@@ -136,16 +138,12 @@ async def migrate_command(args: argparse.Namespace) -> int:
     sessions: list[QmpSession] = []
     ep: Endpoints | None = None
     try:
-        try:
-            options = check_migrate_args(args)
-            for sock in (args.src_qmp, args.dst_qmp):
-                sessions.append(await QmpSession.connect(sock))
-            ep = await attach_from(args, *sessions)
-            trackers: list[Tracker] = [*content_trackers(ep.layout, str(args.src_ram))]
-            trackers += vfio_trackers(args.vfio_device, fds)
-        except BAD_INPUT as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
+        options = check_migrate_args(args)
+        for sock in (args.src_qmp, args.dst_qmp):
+            sessions.append(await QmpSession.connect(sock))
+        ep = await attach_from(args, *sessions)
+        trackers: list[Tracker] = [*content_trackers(ep.layout, str(args.src_ram))]
+        trackers += vfio_trackers(args.vfio_device, fds)
         report = await run_migration(ep, trackers, args.uri or f"unix:{workdir / 'migrate.sock'}", options)
         summary(report)
         write_json(report.as_dict(), args.json)
@@ -161,21 +159,16 @@ async def migrate_command(args: argparse.Namespace) -> int:
 
 
 async def demo_command(args: argparse.Namespace) -> int:
-    try:
-        options = replace(options_from(args, not args.no_verify), recovery=RecoveryPolicy(timeout=1.0))
-        options.policy()
-        mem = parse_size(args.mem)
-        devices = [] if args.devices == "none" else [k.strip() for k in args.devices.split(",") if k.strip()]
-        faults = [FaultPlan.parse(f) for f in args.inject]
-        print(f"demo: {args.workload} guest ({WORKLOADS[args.workload]}), {args.mem} RAM, tracker {args.tracker}, "
-              f"devices {', '.join(devices) or 'none'}{'' if not args.no_device_tracking else ' (untracked)'}", flush=True)
-        result = await run_demo(
-            args.workload, mem, args.tracker, options, devices, not args.no_device_tracking, faults, args.accel,
-            round_line, event_line, transport=args.transport,
-        )
-    except BAD_INPUT as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    options = options_from(args, not args.no_verify, recovery=RecoveryPolicy(timeout=1.0))
+    mem = parse_size(args.mem)
+    devices = [] if args.devices == "none" else [k.strip() for k in args.devices.split(",") if k.strip()]
+    faults = [FaultPlan.parse(f) for f in args.inject]
+    print(f"demo: {args.workload} guest ({WORKLOADS[args.workload]}), {args.mem} RAM, tracker {args.tracker}, "
+          f"devices {', '.join(devices) or 'none'}{'' if not args.no_device_tracking else ' (untracked)'}", flush=True)
+    result = await run_demo(
+        args.workload, mem, args.tracker, options, devices, not args.no_device_tracking, faults, args.accel,
+        round_line, event_line, transport=args.transport,
+    )
     rep = result.report
     summary(rep)
     if result.src_progress:
@@ -191,13 +184,9 @@ async def demo_command(args: argparse.Namespace) -> int:
 
 
 async def receive_command(args: argparse.Namespace) -> int:
-    try:
-        if (args.tls_cert is None) != (args.tls_key is None):
-            raise ValueError("--tls-cert and --tls-key go together")
-        return await serve(args.ram, args.listen, args.token_file, args.tls_cert, args.tls_key, args.once)
-    except BAD_INPUT as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    return await serve(args.ram, args.listen, args.token_file, args.tls_cert, args.tls_key, args.once)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     command = {"migrate": migrate_command, "demo": demo_command, "receive": receive_command}[args.command]
     try:
         return asyncio.run(command(args))
+    except BAD_INPUT as exc:  # everything checked before a migration starts ends up here
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted: migration cancelled, source left running", file=sys.stderr)
         return EXIT_MIGRATION_FAILED

@@ -59,7 +59,6 @@ class DeviceMigration:
     _data: bytearray = field(default_factory=bytearray, init=False)
     _fd: int | None = field(default=None, init=False)
     _pump: asyncio.Task | None = field(default=None, init=False)
-    _stopping: bool = field(default=False, init=False)
     _wake: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
     def __post_init__(self) -> None:
@@ -78,7 +77,7 @@ class DeviceMigration:
 
     async def _read_precopy(self) -> None:
         """Read until told to stop; never abandons a read in flight, so no byte is dropped."""
-        while not self._stopping:
+        while not self._wake.is_set():
             try:
                 chunk = await self._call(self.src.read_data, self._fd, CHUNK)
             except EndOfStream:
@@ -96,7 +95,6 @@ class DeviceMigration:
         """Let the reader finish; its failure (a hung or failed read) is the caller's. The
         switchover waits for this with the guest paused, so the reader is woken, not
         waited out."""
-        self._stopping = True
         self._wake.set()
         pump, self._pump = self._pump, None
         if pump is not None:

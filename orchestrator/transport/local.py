@@ -25,7 +25,6 @@ from .ramfile import data_runs, map_ram, nonzero_pages, release, union_runs
 BATCH_PAGES = 128
 # A run this long amortises a Python iteration (a few microseconds) over >= 256 KiB of memcpy.
 RUN_PAGES = 64
-SCAN_PAGES = 8192  # round 0 looks for zero pages 32 MiB at a time
 
 
 @dataclass
@@ -138,7 +137,7 @@ class LocalSink:
         Returns (pages, bytes) moved."""
         total = 0
         for reg in self.regions:
-            for nz in nonzero_pages(reg.src, reg.data_runs(self.page_size), SCAN_PAGES):
+            for nz in nonzero_pages(reg.src, reg.data_runs(self.page_size)):
                 total += self._copy(reg, nz, nz + reg.first_page, on_sent)
         return total, total * self.page_size
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..bitmap import DirtyBitmap
 from .inbound import Inbound
 
 MAGIC = b"OP"
@@ -167,10 +168,7 @@ def encode_pages(
     k = int(np.count_nonzero(is_data))
     if k < n:
         data[:k] = data[is_data]
-        zero = index[~is_data]
-        breaks = np.flatnonzero(np.diff(zero) != 1) + 1
-        starts = np.concatenate(([0], breaks))
-        runs = np.column_stack((zero[starts], np.diff(np.concatenate((starts, [zero.size])))))
+        runs = DirtyBitmap.runs(index[~is_data])
     else:
         runs = np.zeros((0, 2), np.int64)
     at = top + k * page_size

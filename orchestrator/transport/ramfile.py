@@ -93,8 +93,12 @@ def union_runs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.array(out, np.int64).reshape(-1, 2)
 
 
-def nonzero_pages(rows: np.ndarray, runs: np.ndarray, chunk: int) -> Iterator[np.ndarray]:
-    """Indices of the `rows` (one page each) inside `runs` that are not all zero."""
+SCAN_PAGES = 8192  # round 0 looks for zero pages 32 MiB at a time
+
+
+def nonzero_pages(rows: np.ndarray, runs: np.ndarray, chunk: int = SCAN_PAGES) -> Iterator[np.ndarray]:
+    """Indices of the `rows` (one page each) inside `runs` that are not all zero, looked
+    for `chunk` pages at a time."""
     for first, n in runs.tolist():
         for lo in range(first, first + n, chunk):
             block = rows[lo : min(lo + chunk, first + n)].view(np.uint64)

@@ -65,7 +65,6 @@ from .ramfile import data_runs, map_ram, nonzero_pages, release
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
-SCAN_PAGES = 8192  # round 0 looks for zero pages 32 MiB at a time
 # What a lane survives by reconnecting; anything else (refusal, bad peer, TLS trust) is final.
 _TRANSIENT = (OSError, asyncio.IncompleteReadError, TimeoutError)
 
@@ -328,7 +327,7 @@ class TcpSink:
         are found before streaming starts, so a failure to read the source is the error it
         is, not a dropped connection to retry."""
         for reg, reg_runs in zip(self.regions, runs):
-            for nz in nonzero_pages(reg.rows, reg_runs, SCAN_PAGES):
+            for nz in nonzero_pages(reg.rows, reg_runs):
                 for i in range(0, nz.size, MAX_BATCH_PAGES):
                     yield _Batch(reg, nz[i : i + MAX_BATCH_PAGES], find_zero=False)
 
