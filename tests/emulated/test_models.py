@@ -142,14 +142,20 @@ def test_detach_frees_the_tracker_and_reattach_needs_a_new_start(kernel):
     assert np.flatnonzero(do_report(kernel, fd, 0, MIB)).tolist() == [1]
 
 
-def test_detach_wakes_a_hung_report_with_eio(kernel):
-    """set_tracker_error completes the firmware wait before the teardown takes the mutex."""
+def hung_report(kernel):
+    """An mlx5-like device tracking 1 MiB, with a REPORT blocked in the (emulated) firmware."""
     model = Mlx5Like()
     fd = kernel.open_device(model)
     do_start(kernel, fd, [(0, MIB)])
     model.inject(Fault.REPORT_HANG)
     reporter = Background(lambda: do_report(kernel, fd, 0, MIB))
     wait_for(lambda: model.report_hanging)
+    return model, fd, reporter
+
+
+def test_detach_wakes_a_hung_report_with_eio(kernel):
+    """set_tracker_error completes the firmware wait before the teardown takes the mutex."""
+    model, fd, reporter = hung_report(kernel)
     model.inject(Fault.DETACH)
     assert reporter.result(5) == errno.EIO and not model.logging_active
 
@@ -196,12 +202,7 @@ def test_report_hang_holds_the_state_mutex_until_released_then_eio(kernel):
     """mlx5 waits for the firmware under state_mutex: STOP and a migration state change issued
     meanwhile queue behind it; DMA, being hardware, goes on. Released, the REPORT fails with
     EIO and the queued calls complete."""
-    model = Mlx5Like()
-    fd = kernel.open_device(model)
-    do_start(kernel, fd, [(0, MIB)])
-    model.inject(Fault.REPORT_HANG)
-    reporter = Background(lambda: do_report(kernel, fd, 0, MIB))
-    wait_for(lambda: model.report_hanging)
+    model, fd, reporter = hung_report(kernel)
     stopper = Background(lambda: do_stop(kernel, fd))
     mover = Background(lambda: mig_set(kernel, fd, STOP_STATE))
     assert stopper.blocked() and mover.blocked()
