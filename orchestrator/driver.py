@@ -111,11 +111,11 @@ class Migration:
         what it sends."""
         t = time.monotonic()
         if pages is None:
-            n, nbytes = await self.sink.send_round0(self.trackers.record_sent)
+            n, nbytes = await self.sink.send_round0(self.trackers.on_sent)
             dirty = self.layout.npages
             work = sum(r.length for r in self.layout.regions)
         else:
-            nbytes = await self.sink.send_pages(pages, self.trackers.record_sent)
+            nbytes = await self.sink.send_pages(pages, self.trackers.on_sent)
             n = len(pages)
             dirty = n if dirty is None else dirty
             work = None

@@ -111,6 +111,12 @@ class TrackerSet:
             if isinstance(s.tracker, SentAware):
                 s.tracker.record_sent(pages, data)
 
+    @property
+    def on_sent(self) -> Callable[[np.ndarray, np.ndarray], None] | None:
+        """`record_sent` for a sink's `on_sent`, or None when no tracker needs the bytes sent:
+        a sink may then send pages without taking a snapshot of them."""
+        return self.record_sent if any(isinstance(s.tracker, SentAware) for s in self._slots) else None
+
     def stats(self) -> list[TrackerStats]:
         return [s.stats for s in self._slots]
 

@@ -146,10 +146,55 @@ class EncodedPages:
     data: np.ndarray  # (n, page size): the rows sent as data, a view into the frame
     is_data: np.ndarray  # per batch page: sent as data (True) or inside a zero run (False)
 
+    @property
+    def nbytes(self) -> int:
+        return len(self.frame)
+
+    def pieces(self) -> list[memoryview]:
+        return [self.frame]
+
+
+@dataclass
+class PlannedPages:
+    """A PAGES frame whose page data is not copied: `head`, then the source rows of each
+    run in `runs` as they are when written out, then `tail`."""
+
+    head: bytes
+    rows: np.ndarray  # the source, one page per row
+    runs: list[tuple[int, int]]  # (first row, count) of the data pages, in frame order
+    tail: bytes
+    is_data: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.head) + len(self.tail) + sum(n for _, n in self.runs) * self.rows.shape[1]
+
+    def pieces(self) -> list[bytes | memoryview]:
+        """The frame as the buffers to write one after another; the page runs are views."""
+        views = [memoryview(self.rows[first : first + n]).cast("B") for first, n in self.runs]
+        return [self.head, *views, self.tail]
+
+
+MAX_PLANNED_RUNS = 8  # more (shorter) runs than this are cheaper to gather than to send one by one
+
 
 def frame_bytes(page_size: int) -> int:
     """The largest PAGES frame, header included: the size of a sender's frame buffer."""
     return HEADER.size + pages_limit(page_size)
+
+
+def _check_batch(n: int) -> None:
+    if not 0 < n <= MAX_BATCH_PAGES:
+        raise ValueError(f"a batch holds 1..{MAX_BATCH_PAGES} pages, not {n}")
+
+
+def _head_and_tail(seq: int, index: np.ndarray, is_data: np.ndarray, page_size: int) -> tuple[bytes, bytes]:
+    """Header and counts, and the index tail (data page numbers, then zero runs)."""
+    k = int(np.count_nonzero(is_data))
+    runs = DirtyBitmap.runs(index[~is_data]) if k < index.size else np.zeros((0, 2), np.int64)
+    tail = np.concatenate((index[is_data], runs.ravel())).astype(U64).tobytes()
+    length = COUNTS.size + k * page_size + len(tail)
+    return header(Kind.PAGES, seq, length) + COUNTS.pack(k, len(runs)), tail
 
 
 def encode_pages(
@@ -159,8 +204,7 @@ def encode_pages(
     `frame_bytes` long) whose wire page numbers are `index`. With `find_zero`, pages that are
     all zero travel as runs, without their bytes (round 0 has skipped zero pages already)."""
     n, page_size = local.size, rows.shape[1]
-    if not 0 < n <= MAX_BATCH_PAGES:
-        raise ValueError(f"a batch holds 1..{MAX_BATCH_PAGES} pages, not {n}")
+    _check_batch(n)
     top = HEADER.size + COUNTS.size
     data = np.frombuffer(buf, np.uint8, n * page_size, top).reshape(n, page_size)
     np.take(rows, local, axis=0, out=data, mode="clip")  # 'raise' would buffer `out`; `local` is in range
@@ -168,16 +212,31 @@ def encode_pages(
     k = int(np.count_nonzero(is_data))
     if k < n:
         data[:k] = data[is_data]
-        runs = DirtyBitmap.runs(index[~is_data])
-    else:
-        runs = np.zeros((0, 2), np.int64)
+    head, tail = _head_and_tail(seq, index, is_data, page_size)
     at = top + k * page_size
-    tail = np.concatenate((index[is_data], runs.ravel())).astype(U64)
-    end = at + tail.nbytes
-    buf[at:end] = tail.tobytes()
-    buf[: HEADER.size] = header(Kind.PAGES, seq, end - HEADER.size)
-    buf[HEADER.size : top] = COUNTS.pack(k, len(runs))
-    return EncodedPages(memoryview(buf)[:end], data[:k], is_data)
+    buf[:top] = head
+    buf[at : at + len(tail)] = tail
+    return EncodedPages(memoryview(buf)[: at + len(tail)], data[:k], is_data)
+
+
+def plan_pages(seq: int, rows: np.ndarray, local: np.ndarray, index: np.ndarray, find_zero: bool = True) -> PlannedPages | None:
+    """The same frame as `encode_pages` without gathering: the data pages are named as runs of
+    consecutive rows (`local` is sorted), for the caller to send from the source itself. There
+    is no snapshot, so this is only for when nothing needs the bytes that went out. None when
+    the batch is too scattered for that to pay (more than `MAX_PLANNED_RUNS` runs)."""
+    n, page_size = local.size, rows.shape[1]
+    _check_batch(n)
+    spans = DirtyBitmap.runs(local)
+    if len(spans) > MAX_PLANNED_RUNS:
+        return None
+    is_data = np.ones(n, bool)
+    if find_zero:  # run by run on the source rows: a fancy index would copy them
+        is_data = np.concatenate([np.bitwise_or.reduce(rows[f : f + c].view(U64), axis=1) != 0 for f, c in spans.tolist()])
+        spans = DirtyBitmap.runs(local[is_data])
+        if len(spans) > MAX_PLANNED_RUNS:
+            return None
+    head, tail = _head_and_tail(seq, index, is_data, page_size)
+    return PlannedPages(head, rows, [(f, c) for f, c in spans.tolist()], tail, is_data)
 
 
 @dataclass

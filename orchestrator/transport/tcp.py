@@ -28,7 +28,7 @@ import logging
 import secrets
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -50,6 +50,7 @@ from .protocol import (
     WELCOME,
     EncodedPages,
     Kind,
+    PlannedPages,
     PeerError,
     ProtocolError,
     decode_digests,
@@ -59,6 +60,7 @@ from .protocol import (
     encode_ranges,
     exact,
     frame_bytes,
+    plan_pages,
     read_frame,
 )
 from .ramfile import data_runs, map_ram, nonzero_pages, release
@@ -125,7 +127,7 @@ class _Batch:
 class _Sent:
     seq: int
     batch: _Batch
-    pages: EncodedPages
+    pages: EncodedPages | PlannedPages
 
 
 @dataclass
@@ -150,8 +152,12 @@ class _Lane:
             self.conn.writer.transport.abort()  # nothing queued on a broken stream is wanted
             self.conn = None
         self.resend.extendleft(reversed([s.batch for s in self.inflight]))
-        self.buffers += [s.pages.frame.obj for s in self.inflight]
+        self.recycle(s.pages for s in self.inflight)
         self.inflight.clear()
+
+    def recycle(self, frames: Iterable[EncodedPages | PlannedPages]) -> None:
+        """Keep gathered frames' buffers for reuse: no fresh 2 MiB (and its page faults) per frame."""
+        self.buffers += [f.frame.obj for f in frames if isinstance(f, EncodedPages)]
 
 
 class TcpSink:
@@ -267,17 +273,13 @@ class TcpSink:
                 batch = lane.resend.popleft() if lane.resend else next(batches, None)
                 if batch is None:
                     break
-                # Buffers are reused once acknowledged: no fresh 2 MiB (and its page faults) per frame.
-                buf = lane.buffers.pop() if lane.buffers else bytearray(frame_bytes(self.page_size))
-                # The gather is the snapshot `on_sent` reports: it must be a copy, not the mapping.
-                index = batch.local + batch.region.file_first
-                pages = encode_pages(lane.seq, batch.region.rows, batch.local, index, buf, batch.find_zero)
-                sent = _Sent(lane.seq, batch, pages)
+                sent = _Sent(lane.seq, batch, self._frame(lane, batch, copy=on_sent is not None))
                 lane.seq += 1
                 lane.inflight.append(sent)
                 if self._bucket is not None:
-                    await self._bucket.take(len(sent.pages.frame))
-                conn.writer.write(sent.pages.frame)
+                    await self._bucket.take(sent.pages.nbytes)
+                for piece in sent.pages.pieces():
+                    conn.writer.write(piece)
                 await conn.writer.drain()
             if not lane.inflight:
                 return
@@ -288,7 +290,19 @@ class TcpSink:
                 raise ReceiverRefused(f"receiver {self.endpoint} acknowledged batch {ack.seq}, expected {sent.seq}")
             lane.progressed = True
             self._delivered(sent, on_sent)
-            lane.buffers.append(sent.pages.frame.obj)
+            lane.recycle([sent.pages])
+
+    def _frame(self, lane: _Lane, batch: _Batch, copy: bool) -> EncodedPages | PlannedPages:
+        """A PAGES frame for the batch. Runs of pages go to the socket straight from the
+        source mapping (no gather) unless `copy` asks for the snapshot `on_sent` reports, TLS
+        has to copy them to encrypt anyway, or the batch is too scattered."""
+        index = batch.local + batch.region.file_first
+        if not copy and self.options.ssl is None:
+            planned = plan_pages(lane.seq, batch.region.rows, batch.local, index, batch.find_zero)
+            if planned is not None:
+                return planned
+        buf = lane.buffers.pop() if lane.buffers else bytearray(frame_bytes(self.page_size))
+        return encode_pages(lane.seq, batch.region.rows, batch.local, index, buf, batch.find_zero)
 
     def _delivered(self, sent: _Sent, on_sent: OnSent | None) -> None:
         n = sent.batch.local.size

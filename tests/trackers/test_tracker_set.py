@@ -253,3 +253,24 @@ def test_stats_dict_shape():
     assert set(d) == {"name", "kind", "page_size", "reports", "errors", "fallbacks", "restarts", "state"}
     assert d["state"] == "stopped"
     assert np.dtype(np.uint64)  # numpy present for the bitmap
+
+
+class Hashing(Scripted):
+    """A tracker that wants to see what the destination holds."""
+
+    def __init__(self, name):
+        super().__init__(name)
+        self.seen = []
+
+    def record_sent(self, pages, data):
+        self.seen.append(pages.tolist())
+
+
+def test_on_sent_only_when_a_tracker_needs_the_bytes_sent():
+    """A sink given no `on_sent` sends pages without a snapshot, so it must stay None unless a
+    content-aware tracker is in the set, and then reach it."""
+    assert make_set(Scripted("a"), Scripted("b"))[1].on_sent is None
+    hashing = Hashing("h")
+    _, ts = make_set(Scripted("a"), hashing)
+    ts.on_sent(np.array([3, 4]), np.zeros((2, PAGE), np.uint8))
+    assert hashing.seen == [[3, 4]]

@@ -18,10 +18,12 @@ from orchestrator.transport.protocol import (
     decode_pages,
     decode_ranges,
     encode,
+    MAX_PLANNED_RUNS,
     encode_pages,
     frame_bytes,
     pages_limit,
     parse_header,
+    plan_pages,
 )
 
 PAGE = 4096
@@ -55,6 +57,37 @@ def test_encode_without_zero_search_sends_every_page_as_data():
     rows = np.zeros((4, PAGE), np.uint8)
     enc = encode_pages(0, rows, np.arange(4), np.arange(4), bytearray(frame_bytes(PAGE)), find_zero=False)
     assert enc.is_data.all() and decode_pages(bytes(enc.frame[HEADER.size :]), PAGE, 4).index.tolist() == [0, 1, 2, 3]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(0, 4 * MAX_BATCH_PAGES - 1), min_size=1, max_size=MAX_BATCH_PAGES, unique=True),
+    st.sets(st.integers(0, 4 * MAX_BATCH_PAGES - 1)),
+    st.booleans(),
+    st.integers(0, 1000),
+)
+def test_planned_frame_is_the_gathered_frame_byte_for_byte(local, zero_rows, find_zero, base):
+    """Sending runs straight from the source writes exactly the frame a gather would."""
+    rows = np.zeros((4 * MAX_BATCH_PAGES, 64), np.uint8)  # small pages keep the example fast
+    rows[:, 3] = np.arange(len(rows)) % 255 + 1
+    rows[sorted(zero_rows)] = 0
+    local = np.array(sorted(local))
+    index = local + base
+    gathered = encode_pages(5, rows, local, index, bytearray(HEADER.size + pages_limit(64)), find_zero)
+    planned = plan_pages(5, rows, local, index, find_zero)
+    if planned is None:  # too scattered to send from the source: more runs than the limit
+        assert len(np.flatnonzero(np.diff(local) != 1)) >= MAX_PLANNED_RUNS or find_zero
+        return
+    assert b"".join(bytes(p) for p in planned.pieces()) == bytes(gathered.frame)
+    assert planned.nbytes == len(gathered.frame)
+    assert planned.is_data.tolist() == gathered.is_data.tolist()
+
+
+def test_planned_frame_refuses_a_scattered_batch():
+    rows = np.ones((64, 64), np.uint8)
+    n = MAX_PLANNED_RUNS
+    assert len(plan_pages(0, rows, np.arange(0, 2 * n, 2), np.arange(n)).runs) == n
+    assert plan_pages(0, rows, np.arange(0, 2 * n + 2, 2), np.arange(n + 1)) is None
 
 
 @pytest.mark.parametrize(

@@ -62,6 +62,21 @@ async def test_rounds_are_bit_exact_and_on_sent_sees_what_was_sent(served, tmp_p
     assert all(seen[p] == rows[p].tobytes() for p in seen) and len(seen) == NPAGES - 6 + 2
 
 
+async def test_pages_go_out_from_the_source_unless_a_snapshot_is_wanted(served, tmp_path):
+    """Without `on_sent`, runs are written from the mapping itself: no frame buffer is ever
+    filled. With it, each frame is a gathered copy (the bytes `on_sent` is shown)."""
+    sink, src, data = await open_sink(tmp_path, served.endpoint)
+    frames = lambda: sum(len(lane.buffers) for lane in sink._lanes)  # noqa: E731
+    try:
+        await rounds(sink, src, data)
+        assert frames() == 0 and np.array_equal(served.held(), data)
+        mutate(src, data, [30, 31], 5)
+        await sink.send_pages(np.array([30, 31]), on_sent=lambda pages, rows: None)
+        assert frames() >= 1 and np.array_equal(served.held(), data)
+    finally:
+        sink.close()
+
+
 async def test_verify_names_the_pages_that_differ(served, tmp_path):
     sink, _, _ = await open_sink(tmp_path, served.endpoint)
     try:
