@@ -191,10 +191,13 @@ def _check_batch(n: int) -> None:
 def _head_and_tail(seq: int, index: np.ndarray, is_data: np.ndarray, page_size: int) -> tuple[bytes, bytes]:
     """Header and counts, and the index tail (data page numbers, then zero runs)."""
     k = int(np.count_nonzero(is_data))
-    runs = DirtyBitmap.runs(index[~is_data]) if k < index.size else np.zeros((0, 2), np.int64)
-    tail = np.concatenate((index[is_data], runs.ravel())).astype(U64).tobytes()
+    if k == index.size:
+        tail, nruns = index.astype(U64).tobytes(), 0
+    else:
+        runs = DirtyBitmap.runs(index[~is_data])
+        tail, nruns = np.concatenate((index[is_data], runs.ravel())).astype(U64).tobytes(), len(runs)
     length = COUNTS.size + k * page_size + len(tail)
-    return header(Kind.PAGES, seq, length) + COUNTS.pack(k, len(runs)), tail
+    return header(Kind.PAGES, seq, length) + COUNTS.pack(k, nruns), tail
 
 
 def encode_pages(
@@ -226,7 +229,8 @@ def plan_pages(seq: int, rows: np.ndarray, local: np.ndarray, index: np.ndarray,
     the batch is too scattered for that to pay (more than `MAX_PLANNED_RUNS` runs)."""
     n, page_size = local.size, rows.shape[1]
     _check_batch(n)
-    spans = DirtyBitmap.runs(local)
+    first, last = int(local[0]), int(local[-1])
+    spans = np.array([[first, n]]) if last - first == n - 1 else DirtyBitmap.runs(local)  # sorted: one run
     if len(spans) > MAX_PLANNED_RUNS:
         return None
     is_data = np.ones(n, bool)

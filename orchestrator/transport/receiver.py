@@ -26,6 +26,7 @@ from .auth import NonceLedger, client_proof, same, server_proof
 from .inbound import Inbound
 from .protocol import (
     HELLO,
+    MAX_PLANNED_RUNS,
     MAX_VERIFY_RANGES,
     NONCE_BYTES,
     PROOF_BYTES,
@@ -217,9 +218,18 @@ class Receiver:
                 return
 
     def apply(self, batch: PageBatch) -> None:
-        """Write a checked batch (`decode_pages` bounded every index by the file)."""
-        if batch.index.size:
-            self.pages[batch.index] = batch.data
+        """Write a checked batch (`decode_pages` bounded every index by the file). A batch of
+        a few runs of consecutive pages is written run by run, as plain copies: faster than
+        an indexed write."""
+        index, n = batch.index, batch.index.size
+        starts = np.flatnonzero(np.diff(index) != 1) + 1
+        if starts.size < MAX_PLANNED_RUNS:
+            bounds = [0, *starts.tolist(), n] if n else [0]
+            for a, b in zip(bounds, bounds[1:]):
+                first = int(index[a])
+                self.pages[first : first + b - a] = batch.data[a:b]
+        else:
+            self.pages[index] = batch.data
         if batch.zero.size:
             self.pages[batch.zero] = 0
 

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.transport.auth import client_proof
-from orchestrator.transport.protocol import HEADER, VERSION, Kind, PeerError, encode, pages_limit
+from orchestrator.transport.protocol import HEADER, VERSION, Kind, PageBatch, PeerError, encode, pages_limit
 from orchestrator.transport.receiver import Receiver
 from orchestrator.transport.tcp import ReceiverRefused
 
@@ -204,3 +204,22 @@ def test_arbitrary_frames_after_login_stay_inside_the_file(tmp_path, body, kind)
 
     asyncio.run(run())
     assert path.stat().st_size == NPAGES * PAGE
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.integers(0, NPAGES - 1), min_size=1, max_size=40))
+def test_apply_writes_each_row_to_its_page_in_any_order(tmp_path, index):
+    """Runs of consecutive pages are copied as slices, anything else by index; either way row i
+    lands on page index[i] (the last row wins for a page named twice), and nothing else changes."""
+    path = ram(tmp_path / "apply")
+    rows = (np.arange(len(index), dtype=np.uint8) + 1)[:, None].repeat(PAGE, axis=1)
+    expect = np.zeros((NPAGES, PAGE), np.uint8)
+    for i, p in enumerate(index):
+        expect[p] = rows[i]
+
+    async def run() -> None:
+        async with Receiver(str(path), TOKEN) as receiver:
+            receiver.apply(PageBatch(np.array(index, np.int64), rows, np.zeros(0, np.int64)))
+
+    asyncio.run(run())
+    assert np.array_equal(np.fromfile(path, np.uint8).reshape(NPAGES, PAGE), expect)
