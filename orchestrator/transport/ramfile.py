@@ -96,22 +96,13 @@ def union_runs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 SCAN_PAGES = 8192  # round 0 looks for zero pages 32 MiB at a time
 
 
-def scan_blocks(runs: np.ndarray, chunk: int = SCAN_PAGES) -> Iterator[tuple[int, int]]:
-    """[lo, hi) row blocks of at most `chunk` pages covering `runs`: the unit of a zero scan."""
+def nonzero_pages(rows: np.ndarray, runs: np.ndarray, chunk: int = SCAN_PAGES) -> Iterator[np.ndarray]:
+    """Indices of the `rows` (one page each) inside `runs` that are not all zero, looked
+    for `chunk` pages at a time."""
     for first, n in runs.tolist():
         for lo in range(first, first + n, chunk):
-            yield lo, min(lo + chunk, first + n)
-
-
-def nonzero_in(rows: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    """Indices of `rows[lo:hi]` (one page each) that are not all zero. An OR-reduce per page
-    is the cheapest exact zero test numpy has (no bool temporary), and it releases the GIL."""
-    return np.flatnonzero(np.bitwise_or.reduce(rows[lo:hi].view(np.uint64), axis=1)) + lo
-
-
-def nonzero_pages(rows: np.ndarray, runs: np.ndarray, chunk: int = SCAN_PAGES) -> Iterator[np.ndarray]:
-    """Indices of the `rows` inside `runs` that are not all zero, looked for `chunk` pages at a time."""
-    for lo, hi in scan_blocks(runs, chunk):
-        nz = nonzero_in(rows, lo, hi)
-        if nz.size:
-            yield nz
+            block = rows[lo : min(lo + chunk, first + n)].view(np.uint64)
+            # An OR-reduce per page is the cheapest exact zero test numpy has (no bool temp).
+            nz = np.flatnonzero(np.bitwise_or.reduce(block, axis=1)) + lo
+            if nz.size:
+                yield nz

@@ -2,8 +2,11 @@
 
 Pages go out in batches of up to `MAX_BATCH_PAGES`, over several parallel connections
 ("lanes") pulling from one shared queue, each with a window of frames awaiting the receiver's
-ACK. A batch is gathered straight from the mapped source file into its frame (one numpy take,
-no Python work per page).
+ACK. A batch's runs of consecutive pages are written to the socket straight from the mapped
+source file, not gathered first (only what the socket cannot take at once is buffered),
+unless something needs a snapshot of the bytes sent
+(`on_sent`, for content tracking), TLS has to encrypt them, or the batch is too scattered: then
+the batch is gathered into its frame (one numpy take, no Python work per page).
 
 Faults. A lane whose connection drops (reset, EOF, no ACK in time) reconnects with back-off
 and resends every batch it had not seen acknowledged, on the same lane, re-reading those pages
@@ -63,7 +66,7 @@ from .protocol import (
     plan_pages,
     read_frame,
 )
-from .ramfile import data_runs, map_ram, nonzero_in, release, scan_blocks
+from .ramfile import data_runs, map_ram, nonzero_pages, release
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -265,12 +268,12 @@ class TcpSink:
 
     # --- pages ---------------------------------------------------------------------------
 
-    async def _pump(self, lane: _Lane, conn: _Conn, feed: _Feed, on_sent: OnSent | None) -> None:
+    async def _pump(self, lane: _Lane, conn: _Conn, batches: Iterator[_Batch], on_sent: OnSent | None) -> None:
         """Send batches (this lane's resends first) keeping `window` frames unacknowledged."""
         opts = self.options
         while True:
             while len(lane.inflight) < opts.window:
-                batch = lane.resend.popleft() if lane.resend else await feed.get()
+                batch = lane.resend.popleft() if lane.resend else next(batches, None)
                 if batch is None:
                     break
                 sent = _Sent(lane.seq, batch, self._frame(lane, batch, copy=on_sent is not None))
@@ -314,17 +317,15 @@ class TcpSink:
         if not is_data.all():
             on_sent(guest[~is_data], np.zeros((n - len(sent.pages.data), self.page_size), np.uint8))
 
-    async def _stream(self, feed: _Feed, on_sent: OnSent | None) -> int:
+    async def _stream(self, batches: Iterator[_Batch], on_sent: OnSent | None) -> int:
         """Send every batch over all lanes; returns the pages delivered."""
         before = self.pages_sent
         try:
             await _first_error([
-                self._on_lane(lane, lambda conn, lane=lane: self._pump(lane, conn, feed, on_sent)) for lane in self._lanes
+                self._on_lane(lane, lambda conn, lane=lane: self._pump(lane, conn, batches, on_sent)) for lane in self._lanes
             ])
         except (PeerError, ProtocolError) as exc:
             raise ReceiverRefused(f"receiver {self.endpoint}: {exc}") from None
-        finally:
-            feed.close()
         pages = self.pages_sent - before
         end = encode(Kind.ROUND_END, 0, ROUND_END.pack(self._rounds, pages))
         await self._on_lane(self._lanes[0], lambda conn: _send(conn, end))
@@ -335,19 +336,21 @@ class TcpSink:
         for reg in self.regions:
             lo, hi = np.searchsorted(pages, [reg.first_page, reg.first_page + len(reg.rows)])
             local = pages[lo:hi] - reg.first_page
-            yield from _split(reg, local)
+            for i in range(0, local.size, MAX_BATCH_PAGES):
+                yield _Batch(reg, local[i : i + MAX_BATCH_PAGES])
 
-    def _nonzero_blocks(self, runs: list[np.ndarray]) -> Iterator[Callable[[], list[_Batch]]]:
-        """Round 0's batches, as one job per scan block: the non-zero pages inside each
-        region's data runs. The runs are found before streaming starts, so a failure to read
-        the source is the error it is, not a dropped connection to retry."""
+    def _nonzero_batches(self, runs: list[np.ndarray]) -> Iterator[_Batch]:
+        """Round 0's batches: the non-zero pages inside each region's data runs. The runs
+        are found before streaming starts, so a failure to read the source is the error it
+        is, not a dropped connection to retry. Each batch's pages are scanned just before they
+        are sent, so the send reads them from cache."""
         for reg, reg_runs in zip(self.regions, runs):
-            for lo, hi in scan_blocks(reg_runs):
-                yield lambda reg=reg, lo=lo, hi=hi: _split(reg, nonzero_in(reg.rows, lo, hi), find_zero=False)
+            for nz in nonzero_pages(reg.rows, reg_runs, MAX_BATCH_PAGES):
+                yield _Batch(reg, nz, find_zero=False)
 
     async def send_round0(self, on_sent: OnSent | None = None) -> tuple[int, int]:
         runs = await asyncio.to_thread(self._data_runs)
-        n = await self._stream(_Feed(self._nonzero_blocks(runs)), on_sent)
+        n = await self._stream(self._nonzero_batches(runs), on_sent)
         return n, n * self.page_size
 
     def _data_runs(self) -> list[np.ndarray]:
@@ -355,7 +358,7 @@ class TcpSink:
         return [data_runs(self._src_path, r.file_first * size, len(r.rows) * size, size) for r in self.regions]
 
     async def send_pages(self, pages: np.ndarray, on_sent: OnSent | None = None) -> int:
-        return await self._stream(_Feed(ready=self._batches(np.asarray(pages, np.int64))), on_sent) * self.page_size
+        return await self._stream(self._batches(np.asarray(pages, np.int64)), on_sent) * self.page_size
 
     # --- verification --------------------------------------------------------------------
 
@@ -403,42 +406,6 @@ class TcpSink:
             r.rows = np.empty((0, self.page_size), np.uint8)
         self._rows = np.empty((0, self.page_size), np.uint8)
         release(self._maps)
-
-
-def _split(reg: _Region, local: np.ndarray, find_zero: bool = True) -> list[_Batch]:
-    return [_Batch(reg, local[i : i + MAX_BATCH_PAGES], find_zero) for i in range(0, local.size, MAX_BATCH_PAGES)]
-
-
-class _Feed:
-    """A round's batches for the lanes to pull. Batches that take work to find (round 0's
-    zero scan) come in blocks, each computed in a worker thread while the batches of the
-    block before it are sent."""
-
-    def __init__(self, blocks: Iterator[Callable[[], list[_Batch]]] = iter(()), ready: Iterable[_Batch] = ()) -> None:
-        self._blocks = blocks
-        self._ready = deque(ready)
-        self._lock = asyncio.Lock()
-        self._next = self._start()
-
-    def _start(self) -> asyncio.Future | None:
-        job = next(self._blocks, None)
-        return None if job is None else asyncio.ensure_future(asyncio.to_thread(job))
-
-    async def get(self) -> _Batch | None:
-        """The next batch, or None when the round has no more."""
-        async with self._lock:
-            while not self._ready and self._next is not None:
-                try:
-                    block = await self._next
-                except OSError as exc:  # reading the source, not the connection, failed
-                    raise SinkError(f"cannot read the source RAM: {exc}") from exc
-                self._next = self._start()
-                self._ready.extend(block)
-            return self._ready.popleft() if self._ready else None
-
-    def close(self) -> None:
-        if self._next is not None:
-            self._next.cancel()  # a running scan finishes in its thread; nobody waits for it
 
 
 async def _connected(conn: _Conn) -> None:
