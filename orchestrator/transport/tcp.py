@@ -3,10 +3,10 @@
 Pages go out in batches of up to `MAX_BATCH_PAGES`, over several parallel connections
 ("lanes") pulling from one shared queue, each with a window of frames awaiting the receiver's
 ACK. A batch's runs of consecutive pages are written to the socket straight from the mapped
-source file, not gathered first (only what the socket cannot take at once is buffered),
-unless something needs a snapshot of the bytes sent
-(`on_sent`, for content tracking), TLS has to encrypt them, or the batch is too scattered: then
-the batch is gathered into its frame (one numpy take, no Python work per page).
+source file, not gathered first (only what the socket cannot take at once is buffered), unless
+something needs a snapshot of the bytes sent (`on_sent`, for content tracking), TLS has to
+encrypt them, or the batch is too scattered: then the batch is gathered into its frame (one
+numpy take, no Python work per page).
 
 Faults. A lane whose connection drops (reset, EOF, no ACK in time) reconnects with back-off
 and resends every batch it had not seen acknowledged, on the same lane, re-reading those pages
