@@ -1,11 +1,15 @@
 """Loopback throughput of the TCP page stream beside a raw socket baseline, in the same run.
 
 The stream figure is round 0 of a guest whose every page is non-zero, sent by `TcpSink` to a
-`Receiver` in another process (so each side has its own interpreter, as across hosts): gather
-from the source mapping, framing, authentication already done, the receiver's bounds checks
-and scatter into its mapped RAM file, ACKs. The baseline moves the same number of bytes over
-one plain TCP connection between two processes: `sendall` of 2 MiB slices of the source
-mapping, `recv_into` one preallocated buffer, nothing else. Entry point: `stream_throughput`.
+`Receiver` in another process (so each side has its own interpreter, as across hosts): the
+zero-page scan, framing (authentication already done), page runs written from the source
+mapping, the receiver's bounds checks and copy into its mapped RAM file, ACKs. The baseline
+moves the same number of bytes over one plain TCP connection between two processes: `sendall`
+of 2 MiB slices of the source mapping, `recv_into` one preallocated buffer, nothing else.
+
+Three stream figures: the default four lanes (the target's figure), one lane (the baseline's
+connection count), and a dirty round of every other page over four lanes (scattered pages are
+gathered into their frames; its GB/s counts the pages sent). Entry point: `stream_throughput`.
 """
 
 from __future__ import annotations
@@ -77,9 +81,10 @@ class _Sender:
         options = TcpOptions(streams=streams)
         self.sink = self.loop.run_until_complete(TcpSink.connect(layout, src, Endpoint("127.0.0.1", port), TOKEN, options))
 
-    def round0(self) -> float:
+    def timed(self, pages: np.ndarray | None = None) -> float:
+        """Seconds for round 0 (no `pages`) or for a round sending `pages`."""
         start = time.perf_counter()
-        self.loop.run_until_complete(self.sink.send_round0())
+        self.loop.run_until_complete(self.sink.send_round0() if pages is None else self.sink.send_pages(pages))
         return time.perf_counter() - start
 
     def close(self) -> None:
@@ -95,52 +100,65 @@ def stream(options: Options) -> Result:
 
 
 def stream_throughput(quick: bool = False, size_mib: int | None = None, streams: int = 4) -> dict[str, float | int]:
-    """Figures (GB/s of page payload) for the stream and the raw socket, and their ratio.
+    """Figures (GB/s of page payload) for the stream and the raw socket, and their ratios.
 
-    Both servers run at once and the two transfers alternate, one of each per repetition
-    (after a warm-up pair), so load from neighbours hits both alike."""
+    All servers run at once and the transfers alternate, one of each per repetition (after a
+    warm-up set), so load from neighbours hits all alike. Each stream figure has a receiver
+    and a destination file of its own, checked bit-exact at the end."""
     size = (size_mib or (128 if quick else 512)) << 20
     repeat = 3 if quick else 7
+    every_other = np.arange(0, size // PAGE, 2)
+    figures = {  # name: (lanes, pages of the timed round, None for round 0)
+        "stream": (streams, None),
+        "stream_1lane": (1, None),
+        "stream_scattered": (streams, every_other),
+    }
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp:
-        src, dst = Path(tmp, "src"), Path(tmp, "dst")
+        src = Path(tmp, "src")
         np.random.default_rng(0).integers(1, 256, size, dtype=np.uint8).tofile(src)
-        with open(dst, "wb") as f:
-            f.truncate(size)
         source = np.memmap(src, np.uint8, mode="r")
         raw_pipe, raw_child = ctx.Pipe()
-        page_pipe, page_child = ctx.Pipe()
-        servers = [
-            ctx.Process(target=_serve_raw, args=(size, repeat + 1, raw_child)),
-            ctx.Process(target=_serve_pages, args=(str(dst), page_child)),
-        ]
+        servers = [ctx.Process(target=_serve_raw, args=(size, repeat + 1, raw_child))]
+        pipes, senders = [], {}
+        for name in figures:
+            with open(Path(tmp, name), "wb") as f:
+                f.truncate(size)
+            pipe, child = ctx.Pipe()
+            pipes.append(pipe)
+            servers.append(ctx.Process(target=_serve_pages, args=(str(Path(tmp, name)), child)))
         for p in servers:
             p.start()
-        sender = None
         try:
-            raw_port, page_port = raw_pipe.recv(), page_pipe.recv()
-            sender = _Sender(page_port, MemoryLayout.flat(size), str(src), streams)
-            raw_times, stream_times = [], []
+            raw_port = raw_pipe.recv()
+            for (name, (lanes, _)), pipe in zip(figures.items(), pipes):
+                senders[name] = _Sender(pipe.recv(), MemoryLayout.flat(size), str(src), lanes)
+            times: dict[str, list[float]] = {"raw": [], **{name: [] for name in figures}}
             for _ in range(repeat + 1):
-                raw_times.append(_raw_seconds(raw_port, source))
-                stream_times.append(sender.round0())
+                times["raw"].append(_raw_seconds(raw_port, source))
+                for name, (_, pages) in figures.items():
+                    times[name].append(senders[name].timed(pages))
         finally:
-            if sender is not None:
+            for sender in senders.values():
                 sender.close()
-            page_pipe.send("stop")
+            for pipe in pipes:
+                pipe.send("stop")
             for p in servers:
                 p.join(30)
                 p.kill()
-        exact = bool(np.array_equal(np.fromfile(dst, np.uint8), source))
-        del source
+        exact = all(np.array_equal(np.fromfile(Path(tmp, name), np.uint8), source) for name in ("stream", "stream_1lane"))
+        scattered = np.fromfile(Path(tmp, "stream_scattered"), np.uint8).reshape(-1, PAGE)
+        exact = exact and bool(np.array_equal(scattered[every_other], source.reshape(-1, PAGE)[every_other]))
+        del source, scattered
 
-    raw_gbps = size / statistics.median(raw_times[1:]) / 1e9
-    stream_gbps = size / statistics.median(stream_times[1:]) / 1e9
-    return {
-        "stream_size_mib": size >> 20,
-        "stream_streams": streams,
-        "stream_gbps": round(stream_gbps, 2),
-        "raw_socket_gbps": round(raw_gbps, 2),
-        "stream_ratio": round(stream_gbps / raw_gbps, 3),
-        "stream_bit_exact": int(exact),
-    }
+    def gbps(name: str, nbytes: int = size) -> float:
+        return nbytes / statistics.median(times[name][1:]) / 1e9
+
+    raw = gbps("raw")
+    out: dict[str, float | int] = {"stream_size_mib": size >> 20, "stream_streams": streams, "raw_socket_gbps": round(raw, 2)}
+    for name, (_, pages) in figures.items():
+        figure = gbps(name, size if pages is None else pages.size * PAGE)
+        out[f"{name}_gbps"] = round(figure, 2)
+        out[f"{name}_ratio"] = round(figure / raw, 3)
+    out["stream_bit_exact"] = int(exact)
+    return out
