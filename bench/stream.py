@@ -7,9 +7,11 @@ mapping, the receiver's bounds checks and copy into its mapped RAM file, ACKs. T
 moves the same number of bytes over one plain TCP connection between two processes: `sendall`
 of 2 MiB slices of the source mapping, `recv_into` one preallocated buffer, nothing else.
 
-Three stream figures: the default four lanes (the target's figure), one lane (the baseline's
-connection count), and a dirty round of every other page over four lanes (scattered pages are
-gathered into their frames; its GB/s counts the pages sent). Entry point: `stream_throughput`.
+Four stream figures: the default four lanes (the target's figure); one lane (the baseline's
+connection count); round 0 for a content-hash tracker, which needs a snapshot of the bytes sent,
+so every batch is gathered into its frame and hashed once acknowledged (what `migrate` does);
+and a dirty round of every other page over four lanes (scattered pages are gathered; its GB/s
+counts the pages sent). Entry point: `stream_throughput`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 from bench import Options, Result, suite
 
 from orchestrator.memory import MemoryLayout
+from orchestrator.trackers import content_trackers
 from orchestrator.transport.endpoint import Endpoint
 from orchestrator.transport.receiver import Receiver
 from orchestrator.transport.tcp import TcpOptions, TcpSink
@@ -76,15 +79,21 @@ def _raw_seconds(port: int, src: np.ndarray) -> float:
 class _Sender:
     """The stream's sending side, kept connected across timed rounds on its own event loop."""
 
-    def __init__(self, port: int, layout: MemoryLayout, src: str, streams: int) -> None:
+    def __init__(self, port: int, layout: MemoryLayout, src: str, streams: int, content: bool) -> None:
         self.loop = asyncio.new_event_loop()
         options = TcpOptions(streams=streams)
         self.sink = self.loop.run_until_complete(TcpSink.connect(layout, src, Endpoint("127.0.0.1", port), TOKEN, options))
+        self.on_sent = None
+        if content:
+            (tracker,) = content_trackers(layout, src)
+            tracker.start(layout)
+            self.on_sent = tracker.record_sent
 
     def timed(self, pages: np.ndarray | None = None) -> float:
         """Seconds for round 0 (no `pages`) or for a round sending `pages`."""
         start = time.perf_counter()
-        self.loop.run_until_complete(self.sink.send_round0() if pages is None else self.sink.send_pages(pages))
+        send = self.sink.send_round0(self.on_sent) if pages is None else self.sink.send_pages(pages, self.on_sent)
+        self.loop.run_until_complete(send)
         return time.perf_counter() - start
 
     def close(self) -> None:
@@ -106,12 +115,13 @@ def stream_throughput(quick: bool = False, size_mib: int | None = None, streams:
     warm-up set), so load from neighbours hits all alike. Each stream figure has a receiver
     and a destination file of its own, checked bit-exact at the end."""
     size = (size_mib or (128 if quick else 512)) << 20
-    repeat = 3 if quick else 7
+    repeat = 3 if quick else 9
     every_other = np.arange(0, size // PAGE, 2)
-    figures = {  # name: (lanes, pages of the timed round, None for round 0)
-        "stream": (streams, None),
-        "stream_1lane": (1, None),
-        "stream_scattered": (streams, every_other),
+    figures = {  # name: (lanes, content tracking, pages of the timed round or None for round 0)
+        "stream": (streams, False, None),
+        "stream_1lane": (1, False, None),
+        "stream_content": (streams, True, None),
+        "stream_scattered": (streams, False, every_other),
     }
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp:
@@ -131,12 +141,12 @@ def stream_throughput(quick: bool = False, size_mib: int | None = None, streams:
             p.start()
         try:
             raw_port = raw_pipe.recv()
-            for (name, (lanes, _)), pipe in zip(figures.items(), pipes):
-                senders[name] = _Sender(pipe.recv(), MemoryLayout.flat(size), str(src), lanes)
+            for (name, (lanes, content, _)), pipe in zip(figures.items(), pipes):
+                senders[name] = _Sender(pipe.recv(), MemoryLayout.flat(size), str(src), lanes, content)
             times: dict[str, list[float]] = {"raw": [], **{name: [] for name in figures}}
             for _ in range(repeat + 1):
                 times["raw"].append(_raw_seconds(raw_port, source))
-                for name, (_, pages) in figures.items():
+                for name, (_, _, pages) in figures.items():
                     times[name].append(senders[name].timed(pages))
         finally:
             for sender in senders.values():
@@ -146,7 +156,8 @@ def stream_throughput(quick: bool = False, size_mib: int | None = None, streams:
             for p in servers:
                 p.join(30)
                 p.kill()
-        exact = all(np.array_equal(np.fromfile(Path(tmp, name), np.uint8), source) for name in ("stream", "stream_1lane"))
+        rounds0 = [name for name, (_, _, pages) in figures.items() if pages is None]
+        exact = all(np.array_equal(np.fromfile(Path(tmp, name), np.uint8), source) for name in rounds0)
         scattered = np.fromfile(Path(tmp, "stream_scattered"), np.uint8).reshape(-1, PAGE)
         exact = exact and bool(np.array_equal(scattered[every_other], source.reshape(-1, PAGE)[every_other]))
         del source, scattered
@@ -156,7 +167,7 @@ def stream_throughput(quick: bool = False, size_mib: int | None = None, streams:
 
     raw = gbps("raw")
     out: dict[str, float | int] = {"stream_size_mib": size >> 20, "stream_streams": streams, "raw_socket_gbps": round(raw, 2)}
-    for name, (_, pages) in figures.items():
+    for name, (_, _, pages) in figures.items():
         figure = gbps(name, size if pages is None else pages.size * PAGE)
         out[f"{name}_gbps"] = round(figure, 2)
         out[f"{name}_ratio"] = round(figure / raw, 3)
