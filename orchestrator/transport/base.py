@@ -12,6 +12,16 @@ import numpy as np
 OnSent = Callable[[np.ndarray, np.ndarray], None]
 
 
+def page_numbers(pages: np.ndarray) -> np.ndarray:
+    """`pages` as int64 page numbers, refused unless strictly increasing: sinks find regions
+    by binary search and runs of pages by differences, so an unsorted or repeated page would
+    otherwise go to the wrong place."""
+    out = np.asarray(pages, np.int64)
+    if out.ndim != 1 or (out.size > 1 and bool((np.diff(out) <= 0).any())):
+        raise ValueError("pages to send must be a 1-D array of strictly increasing page numbers")
+    return out
+
+
 class SinkError(RuntimeError):
     """A page sink cannot do its job (bad RAM file, unreachable or refusing receiver)."""
 
@@ -23,7 +33,7 @@ class PageSink(Protocol):
         """Every page that is not all zero (the destination starts zeroed): (pages, bytes)."""
 
     async def send_pages(self, pages: np.ndarray, on_sent: OnSent | None = None) -> int:
-        """These guest pages (sorted page numbers), each as it is now; returns bytes moved.
+        """These guest pages (strictly increasing numbers), each as it is now; returns bytes moved.
         When it returns, the destination holds them."""
 
     async def verify(self) -> np.ndarray:

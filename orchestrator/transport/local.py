@@ -17,7 +17,7 @@ import numpy as np
 
 from ..bitmap import DirtyBitmap
 from ..memory import MemoryLayout, RamRegion
-from .base import OnSent
+from .base import OnSent, page_numbers
 from .ramfile import data_runs, map_ram, nonzero_pages, release, union_runs
 
 # Scattered pages per gather/scatter. Measured with `python -m bench` (micro.copy): a 512 KiB
@@ -103,7 +103,7 @@ class LocalSink:
     def send(self, pages: np.ndarray, on_sent: OnSent | None = None) -> int:
         """Copy these guest pages (sorted page numbers); returns bytes moved."""
         moved = 0
-        for reg, local, gp in self._split(np.asarray(pages, np.int64)):
+        for reg, local, gp in self._split(page_numbers(pages)):
             moved += self._copy(reg, local, gp, on_sent)
         return moved * self.page_size
 

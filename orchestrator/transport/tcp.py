@@ -40,7 +40,7 @@ import numpy as np
 from ..memory import MemoryLayout
 from ..pagehash import page_hashes
 from .auth import client_proof, same, server_proof
-from .base import OnSent, SinkError
+from .base import OnSent, SinkError, page_numbers
 from .bucket import TokenBucket
 from .endpoint import Endpoint
 from .protocol import (
@@ -358,7 +358,7 @@ class TcpSink:
         return [data_runs(self._src_path, r.file_first * size, len(r.rows) * size, size) for r in self.regions]
 
     async def send_pages(self, pages: np.ndarray, on_sent: OnSent | None = None) -> int:
-        return await self._stream(self._batches(np.asarray(pages, np.int64)), on_sent) * self.page_size
+        return await self._stream(self._batches(page_numbers(pages)), on_sent) * self.page_size
 
     # --- verification --------------------------------------------------------------------
 

@@ -100,3 +100,12 @@ def test_verification_sees_data_that_only_the_destination_holds(shm_files):
         f.write(b"stale")
     with LocalSink.flat(MemoryLayout.flat(1024 * PAGE), src, dst) as sink:
         assert sink.mismatched_pages().tolist() == [77]
+
+
+@pytest.mark.parametrize("pages", [[2, 1], [3, 3], [[1, 2]]])
+def test_pages_out_of_order_are_refused_and_nothing_copied(tmp_path, pages):
+    s, d = ram_file(tmp_path / "s", 8, np.ones(8 * PAGE, np.uint8)), ram_file(tmp_path / "d", 8)
+    with LocalSink.flat(MemoryLayout.flat(8 * PAGE), s, d) as sink:
+        with pytest.raises(ValueError, match="strictly increasing"):
+            sink.send(np.array(pages))
+    assert not np.fromfile(d, np.uint8).any()

@@ -77,6 +77,17 @@ async def test_pages_go_out_from_the_source_unless_a_snapshot_is_wanted(served, 
         sink.close()
 
 
+async def test_pages_out_of_order_are_refused_and_nothing_sent(served, tmp_path):
+    sink, _, _ = await open_sink(tmp_path, served.endpoint)
+    try:
+        for pages in ([5, 4], [7, 7]):
+            with pytest.raises(ValueError, match="strictly increasing"):
+                await sink.send_pages(np.array(pages))
+    finally:
+        sink.close()
+    assert not served.held().any()
+
+
 async def test_verify_names_the_pages_that_differ(served, tmp_path):
     sink, _, _ = await open_sink(tmp_path, served.endpoint)
     try:
