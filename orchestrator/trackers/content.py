@@ -49,7 +49,10 @@ class ContentTracker:
         """Guest page numbers `pages` now hold `data` (one row per page) at the destination."""
         rel = np.asarray(pages, np.int64) - self.gpa // self.page_size
         mine = (rel >= 0) & (rel < self._sent.size)
-        self._sent[rel[mine]] = page_hashes(np.asarray(data)[mine], self.page_size)
+        if mine.all():  # the usual case: no masked copy of the data
+            self._sent[rel] = page_hashes(data, self.page_size)
+        else:
+            self._sent[rel[mine]] = page_hashes(np.asarray(data)[mine], self.page_size)
 
     def stop(self) -> None:
         """Nothing to stop."""
