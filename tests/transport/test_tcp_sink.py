@@ -32,13 +32,13 @@ def mutate(src, data: np.ndarray, pages: list[int], value: int) -> None:
     del m
 
 
-async def rounds(sink: TcpSink, src, data: np.ndarray) -> None:
+async def rounds(sink: TcpSink, src, data: np.ndarray, on_sent=None) -> None:
     """Round 0, then two rounds of changes including pages that become zero."""
-    await sink.send_round0()
+    await sink.send_round0(on_sent)
     mutate(src, data, [1, 2, 100, 200], 7)
-    await sink.send_pages(np.array([1, 2, 100, 200]))
+    await sink.send_pages(np.array([1, 2, 100, 200]), on_sent)
     mutate(src, data, [2, 100, 101, 102], 0)
-    await sink.send_pages(np.array([2, 100, 101, 102, 255]))
+    await sink.send_pages(np.array([2, 100, 101, 102, 255]), on_sent)
 
 
 async def test_rounds_are_bit_exact_and_on_sent_sees_what_was_sent(served, tmp_path):
@@ -164,8 +164,9 @@ class CuttingProxy:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+@pytest.mark.parametrize("snapshot", [False, True], ids=["from-source", "gathered"])
 @pytest.mark.parametrize("direction", ["up", "down"])
-async def test_connections_cut_mid_round_still_end_bit_exact(served, tmp_path, direction):
+async def test_connections_cut_mid_round_still_end_bit_exact(served, tmp_path, direction, snapshot):
     # Connections 0 and 1 are the two streams, 2 and 3 reconnects; each of them is cut once it
     # carries a frame. Up: 50 kB into round 0's 1 MB frame, so the receiver sees a truncated
     # PAGES. Down: 6 bytes into the first ACK after the handshake's 124, so the pages were
@@ -176,7 +177,7 @@ async def test_connections_cut_mid_round_still_end_bit_exact(served, tmp_path, d
     try:
         sink, src, data = await open_sink(tmp_path, via)
         try:
-            await rounds(sink, src, data)
+            await rounds(sink, src, data, (lambda pages, rows: None) if snapshot else None)
             assert (await sink.verify()).size == 0
             assert sink.reconnects >= 2
         finally:
