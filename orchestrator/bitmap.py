@@ -29,6 +29,9 @@ _ONES = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
 # allocating (and page-faulting) a second full-size bitmap. Picked by measurement (bench/).
 _SHIFT_CHUNK = 1 << 17
 
+# Runs at least this many pages long are set as ranges by `mark_runs`, shorter ones bit by bit.
+_LONG_RUN = 1 << 12
+
 # A harvest clears word by word while at most this fraction of words is dirty, else in one fill.
 _SPARSE_CLEAR = 1 / 8
 
@@ -191,6 +194,33 @@ class DirtyBitmap:
         stop = min(-(-(iova + length) // self._page_size), self._npages)
         with self._lock:
             set_bit_range(self._words, first, stop)
+
+    def mark_runs(self, first: np.ndarray, stop: np.ndarray) -> None:
+        """Mark pages [first[i], stop[i]) for every i, clipped to the bitmap: a scan's page
+        runs in one locked OR. Short runs are expanded to bits in numpy (no loop per page or
+        per run); only runs of a whole block of words or more are set range by range."""
+        first = np.maximum(np.asarray(first, np.int64), 0)
+        stop = np.minimum(np.asarray(stop, np.int64), self._npages)
+        keep = stop > first
+        first, stop = first[keep], stop[keep]
+        lengths = stop - first
+        long = lengths >= _LONG_RUN
+        short_first, short_len = first[~long], lengths[~long]
+        index = values = None
+        if short_len.size:
+            starts = np.cumsum(short_len) - short_len
+            pages = np.repeat(short_first - starts, short_len) + np.arange(int(short_len.sum()))
+            pages.sort()
+            words = pages >> 6
+            edges = np.flatnonzero(np.diff(words)) + 1
+            heads = np.r_[0, edges]
+            bits = np.left_shift(np.uint64(1), (pages & 63).astype(np.uint64))
+            index, values = words[heads], np.bitwise_or.reduceat(bits, heads)
+        with self._lock:
+            if index is not None:
+                self._words[index] |= values
+            for lo, hi in zip(first[long].tolist(), stop[long].tolist(), strict=True):
+                set_bit_range(self._words, lo, hi)
 
     def mark_all(self) -> None:
         """Mark every page: the fallback when a tracker's log can no longer be trusted."""

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import stat
+import struct
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
@@ -106,6 +108,18 @@ class QmpSession:
             raise _connect_error(path, err) from err
         session._watcher = asyncio.create_task(session._watch_connection())
         return session
+
+    def peer_pid(self) -> int:
+        """The pid of the process serving this QMP socket (SO_PEERCRED): QEMU's own, taken
+        from the kernel rather than from anything the caller says."""
+        writer = getattr(self._client, "_writer", None)
+        sock = writer.get_extra_info("socket") if writer is not None else None
+        if sock is None:
+            raise QmpConnectError(f"QMP connection {self.socket_path} exposes no socket to ask for its peer")
+        pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        if pid <= 0:
+            raise QmpConnectError(f"the kernel names no process behind QMP socket {self.socket_path}")
+        return pid
 
     async def close(self) -> None:
         """Disconnect; errors of a connection that already broke are not interesting here."""

@@ -5,14 +5,17 @@ from .base import SentAware, StartAttempt, StartOutcome, Tracker
 from .content import ContentTracker, content_trackers
 from .events import TrackerEvent, TrackerState, TrackerStats
 from .iommufd_hwpt import IommufdHwptTracker
+from .qemu_writes import QemuWrites, qemu_write_trackers
 from .set import RecoveryPolicy, TrackerSet
 from .vcpu import VcpuTracker
 from .vfio_dma import VfioDmaLogTracker
+from .writewatch import WriteWatchTracker
 
 __all__ = [
     "AllDirtyTracker",
     "ContentTracker",
     "IommufdHwptTracker",
+    "QemuWrites",
     "RecoveryPolicy",
     "SentAware",
     "StartAttempt",
@@ -24,5 +27,7 @@ __all__ = [
     "TrackerStats",
     "VcpuTracker",
     "content_trackers",
+    "qemu_write_trackers",
     "VfioDmaLogTracker",
+    "WriteWatchTracker",
 ]

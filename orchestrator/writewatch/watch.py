@@ -1,0 +1,254 @@
+"""Write-watch on another process: async userfaultfd write-protection registered in its
+address space, harvested with PAGEMAP_SCAN (an atomic read-and-reprotect).
+
+The userfaultfd is created inside the target by one injected `userfaultfd()` call and taken
+with `pidfd_getfd`; the target's copy is closed again by a second injected call. Every later
+operation acts on the target's memory from this process, and closing our fd ends the
+registration: the target is left as it was. Facts: the project's reference on write-watch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..memory import MemoryLayout
+from ..uapi import ptrace as P
+from ..uapi import userfaultfd as U
+from .errors import Refusal, WriteWatchRefused
+from .inject import check_arch, seized, syscall
+from .maps import mappings_of
+from .seccomp import Call, SeccompCheck
+
+#: What the watch asks of the kernel: async write-protection that needs no fault handler,
+#: covers pages never populated, and works on shmem/hugetlbfs (guest RAM files).
+FEATURES = U.UFFD_FEATURE_WP_ASYNC | U.UFFD_FEATURE_WP_UNPOPULATED | U.UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+_UFFD_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK
+#: Regions one scan call can return before it stops and says where (walk_end).
+VEC_LEN = 1 << 14
+
+# A run callback: (first guest page, end guest page) arrays, both int64.
+OnRuns = Callable[[np.ndarray, np.ndarray], None]
+
+
+@dataclass(frozen=True)
+class WatchedRange:
+    """The target's virtual [vaddr, vaddr + length) holds guest-physical [gpa, gpa + length).
+    `span` is what is registered and scanned: the range widened to whole pages of the
+    mapping (huge pages on hugetlbfs), within it."""
+
+    vaddr: int
+    length: int
+    gpa: int
+    span: tuple[int, int]
+
+
+def watched_ranges(pid: int, layout: MemoryLayout) -> list[WatchedRange]:
+    """Every place the target maps each RAM region's file bytes: each is written through,
+    so each is watched."""
+    out: list[WatchedRange] = []
+    for region in layout.regions:
+        if region.path is None:
+            raise ValueError(f"RAM region {region.gpa:#x}+{region.length:#x} names no file")
+        found = 0
+        for m in mappings_of(pid, region.path):
+            lo = max(region.offset, m.offset)
+            hi = min(region.offset + region.length, m.offset + m.length)
+            if lo >= hi:
+                continue
+            if not m.shared:
+                raise WriteWatchRefused(
+                    Refusal.NO_MAPPING, f"process {pid} maps {region.path} privately: its writes never reach the file"
+                )
+            vaddr = m.start + lo - m.offset
+            span = (max(m.start, vaddr - vaddr % m.page_size), min(m.end, -(-(vaddr + hi - lo) // m.page_size) * m.page_size))
+            out.append(WatchedRange(vaddr, hi - lo, region.gpa + lo - region.offset, span))
+            found += hi - lo
+        if found < region.length:
+            raise WriteWatchRefused(
+                Refusal.NO_MAPPING,
+                f"process {pid} does not map all of {region.path} bytes {region.offset:#x}+{region.length:#x}",
+            )
+    return out
+
+
+def kernel_features() -> int:
+    """The userfaultfd features this kernel offers, learnt on a userfaultfd of our own (the
+    target is not touched); also checks PAGEMAP_SCAN exists."""
+    try:
+        fd = syscall(P.SYS_userfaultfd, _UFFD_FLAGS | U.UFFD_USER_MODE_ONLY)
+    except OSError as exc:
+        raise WriteWatchRefused(Refusal.KERNEL, f"this kernel offers no userfaultfd ({exc.strerror})") from None
+    try:
+        api = U.uffdio_api(api=U.UFFD_API, features=0)
+        fcntl.ioctl(fd, U.UFFDIO_API, api, True)
+    finally:
+        os.close(fd)
+    missing = FEATURES & ~api.features
+    if missing:
+        raise WriteWatchRefused(
+            Refusal.KERNEL, f"this kernel lacks async userfaultfd write-protection (features {missing:#x}; Linux >= 6.7 has them)"
+        )
+    with open("/proc/self/pagemap", "rb", buffering=0) as pm:
+        arg = U.pm_scan_arg(size=ctypes.sizeof(U.pm_scan_arg), start=0, end=0)
+        try:
+            fcntl.ioctl(pm.fileno(), U.PAGEMAP_SCAN, arg, True)
+        except OSError as exc:
+            raise WriteWatchRefused(Refusal.KERNEL, f"this kernel has no PAGEMAP_SCAN ({exc.strerror}; Linux >= 6.7 has it)") from None
+    return api.features
+
+
+def _lowest_free_fd(pid: int) -> int:
+    used = {int(n) for n in os.listdir(f"/proc/{pid}/fd")}
+    return next(n for n in range(len(used) + 1) if n not in used)
+
+
+def take_userfaultfd(pid: int, trust_seccomp: bool = False) -> int:
+    """A userfaultfd for `pid`'s memory, held by this process (the target keeps none)."""
+    calls = [
+        Call(P.SYS_userfaultfd, (_UFFD_FLAGS,), "userfaultfd"),
+        Call(P.SYS_close, (_lowest_free_fd(pid),), "close"),
+    ]
+    check = SeccompCheck(calls, trust_seccomp)
+    with seized(pid, check=check) as inj:
+        remote = inj.call(P.SYS_userfaultfd, _UFFD_FLAGS)
+        if remote < 0:
+            err = -remote
+            hint = (
+                ": the process needs CAP_SYS_PTRACE, or vm.unprivileged_userfaultfd=1"
+                if err == errno.EPERM else ""
+            )
+            raise WriteWatchRefused(Refusal.USERFAULTFD_DENIED, f"userfaultfd() in process {pid} failed: {os.strerror(err)}{hint}")
+        check.check(Call(P.SYS_close, (remote,), "close"), inj.site + len(P.SYSCALL_INSN))
+        try:
+            pidfd = os.pidfd_open(pid)
+            try:
+                return syscall(P.SYS_pidfd_getfd, pidfd, remote, 0)
+            finally:
+                os.close(pidfd)
+        finally:
+            inj.call(P.SYS_close, remote)
+
+
+class WriteWatch:
+    """A userfaultfd registered over every watched range of one process."""
+
+    def __init__(self, pid: int, uffd: int, ranges: Sequence[WatchedRange], page_size: int) -> None:
+        self.pid, self.ranges, self.page_size = pid, list(ranges), page_size
+        self._uffd: int | None = uffd
+        self._pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        self._registered = False
+        self._vec = np.zeros((VEC_LEN, 3), np.uint64)
+        self._arg = U.pm_scan_arg(size=ctypes.sizeof(U.pm_scan_arg), vec=self._vec.ctypes.data, vec_len=VEC_LEN)
+
+    @classmethod
+    def open(cls, pid: int, layout: MemoryLayout, trust_seccomp: bool = False) -> WriteWatch:
+        """Check everything, take a userfaultfd from `pid` and register its RAM mappings.
+        Raises `WriteWatchRefused` naming the cause; the target is unchanged if it does."""
+        check_arch()
+        kernel_features()
+        ranges = watched_ranges(pid, layout)
+        uffd = take_userfaultfd(pid, trust_seccomp)
+        try:
+            api = U.uffdio_api(api=U.UFFD_API, features=FEATURES)
+            fcntl.ioctl(uffd, U.UFFDIO_API, api, True)
+            watch = cls(pid, uffd, ranges, layout.page_size)
+        except BaseException:
+            os.close(uffd)
+            raise
+        try:
+            watch.register()
+        except BaseException:
+            watch.close()
+            raise
+        return watch
+
+    @property
+    def closed(self) -> bool:
+        return self._uffd is None
+
+    def _fd(self) -> int:
+        if self._uffd is None:
+            raise RuntimeError(f"write-watch on process {self.pid} is closed")
+        return self._uffd
+
+    def register(self) -> None:
+        if self._registered:
+            return
+        done: list[WatchedRange] = []
+        try:
+            for r in self.ranges:
+                lo, hi = r.span
+                reg = U.uffdio_register(range=U.uffdio_range(start=lo, len=hi - lo), mode=U.UFFDIO_REGISTER_MODE_WP)
+                try:
+                    fcntl.ioctl(self._fd(), U.UFFDIO_REGISTER, reg, True)
+                except OSError as exc:
+                    why = " (already registered: QEMU postcopy or a background snapshot?)" if exc.errno == errno.EBUSY else ""
+                    raise WriteWatchRefused(
+                        Refusal.REGISTER_REFUSED,
+                        f"registering {lo:#x}-{hi:#x} of process {self.pid} failed: {exc.strerror}{why}",
+                    ) from None
+                done.append(r)
+        except BaseException:
+            self._unregister(done)
+            raise
+        self._registered = True
+
+    def _unregister(self, ranges: Sequence[WatchedRange]) -> None:
+        for r in ranges:
+            lo, hi = r.span
+            try:
+                fcntl.ioctl(self._fd(), U.UFFDIO_UNREGISTER, U.uffdio_range(start=lo, len=hi - lo), True)
+            except OSError as exc:
+                if exc.errno not in (errno.ESRCH, errno.ENOMEM):  # the process is gone
+                    raise
+
+    def unregister(self) -> None:
+        """Write-protection off everywhere: the target runs as before."""
+        if self._registered and self._uffd is not None:
+            self._registered = False
+            self._unregister(self.ranges)
+
+    def scan(self, on_runs: OnRuns | None) -> int:
+        """Pages written since the last scan, re-protected atomically; each batch goes to
+        `on_runs` as guest page runs (None: discard, as the arming scan does). Returns the
+        number of guest pages reported."""
+        if not self._registered:
+            raise RuntimeError(f"write-watch on process {self.pid} is not registered")
+        arg, vec, page = self._arg, self._vec, self.page_size
+        arg.flags = U.PM_SCAN_WP_MATCHING | U.PM_SCAN_CHECK_WPASYNC
+        arg.category_mask = arg.return_mask = U.PAGE_IS_WRITTEN
+        total = 0
+        for r in self.ranges:
+            arg.start, arg.end = r.span
+            while arg.start < arg.end:
+                n = fcntl.ioctl(self._pagemap, U.PAGEMAP_SCAN, arg, True)
+                if n:
+                    lo = vec[:n, 0].astype(np.int64) - r.vaddr
+                    hi = vec[:n, 1].astype(np.int64) - r.vaddr
+                    np.clip(lo, 0, r.length, out=lo)
+                    np.clip(hi, 0, r.length, out=hi)
+                    first = (r.gpa + lo) // page
+                    stop = -(-(r.gpa + hi) // page)
+                    keep = stop > first
+                    total += int((stop - first)[keep].sum())
+                    if on_runs is not None:
+                        on_runs(first[keep], stop[keep])
+                arg.start = arg.walk_end
+        return total
+
+    def close(self) -> None:
+        """End the registration (closing the userfaultfd does) and release everything."""
+        if self._uffd is not None:
+            fd, self._uffd = self._uffd, None
+            self._registered = False
+            os.close(fd)
+        if self._pagemap >= 0:
+            os.close(self._pagemap)
+            self._pagemap = -1
