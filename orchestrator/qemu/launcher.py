@@ -50,6 +50,7 @@ class VmConfig:
     ram_mib: int = 256
     role: Role = Role.SOURCE
     kernel: Path | None = None
+    initrd: Path | None = None
     append: str | None = None
     #: The `-plugin` value, e.g. "path/libx.so,arg=value".
     plugin: str | None = None
@@ -98,6 +99,8 @@ def qemu_argv(config: VmConfig, paths: VmPaths) -> list[str]:
     ]
     if config.kernel is not None:
         argv += ["-kernel", str(config.kernel)]
+    if config.initrd is not None:
+        argv += ["-initrd", str(config.initrd)]
     if config.append is not None:
         argv += ["-append", config.append]
     if config.plugin is not None:
