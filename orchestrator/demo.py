@@ -132,11 +132,14 @@ async def guest_pair(
     check_accel(accel, tracker)
     if devices:
         device_names(devices, faults or [])
+    from .workload import qemu_args
+
     ram_mib, append = mem >> 20, WORKLOADS[workload]
+    extra = qemu_args(append)
     log = VcpuDirtyLog.create(Path("/dev/shm") / f"orchestrator-vcpu-{uuid.uuid4().hex}", mem >> 12) if tracker == "vcpu" else None
     try:
-        src_cfg = VmConfig("src", ram_mib, kernel=GUEST_ELF, append=append, plugin=log.plugin_args() if log else None, accel=accel)
-        dst_cfg = VmConfig("dst", ram_mib, Role.DESTINATION, kernel=GUEST_ELF, append=append, accel=accel)
+        src_cfg = VmConfig("src", ram_mib, kernel=GUEST_ELF, append=append, plugin=log.plugin_args() if log else None, accel=accel, extra_args=extra)
+        dst_cfg = VmConfig("dst", ram_mib, Role.DESTINATION, kernel=GUEST_ELF, append=append, accel=accel, extra_args=extra)
         async with launch(src_cfg) as src, launch(dst_cfg) as dst, _receiver(dst, transport) as receiver:
             await wait_progress(src, 1, 60)
             ep = await _attach(src, dst, receiver)

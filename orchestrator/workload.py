@@ -1,5 +1,5 @@
 """The fixture guest's workloads and what it prints: named presets for the demo and the
-benchmarks, and the parser for its serial progress lines."""
+benchmarks, the QEMU arguments a guest command line needs, and parsers for its serial lines."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 GUEST_ELF = REPO / "fixtures" / "guest" / "guest.elf"
+#: What `fwcfg=` guests have QEMU's fw_cfg device copy into their RAM (built by `make fixtures`).
+FWCFG_FILE = REPO / "build" / "fwcfg.bin"
+FWCFG_NAME = "opt/orchestrator/dma"
 
 # name -> guest command line (see fixtures/README.md for the keys)
 WORKLOADS: dict[str, str] = {
@@ -17,11 +20,24 @@ WORKLOADS: dict[str, str] = {
     "sweep": "pattern=sweep wss=128M rate=0",
     "heavy": "pattern=random wss=128M rate=0",
     "hotcold": "pattern=hotcold wss=128M rate=0",
+    # light, plus 32 fw_cfg DMA reads a second: device-model writes no vCPU store makes
+    "fwcfg": "pattern=sweep wss=32M rate=32M fwcfg=32M",
 }
 
 _PROGRESS = re.compile(r"^P (\d+) (\d+) (\d+)$", re.M)
 _ANNOUNCE = re.compile(r"^A (.*)$", re.M)
-_DMA = re.compile(r"^(0x[0-9a-f]+)-(0x[0-9a-f]+)$", re.I)
+_SPAN = re.compile(r"^(0x[0-9a-f]+)-(0x[0-9a-f]+)$", re.I)
+
+
+def qemu_args(append: str) -> tuple[str, ...]:
+    """Extra QEMU arguments for a guest command line: the fw_cfg data file when it has
+    `fwcfg=`. Source and destination both need them: fw_cfg items are not migrated."""
+    if not any(word.startswith("fwcfg=") for word in append.split()):
+        return ()
+    if not FWCFG_FILE.exists():
+        raise FileNotFoundError(f"fixtures not built ({FWCFG_FILE}): run `make fixtures`")
+    # QEMU's option syntax escapes a comma by doubling it.
+    return ("-fw_cfg", f"name={FWCFG_NAME},file={str(FWCFG_FILE).replace(',', ',,')}")
 
 
 @dataclass(frozen=True)
@@ -37,18 +53,28 @@ def parse_progress(serial_text: str) -> list[Progress]:
     return [Progress(*map(int, m.groups())) for m in _PROGRESS.finditer(serial_text)]
 
 
-def dma_window(serial_text: str) -> tuple[int, int] | None:
-    """(guest-physical start, length) of the RAM the guest leaves to devices, from its
-    `A ... dma=S-E ...` line; None before the guest has announced itself."""
+def _announced_span(serial_text: str, key: str, what: str) -> tuple[int, int] | None:
     m = _ANNOUNCE.search(serial_text)
     if not m:
         return None
     fields = dict(kv.split("=", 1) for kv in m.group(1).split() if "=" in kv)
-    span = _DMA.match(fields.get("dma", ""))
+    span = _SPAN.match(fields.get(key, ""))
     if not span:
-        raise ValueError(f"guest announced no DMA window: {m.group(0)!r}")
+        raise ValueError(f"guest announced no {what}: {m.group(0)!r}")
     lo, hi = int(span.group(1), 16), int(span.group(2), 16)
     return lo, hi - lo
+
+
+def dma_window(serial_text: str) -> tuple[int, int] | None:
+    """(guest-physical start, length) of the RAM the guest leaves to devices, from its
+    `A ... dma=S-E ...` line; None before the guest has announced itself."""
+    return _announced_span(serial_text, "dma", "DMA window")
+
+
+def fwcfg_buffer(serial_text: str) -> tuple[int, int] | None:
+    """(guest-physical start, length) of the buffer QEMU's fw_cfg device writes by DMA, from
+    the `A ... fwcfg=S-E ...` line of a `fwcfg=` guest; None before it has announced itself."""
+    return _announced_span(serial_text, "fwcfg", "fw_cfg buffer")
 
 
 def guest_rate(lines: list[Progress]) -> float:
