@@ -2,7 +2,7 @@
 
 The log is a shared-memory file: a header and two bitmaps in the kernel's
 layout (little-endian u64 words, bit k = page k, LSB first). Each vCPU store
-sets its guest-physical page's bit in bitmap ``epoch & 1`` while counted in
+sets its page's bit in bitmap ``epoch & 1`` while counted in
 ``inflight[epoch & 1]``. A harvest flips ``epoch``, waits for the old
 bitmap's in-flight count to drain, then ORs it into the caller's bitmap and
 zeroes it. After the flip and the drain no writer touches the old bitmap
@@ -12,12 +12,18 @@ must be an atomic, fully ordered read-modify-write so that the drain cannot
 miss a writer that is about to use the old bitmap; it is done by the kernel
 with ``FUTEX_WAKE_OP`` (atomic XOR on the epoch word, waking nobody).
 
+Bit k stands for the address k * page_size as QEMU reported it for a store, and the header
+says which kind of address that is (``Addresses``): the plugin records it when it attaches,
+and a reader turns log pages into guest pages with the guest's RAM layout
+(``trackers.vcpu``).
+
 There is exactly one harvester per log. Layout and writer: dirtylog.h.
 """
 
 from __future__ import annotations
 
 import ctypes
+import enum
 import mmap
 import os
 import platform
@@ -30,8 +36,8 @@ import numpy as np
 from orchestrator.bits import set_bit_range, words_for
 
 MAGIC = 0x474F4C5954524944  # b"DIRTYLOG"
-VERSION = 1
-HEADER_SIZE = 256
+VERSION = 2
+HEADER_SIZE = 320
 BITMAP_OFFSET = 4096
 PLUGIN = Path(__file__).resolve().parent.parent / "fixtures" / "plugin" / "libdirtylog.so"
 
@@ -39,12 +45,36 @@ _HEADER = struct.Struct("<QIIQQQII")  # magic .. spare (offsets 0..47)
 _U64_UNRESOLVED = 48 // 8
 _U32_ATTACHED, _U32_SPARE, _U32_EPOCH = 40 // 4, 44 // 4, 64 // 4
 _U32_INFLIGHT = (128 // 4, 192 // 4)
+_U32_ADDRESSES = 256 // 4
 
 _SYS_FUTEX = {"x86_64": 202, "aarch64": 98}.get(platform.machine())
 _FUTEX_WAKE_OP = 5
 _FLIP_OP = (4 << 28) | (1 << 12)  # FUTEX_OP_XOR with oparg 1, compare unused
 _SPINS = 1000
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+class Addresses(enum.IntEnum):
+    """What the addresses in a log are (the header's ``addresses`` word, DIRTYLOG_ADDR_*)."""
+
+    #: No plugin has attached yet.
+    UNKNOWN = 0
+    #: QEMU's RAM-block numbering (QEMU up to 8.1). Guest RAM from one memory backend is
+    #: QEMU's first RAM block, at 0, so these are offsets in the RAM file.
+    RAM_BLOCK = 1
+    #: Guest-physical addresses (QEMU 8.2 and later).
+    PHYSICAL = 2
+
+
+#: The plugin's ``addr=`` value that forces each kind.
+_ADDR_ARG = {Addresses.RAM_BLOCK: "ram", Addresses.PHYSICAL: "gpa"}
+
+
+def log_pages(ram_bytes: int, page_size: int = 4096) -> int:
+    """Pages a log needs for an x86 guest with ``ram_bytes`` of RAM, in either numbering:
+    RAM that does not fit below the 32-bit PCI hole goes on at 4 GiB, so no guest-physical
+    RAM address reaches ``ram_bytes + 4 GiB``, and no RAM file offset reaches ``ram_bytes``."""
+    return -(-(ram_bytes + (4 << 30)) // page_size)
 
 
 class DrainTimeout(RuntimeError):
@@ -94,14 +124,22 @@ class VcpuDirtyLog:
         finally:
             os.close(fd)
 
-    def plugin_args(self, plugin: str | Path = PLUGIN) -> str:
-        """The value of QEMU's ``-plugin`` option that logs into this file."""
-        return f"{plugin},shm={self.path},pages={self.npages}"
+    def plugin_args(self, plugin: str | Path = PLUGIN, addresses: Addresses | None = None) -> str:
+        """The value of QEMU's ``-plugin`` option that logs into this file. The plugin infers
+        what QEMU's addresses are from its plugin API; ``addresses`` overrides that, which
+        QEMU 8.2 needs (``Addresses.PHYSICAL``)."""
+        args = f"{plugin},shm={self.path},pages={self.npages}"
+        return args if addresses is None else f"{args},addr={_ADDR_ARG[addresses]}"
 
     @property
     def attached(self) -> int:
         """How many plugin instances have mapped this log."""
         return int(self._u32[_U32_ATTACHED])
+
+    @property
+    def addresses(self) -> Addresses:
+        """What the plugin logs: set when it attaches, before ``attached`` counts it."""
+        return Addresses(int(self._u32[_U32_ADDRESSES]))
 
     @property
     def unresolved(self) -> int:

@@ -17,7 +17,8 @@ import pytest
 from fixtures.guest.vm import GuestVM, qemu_binary
 from orchestrator.qemu.errors import QemuExitedError
 from orchestrator.bits import words_for
-from orchestrator.vcpulog import BITMAP_OFFSET, MAGIC, PLUGIN, DrainTimeout, VcpuDirtyLog
+from orchestrator.qemu.launcher import qemu_version
+from orchestrator.vcpulog import BITMAP_OFFSET, MAGIC, PLUGIN, Addresses, DrainTimeout, VcpuDirtyLog
 
 ROOT = Path(__file__).resolve().parent.parent
 HAMMER = ROOT / "fixtures" / "plugin" / "hammer.elf"
@@ -68,9 +69,11 @@ def test_create_writes_header_and_bitmaps(shm_path: Path) -> None:
         magic, version, shift, npages, offset, got_stride = struct.unpack_from(
             "<QIIQQQ", shm_path.read_bytes())
         assert (magic, version, shift, npages, offset, got_stride) == (
-            MAGIC, 1, 13, 70000, BITMAP_OFFSET, stride)
+            MAGIC, 2, 13, 70000, BITMAP_OFFSET, stride)
         assert log.plugin_args() == f"{PLUGIN},shm={shm_path},pages=70000"
+        assert log.plugin_args(addresses=Addresses.PHYSICAL) == f"{PLUGIN},shm={shm_path},pages=70000,addr=gpa"
         assert log.attached == 0
+        assert log.addresses is Addresses.UNKNOWN
     assert not shm_path.exists()
 
 
@@ -242,6 +245,24 @@ async def test_plugin_catches_every_page_the_guest_wrote(built: None, shm_path: 
         # own low pages (status, stack), nothing else.
         wss = (marked >= (4 << 20) >> 12) & (marked < (36 << 20) >> 12)
         assert set(marked[~wss] << 12) <= {0x8000} | set(range(0x100000, 0x110000, 0x1000))
+
+
+@pytest.mark.slow
+@needs_qemu
+async def test_the_plugin_loads_and_says_what_its_addresses_are(built: None, shm_path: Path) -> None:
+    """QEMU up to 8.1 reports RAM-block addresses, later ones guest-physical addresses; a
+    RAM-block address is the offset in the RAM file because the RAM backend is block 0."""
+    expected = Addresses.RAM_BLOCK if qemu_version() < (8, 2, 0) else Addresses.PHYSICAL
+    with VcpuDirtyLog.create(shm_path, GUEST_PAGES) as log:
+        async with GuestVM("pattern=idle", plugin_args=log.plugin_args()) as vm:
+            assert (log.attached, log.addresses) == (1, expected)
+            blocks = await vm.vm.qmp.hmp("info ramblock")
+            assert any(line.split()[:1] == ["ram0"] and int(line.split()[3], 16) == 0
+                       for line in blocks.splitlines()), blocks
+    forced = Addresses.PHYSICAL if expected is Addresses.RAM_BLOCK else Addresses.RAM_BLOCK
+    with VcpuDirtyLog.create(shm_path, GUEST_PAGES) as log:
+        async with GuestVM("pattern=idle", plugin_args=log.plugin_args(addresses=forced)):
+            assert log.addresses is forced
 
 
 @pytest.mark.slow
