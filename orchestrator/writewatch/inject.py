@@ -15,6 +15,7 @@ import errno
 import os
 import platform
 import signal
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -27,6 +28,8 @@ _libc.ptrace.argtypes = (ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_
 _libc.syscall.restype = ctypes.c_long
 
 _WALL = 0x40000000
+#: How long a thread may take to reach a ptrace stop before the injection is given up.
+STOP_TIMEOUT_S = 2.0
 _MINUS_ONE = (1 << 64) - 1
 #: Signals that would end this process mid-injection and leave the target's registers changed.
 _HELD = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
@@ -91,8 +94,19 @@ class Injector:
         self._pending: list[int] = []  # signals that arrived while stopped, re-delivered on detach
 
     def _wait(self) -> tuple[int, int]:
-        """Wait for the next stop: (signal, ptrace event)."""
-        _, status = os.waitpid(self.tid, _WALL)
+        """Wait for the next stop: (signal, ptrace event). Polled with a deadline: a stop
+        can be reported to another waiter of ours (a child watcher waiting for the thread
+        group leader), and a lost report must end in a refusal, not a hang."""
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while True:
+            got, status = os.waitpid(self.tid, _WALL | os.WNOHANG)
+            if got:
+                break
+            if time.monotonic() > deadline:
+                raise WriteWatchRefused(
+                    Refusal.PROCESS_GONE, f"thread {self.tid} of process {self.pid} reached no ptrace stop in {STOP_TIMEOUT_S:g}s"
+                )
+            time.sleep(0.0002)
         if not os.WIFSTOPPED(status):
             raise WriteWatchRefused(Refusal.PROCESS_GONE, f"thread {self.tid} of process {self.pid} exited")
         return os.WSTOPSIG(status), status >> 16
@@ -151,14 +165,36 @@ class Injector:
             syscall(P.SYS_tgkill, self.pid, self.tid, sig)
 
 
+def quiet_thread(pid: int) -> int:
+    """A thread of `pid` to inject into: one blocked in a system call, not a vCPU, and not the
+    thread group leader when another will do (a parent's child watcher waits for the leader's
+    state changes, ptrace stops included)."""
+    best: tuple[int, int] | None = None
+    for name in os.listdir(f"/proc/{pid}/task"):
+        tid = int(name)
+        try:
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                blocked = f.read().split()[0].lstrip("-").isdigit()
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                vcpu = f.read().startswith("CPU ")
+        except OSError:
+            continue  # the thread just exited
+        rank = (tid == pid) + 2 * (not blocked or vcpu)
+        if best is None or (rank, tid) < best:
+            best = (rank, tid)
+    if best is None:
+        raise WriteWatchRefused(Refusal.PROCESS_GONE, f"no process {pid}")
+    return best[1]
+
+
 @contextmanager
 def seized(pid: int, tid: int | None = None, check: Callable[[Injector], None] | None = None) -> Iterator[Injector]:
-    """Seize and stop thread `tid` (default: the main thread) of `pid`; restore and detach on
+    """Seize and stop thread `tid` (default: a `quiet_thread`) of `pid`; restore and detach on
     exit, whatever happened. `check` runs while the thread is stopped, before any register is
     touched (the seccomp check reads the filters then). This process's terminating signals are
     held meanwhile: dying mid-call would leave the target with changed registers."""
     check_arch()
-    tid = pid if tid is None else tid
+    tid = quiet_thread(pid) if tid is None else tid
     old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
     try:
         try:
