@@ -4,7 +4,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast demo bench deps clean
+.PHONY: test test-fast demo bench deps clean qemu-10
+
+# QEMU 10.0 from bookworm-backports, unpacked beside the system's 7.2 (never over it).
+QEMU10 := build/qemu-10.0/qemu-system-x86_64
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv; }
@@ -15,8 +18,15 @@ $(STAMP): pyproject.toml
 
 deps: $(STAMP)
 
-test: deps fixtures
+$(QEMU10): tools/fetch-qemu-10.sh
+	tools/fetch-qemu-10.sh $(@D)
+
+qemu-10: $(QEMU10)
+
+# Everything against the system's QEMU, then the real-QEMU (slow) tests again against 10.0.
+test: deps fixtures $(QEMU10)
 	$(PY) -m pytest -q
+	ORCHESTRATOR_QEMU=$(abspath $(QEMU10)) $(PY) -m pytest -q -m slow
 
 test-fast: deps fixtures
 	$(PY) -m pytest -q -m "not slow"
@@ -24,8 +34,8 @@ test-fast: deps fixtures
 demo: deps fixtures
 	$(PY) -m orchestrator demo
 
-bench: deps fixtures
-	$(PY) -m bench
+bench: deps fixtures $(QEMU10)
+	$(PY) -m bench --qemu qemu-system-x86_64 --qemu $(abspath $(QEMU10))
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

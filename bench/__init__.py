@@ -22,6 +22,9 @@ class Options:
     quick: bool = False
     reps: int | None = None  # end-to-end migrations per contender and row; None: mode default
     mem_mib: int = 256  # end-to-end guest RAM
+    #: QEMU binaries the end-to-end rows run on, each row once per binary; empty: the
+    #: launcher's default (`ORCHESTRATOR_QEMU`, else the system's).
+    qemus: tuple[str, ...] = ()
 
     @property
     def repeat(self) -> int:

@@ -38,11 +38,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="run just this section or section.suite (repeatable)")
     parser.add_argument("--reps", type=int, metavar="N", help="end-to-end migrations per contender and row")
     parser.add_argument("--mem", type=int, default=256, metavar="MIB", help="end-to-end guest RAM (default 256)")
+    parser.add_argument("--qemu", action="append", default=[], metavar="PATH",
+                        help="run the end-to-end rows on this QEMU binary (repeatable; default: $ORCHESTRATOR_QEMU, "
+                        "else qemu-system-x86_64)")
     parser.add_argument("--output", type=Path, default=HERE, metavar="DIR",
                         help="where results.json and results.md go (default: the bench package)")
     args = parser.parse_args(argv)
 
-    options = Options(quick=args.quick, reps=args.reps, mem_mib=args.mem)
+    options = Options(quick=args.quick, reps=args.reps, mem_mib=args.mem, qemus=tuple(args.qemu))
     started = time.monotonic()
     results: dict[str, dict | list] = {
         "meta": {

@@ -1,6 +1,7 @@
 """End to end: the orchestrator against QEMU's own precopy on the same running guest.
 
-Every row is one workload of the fixture guest; each repetition launches a fresh pair per
+Every row is one workload of the fixture guest on one QEMU version (`--qemu`, once per binary:
+both VMs of every contender run it, so `ratio` compares with that version's own migration); each repetition launches a fresh pair per
 contender, in turn (QEMU, orchestrator, orchestrator with content hashing, QEMU, ...), so load
 from neighbours hits all of them alike. Medians per metric; `ratio` is orchestrator / QEMU per
 metric (below 1 is better for times and bytes; for `guest_rate` it is the share of its speed the
@@ -28,6 +29,7 @@ from bench.migrate import (
     fresh_destination,
 )
 from orchestrator.demo import guest_pair, wait_progress
+from orchestrator.qemu.launcher import default_qemu, qemu_version
 
 LIMITS = Limits()
 METRICS = ("total_ms", "downtime_ms", "bytes_sent", "rounds", "guest_rate", "guest_rate_before")
@@ -53,8 +55,8 @@ ROWS: list[Row] = [
 ]
 
 
-async def _one(row: Row, contender: Contender, options: Options) -> Sample:
-    async with guest_pair(row.workload, options.mem_mib << 20, tracker=contender.tracker, **row.pair) as pair:
+async def _one(row: Row, contender: Contender, options: Options, qemu: str) -> Sample:
+    async with guest_pair(row.workload, options.mem_mib << 20, tracker=contender.tracker, qemu=qemu, **row.pair) as pair:
         await wait_progress(pair.src, SETTLE_LINES, 60)
         fresh_destination(pair.dst)
         return await contender.migrate(pair, LIMITS)
@@ -81,18 +83,25 @@ def ratios(ours: dict, theirs: dict) -> dict[str, float | None]:
 @suite("e2e")
 def migrations(options: Options) -> list[dict]:
     rows = []
-    for row in ROWS:
-        samples: dict[str, list[Sample]] = {c.key: [] for c in CONTENDERS}
-        for _ in range(options.e2e_reps):
-            for contender in CONTENDERS:
-                samples[contender.key].append(asyncio.run(_one(row, contender, options)))
-        summary = {key: summarise(found) for key, found in samples.items()}
-        rows.append({
-            "workload": row.name,
-            "mem_mib": options.mem_mib,
-            "reps": options.e2e_reps,
-            **summary,
-            "ratio": ratios(summary[ORCHESTRATOR.key], summary[QEMU.key]),
-            "ratio_content": ratios(summary[ORCHESTRATOR_CONTENT.key], summary[QEMU.key]),
-        })
+    for qemu in options.qemus or (default_qemu(),):
+        version = ".".join(map(str, qemu_version(qemu)))
+        for row in ROWS:
+            rows.append(_row(row, options, qemu, version))
     return rows
+
+
+def _row(row: Row, options: Options, qemu: str, version: str) -> dict:
+    samples: dict[str, list[Sample]] = {c.key: [] for c in CONTENDERS}
+    for _ in range(options.e2e_reps):
+        for contender in CONTENDERS:
+            samples[contender.key].append(asyncio.run(_one(row, contender, options, qemu)))
+    summary = {key: summarise(found) for key, found in samples.items()}
+    return {
+        "workload": row.name,
+        "qemu": version,
+        "mem_mib": options.mem_mib,
+        "reps": options.e2e_reps,
+        **summary,
+        "ratio": ratios(summary[ORCHESTRATOR.key], summary[QEMU.key]),
+        "ratio_content": ratios(summary[ORCHESTRATOR_CONTENT.key], summary[QEMU.key]),
+    }

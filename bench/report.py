@@ -29,6 +29,11 @@ def _table(header: Iterable[str], rows: Iterable[Iterable[object]]) -> list[str]
     return lines + [""]
 
 
+def _name(row: dict) -> str:
+    """A row is one workload on one QEMU version."""
+    return f"{row['workload']} (QEMU {row['qemu']})"
+
+
 def _contenders(row: dict) -> list[str]:
     return [k for k, v in row.items() if isinstance(v, dict) and "converged" in v]
 
@@ -39,7 +44,7 @@ def _e2e(rows: list[dict]) -> list[str]:
     for row in rows:
         for key in _contenders(row):
             c = row[key]
-            table.append([row["workload"], key, c["total_ms"], c["downtime_ms"],
+            table.append([_name(row), key, c["total_ms"], c["downtime_ms"],
                           None if c["bytes_sent"] is None else c["bytes_sent"] / 2**20, c["rounds"],
                           c["converged"], c["guest_rate"], c["guest_rate_before"]])
     out += _table(["workload", "contender", "total ms", "downtime ms", "MiB sent", "rounds", "converged",
@@ -49,7 +54,7 @@ def _e2e(rows: list[dict]) -> list[str]:
     for row in rows:
         for key in ("ratio", "ratio_content"):
             r = row[key]
-            ratio_rows.append([row["workload"], key, r["total_ms"], r["downtime_ms"], r["bytes_sent"],
+            ratio_rows.append([_name(row), key, r["total_ms"], r["downtime_ms"], r["bytes_sent"],
                                r["rounds"], r["guest_rate"], r["guest_rate_before"]])
     return out + _table(["workload", "", "total", "downtime", "bytes", "rounds", "guest rate during",
                          "guest rate before"], ratio_rows)
@@ -59,9 +64,9 @@ def _targets(results: dict) -> list[str]:
     checks: list[tuple[str, object, bool | None]] = []
     for row in results.get("e2e", []):
         total, down = row["ratio"]["total_ms"], row["ratio"]["downtime_ms"]
-        checks.append((f"{row['workload']}: total <= {TOTAL_TARGET_RATIO}x QEMU", total,
+        checks.append((f"{_name(row)}: total <= {TOTAL_TARGET_RATIO}x QEMU", total,
                        None if total is None else total <= TOTAL_TARGET_RATIO))
-        checks.append((f"{row['workload']}: downtime <= QEMU", down, None if down is None else down <= 1))
+        checks.append((f"{_name(row)}: downtime <= QEMU", down, None if down is None else down <= 1))
     micro = results.get("micro", {})
     if "copy_gbps" in micro:
         checks.append((f"local copy >= {COPY_TARGET_GBPS} GB/s (scattered pages)", micro["copy_gbps"],

@@ -74,6 +74,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--mem", default="256M", metavar="SIZE", help="guest RAM (default 256M)")
     d.add_argument("--tracker", choices=("vcpu", "content"), default="vcpu", help="vCPU dirty tracker: the TCG plugin or content hashing")
     d.add_argument("--accel", choices=("tcg", "kvm"), default="tcg", help="accelerator (kvm needs /dev/kvm and --tracker content)")
+    d.add_argument("--qemu", metavar="PATH", help="the QEMU binary of both VMs (default: $ORCHESTRATOR_QEMU, else qemu-system-x86_64)")
     d.add_argument("--no-verify", action="store_true", help="skip the bit-exact comparison at switchover")
     d.add_argument("--transport", choices=("local", "tcp"), default="local", help="how pages move: local copy, or a TCP stream through a receiver on loopback")
     d.add_argument("--devices", default="mlx5,pds", metavar="KINDS", help=f"emulated DMA devices, comma separated, from {', '.join(KINDS)}; 'none' for none (default mlx5,pds)")
@@ -167,7 +168,7 @@ async def demo_command(args: argparse.Namespace) -> int:
           f"devices {', '.join(devices) or 'none'}{'' if not args.no_device_tracking else ' (untracked)'}", flush=True)
     result = await run_demo(
         args.workload, mem, args.tracker, options, devices, not args.no_device_tracking, faults, args.accel,
-        round_line, event_line, transport=args.transport,
+        round_line, event_line, transport=args.transport, qemu=args.qemu,
     )
     rep = result.report
     summary(rep)

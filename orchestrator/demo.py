@@ -16,12 +16,12 @@ from pathlib import Path
 from .attach import Endpoints, attach, attach_remote
 from .devices.fleet import FaultPlan, Fleet, device_names
 from .driver import Migration, MigrationOptions, MigrationReport
-from .qemu.launcher import QemuVm, Role, VmConfig, launch
+from .qemu.launcher import QemuVm, Role, VmConfig, default_qemu, launch
 from .receive import loopback_receiver
 from .trackers import Tracker, VcpuTracker, content_trackers
 from .transport.auth import load_token
 from .transport.endpoint import Endpoint
-from .vcpulog import PLUGIN, VcpuDirtyLog
+from .vcpulog import PLUGIN, VcpuDirtyLog, log_pages
 from .workload import GUEST_ELF, WORKLOADS, Progress, dma_window, parse_progress
 
 _SIZE = re.compile(r"^(\d+)([KMG]?)$", re.I)
@@ -120,6 +120,7 @@ async def guest_pair(
     dma_rate: int = 4000,
     accel: str = "tcg",
     transport: str = "local",
+    qemu: str | None = None,
 ) -> AsyncIterator[GuestPair]:
     """Launch both QEMUs with the fixture guest doing `workload`, and emulated `devices`
     DMA-ing into the guest's DMA window; pages go by `transport` (local copy, or tcp through
@@ -136,10 +137,10 @@ async def guest_pair(
 
     ram_mib, append = mem >> 20, WORKLOADS[workload]
     extra = qemu_args(append)
-    log = VcpuDirtyLog.create(Path("/dev/shm") / f"orchestrator-vcpu-{uuid.uuid4().hex}", mem >> 12) if tracker == "vcpu" else None
+    log = VcpuDirtyLog.create(Path("/dev/shm") / f"orchestrator-vcpu-{uuid.uuid4().hex}", log_pages(mem)) if tracker == "vcpu" else None
     try:
-        src_cfg = VmConfig("src", ram_mib, kernel=GUEST_ELF, append=append, plugin=log.plugin_args() if log else None, accel=accel, extra_args=extra)
-        dst_cfg = VmConfig("dst", ram_mib, Role.DESTINATION, kernel=GUEST_ELF, append=append, accel=accel, extra_args=extra)
+        src_cfg = VmConfig("src", ram_mib, kernel=GUEST_ELF, append=append, plugin=log.plugin_args() if log else None, accel=accel, qemu_binary=qemu or default_qemu(), extra_args=extra)
+        dst_cfg = VmConfig("dst", ram_mib, Role.DESTINATION, kernel=GUEST_ELF, append=append, accel=accel, qemu_binary=qemu or default_qemu(), extra_args=extra)
         async with launch(src_cfg) as src, launch(dst_cfg) as dst, _receiver(dst, transport) as receiver:
             await wait_progress(src, 1, 60)
             ep = await _attach(src, dst, receiver)
@@ -191,8 +192,9 @@ async def run_demo(
     on_round=None,
     on_event=None,
     transport: str = "local",
+    qemu: str | None = None,
 ) -> DemoResult:
-    async with guest_pair(workload, mem, tracker, devices, device_tracking, faults, accel=accel, transport=transport) as pair:
+    async with guest_pair(workload, mem, tracker, devices, device_tracking, faults, accel=accel, transport=transport, qemu=qemu) as pair:
         report = await pair.migration(options, on_round=on_round, on_event=on_event).run()
         src_lines = parse_progress(pair.src.read_serial())
         result = DemoResult(report, src_lines, [])

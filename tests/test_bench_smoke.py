@@ -12,6 +12,7 @@ import pytest
 
 from bench.__main__ import main
 from bench.e2e import ROWS
+from orchestrator.qemu.launcher import default_qemu, qemu_version
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -20,8 +21,8 @@ MICRO = {"memcpy_gbps", "copy_gbps", "merge_gbps", "harvest_1tib_ms", "collect_1
 
 
 def test_quick_bench_writes_json_and_table(tmp_path, capsys):
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 is not installed (make fixtures installs it)")
+    if shutil.which(default_qemu()) is None:
+        pytest.skip(f"{default_qemu()} is not installed (make fixtures installs it)")
     subprocess.run(["make", "-s", "fixtures"], cwd=REPO, check=True)
 
     assert main(["--quick", "--output", str(tmp_path)]) == 0
@@ -29,6 +30,7 @@ def test_quick_bench_writes_json_and_table(tmp_path, capsys):
     results = json.loads((tmp_path / "results.json").read_text())
     assert MICRO <= results["micro"].keys()
     assert [row["workload"] for row in results["e2e"]] == [r.name for r in ROWS]
+    assert {row["qemu"] for row in results["e2e"]} == {".".join(map(str, qemu_version()))}
     for row in results["e2e"]:
         for contender in ("qemu", "orchestrator", "orchestrator_content"):
             assert MIGRATION_METRICS <= row[contender].keys()

@@ -16,8 +16,10 @@ _VIEW = re.compile(r"^FlatView #\d+$")
 _AS = re.compile(r'^ AS "(?P<name>[^"]*)", root: (?P<root>.*)$')
 _ROOT = re.compile(r"^ Root memory region: (?P<root>.*)$")
 _RANGE_START = re.compile(r"^\s+[0-9a-fA-F]+-[0-9a-fA-F]+ \(")
-# 7.2 prints "(prio N, kind)"; later QEMUs dropped the priority. An accelerator that tracks
-# memory (KVM) appends its name once per address space, which is not part of the region name.
+# QEMU 7.2 and 10.0 both print "(prio N, kind)" (10.0 lists the views in another order, which
+# `system_view` does not depend on); a range without the priority parses too. An accelerator
+# that tracks memory (KVM) appends its name once per address space, which is not part of the
+# region name.
 _RANGE = re.compile(
     r"^\s+(?P<start>[0-9a-fA-F]+)-(?P<last>[0-9a-fA-F]+)"
     r" \((?:prio -?\d+, )?(?P<nv>nv-)?(?P<kind>[a-z/]+)\): "

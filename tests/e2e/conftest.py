@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.qemu.launcher import default_qemu
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session", autouse=True)
 def built_fixtures():
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 is not installed (make fixtures installs it)")
+    if shutil.which(default_qemu()) is None:
+        pytest.skip(f"{default_qemu()} is not installed (make fixtures installs it)")
     subprocess.run(["make", "-s", "fixtures"], cwd=REPO, check=True)

@@ -21,7 +21,7 @@ import pytest
 from fixtures.guest.pattern import check_guest_ram
 from orchestrator.demo import run_demo, wait_progress
 from orchestrator.driver import MigrationOptions
-from orchestrator.qemu.launcher import Role, VmConfig, launch
+from orchestrator.qemu.launcher import Role, VmConfig, default_qemu, launch
 from orchestrator.transport.auth import write_token
 from orchestrator.workload import GUEST_ELF, WORKLOADS, parse_progress
 
@@ -60,7 +60,7 @@ def namespaces():
 def inside(ns: str, tmp_path: Path) -> str:
     """A QEMU binary that starts in namespace `ns` (the launcher takes one program name)."""
     wrapper = tmp_path / f"qemu-in-{ns}"
-    wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {ns} qemu-system-x86_64 "$@"\n')
+    wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {ns} {default_qemu()} "$@"\n')
     wrapper.chmod(0o700)
     return str(wrapper)
 

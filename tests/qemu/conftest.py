@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.qemu.launcher import QemuVm, VmConfig
+from orchestrator.qemu.launcher import QemuVm, VmConfig, default_qemu
 
-QEMU = "qemu-system-x86_64"
+QEMU = default_qemu()
 READY_LINE = b"ready\n"
 
 _MB_MAGIC = 0x1BADB002

@@ -15,6 +15,7 @@ import pytest
 
 from orchestrator.qemu.errors import QemuExitedError, QmpDisconnectedError
 from orchestrator.qemu.launcher import (
+    QEMU_ENV,
     QemuVm,
     Role,
     SerialMode,
@@ -23,6 +24,7 @@ from orchestrator.qemu.launcher import (
     guarded,
     launch,
     qemu_argv,
+    qemu_version,
 )
 
 from .conftest import READY_LINE
@@ -38,9 +40,10 @@ def test_command_line() -> None:
         append="rate=5",
         plugin="/p/libdirty.so,shm=x",
         extra_args=("-machine", "max-ram-below-4g=1G"),
+        qemu_binary="/opt/qemu/bin/qemu-system-x86_64",
     )
     assert qemu_argv(config, paths) == [
-        "qemu-system-x86_64", "-name", "dst", "-nodefaults", "-nographic",
+        "/opt/qemu/bin/qemu-system-x86_64", "-name", "dst", "-nodefaults", "-nographic",
         "-machine", "pc,memory-backend=ram0", "-m", "512M",
         "-object", "memory-backend-file,id=ram0,size=512M,mem-path=/dev/shm/vm.ram,share=on",
         "-accel", "tcg", "-smp", "1",
@@ -54,6 +57,18 @@ def test_command_line() -> None:
     assert "share=off" in piped[piped.index("-object") + 1]
     assert piped[piped.index("-serial") + 1] == "stdio"
     assert "-kernel" not in piped
+
+
+def test_the_environment_picks_the_qemu_a_config_does_not_name(monkeypatch, tmp_path: Path) -> None:
+    fake = tmp_path / "qemu"
+    fake.write_text("#!/bin/sh\necho 'QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2)'\n")
+    fake.chmod(0o700)
+    monkeypatch.setenv(QEMU_ENV, str(fake))
+    assert VmConfig("vm").qemu_binary == str(fake)
+    assert VmConfig("vm", qemu_binary="qemu-7").qemu_binary == "qemu-7"
+    assert qemu_version() == (10, 0, 2)
+    monkeypatch.delenv(QEMU_ENV)
+    assert VmConfig("vm").qemu_binary == "qemu-system-x86_64"
 
 
 def leftovers(name: str) -> list[Path]:
