@@ -187,6 +187,14 @@ def quiet_thread(pid: int) -> int:
     return best[1]
 
 
+def _state(pid: int, tid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][:1]
+    except (FileNotFoundError, IndexError):
+        raise WriteWatchRefused(Refusal.PROCESS_GONE, f"no process {pid} (thread {tid})") from None
+
+
 @contextmanager
 def seized(pid: int, tid: int | None = None, check: Callable[[Injector], None] | None = None) -> Iterator[Injector]:
     """Seize and stop thread `tid` (default: a `quiet_thread`) of `pid`; restore and detach on
@@ -195,6 +203,8 @@ def seized(pid: int, tid: int | None = None, check: Callable[[Injector], None] |
     held meanwhile: dying mid-call would leave the target with changed registers."""
     check_arch()
     tid = quiet_thread(pid) if tid is None else tid
+    if _state(pid, tid) == "T":  # a stopped process must stay stopped, untouched
+        raise WriteWatchRefused(Refusal.STOPPED, f"process {pid} is stopped by a signal (SIGSTOP?): continue it first")
     old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
     try:
         try:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from .errors import Refusal, WriteWatchRefused
+
 
 @dataclass(frozen=True)
 class Mapping:
@@ -37,7 +39,15 @@ def mappings_of(pid: int, path: str) -> list[Mapping]:
     want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
     found: list[Mapping] = []
     current: tuple[int, int, str, int] | None = None
-    with open(f"/proc/{pid}/smaps") as smaps:
+    try:
+        smaps = open(f"/proc/{pid}/smaps")
+    except FileNotFoundError:
+        raise WriteWatchRefused(Refusal.PROCESS_GONE, f"no process {pid}") from None
+    except PermissionError:
+        raise WriteWatchRefused(
+            Refusal.PTRACE_DENIED, f"cannot read process {pid}'s mappings: run as root or with CAP_SYS_PTRACE"
+        ) from None
+    with smaps:
         for line in smaps:
             head = _parse_header(line) if not line[:1].isupper() else None
             if head is not None:

@@ -95,7 +95,11 @@ def kernel_features() -> int:
         raise WriteWatchRefused(
             Refusal.KERNEL, f"this kernel lacks async userfaultfd write-protection (features {missing:#x}; Linux >= 6.7 has them)"
         )
-    with open("/proc/self/pagemap", "rb", buffering=0) as pm:
+    try:
+        pm = open("/proc/self/pagemap", "rb", buffering=0)
+    except PermissionError:  # a process that dropped privileges; the target's pagemap tells
+        return api.features
+    with pm:
         arg = U.pm_scan_arg(size=ctypes.sizeof(U.pm_scan_arg), start=0, end=0)
         try:
             fcntl.ioctl(pm.fileno(), U.PAGEMAP_SCAN, arg, True)
