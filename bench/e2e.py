@@ -98,7 +98,7 @@ def _row(row: Row, options: Options, qemu: str, version: str) -> dict:
     summary = {key: summarise(found) for key, found in samples.items()}
     return {
         "workload": row.name,
-        "qemu": version,
+        "qemu_version": version,
         "mem_mib": options.mem_mib,
         "reps": options.e2e_reps,
         **summary,

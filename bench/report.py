@@ -31,7 +31,7 @@ def _table(header: Iterable[str], rows: Iterable[Iterable[object]]) -> list[str]
 
 def _name(row: dict) -> str:
     """A row is one workload on one QEMU version."""
-    return f"{row['workload']} (QEMU {row['qemu']})"
+    return f"{row['workload']} (QEMU {row['qemu_version']})"
 
 
 def _contenders(row: dict) -> list[str]:

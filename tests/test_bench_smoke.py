@@ -30,7 +30,7 @@ def test_quick_bench_writes_json_and_table(tmp_path, capsys):
     results = json.loads((tmp_path / "results.json").read_text())
     assert MICRO <= results["micro"].keys()
     assert [row["workload"] for row in results["e2e"]] == [r.name for r in ROWS]
-    assert {row["qemu"] for row in results["e2e"]} == {".".join(map(str, qemu_version()))}
+    assert {row["qemu_version"] for row in results["e2e"]} == {".".join(map(str, qemu_version()))}
     for row in results["e2e"]:
         for contender in ("qemu", "orchestrator", "orchestrator_content"):
             assert MIGRATION_METRICS <= row[contender].keys()
