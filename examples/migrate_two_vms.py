@@ -17,7 +17,7 @@ from pathlib import Path
 from orchestrator.attach import attach
 from orchestrator.driver import Migration, MigrationOptions, MigrationReport
 from orchestrator.qemu.qmp import QmpSession
-from orchestrator.trackers import content_trackers
+from orchestrator.trackers import QemuWrites, qemu_write_trackers
 
 
 async def migrate(src_qmp: Path, dst_qmp: Path, src_ram: Path, dst_ram: Path) -> MigrationReport:
@@ -25,10 +25,12 @@ async def migrate(src_qmp: Path, dst_qmp: Path, src_ram: Path, dst_ram: Path) ->
     try:
         ep = await attach(src, dst, src_ram, dst_ram)  # validates everything, changes nothing
         try:
-            # Any accelerator: find dirty pages by content. Add VfioDmaLogTracker(VfioDevice(fd,
-            # RealSyscalls())) per device, or a VcpuTracker when QEMU runs the TCG plugin.
-            trackers = content_trackers(ep.layout, str(src_ram))
-            with tempfile.TemporaryDirectory() as tmp:
+            # Any accelerator: write-watch on the source QEMU's process (content hashing if it
+            # is refused, with the reason printed). Add VfioDmaLogTracker(VfioDevice(fd,
+            # RealSyscalls())) per device.
+            with qemu_write_trackers(
+                QemuWrites.WRITEWATCH, ep.layout, src.peer_pid(), explicit=False, src_ram=str(src_ram)
+            ) as trackers, tempfile.TemporaryDirectory() as tmp:
                 uri = f"unix:{tmp}/migrate.sock"
                 options = MigrationOptions(downtime_limit_ms=300, verify=True)
                 return await Migration(src, dst, ep.layout, ep.sink, trackers, uri, options).run()

@@ -19,16 +19,17 @@ from .output import event_line, round_line, summary, write_json
 from .qemu.errors import QemuError
 from .qemu.qmp import QmpSession
 from .receive import serve
-from .trackers import RecoveryPolicy, Tracker, VfioDmaLogTracker, content_trackers
+from .trackers import QemuWrites, RecoveryPolicy, Tracker, VfioDmaLogTracker, qemu_write_trackers
 from .transport import SinkError
 from .transport.auth import load_token
 from .transport.endpoint import client_context, parse_endpoint
 from .transport.tcp import TcpOptions
 from .vfio import RealSyscalls, VfioDevice, VfioError, VfioUsageError
 from .workload import WORKLOADS, guest_rate
+from .writewatch import WriteWatchRefused
 
 EXIT_OK, EXIT_MIGRATION_FAILED, EXIT_BAD_INPUT = 0, 1, 2
-BAD_INPUT = (QemuError, SinkError, VfioError, VfioUsageError, ValueError, OSError)
+BAD_INPUT = (QemuError, SinkError, VfioError, VfioUsageError, WriteWatchRefused, ValueError, OSError)
 
 
 def add_policy_options(p: argparse.ArgumentParser) -> None:
@@ -37,6 +38,22 @@ def add_policy_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-time", type=float, default=300.0, metavar="S", help="time cap in seconds (default 300)")
     p.add_argument("--on-limit", choices=("cancel", "force"), default="cancel", help="when a cap is hit: cancel (source keeps running) or force the switchover")
     p.add_argument("--json", metavar="PATH|-", help="write the JSON report there ('-' for stdout)")
+
+
+def add_tracker_options(p: argparse.ArgumentParser, kinds: tuple[QemuWrites, ...]) -> None:
+    p.add_argument(
+        "--tracker", choices=[k.value for k in kinds], default=None,
+        help="what finds QEMU's own writes to guest RAM: writewatch (the default: every write through QEMU's "
+        "page tables, any accelerator; falls back to content hashing with a message when refused, unless "
+        "asked for by name)" + (", vcpu (the TCG plugin: vCPU stores only)" if QemuWrites.VCPU in kinds else "")
+        + " or content (hashes of all RAM every round)",
+    )
+    p.add_argument("--trust-seccomp", action="store_true", help="let write-watch inject into a QEMU whose seccomp filter cannot be checked here (never one that is known to deny)")
+
+
+def tracker_choice(args: argparse.Namespace) -> tuple[QemuWrites, bool]:
+    """The tracker of QEMU's writes, and whether the user named it."""
+    return QemuWrites(args.tracker or QemuWrites.WRITEWATCH.value), args.tracker is not None
 
 
 def options_from(args: argparse.Namespace, verify: bool, **more) -> MigrationOptions:
@@ -67,13 +84,14 @@ def parser() -> argparse.ArgumentParser:
     add_stream_options(m)
     m.add_argument("--vfio-device", action="append", type=Path, default=[], metavar="PATH", help="a VFIO device fd to track by DMA logging (repeatable)")
     m.add_argument("--verify", action="store_true", help="compare source and destination RAM while both are paused")
+    add_tracker_options(m, (QemuWrites.WRITEWATCH, QemuWrites.CONTENT))
     add_policy_options(m)
 
     d = sub.add_parser("demo", help="launch two QEMUs running the fixture guest and migrate it live")
     d.add_argument("--workload", default="light", choices=sorted(WORKLOADS), help="what the guest does while it migrates (default light)")
     d.add_argument("--mem", default="256M", metavar="SIZE", help="guest RAM (default 256M)")
-    d.add_argument("--tracker", choices=("vcpu", "content"), default="vcpu", help="vCPU dirty tracker: the TCG plugin or content hashing")
-    d.add_argument("--accel", choices=("tcg", "kvm"), default="tcg", help="accelerator (kvm needs /dev/kvm and --tracker content)")
+    add_tracker_options(d, tuple(QemuWrites))
+    d.add_argument("--accel", choices=("tcg", "kvm"), default="tcg", help="accelerator (kvm needs /dev/kvm, and a tracker other than vcpu)")
     d.add_argument("--qemu", metavar="PATH", help="the QEMU binary of both VMs (default: $ORCHESTRATOR_QEMU, else qemu-system-x86_64)")
     d.add_argument("--no-verify", action="store_true", help="skip the bit-exact comparison at switchover")
     d.add_argument("--transport", choices=("local", "tcp"), default="local", help="how pages move: local copy, or a TCP stream through a receiver on loopback")
@@ -143,9 +161,13 @@ async def migrate_command(args: argparse.Namespace) -> int:
         for sock in (args.src_qmp, args.dst_qmp):
             sessions.append(await QmpSession.connect(sock))
         ep = await attach_from(args, *sessions)
-        trackers: list[Tracker] = [*content_trackers(ep.layout, str(args.src_ram))]
-        trackers += vfio_trackers(args.vfio_device, fds)
-        report = await run_migration(ep, trackers, args.uri or f"unix:{workdir / 'migrate.sock'}", options)
+        kind, explicit = tracker_choice(args)
+        with qemu_write_trackers(
+            kind, ep.layout, sessions[0].peer_pid(), explicit=explicit, src_ram=str(args.src_ram),
+            trust_seccomp=args.trust_seccomp, notice=lambda text: print(text, flush=True),
+        ) as ram:
+            trackers = ram + vfio_trackers(args.vfio_device, fds)
+            report = await run_migration(ep, trackers, args.uri or f"unix:{workdir / 'migrate.sock'}", options)
         summary(report)
         write_json(report.as_dict(), args.json)
         return EXIT_OK if report.ok else EXIT_MIGRATION_FAILED
@@ -164,11 +186,12 @@ async def demo_command(args: argparse.Namespace) -> int:
     mem = parse_size(args.mem)
     devices = [] if args.devices == "none" else [k.strip() for k in args.devices.split(",") if k.strip()]
     faults = [FaultPlan.parse(f) for f in args.inject]
-    print(f"demo: {args.workload} guest ({WORKLOADS[args.workload]}), {args.mem} RAM, tracker {args.tracker}, "
+    kind, explicit = tracker_choice(args)
+    print(f"demo: {args.workload} guest ({WORKLOADS[args.workload]}), {args.mem} RAM, tracker {kind.value}, "
           f"devices {', '.join(devices) or 'none'}{'' if not args.no_device_tracking else ' (untracked)'}", flush=True)
     result = await run_demo(
-        args.workload, mem, args.tracker, options, devices, not args.no_device_tracking, faults, args.accel,
-        round_line, event_line, transport=args.transport, qemu=args.qemu,
+        args.workload, mem, kind, options, devices, not args.no_device_tracking, faults, args.accel,
+        round_line, event_line, transport=args.transport, qemu=args.qemu, explicit=explicit, trust_seccomp=args.trust_seccomp,
     )
     rep = result.report
     summary(rep)

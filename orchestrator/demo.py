@@ -18,7 +18,7 @@ from .devices.fleet import FaultPlan, Fleet, device_names
 from .driver import Migration, MigrationOptions, MigrationReport
 from .qemu.launcher import QemuVm, Role, VmConfig, default_qemu, launch
 from .receive import loopback_receiver
-from .trackers import Tracker, VcpuTracker, content_trackers
+from .trackers import QemuWrites, Tracker, qemu_write_trackers
 from .transport.auth import load_token
 from .transport.endpoint import Endpoint
 from .vcpulog import PLUGIN, VcpuDirtyLog, log_pages
@@ -59,17 +59,17 @@ async def wait_progress(vm: QemuVm, after: int, timeout: float) -> list[Progress
         await asyncio.sleep(0.05)
 
 
-def check_accel(accel: str, tracker: str) -> None:
+def check_accel(accel: str, tracker: QemuWrites) -> None:
     if accel not in ("tcg", "kvm"):
         raise ValueError(f"accelerator {accel!r}: choose tcg or kvm")
-    if accel == "kvm" and tracker == "vcpu":
-        raise ValueError("the vCPU plugin tracker needs TCG: with --accel kvm use --tracker content")
+    if accel == "kvm" and tracker is QemuWrites.VCPU:
+        raise ValueError("the vCPU plugin tracker needs TCG: with --accel kvm use --tracker writewatch or content")
     if accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
         raise ValueError("--accel kvm needs a usable /dev/kvm on this host")
 
 
-def check_fixtures(tracker: str) -> None:
-    need = [GUEST_ELF] + ([PLUGIN] if tracker == "vcpu" else [])
+def check_fixtures(tracker: QemuWrites) -> None:
+    need = [GUEST_ELF] + ([PLUGIN] if tracker is QemuWrites.VCPU else [])
     missing = [str(p) for p in need if not p.exists()]
     if missing:
         raise FileNotFoundError(f"fixtures not built ({', '.join(missing)}): run `make fixtures`")
@@ -82,17 +82,14 @@ class GuestPair:
     src: QemuVm
     dst: QemuVm
     endpoints: Endpoints
-    log: VcpuDirtyLog | None
+    ram: list[Tracker]  # the trackers of QEMU's own writes
     fleet: Fleet | None = None
     device_tracking: bool = True
 
     def trackers(self) -> list[Tracker]:
-        """The vCPU tracker (plugin or content hashing), plus one DMA-log tracker per
-        emulated device unless device tracking is off."""
-        ram: list[Tracker] = (
-            [VcpuTracker(self.log)] if self.log else [*content_trackers(self.endpoints.layout, str(self.src.ram_path))]
-        )
-        return ram + (self.fleet.trackers() if self.fleet and self.device_tracking else [])
+        """The trackers of QEMU's own writes, plus one DMA-log tracker per emulated device
+        unless device tracking is off."""
+        return self.ram + (self.fleet.trackers() if self.fleet and self.device_tracking else [])
 
     def migration(self, options: MigrationOptions, trackers: list[Tracker] | None = None, on_round=None, on_event=None) -> Migration:
         ep = self.endpoints
@@ -113,7 +110,7 @@ class GuestPair:
 async def guest_pair(
     workload: str,
     mem: int,
-    tracker: str = "vcpu",
+    tracker: QemuWrites | str = QemuWrites.WRITEWATCH,
     devices: list[str] | None = None,
     device_tracking: bool = True,
     faults: list[FaultPlan] | None = None,
@@ -121,10 +118,15 @@ async def guest_pair(
     accel: str = "tcg",
     transport: str = "local",
     qemu: str | None = None,
+    explicit: bool = True,
+    trust_seccomp: bool = False,
 ) -> AsyncIterator[GuestPair]:
     """Launch both QEMUs with the fixture guest doing `workload`, and emulated `devices`
     DMA-ing into the guest's DMA window; pages go by `transport` (local copy, or tcp through
-    a receiver on loopback); remove everything on exit."""
+    a receiver on loopback); QEMU's own writes are found by `tracker` (a write-watch not
+    asked for `explicit`ly falls back to content hashing when refused); remove everything
+    on exit."""
+    tracker = QemuWrites(tracker)
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
     if mem % (1 << 20) or mem < (64 << 20):
@@ -137,7 +139,7 @@ async def guest_pair(
 
     ram_mib, append = mem >> 20, WORKLOADS[workload]
     extra = qemu_args(append)
-    log = VcpuDirtyLog.create(Path("/dev/shm") / f"orchestrator-vcpu-{uuid.uuid4().hex}", log_pages(mem)) if tracker == "vcpu" else None
+    log = VcpuDirtyLog.create(Path("/dev/shm") / f"orchestrator-vcpu-{uuid.uuid4().hex}", log_pages(mem)) if tracker is QemuWrites.VCPU else None
     try:
         src_cfg = VmConfig("src", ram_mib, kernel=GUEST_ELF, append=append, plugin=log.plugin_args() if log else None, accel=accel, qemu_binary=qemu or default_qemu(), extra_args=extra)
         dst_cfg = VmConfig("dst", ram_mib, Role.DESTINATION, kernel=GUEST_ELF, append=append, accel=accel, qemu_binary=qemu or default_qemu(), extra_args=extra)
@@ -145,12 +147,17 @@ async def guest_pair(
             await wait_progress(src, 1, 60)
             ep = await _attach(src, dst, receiver)
             fleet = None
+            ram = qemu_write_trackers(
+                tracker, ep.layout, src.qmp.peer_pid(), explicit=explicit, log=log, src_ram=str(src.ram_path),
+                trust_seccomp=trust_seccomp,
+            )
             try:
                 if devices:
                     fleet = Fleet.create(devices, src.ram_path, dst.ram_path, dma_window(src.read_serial()), dma_rate)
                     fleet.faults = list(faults or [])
                     fleet.start()
-                yield GuestPair(src, dst, ep, log, fleet, device_tracking)
+                with ram as ram_trackers:
+                    yield GuestPair(src, dst, ep, ram_trackers, fleet, device_tracking)
             finally:
                 if fleet is not None:
                     fleet.close()
@@ -183,7 +190,7 @@ async def _attach(src: QemuVm, dst: QemuVm, receiver: tuple[Endpoint, Path] | No
 async def run_demo(
     workload: str,
     mem: int,
-    tracker: str,
+    tracker: QemuWrites | str,
     options: MigrationOptions,
     devices: list[str] | None = None,
     device_tracking: bool = True,
@@ -193,8 +200,13 @@ async def run_demo(
     on_event=None,
     transport: str = "local",
     qemu: str | None = None,
+    explicit: bool = True,
+    trust_seccomp: bool = False,
 ) -> DemoResult:
-    async with guest_pair(workload, mem, tracker, devices, device_tracking, faults, accel=accel, transport=transport, qemu=qemu) as pair:
+    async with guest_pair(
+        workload, mem, tracker, devices, device_tracking, faults, accel=accel, transport=transport, qemu=qemu, explicit=explicit,
+        trust_seccomp=trust_seccomp,
+    ) as pair:
         report = await pair.migration(options, on_round=on_round, on_event=on_event).run()
         src_lines = parse_progress(pair.src.read_serial())
         result = DemoResult(report, src_lines, [])

@@ -41,18 +41,19 @@ async def pair(tmp_path: Path, share: bool = True):
     return src, dst, src_sock, dst_sock
 
 
-async def test_migrate_command_end_to_end(tmp_path):
+@pytest.mark.parametrize("tracker,kind", [(None, "write-watch"), ("content", "content-hash")])
+async def test_migrate_command_end_to_end(tmp_path, tracker, kind):
     src_cm, dst_cm, s, d = await pair(tmp_path)
     async with src_cm as src, dst_cm as dst:
         await wait_progress(src, 1, 60)
         code, out, err = await run_cli(
             "--src-qmp", str(s), "--dst-qmp", str(d), "--src-ram", str(src.ram_path), "--dst-ram", str(dst.ram_path),
-            "--verify", "--json", "-",
+            "--verify", "--json", "-", *(("--tracker", tracker) if tracker else ()),
         )
         assert code == 0, out + err
         report = json.loads(out[out.index("{"):])
         assert report["status"] == "completed" and report["verified"] is True
-        assert report["trackers"][0]["kind"] == "content-hash"
+        assert report["trackers"][0]["kind"] == kind
         assert (await dst.qmp.execute("query-status"))["status"] == "running"
 
 
