@@ -2,10 +2,11 @@
 
 Every row is one workload of the fixture guest on one QEMU version (`--qemu`, once per binary:
 both VMs of every contender run it, so `ratio` compares with that version's own migration); each repetition launches a fresh pair per
-contender, in turn (QEMU, orchestrator, orchestrator with content hashing, QEMU, ...), so load
+contender, in turn (QEMU, orchestrator with write-watch, with the vCPU plugin, with content hashing,
+QEMU, ...), so load
 from neighbours hits all of them alike. Medians per metric; `ratio` is orchestrator / QEMU per
 metric (below 1 is better for times and bytes; for `guest_rate` it is the share of its speed the
-guest kept), `ratio_content` the same for the content-hash tracker. What each number measures
+guest kept), `ratio_vcpu` and `ratio_content` the same for the plugin and the content-hash tracker. What each number measures
 is in `bench.migrate` and bench/README.md.
 """
 
@@ -21,6 +22,7 @@ from bench.migrate import (
     CONTENDERS,
     ORCHESTRATOR,
     ORCHESTRATOR_CONTENT,
+    ORCHESTRATOR_VCPU,
     QEMU,
     SETTLE_LINES,
     Contender,
@@ -45,9 +47,7 @@ class Row:
 #: The rows `make bench` runs. A row with emulated DMA devices is one more entry, its devices
 #: passed through to guest_pair, e.g. Row("device-heavy", "heavy", {"devices": ["mlx5"]}).
 ROWS: list[Row] = [
-    Row("idle", "idle"),
-    Row("light", "light"),
-    Row("heavy", "heavy"),
+    *(Row(name, name) for name in ("idle", "light", "sweep", "heavy", "hotcold", "fwcfg")),
     # Emulated devices DMA into the guest too. QEMU cannot see their writes (another process
     # makes them), so its destination is not bit-exact in this row: its figures are a cost
     # baseline only, while ours include one DMA-log tracker per device and their state.
@@ -100,8 +100,10 @@ def _row(row: Row, options: Options, qemu: str, version: str) -> dict:
         "workload": row.name,
         "qemu_version": version,
         "mem_mib": options.mem_mib,
+        "downtime_limit_ms": LIMITS.downtime_ms,
         "reps": options.e2e_reps,
         **summary,
         "ratio": ratios(summary[ORCHESTRATOR.key], summary[QEMU.key]),
+        "ratio_vcpu": ratios(summary[ORCHESTRATOR_VCPU.key], summary[QEMU.key]),
         "ratio_content": ratios(summary[ORCHESTRATOR_CONTENT.key], summary[QEMU.key]),
     }

@@ -33,6 +33,7 @@ from orchestrator.driver import MigrationOptions
 from orchestrator.qemu import migration as choreography
 from orchestrator.qemu.errors import QmpTimeoutError
 from orchestrator.qemu.launcher import QemuVm
+from orchestrator.trackers import QemuWrites
 from orchestrator.workload import guest_rate, parse_progress
 
 #: QEMU rejects more than SIZE_MAX; this is far above any memory bandwidth.
@@ -165,11 +166,14 @@ async def orchestrated(pair: GuestPair, limits: Limits) -> Sample:
 @dataclass(frozen=True)
 class Contender:
     key: str  # its object in an e2e row
-    tracker: str  # guest_pair's tracker: "vcpu" loads the dirty-log plugin into the source
+    tracker: QemuWrites  # guest_pair's tracker: VCPU loads the dirty-log plugin into the source
     migrate: Callable[[GuestPair, Limits], Awaitable[Sample]]
 
 
-QEMU = Contender("qemu", "content", qemu_precopy)
-ORCHESTRATOR = Contender("orchestrator", "vcpu", orchestrated)
-ORCHESTRATOR_CONTENT = Contender("orchestrator_content", "content", orchestrated)
-CONTENDERS = (QEMU, ORCHESTRATOR, ORCHESTRATOR_CONTENT)
+#: QEMU's own migration gets a pair whose only tracker reads memory (content hashing never
+#: touches QEMU): no write-watch is registered while QEMU migrates itself.
+QEMU = Contender("qemu", QemuWrites.CONTENT, qemu_precopy)
+ORCHESTRATOR = Contender("orchestrator", QemuWrites.WRITEWATCH, orchestrated)
+ORCHESTRATOR_VCPU = Contender("orchestrator_vcpu", QemuWrites.VCPU, orchestrated)
+ORCHESTRATOR_CONTENT = Contender("orchestrator_content", QemuWrites.CONTENT, orchestrated)
+CONTENDERS = (QEMU, ORCHESTRATOR, ORCHESTRATOR_VCPU, ORCHESTRATOR_CONTENT)

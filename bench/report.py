@@ -10,6 +10,9 @@ MERGE_TARGET_RATIO = 0.5
 TOTAL_TARGET_RATIO = 0.5
 STREAM_TARGET_RATIO = 0.6
 HARVEST_TARGET_MS = 20.0
+WRITEWATCH_HARVEST_TARGET_MS_PER_GIB = 3.0
+SCALING_TARGET_RATIO = 1.5
+GUEST_RATE_TARGET_RATIO = 0.9
 
 
 def _cell(value: object) -> str:
@@ -52,7 +55,7 @@ def _e2e(rows: list[dict]) -> list[str]:
     out += ["Ratios, orchestrator / QEMU:", ""]
     ratio_rows = []
     for row in rows:
-        for key in ("ratio", "ratio_content"):
+        for key in ("ratio", "ratio_vcpu", "ratio_content"):
             r = row[key]
             ratio_rows.append([_name(row), key, r["total_ms"], r["downtime_ms"], r["bytes_sent"],
                                r["rounds"], r["guest_rate"], r["guest_rate_before"]])
@@ -64,9 +67,19 @@ def _targets(results: dict) -> list[str]:
     checks: list[tuple[str, object, bool | None]] = []
     for row in results.get("e2e", []):
         total, down = row["ratio"]["total_ms"], row["ratio"]["downtime_ms"]
+        rate = row["ratio"]["guest_rate"]
+        limit, ours = row.get("downtime_limit_ms"), row["orchestrator"]["downtime_ms"]
         checks.append((f"{_name(row)}: total <= {TOTAL_TARGET_RATIO}x QEMU", total,
                        None if total is None else total <= TOTAL_TARGET_RATIO))
         checks.append((f"{_name(row)}: downtime <= QEMU", down, None if down is None else down <= 1))
+        if limit is not None:
+            checks.append((f"{_name(row)}: downtime <= the {limit} ms limit", ours,
+                           None if ours is None else ours <= limit))
+        checks.append((f"{_name(row)}: guest rate >= {GUEST_RATE_TARGET_RATIO}x under QEMU", rate,
+                       None if rate is None else rate >= GUEST_RATE_TARGET_RATIO))
+    for row in results.get("scaling", []):
+        checks.append((f"write-watch downtime {row['from_mib']} -> {row['to_mib']} MiB <= {SCALING_TARGET_RATIO}x",
+                       row["downtime_ratio"], None if row["downtime_ratio"] is None else row["downtime_ratio"] < SCALING_TARGET_RATIO))
     micro = results.get("micro", {})
     if "copy_gbps" in micro:
         checks.append((f"local copy >= {COPY_TARGET_GBPS} GB/s (scattered pages)", micro["copy_gbps"],
@@ -77,6 +90,10 @@ def _targets(results: dict) -> list[str]:
     if "harvest_1tib_ms" in micro:
         checks.append((f"sparse 1 TiB harvest <= {HARVEST_TARGET_MS:g} ms", micro["harvest_1tib_ms"],
                        micro["harvest_1tib_ms"] <= HARVEST_TARGET_MS))
+    if "writewatch_harvest_ms_per_gib" in micro:
+        v = micro["writewatch_harvest_ms_per_gib"]
+        checks.append((f"write-watch harvest <= {WRITEWATCH_HARVEST_TARGET_MS_PER_GIB:g} ms per GiB touched", v,
+                       v <= WRITEWATCH_HARVEST_TARGET_MS_PER_GIB))
     if "stream_ratio" in micro:
         checks.append((f"loopback stream >= {STREAM_TARGET_RATIO} x raw socket", micro["stream_ratio"],
                        micro["stream_ratio"] >= STREAM_TARGET_RATIO))

@@ -1,5 +1,6 @@
-"""Where another process maps a file: /proc/PID/smaps, matched by device and inode (a path
-can be renamed or reused; the open file cannot), with each mapping's kernel page size."""
+"""Where another process maps a file: /proc/PID/maps, matched by device and inode (a path
+can be renamed or reused; the open file cannot). /proc/PID/maps, not smaps: smaps walks
+every page table to count RSS, tens of milliseconds for a guest's RAM."""
 
 from __future__ import annotations
 
@@ -17,44 +18,33 @@ class Mapping:
     end: int
     offset: int
     shared: bool
-    page_size: int  # KernelPageSize: 4 KiB, or the huge page size on hugetlbfs
+    page_size: int  # the file's page: 4 KiB, or the huge page size on hugetlbfs
 
     @property
     def length(self) -> int:
         return self.end - self.start
 
 
-def _parse_header(line: str) -> tuple[int, int, str, int, int, int, int] | None:
-    fields = line.split(None, 5)
-    if len(fields) < 5 or "-" not in fields[0]:
-        return None
-    lo, hi = (int(v, 16) for v in fields[0].split("-"))
-    major, minor = (int(v, 16) for v in fields[3].split(":"))
-    return lo, hi, fields[1], int(fields[2], 16), major, minor, int(fields[4])
-
-
 def mappings_of(pid: int, path: str) -> list[Mapping]:
     """Every mapping of `path`'s file in process `pid`, in address order."""
     st = os.stat(path)
     want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
-    found: list[Mapping] = []
-    current: tuple[int, int, str, int] | None = None
+    page = max(os.statvfs(path).f_bsize, 4096)  # hugetlbfs reports its huge page size here
     try:
-        smaps = open(f"/proc/{pid}/smaps")
+        maps = open(f"/proc/{pid}/maps")
     except FileNotFoundError:
         raise WriteWatchRefused(Refusal.PROCESS_GONE, f"no process {pid}") from None
     except PermissionError:
         raise WriteWatchRefused(
             Refusal.PTRACE_DENIED, f"cannot read process {pid}'s mappings: run as root or with CAP_SYS_PTRACE"
         ) from None
-    with smaps:
-        for line in smaps:
-            head = _parse_header(line) if not line[:1].isupper() else None
-            if head is not None:
-                lo, hi, perms, offset, major, minor, inode = head
-                current = (lo, hi, perms, offset) if (major, minor, inode) == want else None
-            elif current is not None and line.startswith("KernelPageSize:"):
-                lo, hi, perms, offset = current
-                found.append(Mapping(lo, hi, offset, perms[3] == "s", int(line.split()[1]) << 10))
-                current = None
+    found: list[Mapping] = []
+    with maps:
+        for line in maps:
+            fields = line.split(None, 5)
+            major, minor = (int(v, 16) for v in fields[3].split(":"))
+            if (major, minor, int(fields[4])) != want:
+                continue
+            lo, hi = (int(v, 16) for v in fields[0].split("-"))
+            found.append(Mapping(lo, hi, int(fields[2], 16), fields[1][3] == "s", page))
     return found
