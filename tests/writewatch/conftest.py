@@ -48,3 +48,28 @@ def flat(path: Path, gpa: int = 0) -> MemoryLayout:
     from orchestrator.memory import RamRegion
 
     return MemoryLayout((RamRegion(gpa, path.stat().st_size, str(path)),))
+
+
+@pytest.fixture
+def hugetlb_file(writewatch_kernel, tmp_path):
+    """A 16 MiB file on hugetlbfs (2 MiB pages), reserving the pages for the test only."""
+    import subprocess
+
+    nr = Path("/proc/sys/vm/nr_hugepages")
+    before = int(nr.read_text())
+    nr.write_text(str(before + 8))
+    if int(Path("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages").read_text()) < 8:
+        nr.write_text(str(before))
+        pytest.skip("the kernel could not reserve 8 huge pages")
+    mnt = tmp_path / "huge"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "hugetlbfs", "-o", "pagesize=2M", "none", str(mnt)], check=True)
+    path = mnt / "ram"
+    try:
+        with open(path, "wb") as f:
+            f.truncate(16 << 20)
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+        subprocess.run(["umount", str(mnt)], check=False)
+        nr.write_text(str(before))

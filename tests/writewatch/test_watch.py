@@ -98,3 +98,23 @@ def test_tracker_merges_into_the_bitmap_and_stop_ends_protection(by_command):
     command(child, [9])
     tracker.collect(bitmap)
     assert bitmap.harvest().tolist() == [9]
+
+
+def test_hugetlbfs_is_watched_at_its_page_size(hugetlb_file):
+    """A write to one byte of a 2 MiB huge page reports all 512 of its 4 KiB guest pages, and
+    a region that starts inside a huge page is registered from that page's start."""
+    child = spawn(BY_COMMAND, hugetlb_file)
+    try:
+        layout = MemoryLayout((RamRegion(0, 12 << 20, str(hugetlb_file), 1 << 20),))  # starts mid-page
+        watch = WriteWatch.open(child.pid, layout)
+        try:
+            lo, hi = watch.ranges[0].span
+            assert lo % (2 << 20) == 0 and hi % (2 << 20) == 0 and hi - lo == 14 << 20
+            watch.scan(None)
+            command(child, [1024 + 3])  # file page 1027: the huge page at file offset 4 MiB
+            assert collect(watch).tolist() == list(range(768, 768 + 512))  # guest = file - 1 MiB
+        finally:
+            watch.close()
+    finally:
+        child.kill()
+        child.wait()
