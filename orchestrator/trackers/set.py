@@ -1,6 +1,6 @@
 """The tracker set: drives every tracker, merges into one bitmap, and never loses a bit.
 
-Policy (architecture invariants 4, 6, 7, 8, 9):
+Policy (architecture invariants 4, 6, 7, 8, 10):
 - every blocking call runs in a worker thread under a watchdog; a hung call is a failure;
 - on any failure the tracker's whole covered range is marked dirty first; then the tracker is
   degraded: its covered range is marked dirty every round until a STOP+START succeeds;
