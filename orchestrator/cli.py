@@ -24,6 +24,7 @@ from .transport import SinkError
 from .transport.auth import load_token
 from .transport.endpoint import client_context, parse_endpoint
 from .transport.tcp import TcpOptions
+from .vcpulog import VcpuDirtyLog, log_pages
 from .vfio import RealSyscalls, VfioDevice, VfioError, VfioUsageError
 from .workload import WORKLOADS, guest_rate
 from .writewatch import WriteWatchRefused
@@ -84,7 +85,8 @@ def parser() -> argparse.ArgumentParser:
     add_stream_options(m)
     m.add_argument("--vfio-device", action="append", type=Path, default=[], metavar="PATH", help="a VFIO device fd to track by DMA logging (repeatable)")
     m.add_argument("--verify", action="store_true", help="compare source and destination RAM while both are paused")
-    add_tracker_options(m, (QemuWrites.WRITEWATCH, QemuWrites.CONTENT))
+    add_tracker_options(m, tuple(QemuWrites))
+    m.add_argument("--vcpu-log", type=Path, metavar="FILE", help="with --tracker vcpu: the dirty log made by `vcpu-log` that the source QEMU's plugin writes")
     add_policy_options(m)
 
     d = sub.add_parser("demo", help="launch two QEMUs running the fixture guest and migrate it live")
@@ -99,6 +101,10 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--no-device-tracking", action="store_true", help="devices DMA but nothing tracks them (a negative control: verification must fail)")
     d.add_argument("--inject", action="append", default=[], metavar="FAULT[@DEVICE][:ROUND]", help=f"inject a device fault before ROUND's collect (repeatable): {', '.join(FAULTS)}")
     add_policy_options(d)
+
+    v = sub.add_parser("vcpu-log", help="create a dirty log for the TCG plugin (migrate --tracker vcpu) and print QEMU's -plugin argument")
+    v.add_argument("path", type=Path, metavar="FILE", help="the log to create, e.g. in /dev/shm (must not exist)")
+    v.add_argument("--mem", required=True, type=parse_size, metavar="SIZE", help="the guest's RAM size, e.g. 4G")
 
     r = sub.add_parser("receive", help="on the destination host: receive guest pages into the destination QEMU's RAM file")
     r.add_argument("--listen", required=True, metavar="HOST:PORT")
@@ -121,6 +127,8 @@ def add_stream_options(p: argparse.ArgumentParser) -> None:
 def check_migrate_args(args: argparse.Namespace) -> MigrationOptions:
     """Everything that can be checked without touching a QEMU; returns the options."""
     options = options_from(args, args.verify)
+    if (args.tracker == QemuWrites.VCPU.value) != (args.vcpu_log is not None):
+        raise ValueError("--tracker vcpu and --vcpu-log FILE go together")
     if args.dst_receiver is not None and (args.token_file is None or args.uri is None):
         raise ValueError("--dst-receiver needs --token-file, and --uri for QEMU's own stream (e.g. tcp:HOST:PORT)")
     return options
@@ -156,14 +164,16 @@ async def migrate_command(args: argparse.Namespace) -> int:
     fds: list[int] = []
     sessions: list[QmpSession] = []
     ep: Endpoints | None = None
+    log: VcpuDirtyLog | None = None
     try:
         options = check_migrate_args(args)
+        log = VcpuDirtyLog.open(args.vcpu_log) if args.vcpu_log else None
         for sock in (args.src_qmp, args.dst_qmp):
             sessions.append(await QmpSession.connect(sock))
         ep = await attach_from(args, *sessions)
         kind, explicit = tracker_choice(args)
         with qemu_write_trackers(
-            kind, ep.layout, sessions[0].peer_pid(), explicit=explicit, src_ram=str(args.src_ram),
+            kind, ep.layout, sessions[0].peer_pid(), explicit=explicit, log=log, src_ram=str(args.src_ram),
             trust_seccomp=args.trust_seccomp, notice=lambda text: print(text, flush=True),
         ) as ram:
             trackers = ram + vfio_trackers(args.vfio_device, fds)
@@ -178,6 +188,8 @@ async def migrate_command(args: argparse.Namespace) -> int:
             await s.close()
         for fd in fds:
             os.close(fd)
+        if log is not None:
+            log.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -207,6 +219,13 @@ async def demo_command(args: argparse.Namespace) -> int:
     return EXIT_OK if rep.ok and devices_ok else EXIT_MIGRATION_FAILED
 
 
+async def vcpu_log_command(args: argparse.Namespace) -> int:
+    log = VcpuDirtyLog.create(args.path, log_pages(args.mem))
+    print(f"-plugin {log.plugin_args()}")
+    log.close()  # the file stays for QEMU's plugin and for migrate --vcpu-log
+    return EXIT_OK
+
+
 async def receive_command(args: argparse.Namespace) -> int:
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ValueError("--tls-cert and --tls-key go together")
@@ -215,7 +234,9 @@ async def receive_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    command = {"migrate": migrate_command, "demo": demo_command, "receive": receive_command}[args.command]
+    command = {
+        "migrate": migrate_command, "demo": demo_command, "receive": receive_command, "vcpu-log": vcpu_log_command,
+    }[args.command]
     try:
         return asyncio.run(command(args))
     except BAD_INPUT as exc:  # everything checked before a migration starts ends up here

@@ -124,6 +124,22 @@ class VcpuDirtyLog:
         finally:
             os.close(fd)
 
+    @classmethod
+    def open(cls, path: str | Path) -> VcpuDirtyLog:
+        """An existing log (created by `create`, e.g. through `orchestrator vcpu-log`), checked
+        against its header before it is mapped."""
+        path = Path(path)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            magic, version, shift, npages, offset, stride, _, _ = _HEADER.unpack(os.pread(fd, _HEADER.size, 0))
+            if magic != MAGIC or version != VERSION or offset != BITMAP_OFFSET:
+                raise ValueError(f"{path} is not a version {VERSION} vCPU dirty log")
+            if os.fstat(fd).st_size < BITMAP_OFFSET + 2 * stride or stride < words_for(npages) * 8:
+                raise ValueError(f"{path} is shorter than its header says")
+            return cls(path, fd, npages, 1 << shift, stride)
+        finally:
+            os.close(fd)
+
     def plugin_args(self, plugin: str | Path = PLUGIN, addresses: Addresses | None = None) -> str:
         """The value of QEMU's ``-plugin`` option that logs into this file. The plugin infers
         what QEMU's addresses are from its plugin API; ``addresses`` overrides that, which

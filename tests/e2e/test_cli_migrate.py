@@ -33,10 +33,10 @@ async def run_cli(*args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-async def pair(tmp_path: Path, share: bool = True):
+async def pair(tmp_path: Path, share: bool = True, **src_more):
     src_sock, dst_sock = tmp_path / "src.qmp", tmp_path / "dst.qmp"
     src = launch(VmConfig("src", 128, kernel=GUEST_ELF, append=WORKLOADS["light"].replace("32M", "16M"),
-                          share=share, extra_args=mgmt(src_sock)))
+                          share=share, extra_args=mgmt(src_sock), **src_more))
     dst = launch(VmConfig("dst", 128, Role.DESTINATION, kernel=GUEST_ELF, extra_args=mgmt(dst_sock)))
     return src, dst, src_sock, dst_sock
 
@@ -140,3 +140,43 @@ async def test_embedding_example(tmp_path):
         await wait_progress(src, 1, 60)
         report = await migrate(s, d, src.ram_path, dst.ram_path)
         assert report.ok and report.verified is True, report.error
+
+
+async def test_migrate_with_the_vcpu_plugin_log(tmp_path):
+    """`vcpu-log` makes the log and names the -plugin argument; migrate reads it."""
+    log = Path("/dev/shm") / f"orchestrator-test-{tmp_path.name}.log"
+    made = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "orchestrator", "vcpu-log", str(log), "--mem", "128M", cwd=REPO, stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await made.communicate()
+    try:
+        assert made.returncode == 0 and out.decode().startswith("-plugin ")
+        src_cm, dst_cm, s, d = await pair(tmp_path, plugin=out.decode().split()[1])
+        async with src_cm as src, dst_cm as dst:
+            await wait_progress(src, 1, 60)
+            code, out, err = await run_cli(
+                "--src-qmp", str(s), "--dst-qmp", str(d), "--src-ram", str(src.ram_path), "--dst-ram", str(dst.ram_path),
+                "--verify", "--json", "-", "--tracker", "vcpu", "--vcpu-log", str(log),
+            )
+            assert code == 0, out + err
+            assert json.loads(out[out.index("{"):])["trackers"][0]["kind"] == "vcpu-plugin"
+    finally:
+        log.unlink(missing_ok=True)
+
+
+async def test_write_watch_asked_for_by_name_and_refused_is_an_error(tmp_path):
+    from orchestrator.qemu.launcher import default_qemu
+    from orchestrator.uapi import ptrace as P
+    from tests.writewatch.filters import exec_wrapper, on_syscall
+
+    wrapper = exec_wrapper(tmp_path, on_syscall(P.SYS_userfaultfd, P.SECCOMP_RET_KILL_PROCESS), default_qemu())
+    src_cm, dst_cm, s, d = await pair(tmp_path, qemu_binary=str(wrapper))
+    async with src_cm as src, dst_cm as dst:
+        await wait_progress(src, 1, 60)
+        args = ("--src-qmp", str(s), "--dst-qmp", str(d), "--src-ram", str(src.ram_path), "--dst-ram", str(dst.ram_path))
+        code, _, err = await run_cli(*args, "--tracker", "writewatch")
+        assert code == 2 and "write-watch refused (seccomp-forbids)" in err and "userfaultfd" in err
+        assert (await src.qmp.execute("query-status"))["running"], "nothing changed"
+        assert (await src.qmp.query_migrate()).get("status") in (None, "none")
+        code, out, err = await run_cli(*args, "--verify")  # not asked for by name: content hashing
+        assert code == 0 and "falling back to content hashing" in out, out + err
