@@ -190,6 +190,8 @@ class SeccompCheck:
             raise WriteWatchRefused(Refusal.SECCOMP_FORBIDS, f"process {inj.pid} runs in strict seccomp mode")
         try:
             self.programs = read_filters(inj)
+            if len(self.programs) != int(fields.get("Seccomp_filters", len(self.programs))):
+                raise Unverifiable(f"{len(self.programs)} filters read, the kernel counts {fields['Seccomp_filters']}")
             for call in self.calls:
                 self.check(call, inj.saved.rip)
         except Unverifiable as exc:

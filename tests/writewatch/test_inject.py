@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -162,14 +163,20 @@ def test_a_stopped_process_is_refused_and_stays_stopped(shared_file):
     child = spawn(BY_COMMAND, shared_file)
     try:
         os.kill(child.pid, signal.SIGSTOP)
+        while _state(child.pid) != "T":  # the stop is delivered asynchronously
+            time.sleep(0.001)
         assert _refused(child.pid, shared_file).cause is Refusal.STOPPED
-        with open(f"/proc/{child.pid}/stat") as f:
-            assert f.read().split(") ")[1][0] == "T"
+        assert _state(child.pid) == "T"
         os.kill(child.pid, signal.SIGCONT)
         command(child, [1])
     finally:
         child.kill()
         child.wait()
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(") ", 1)[1][0]
 
 
 def test_a_gone_process_is_refused(shared_file):
@@ -185,6 +192,56 @@ def test_a_file_the_process_does_not_map_is_refused(shared_file, tmp_path):
     other.write_bytes(b"\0" * 4096)
     try:
         assert _refused(child.pid, other).cause is Refusal.NO_MAPPING
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_an_unprivileged_target_without_unprivileged_userfaultfd_is_refused(shared_file):
+    """The injected call runs with the target's credentials: a QEMU without CAP_SYS_PTRACE
+    gets EPERM when vm.unprivileged_userfaultfd is 0, and the refusal says so."""
+    sysctl = "/proc/sys/vm/unprivileged_userfaultfd"
+    with open(sysctl) as f:
+        if f.read().strip() != "0":
+            pytest.skip("vm.unprivileged_userfaultfd is 1 here")
+    os.chown(shared_file, 65534, 65534)
+    drop = "import os; os.setgid(65534); os.setuid(65534)\n"
+    child = subprocess.Popen(
+        [sys.executable, "-c", BY_COMMAND.replace("print('ready'", drop + "print('ready'"), str(shared_file)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        fds = _fds(child.pid)
+        refusal = _refused(child.pid, shared_file)
+        assert refusal.cause is Refusal.USERFAULTFD_DENIED and "vm.unprivileged_userfaultfd" in str(refusal)
+        assert _fds(child.pid) == fds
+        command(child, [2])
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_kernel_without_async_write_protection_is_refused_before_the_target_is_touched(shared_file, monkeypatch):
+    import fcntl
+
+    from orchestrator.uapi import userfaultfd as U
+    from orchestrator.writewatch import watch as W
+
+    real = fcntl.ioctl
+
+    def old_kernel(fd, request, arg, mutate=True):
+        r = real(fd, request, arg, mutate)
+        if request == U.UFFDIO_API:
+            arg.features &= ~U.UFFD_FEATURE_WP_ASYNC  # what a 6.6 kernel answers
+        return r
+
+    monkeypatch.setattr(W.fcntl, "ioctl", old_kernel)
+    monkeypatch.setattr(W, "take_userfaultfd", lambda *a: pytest.fail("the target was touched"))
+    child = spawn(BY_COMMAND, shared_file)
+    try:
+        refusal = _refused(child.pid, shared_file)
+        assert refusal.cause is Refusal.KERNEL and "6.7" in str(refusal)
     finally:
         child.kill()
         child.wait()

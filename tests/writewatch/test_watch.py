@@ -28,7 +28,7 @@ def by_command(shared_file):
     child.wait()
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture], derandomize=True)
 @given(rounds=st.lists(st.lists(st.integers(0, PAGES - 1), max_size=200), min_size=1, max_size=4))
 def test_each_harvest_is_exactly_the_pages_written(by_command, rounds):
     child, watch = by_command
