@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from fixtures.guest import pattern
-from fixtures.guest.pattern import FWCFG_HALF, PAGE_SIZE, STATUS_ADDR, check_guest_ram, fwcfg_file
+from fixtures.guest.pattern import (FWCFG_COPY, FWCFG_OFFSETS, FWCFG_SIZE, PAGE_SIZE, STATUS_ADDR,
+                                    check_guest_ram, fwcfg_file, fwcfg_held, fwcfg_offset, fwcfg_words)
 from orchestrator import workload
 from orchestrator.workload import FWCFG_NAME, dma_window, fwcfg_buffer, qemu_args
 
@@ -24,9 +25,12 @@ ANNOUNCE = ("SeaBIOS (version 1.16.2)\nBooting from ROM..\n"
 
 def test_file_words_are_distinct_multiples_of_the_constant() -> None:
     words = fwcfg_file().view("<u4")
-    assert words.size == 2 * FWCFG_HALF // 4
+    assert words.size == FWCFG_SIZE // 4 == 4 * MiB
     assert [int(w) for w in words[:3]] == [0x9E3779B1, 0x3C6EF362, 0xDAA66D13]
-    assert np.unique(words).size == words.size
+    assert int(words[-1]) == (FWCFG_SIZE // 4) * 0x9E3779B1 % 2**32
+    # Multiplying by the constant's inverse gives back 1, 2, ...: no two words are alike.
+    inverse = np.uint32(pow(0x9E3779B1, -1, 2**32))
+    assert np.array_equal(words * inverse, np.arange(1, words.size + 1, dtype=np.uint32))
 
 
 def test_module_writes_the_file_qemu_is_given(tmp_path: Path) -> None:
@@ -36,37 +40,96 @@ def test_module_writes_the_file_qemu_is_given(tmp_path: Path) -> None:
     assert out.read_bytes() == fwcfg_file().tobytes()
 
 
-def guest_image(half: int) -> np.ndarray:
-    """RAM of an idle guest whose 1 MiB fw_cfg buffer at 2 MiB holds half `half`."""
+def test_copies_step_by_4k_and_wrap_after_3841() -> None:
+    offsets = [fwcfg_offset(n) for n in range(2 * FWCFG_OFFSETS)]
+    assert FWCFG_OFFSETS == 3841
+    assert offsets[:3] == [0, 4096, 8192]
+    assert offsets[FWCFG_OFFSETS - 1] == FWCFG_SIZE - FWCFG_COPY
+    assert offsets[FWCFG_OFFSETS:] == offsets[:FWCFG_OFFSETS]
+    assert len(set(offsets[:FWCFG_OFFSETS])) == FWCFG_OFFSETS
+    # Two minutes at the fwcfg workload's 32 copies a second before a content repeats.
+    assert FWCFG_OFFSETS >= 120 * 32
+
+
+def test_words_are_the_file_at_any_offset() -> None:
+    data = fwcfg_file()
+    for offset in (0, 4096, 5 * MiB + 12, FWCFG_SIZE - FWCFG_COPY):
+        assert np.array_equal(fwcfg_words(offset, FWCFG_COPY), data[offset:offset + FWCFG_COPY])
+
+
+def guest_image(offset: int) -> np.ndarray:
+    """RAM of an idle guest whose 1 MiB fw_cfg buffer at 2 MiB holds the file at `offset`."""
     ram = np.zeros(4 * MiB, np.uint8)
     fields = dict(magic=pattern.STATUS_MAGIC, version=pattern.STATUS_VERSION, pattern=0,
                   base=MiB, npages=16, dma_start=3 * MiB, dma_end=4 * MiB, hot_pages=16,
                   fwcfg_start=2 * MiB, fwcfg_end=3 * MiB)
     words = [fields.get(name, 0) for name in pattern._STATUS_FIELDS]
     ram[STATUS_ADDR:STATUS_ADDR + 8 * len(words)] = np.array(words, "<u8").view(np.uint8)
-    ram[2 * MiB:3 * MiB] = fwcfg_file()[half * FWCFG_HALF:(half + 1) * FWCFG_HALF]
+    ram[2 * MiB:3 * MiB] = fwcfg_words(offset, FWCFG_COPY)
     return ram
 
 
-@pytest.mark.parametrize("half", [0, 1])
-def test_checker_accepts_either_half(half: int) -> None:
-    result = check_guest_ram(guest_image(half))
+def buffer_page(ram: np.ndarray, page: int) -> np.ndarray:
+    at = 2 * MiB + page * PAGE_SIZE
+    return ram[at:at + PAGE_SIZE]
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 255, 256, 1000, 3839, 3840, 3841])
+def test_checker_accepts_every_copy_offset(n: int) -> None:
+    ram = guest_image(fwcfg_offset(n))
+    result = check_guest_ram(ram)
     assert result.ok, result.errors
     assert (result.status.fwcfg_start, result.status.fwcfg_end) == (2 * MiB, 3 * MiB)
+    assert fwcfg_held(ram[2 * MiB:3 * MiB]) == fwcfg_offset(n)
 
 
-def test_checker_names_pages_of_the_other_half() -> None:
-    ram = guest_image(1)
-    for page in (3, 200):
-        at = 2 * MiB + page * PAGE_SIZE
-        ram[at:at + PAGE_SIZE] = fwcfg_file()[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]
+@pytest.mark.parametrize("offset, why", [
+    (4, "one word off a copy offset"),
+    (2048, "not 4 KiB aligned"),
+    (FWCFG_SIZE - FWCFG_COPY + PAGE_SIZE, "the formula run past the end of the file"),
+    (FWCFG_SIZE, "wholly past the end of the file"),
+])
+def test_checker_refuses_the_words_at_no_copy_offset(offset: int, why: str) -> None:
+    ram = guest_image(offset)
+    result = check_guest_ram(ram)
+    assert not result.ok, why
+    assert "256 page(s) of the fw_cfg buffer" in result.errors[0]
+    assert fwcfg_held(ram[2 * MiB:3 * MiB]) is None
+
+
+def test_checker_names_pages_swapped_in_from_other_offsets() -> None:
+    ram = guest_image(8 * MiB)
+    # Page 3 as the copy at offset 0 left it, page 200 as the previous copy (4 KiB
+    # back) left it: both still words of the file, just not of this copy.
+    buffer_page(ram, 3)[:] = fwcfg_words(3 * PAGE_SIZE, PAGE_SIZE)
+    buffer_page(ram, 200)[:] = fwcfg_words(8 * MiB - PAGE_SIZE + 200 * PAGE_SIZE, PAGE_SIZE)
     result = check_guest_ram(ram)
     assert len(result.errors) == 1
     assert "2 page(s) of the fw_cfg buffer" in result.errors[0]
+    assert f"({8 * MiB:#x})" in result.errors[0]
     assert f"{2 * MiB + 3 * PAGE_SIZE:#x}, {2 * MiB + 200 * PAGE_SIZE:#x}" in result.errors[0]
+    assert fwcfg_held(ram[2 * MiB:3 * MiB]) is None
 
 
-def test_checker_rejects_a_buffer_never_copied() -> None:
+def test_checker_names_a_stale_first_page_not_the_rest() -> None:
+    ram = guest_image(fwcfg_offset(41))
+    buffer_page(ram, 0)[:] = fwcfg_words(fwcfg_offset(40), PAGE_SIZE)
+    result = check_guest_ram(ram)
+    assert len(result.errors) == 1
+    assert result.errors[0].startswith("1 page(s) of the fw_cfg buffer")
+    assert result.errors[0].endswith(f": {2 * MiB:#x}")
+
+
+def test_checker_names_a_torn_word() -> None:
+    ram = guest_image(fwcfg_offset(7))
+    buffer_page(ram, 100)[4 * 9] ^= 1
+    result = check_guest_ram(ram)
+    assert len(result.errors) == 1
+    assert result.errors[0].startswith("1 page(s) of the fw_cfg buffer")
+    assert f"{2 * MiB + 100 * PAGE_SIZE:#x}" in result.errors[0]
+
+
+def test_checker_refuses_a_never_written_buffer() -> None:
     ram = guest_image(0)
     ram[2 * MiB:3 * MiB] = 0
     result = check_guest_ram(ram)
@@ -78,6 +141,8 @@ def test_checker_ignores_the_buffer_of_a_guest_without_one() -> None:
     at = STATUS_ADDR + 8 * pattern._STATUS_FIELDS.index("fwcfg_start")
     ram[at:at + 16] = 0
     ram[2 * MiB:3 * MiB] = 0xAA
+    assert check_guest_ram(ram).ok
+    ram[2 * MiB:3 * MiB] = 0
     assert check_guest_ram(ram).ok
 
 
