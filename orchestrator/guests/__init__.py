@@ -1,0 +1,1 @@
+"""Guests beyond the fixture kernel that tests and the demo can run under the launcher."""
