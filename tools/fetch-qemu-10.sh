@@ -4,8 +4,8 @@
 #
 #   tools/fetch-qemu-10.sh DIR    ->  DIR/qemu-system-x86_64 (the wrapper), DIR/root (the prefix)
 #
-# apt runs on a private source list, package lists and cache under DIR, so the system's apt
-# configuration is not changed. The mirror is the one the system already uses for bookworm.
+# apt runs privately under DIR (tools/private-apt.sh): the system's apt configuration is not
+# changed.
 # Libraries QEMU 10.0 links against all come from bookworm; any missing are installed.
 set -euo pipefail
 
@@ -13,27 +13,16 @@ QEMU_VERSION=1:10.0.2+ds-2+deb13u1~bpo12+1
 SEABIOS_VERSION=1.16.3-2~bpo12+1
 PACKAGES=(qemu-system-x86="$QEMU_VERSION" qemu-system-common="$QEMU_VERSION"
           qemu-system-data="$QEMU_VERSION" seabios="$SEABIOS_VERSION")
-KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 
 dir=${1:?usage: $0 DIR}
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
 apt_dir=$dir/apt
 rm -rf "$apt_dir" "$dir/root" "$dir/debs"
-mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$dir/debs" "$dir/root"
-
-mirror=$(apt-get indextargets --format '$(REPO_URI) $(RELEASE)' 'Created-By: Packages' |
-         awk '$2 == "bookworm" { print $1; exit }')
-if [ -z "$mirror" ]; then
-    echo "no bookworm source in the system's apt configuration" >&2
-    exit 1
-fi
-echo "deb [signed-by=$KEYRING] $mirror bookworm-backports main" > "$apt_dir/sources.list"
-apt_opts=(-q -o "Dir::Etc::SourceList=$apt_dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
-          -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache"
-          -o APT::Sandbox::User=root)
-apt-get "${apt_opts[@]}" update
-(cd "$dir/debs" && apt-get "${apt_opts[@]}" download "${PACKAGES[@]}")
+mkdir -p "$dir/debs" "$dir/root"
+. "$(dirname "$0")/private-apt.sh"
+private_apt "$apt_dir"
+(cd "$dir/debs" && apt-get "${APT_OPTS[@]}" download "${PACKAGES[@]}")
 for deb in "$dir"/debs/*.deb; do
     dpkg-deb -x "$deb" "$dir/root"
 done

@@ -69,20 +69,6 @@ def test_missing_artefacts_name_the_make_target(fake_build: Path, monkeypatch: p
     assert str(missing) in str(err.value)
 
 
-def test_qemu10_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    binary = tmp_path / "usr" / "bin" / "qemu-system-x86_64"
-    monkeypatch.setattr(linux, "QEMU10_ROOT", tmp_path)
-    monkeypatch.setattr(linux, "QEMU10", binary)
-    with pytest.raises(FileNotFoundError, match="make linux-guest-qemu"):
-        linux.qemu10_config()
-    binary.parent.mkdir(parents=True)
-    binary.write_bytes(b"")
-    assert linux.qemu10_config() == {
-        "qemu_binary": str(binary),
-        "extra_args": ("-L", f"{tmp_path}/usr/share/qemu", "-L", f"{tmp_path}/usr/share/seabios"),
-    }
-
-
 def test_serial_lines() -> None:
     text = (
         "SeaBIOS\r\nBooting from ROM...\r\n\x1b[2J\n"
