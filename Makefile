@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast demo bench deps clean qemu-10
+.PHONY: test test-fast demo demo-linux bench deps clean qemu-10
 
 # QEMU 10.0 from bookworm-backports, unpacked beside the system's 7.2 (never over it).
 QEMU10 := build/qemu-10.0/qemu-system-x86_64
@@ -34,7 +34,10 @@ test-fast: deps fixtures
 demo: deps fixtures
 	$(PY) -m orchestrator demo
 
-bench: deps fixtures $(QEMU10)
+demo-linux: deps fixtures linux-guest
+	$(PY) -m orchestrator demo --workload linux --mem 512M
+
+bench: deps fixtures $(QEMU10) linux-guest
 	$(PY) -m bench --qemu qemu-system-x86_64 --qemu $(abspath $(QEMU10))
 
 clean:

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from .attach import Endpoints, attach, attach_remote
-from .demo import parse_size, run_demo
+from .demo import DEMO_WORKLOADS, parse_size, run_demo
 from .devices.fleet import FAULTS, KINDS, FaultPlan
 from .driver import Migration, MigrationOptions, MigrationReport
 from .output import event_line, round_line, summary, write_json
@@ -26,7 +26,7 @@ from .transport.endpoint import client_context, parse_endpoint
 from .transport.tcp import TcpOptions
 from .vcpulog import VcpuDirtyLog, log_pages
 from .vfio import RealSyscalls, VfioDevice, VfioError, VfioUsageError
-from .workload import WORKLOADS, guest_rate
+from .workload import guest_rate
 from .writewatch import WriteWatchRefused
 
 EXIT_OK, EXIT_MIGRATION_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -90,7 +90,7 @@ def parser() -> argparse.ArgumentParser:
     add_policy_options(m)
 
     d = sub.add_parser("demo", help="launch two QEMUs running the fixture guest and migrate it live")
-    d.add_argument("--workload", default="light", choices=sorted(WORKLOADS), help="what the guest does while it migrates (default light)")
+    d.add_argument("--workload", default="light", choices=sorted(DEMO_WORKLOADS), help="what the guest does while it migrates (default light; linux boots a Linux guest: `make linux-guest` first)")
     d.add_argument("--mem", default="256M", metavar="SIZE", help="guest RAM (default 256M)")
     add_tracker_options(d, tuple(QemuWrites))
     d.add_argument("--accel", choices=("tcg", "kvm"), default="tcg", help="accelerator (kvm needs /dev/kvm, and a tracker other than vcpu)")
@@ -199,7 +199,7 @@ async def demo_command(args: argparse.Namespace) -> int:
     devices = [] if args.devices == "none" else [k.strip() for k in args.devices.split(",") if k.strip()]
     faults = [FaultPlan.parse(f) for f in args.inject]
     kind, explicit = tracker_choice(args)
-    print(f"demo: {args.workload} guest ({WORKLOADS[args.workload]}), {args.mem} RAM, tracker {kind.value}, "
+    print(f"demo: {args.workload} guest ({DEMO_WORKLOADS[args.workload]}), {args.mem} RAM, tracker {kind.value}, "
           f"devices {', '.join(devices) or 'none'}{'' if not args.no_device_tracking else ' (untracked)'}", flush=True)
     result = await run_demo(
         args.workload, mem, kind, options, devices, not args.no_device_tracking, faults, args.accel,
@@ -210,13 +210,14 @@ async def demo_command(args: argparse.Namespace) -> int:
     if result.src_progress:
         print(f"source guest:      last progress {result.src_progress[-1]}, {guest_rate(result.src_progress):.0f} pages/s")
     if result.dst_progress:
-        print(f"destination guest: running, progress {result.dst_progress[-1]}")
+        print(f"destination guest: running, progress {result.dst_progress[-1]}, "
+              f"{'its own checks pass' if not result.guest_errors else 'FAILED its own checks: ' + result.guest_errors[0]}")
     for name, check in result.devices.items():
         print(f"device {name}: state migrated {'yes' if check['state_migrated'] else 'NO'}, "
               f"destination DMA consistent {'yes' if not check['destination_mismatched_pages'] else 'NO'}")
     devices_ok = all(c["state_migrated"] and not c["destination_mismatched_pages"] for c in result.devices.values())
     write_json({**rep.as_dict(), "device_checks": result.devices}, args.json)
-    return EXIT_OK if rep.ok and devices_ok else EXIT_MIGRATION_FAILED
+    return EXIT_OK if rep.ok and devices_ok and not result.guest_errors else EXIT_MIGRATION_FAILED
 
 
 async def vcpu_log_command(args: argparse.Namespace) -> int:

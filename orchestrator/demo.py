@@ -22,7 +22,9 @@ from .trackers import QemuWrites, Tracker, qemu_write_trackers
 from .transport.auth import load_token
 from .transport.endpoint import Endpoint
 from .vcpulog import PLUGIN, VcpuDirtyLog, log_pages
-from .workload import GUEST_ELF, WORKLOADS, Progress, dma_window, parse_progress
+from .guests import linux
+from .guests.linux import LinuxWorkload
+from .workload import GUEST_ELF, WORKLOADS, Progress, dma_window, guest_errors, parse_progress, qemu_args
 
 _SIZE = re.compile(r"^(\d+)([KMG]?)$", re.I)
 
@@ -35,6 +37,11 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2).upper()]
 
 
+#: Progress lines the destination prints after a migration before the demo judges it: a
+#: second of the guest checking what it got.
+DESTINATION_LINES = 10
+
+
 @dataclass
 class DemoResult:
     report: MigrationReport
@@ -43,6 +50,8 @@ class DemoResult:
     # per device: did the destination get the source's final state, and did its DMA go on
     # from there consistently (pages of its window that disagree)
     devices: dict[str, dict] = field(default_factory=dict)
+    # the guest's own failed checks on the destination (E lines)
+    guest_errors: list[str] = field(default_factory=list)
 
 
 async def wait_progress(vm: QemuVm, after: int, timeout: float) -> list[Progress]:
@@ -68,11 +77,31 @@ def check_accel(accel: str, tracker: QemuWrites) -> None:
         raise ValueError("--accel kvm needs a usable /dev/kvm on this host")
 
 
-def check_fixtures(tracker: QemuWrites) -> None:
+def check_fixtures(tracker: QemuWrites, workload: str = "light") -> None:
     need = [GUEST_ELF] + ([PLUGIN] if tracker is QemuWrites.VCPU else [])
     missing = [str(p) for p in need if not p.exists()]
     if missing:
         raise FileNotFoundError(f"fixtures not built ({', '.join(missing)}): run `make fixtures`")
+    if workload == LINUX:
+        linux.check_built()
+
+
+#: The demo workload that boots the Linux guest (Debian's 6.12 rewriting its memory and
+#: reading its virtio disk with O_DIRECT) instead of the fixture guest.
+LINUX = "linux"
+DEMO_WORKLOADS = {**WORKLOADS, LINUX: "Linux 6.12 guest: memory rewrites and O_DIRECT disk reads"}
+
+
+def guest_configs(workload: str, mem: int, accel: str, qemu: str, plugin: str | None) -> tuple[VmConfig, VmConfig]:
+    """Source and destination configurations for a demo workload; the source gets `plugin`."""
+    common = {"accel": accel, "qemu_binary": qemu}
+    if workload == LINUX:
+        job = LinuxWorkload(mem=min(256 << 20, mem // 2), rate=64 << 20)
+        return (linux.vm_config("src", mem >> 20, workload=job, plugin=plugin, **common),
+                linux.vm_config("dst", mem >> 20, Role.DESTINATION, job, **common))
+    append = WORKLOADS[workload]
+    fixture = {"kernel": GUEST_ELF, "append": append, "extra_args": qemu_args(append), **common}
+    return (VmConfig("src", mem >> 20, plugin=plugin, **fixture), VmConfig("dst", mem >> 20, Role.DESTINATION, **fixture))
 
 
 @dataclass
@@ -127,24 +156,19 @@ async def guest_pair(
     asked for `explicit`ly falls back to content hashing when refused); remove everything
     on exit."""
     tracker = QemuWrites(tracker)
-    if workload not in WORKLOADS:
-        raise ValueError(f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
+    if workload not in DEMO_WORKLOADS:
+        raise ValueError(f"unknown workload {workload!r}; choose from {', '.join(DEMO_WORKLOADS)}")
     if mem % (1 << 20) or mem < (64 << 20):
         raise ValueError(f"guest memory {mem} must be a whole number of MiB, at least 64M")
-    check_fixtures(tracker)
+    check_fixtures(tracker, workload)
     check_accel(accel, tracker)
     if devices:
         device_names(devices, faults or [])
-    from .workload import qemu_args
-
-    ram_mib, append = mem >> 20, WORKLOADS[workload]
-    extra = qemu_args(append)
     log = VcpuDirtyLog.create(Path("/dev/shm") / f"orchestrator-vcpu-{uuid.uuid4().hex}", log_pages(mem)) if tracker is QemuWrites.VCPU else None
     try:
-        src_cfg = VmConfig("src", ram_mib, kernel=GUEST_ELF, append=append, plugin=log.plugin_args() if log else None, accel=accel, qemu_binary=qemu or default_qemu(), extra_args=extra)
-        dst_cfg = VmConfig("dst", ram_mib, Role.DESTINATION, kernel=GUEST_ELF, append=append, accel=accel, qemu_binary=qemu or default_qemu(), extra_args=extra)
+        src_cfg, dst_cfg = guest_configs(workload, mem, accel, qemu or default_qemu(), log.plugin_args() if log else None)
         async with launch(src_cfg) as src, launch(dst_cfg) as dst, _receiver(dst, transport) as receiver:
-            await wait_progress(src, 1, 60)
+            await wait_progress(src, 10 if workload == LINUX else 1, 120)  # Linux: a second of its work
             ep = await _attach(src, dst, receiver)
             fleet = None
             ram = qemu_write_trackers(
@@ -212,7 +236,8 @@ async def run_demo(
         result = DemoResult(report, src_lines, [])
         if report.status == "completed":
             before = len(parse_progress(pair.dst.read_serial()))
-            result.dst_progress = (await wait_progress(pair.dst, before + 1, 30))[before:]
+            result.dst_progress = (await wait_progress(pair.dst, before + DESTINATION_LINES, 30))[before:]
+            result.guest_errors = guest_errors(pair.dst.read_serial())
             if pair.fleet:
                 result.devices = device_checks(pair.fleet)
         return result

@@ -25,6 +25,7 @@ WORKLOADS: dict[str, str] = {
 }
 
 _PROGRESS = re.compile(r"^P (\d+) (\d+) (\d+)$", re.M)
+_ERROR = re.compile(r"^E (.*)$", re.M)
 _ANNOUNCE = re.compile(r"^A (.*)$", re.M)
 _SPAN = re.compile(r"^(0x[0-9a-f]+)-(0x[0-9a-f]+)$", re.I)
 
@@ -75,6 +76,11 @@ def fwcfg_buffer(serial_text: str) -> tuple[int, int] | None:
     """(guest-physical start, length) of the buffer QEMU's fw_cfg device writes by DMA, from
     the `A ... fwcfg=S-E ...` line of a `fwcfg=` guest; None before it has announced itself."""
     return _announced_span(serial_text, "fwcfg", "fw_cfg buffer")
+
+
+def guest_errors(serial_text: str) -> list[str]:
+    """The guest's `E <error>` lines: a failed check of its own (both guests print them)."""
+    return _ERROR.findall(serial_text)
 
 
 def guest_rate(lines: list[Progress]) -> float:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..qemu.launcher import Role, VmConfig
+from ..workload import guest_errors as errors  # noqa: F401 - the guest's E lines, as the fixture guest's
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD = REPO / "build" / "linux"
@@ -38,7 +39,6 @@ DISK = BUILD / "disk.img"
 # address (nokaslr) and no speculation mitigations, which only slow TCG down.
 KERNEL_OPTIONS = "console=ttyS0 loglevel=1 nokaslr mitigations=off"
 
-_ERROR = re.compile(r"^E (.*)$", re.M)
 _DISK = re.compile(r"^D (\d+) (\d+) (\d+)$", re.M)
 _ANNOUNCE = re.compile(r"^A (guest=linux .*)$", re.M)
 
@@ -128,11 +128,6 @@ def vm_config(
     extra = disk_args(disk) + tuple(config.pop("extra_args", ()))
     return VmConfig(name, ram_mib, role, kernel=KERNEL, initrd=INITRD,
                     append=kernel_append(ram_mib, workload, dma_mib), extra_args=extra, **config)
-
-
-def errors(serial_text: str) -> list[str]:
-    """The guest's `E` lines: failed checks (memory, disk) and workload failures."""
-    return _ERROR.findall(serial_text)
 
 
 def disk_progress(serial_text: str) -> list[DiskProgress]:
