@@ -3,29 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fixtures.guest.pattern import PAGE_SIZE, GuestStatus, Pattern, check_guest_ram
-from fixtures.guest.vm import GUEST_ELF, GuestVM, qemu_binary
+from fixtures.guest.vm import GuestVM, qemu_binary
 
-ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 is not installed"),
+    pytest.mark.usefixtures("built"),
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def built() -> None:
-    subprocess.run(["make", "-s", "fixtures"], cwd=ROOT, check=True)
-    assert GUEST_ELF.exists()
 
 
 def page_view(ram: np.ndarray) -> np.ndarray:

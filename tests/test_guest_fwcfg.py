@@ -5,7 +5,6 @@ buffer holds exactly the file at the offset of the last copy."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,22 +13,18 @@ import pytest
 
 from fixtures.guest.pattern import (FWCFG_COPY, PAGE_SIZE, check_guest_ram, fwcfg_file, fwcfg_held,
                                     fwcfg_offset, fwcfg_words)
-from fixtures.guest.vm import GUEST_ELF, GuestVM, qemu_binary
-from orchestrator.workload import FWCFG_FILE, fwcfg_buffer, guest_rate
+from fixtures.guest.vm import GuestVM, qemu_binary
+from orchestrator.workload import fwcfg_buffer, guest_rate
 
-ROOT = Path(__file__).resolve().parent.parent
 BUFFER = (0xEE00000, FWCFG_COPY)        # the MiB below the default 256M guest's DMA window
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 is not installed"),
+    pytest.mark.usefixtures("built"),
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def built() -> None:
-    subprocess.run(["make", "-s", "fixtures"], cwd=ROOT, check=True)
-    assert GUEST_ELF.exists() and FWCFG_FILE.exists()
 
 
 def offset_held(ram: np.ndarray) -> int | None:
@@ -94,10 +89,7 @@ async def test_guest_halts_on_a_copy_that_differs_from_the_file(tmp_path: Path) 
     vm = GuestVM("pattern=idle fwcfg=8M")
     vm.config = replace(vm.config, extra_args=("-fw_cfg", f"name=opt/orchestrator/dma,file={altered}"))
     async with vm:
-        deadline = asyncio.get_running_loop().time() + 30
-        while "\nE fw_cfg buffer holds" not in vm.serial():
-            assert asyncio.get_running_loop().time() < deadline, vm.serial()
-            await asyncio.sleep(0.05)
+        await vm.wait_serial("\nE fw_cfg buffer holds")
         assert f" at {BUFFER[0] + FWCFG_COPY - PAGE_SIZE + 4 * word:#010x} " in vm.serial()
         assert "A pattern=idle" in vm.serial()                  # the first copy went through
 
@@ -108,25 +100,16 @@ async def test_guest_with_a_file_of_another_size_reports_it(tmp_path: Path) -> N
     vm = GuestVM("pattern=idle fwcfg=8M")
     vm.config = replace(vm.config, extra_args=("-fw_cfg", f"name=opt/orchestrator/dma,file={short}"))
     async with vm:
-        deadline = asyncio.get_running_loop().time() + 30
-        while "E fw_cfg file opt/orchestrator/dma is not 16 MiB" not in vm.serial():
-            assert asyncio.get_running_loop().time() < deadline, vm.serial()
-            await asyncio.sleep(0.05)
+        await vm.wait_serial("E fw_cfg file opt/orchestrator/dma is not 16 MiB")
 
 
 async def test_guest_without_the_file_reports_it() -> None:
     vm = GuestVM("pattern=idle fwcfg=8M")
     vm.config = replace(vm.config, extra_args=())
     async with vm:
-        deadline = asyncio.get_running_loop().time() + 30
-        while "E no fw_cfg file opt/orchestrator/dma" not in vm.serial():
-            assert asyncio.get_running_loop().time() < deadline, vm.serial()
-            await asyncio.sleep(0.05)
+        await vm.wait_serial("E no fw_cfg file opt/orchestrator/dma")
 
 
 async def test_working_set_over_the_buffer_is_refused() -> None:
     async with GuestVM("pattern=sweep base=200M wss=39M fwcfg=8M") as vm:
-        deadline = asyncio.get_running_loop().time() + 30
-        while "E working set overlaps the fw_cfg buffer" not in vm.serial():
-            assert asyncio.get_running_loop().time() < deadline, vm.serial()
-            await asyncio.sleep(0.05)
+        await vm.wait_serial("E working set overlaps the fw_cfg buffer")

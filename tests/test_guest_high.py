@@ -4,25 +4,18 @@ its RAM-file offset: a synthetic image, then real QEMU with RAM beyond the PCI h
 from __future__ import annotations
 
 import asyncio
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fixtures.guest import pattern
 from fixtures.guest.pattern import PAGE_SIZE, PAGE_TAG, STATUS_ADDR, GuestStatus, check_guest_ram, pc_regions
-from fixtures.guest.vm import GUEST_ELF, GuestVM, qemu_binary
+from fixtures.guest.vm import GuestVM, qemu_binary
 
-ROOT = Path(__file__).resolve().parent.parent
 MiB, GiB = 1 << 20, 1 << 30
 needs_qemu = pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 is not installed")
 
 
-@pytest.fixture(scope="module")
-def built() -> None:
-    subprocess.run(["make", "-s", "fixtures"], cwd=ROOT, check=True)
-    assert GUEST_ELF.exists()
 
 
 def sweep_image(below_4g: int, npages: int) -> np.ndarray:

@@ -25,9 +25,6 @@ HAMMER = ROOT / "fixtures" / "plugin" / "hammer.elf"
 needs_qemu = pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 is not installed")
 
 
-@pytest.fixture(scope="session")
-def built() -> None:
-    subprocess.run(["make", "-s", "fixtures"], cwd=ROOT, check=True)
 
 
 @pytest.fixture
