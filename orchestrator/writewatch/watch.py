@@ -129,13 +129,18 @@ def take_userfaultfd(pid: int, trust_seccomp: bool = False) -> int:
                 if err == errno.EPERM else ""
             )
             raise WriteWatchRefused(Refusal.USERFAULTFD_DENIED, f"userfaultfd() in process {pid} failed: {os.strerror(err)}{hint}")
-        check.check(Call(P.SYS_close, (remote,), "close"), inj.site + len(P.SYSCALL_INSN))
+        try:
+            check.check(Call(P.SYS_close, (remote,), "close"), inj.site + len(P.SYSCALL_INSN))
+        except WriteWatchRefused as exc:  # never make a call the filter would punish
+            raise WriteWatchRefused(exc.cause, f"{exc}; process {pid} keeps an unused userfaultfd (fd {remote})") from None
         try:
             pidfd = os.pidfd_open(pid)
             try:
                 return syscall(P.SYS_pidfd_getfd, pidfd, remote, 0)
             finally:
                 os.close(pidfd)
+        except OSError as exc:
+            raise WriteWatchRefused(Refusal.PTRACE_DENIED, f"cannot take process {pid}'s userfaultfd: {exc.strerror}") from None
         finally:
             inj.call(P.SYS_close, remote)
 
@@ -161,8 +166,16 @@ class WriteWatch:
         uffd = take_userfaultfd(pid, trust_seccomp)
         try:
             api = U.uffdio_api(api=U.UFFD_API, features=FEATURES)
-            fcntl.ioctl(uffd, U.UFFDIO_API, api, True)
-            watch = cls(pid, uffd, ranges, layout.page_size)
+            try:
+                fcntl.ioctl(uffd, U.UFFDIO_API, api, True)
+            except OSError as exc:
+                raise WriteWatchRefused(Refusal.KERNEL, f"UFFDIO_API on process {pid}'s userfaultfd: {exc.strerror}") from None
+            try:
+                watch = cls(pid, uffd, ranges, layout.page_size)
+            except FileNotFoundError:
+                raise WriteWatchRefused(Refusal.PROCESS_GONE, f"no process {pid}") from None
+            except PermissionError:
+                raise WriteWatchRefused(Refusal.PTRACE_DENIED, f"cannot open process {pid}'s pagemap") from None
         except BaseException:
             os.close(uffd)
             raise
