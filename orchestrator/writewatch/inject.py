@@ -15,6 +15,7 @@ import errno
 import os
 import platform
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -196,6 +197,27 @@ def _state(pid: int, tid: int) -> str:
 
 
 @contextmanager
+def _signals_held() -> Iterator[None]:
+    """Signals that would kill this process wait until the target is restored. This thread
+    blocks them; on the main thread, those left at their default action (which would end the
+    process whichever of its threads takes them) get a recorder meanwhile, and what arrived
+    is raised again afterwards. Signals with a handler of their own keep it."""
+    arrived: list[int] = []
+    main = threading.current_thread() is threading.main_thread()
+    fatal = [sig for sig in _HELD if main and signal.getsignal(sig) == signal.SIG_DFL]
+    old_handlers = {sig: signal.signal(sig, lambda n, _: arrived.append(n)) for sig in fatal}
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+        for sig in arrived:
+            signal.raise_signal(sig)
+
+
+@contextmanager
 def seized(pid: int, tid: int | None = None, check: Callable[[Injector], None] | None = None) -> Iterator[Injector]:
     """Seize and stop thread `tid` (default: a `quiet_thread`) of `pid`; restore and detach on
     exit, whatever happened. `check` runs while the thread is stopped, before any register is
@@ -205,8 +227,7 @@ def seized(pid: int, tid: int | None = None, check: Callable[[Injector], None] |
     tid = quiet_thread(pid) if tid is None else tid
     if _state(pid, tid) == "T":  # a stopped process must stay stopped, untouched
         raise WriteWatchRefused(Refusal.STOPPED, f"process {pid} is stopped by a signal (SIGSTOP?): continue it first")
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
-    try:
+    with _signals_held():
         try:
             ptrace(P.PTRACE_SEIZE, tid)
         except OSError as exc:
@@ -232,5 +253,3 @@ def seized(pid: int, tid: int | None = None, check: Callable[[Injector], None] |
             except OSError as exc:
                 if exc.errno != errno.ESRCH:
                     raise
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)

@@ -245,3 +245,25 @@ def test_a_kernel_without_async_write_protection_is_refused_before_the_target_is
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_terminating_signal_waits_until_the_target_is_restored(shared_file):
+    """SIGTERM to the injecting process in the middle of an injection: the call finishes, the
+    target gets its registers back and runs on, and only then does the process die of it."""
+    child = spawn(BY_COMMAND, shared_file)
+    try:
+        script = (
+            "import os, signal, sys\n"
+            "from orchestrator.writewatch.inject import seized\n"
+            "with seized(int(sys.argv[1])) as inj:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    print('called', inj.call(39), flush=True)\n"
+            "print('never here', flush=True)\n"
+        )
+        run = subprocess.run([sys.executable, "-c", script, str(child.pid)], capture_output=True, text=True, timeout=60)
+        assert run.returncode == -signal.SIGTERM, run.stderr
+        assert run.stdout == f"called {child.pid}\n"
+        command(child, [4])  # restored: its read() restarted
+    finally:
+        child.kill()
+        child.wait()
