@@ -1,6 +1,8 @@
 """Argument errors are reported before the CLI touches any QEMU (the sockets here do not
 exist, so reaching for them would be a different error)."""
 
+from contextlib import asynccontextmanager
+
 import pytest
 
 from orchestrator.cli import EXIT_BAD_INPUT, main
@@ -39,3 +41,23 @@ def test_demo_input_errors_launch_nothing(monkeypatch, capsys):
     monkeypatch.setattr(demo, "launch", no_launch)
     assert main(["demo", "--devices", "mlx5,gpu"]) == EXIT_BAD_INPUT
     assert main(["demo", "--inject", "detach@gpu-7:1"]) == EXIT_BAD_INPUT
+
+
+def test_demo_runs_both_vms_on_the_qemu_it_is_given(monkeypatch, capsys):
+    import orchestrator.demo as demo
+    from orchestrator.qemu.launcher import Role
+
+    binaries = []
+
+    @asynccontextmanager
+    async def record(config, **kwargs):
+        binaries.append(config.qemu_binary)
+        if config.role is Role.DESTINATION:
+            raise OSError("not launched here")
+        yield None
+
+    monkeypatch.setattr(demo, "launch", record)
+    monkeypatch.setattr(demo, "check_fixtures", lambda *args: None)
+    argv = ["demo", "--tracker", "content", "--devices", "none", "--qemu", "/opt/qemu-10/qemu-system-x86_64"]
+    assert main(argv) == EXIT_BAD_INPUT
+    assert binaries == ["/opt/qemu-10/qemu-system-x86_64"] * 2
