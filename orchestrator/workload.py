@@ -21,7 +21,7 @@ WORKLOADS: dict[str, str] = {
     "heavy": "pattern=random wss=128M rate=0",
     "hotcold": "pattern=hotcold wss=128M rate=0",
     # light, plus 32 fw_cfg DMA reads a second: device-model writes no vCPU store makes
-    "fwcfg": "pattern=sweep wss=32M rate=32M fwcfg=32M",
+    "fwcfg": "pattern=sweep wss=32M rate=32M fwcfg=256M",
 }
 
 _PROGRESS = re.compile(r"^P (\d+) (\d+) (\d+)$", re.M)
