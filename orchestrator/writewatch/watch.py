@@ -14,6 +14,7 @@ import errno
 import fcntl
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,45 @@ FEATURES = U.UFFD_FEATURE_WP_ASYNC | U.UFFD_FEATURE_WP_UNPOPULATED | U.UFFD_FEAT
 _UFFD_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK
 #: Regions one scan call can return before it stops and says where (walk_end).
 VEC_LEN = 1 << 14
+#: Threads a scan is split across: the page-table walk costs about a millisecond per GiB
+#: registered, touched or not, and the final one runs inside the downtime with QEMU stopped.
+SCAN_LANES = min(2, os.cpu_count() or 1)
+
+
+class _Lane:
+    """One thread's share of a scan: its pieces of the ranges, its own argument and vector."""
+
+    def __init__(self, pieces: list[tuple[WatchedRange, int, int]]) -> None:
+        self.pieces = pieces
+        self.vec = np.zeros((VEC_LEN, 3), np.uint64)
+        self.arg = U.pm_scan_arg(
+            size=ctypes.sizeof(U.pm_scan_arg), vec=self.vec.ctypes.data, vec_len=VEC_LEN,
+            flags=U.PM_SCAN_WP_MATCHING | U.PM_SCAN_CHECK_WPASYNC,
+            category_mask=U.PAGE_IS_WRITTEN, return_mask=U.PAGE_IS_WRITTEN,
+        )
+
+    def scan(self, pagemap: int, page: int, on_runs: OnRuns | None) -> int:
+        arg, vec, total = self.arg, self.vec, 0
+        for r, lo, hi in self.pieces:
+            arg.start, arg.end = lo, hi
+            while arg.start < arg.end:
+                n = fcntl.ioctl(pagemap, U.PAGEMAP_SCAN, arg, True)
+                if n:
+                    first, stop = _guest_runs(r, vec[:n], page)
+                    total += int((stop - first).sum())
+                    if on_runs is not None:
+                        on_runs(first, stop)
+                arg.start = arg.walk_end
+        return total
+
+
+def _guest_runs(r: WatchedRange, regions: np.ndarray, page: int) -> tuple[np.ndarray, np.ndarray]:
+    """Guest page runs of scan results (virtual [start, end) rows), clipped to the range."""
+    lo = np.clip(regions[:, 0].astype(np.int64) - r.vaddr, 0, r.length)
+    hi = np.clip(regions[:, 1].astype(np.int64) - r.vaddr, 0, r.length)
+    first, stop = (r.gpa + lo) // page, -(-(r.gpa + hi) // page)
+    keep = stop > first
+    return first[keep], stop[keep]
 
 # A run callback: (first guest page, end guest page) arrays, both int64.
 OnRuns = Callable[[np.ndarray, np.ndarray], None]
@@ -47,6 +87,13 @@ class WatchedRange:
     length: int
     gpa: int
     span: tuple[int, int]
+    page: int  # the mapping's page size: pieces of a span are cut on its boundaries
+
+    def pieces(self, n: int) -> list[tuple[int, int]]:
+        """The span cut into at most `n` parts on page boundaries, for parallel scans."""
+        lo, hi = self.span
+        step = -(-(hi - lo) // n // self.page) * self.page
+        return [(a, min(a + step, hi)) for a in range(lo, hi, step)]
 
 
 def watched_ranges(pid: int, layout: MemoryLayout) -> list[WatchedRange]:
@@ -68,7 +115,7 @@ def watched_ranges(pid: int, layout: MemoryLayout) -> list[WatchedRange]:
                 )
             vaddr = m.start + lo - m.offset
             span = (max(m.start, vaddr - vaddr % m.page_size), min(m.end, -(-(vaddr + hi - lo) // m.page_size) * m.page_size))
-            out.append(WatchedRange(vaddr, hi - lo, region.gpa + lo - region.offset, span))
+            out.append(WatchedRange(vaddr, hi - lo, region.gpa + lo - region.offset, span, m.page_size))
             found += hi - lo
         if found < region.length:
             raise WriteWatchRefused(
@@ -153,8 +200,9 @@ class WriteWatch:
         self._uffd: int | None = uffd
         self._pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         self._registered = False
-        self._vec = np.zeros((VEC_LEN, 3), np.uint64)
-        self._arg = U.pm_scan_arg(size=ctypes.sizeof(U.pm_scan_arg), vec=self._vec.ctypes.data, vec_len=VEC_LEN)
+        parts = [[(r, lo, hi) for r in self.ranges for lo, hi in r.pieces(SCAN_LANES)[i::SCAN_LANES]] for i in range(SCAN_LANES)]
+        self._lanes = [_Lane(p) for p in parts if p]
+        self._pool = ThreadPoolExecutor(len(self._lanes) - 1, "write-watch-scan") if len(self._lanes) > 1 else None
 
     @classmethod
     def open(cls, pid: int, layout: MemoryLayout, trust_seccomp: bool = False) -> WriteWatch:
@@ -238,27 +286,13 @@ class WriteWatch:
         number of guest pages reported."""
         if not self._registered:
             raise RuntimeError(f"write-watch on process {self.pid} is not registered")
-        arg, vec, page = self._arg, self._vec, self.page_size
-        arg.flags = U.PM_SCAN_WP_MATCHING | U.PM_SCAN_CHECK_WPASYNC
-        arg.category_mask = arg.return_mask = U.PAGE_IS_WRITTEN
-        total = 0
-        for r in self.ranges:
-            arg.start, arg.end = r.span
-            while arg.start < arg.end:
-                n = fcntl.ioctl(self._pagemap, U.PAGEMAP_SCAN, arg, True)
-                if n:
-                    lo = vec[:n, 0].astype(np.int64) - r.vaddr
-                    hi = vec[:n, 1].astype(np.int64) - r.vaddr
-                    np.clip(lo, 0, r.length, out=lo)
-                    np.clip(hi, 0, r.length, out=hi)
-                    first = (r.gpa + lo) // page
-                    stop = -(-(r.gpa + hi) // page)
-                    keep = stop > first
-                    total += int((stop - first)[keep].sum())
-                    if on_runs is not None:
-                        on_runs(first[keep], stop[keep])
-                arg.start = arg.walk_end
-        return total
+        first, *rest = self._lanes
+        others = [self._pool.submit(lane.scan, self._pagemap, self.page_size, on_runs) for lane in rest] if self._pool else []
+        try:
+            total = first.scan(self._pagemap, self.page_size, on_runs)
+        finally:
+            wait(others)  # no lane may still be scanning when the caller acts on a failure
+        return total + sum(f.result() for f in others)
 
     def close(self) -> None:
         """End the registration (closing the userfaultfd does) and release everything."""
@@ -266,6 +300,9 @@ class WriteWatch:
             fd, self._uffd = self._uffd, None
             self._registered = False
             os.close(fd)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         if self._pagemap >= 0:
             os.close(self._pagemap)
             self._pagemap = -1
