@@ -39,6 +39,8 @@ DISK = BUILD / "disk.img"
 # address (nokaslr) and no speculation mitigations, which only slow TCG down.
 KERNEL_OPTIONS = "console=ttyS0 loglevel=1 nokaslr mitigations=off"
 
+# What the kernel prints when it dies (only emergencies reach this quiet console).
+_KERNEL_DIED = re.compile(r"Oops|Kernel panic|BUG:|general protection fault")
 _DISK = re.compile(r"^D (\d+) (\d+) (\d+)$", re.M)
 _ANNOUNCE = re.compile(r"^A (guest=linux .*)$", re.M)
 
@@ -128,6 +130,11 @@ def vm_config(
     extra = disk_args(disk) + tuple(config.pop("extra_args", ()))
     return VmConfig(name, ram_mib, role, kernel=KERNEL, initrd=INITRD,
                     append=kernel_append(ram_mib, workload, dma_mib), extra_args=extra, **config)
+
+
+def kernel_died(serial_text: str) -> bool:
+    """Whether the guest's kernel printed an oops, a panic or a BUG."""
+    return _KERNEL_DIED.search(serial_text) is not None
 
 
 def disk_progress(serial_text: str) -> list[DiskProgress]:

@@ -12,9 +12,6 @@ so does 7.2 migrating the guest paused: the bug is the dirty tracking, not the g
 from __future__ import annotations
 
 import asyncio
-import re
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -24,36 +21,13 @@ from orchestrator.guests import linux
 from orchestrator.guests.linux import LinuxWorkload
 from orchestrator.qemu.launcher import QemuVm, Role, VmConfig, launch, qemu_version
 from orchestrator.workload import Progress, parse_progress
+from tests.linux_serial import wait_until
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 # 16384 pages/s over 256 MiB: busy, yet well below what QEMU copies over a unix socket.
 WORKLOAD = LinuxWorkload(mem=256 << 20, rate=64 << 20)
 NPAGES = WORKLOAD.mem // 4096
-# What the kernel prints when it dies (only emergencies reach this quiet console).
-_KERNEL_DIED = re.compile(r"Oops|Kernel panic|BUG:|general protection fault")
-
-
-@pytest.fixture(scope="session")
-def linux_guest() -> None:
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 is not installed (make fixtures installs it)")
-    subprocess.run(["make", "-s", "linux-guest"], cwd=REPO, check=True)
-
-
-async def wait_until(vm: QemuVm, done, timeout: float, what: str) -> str:
-    """Poll the serial file until `done(text)`; fail at once on an E line or a dead kernel."""
-    deadline = time.monotonic() + timeout
-    while True:
-        text = vm.read_serial()
-        assert not linux.errors(text) and not _KERNEL_DIED.search(text), f"{vm.name}:\n{text[-1500:]}"
-        if done(text):
-            return text
-        vm.check_running()
-        assert time.monotonic() < deadline, f"{vm.name}: no {what} within {timeout:g}s:\n{text[-800:]}"
-        await asyncio.sleep(0.1)
-
-
 def swept(after: int = 0):
     """More than a full sweep written past `after` pages: every page checked since then."""
     return lambda text: any(p.pages > after + NPAGES for p in parse_progress(text))

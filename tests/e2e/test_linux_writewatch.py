@@ -5,11 +5,6 @@ model writes into guest RAM are missed: verification must fail (the negative con
 
 from __future__ import annotations
 
-import asyncio
-import re
-import shutil
-import subprocess
-import time
 import uuid
 from pathlib import Path
 
@@ -23,32 +18,15 @@ from orchestrator.qemu.launcher import QemuVm, Role, launch
 from orchestrator.trackers import QemuWrites, qemu_write_trackers
 from orchestrator.vcpulog import VcpuDirtyLog, log_pages
 from orchestrator.workload import parse_progress
+from tests.linux_serial import wait_until
 
-pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("linux_guest")]
 RAM_MIB = 512
 WORKLOAD = LinuxWorkload(mem=256 << 20, rate=64 << 20)
-_KERNEL_DIED = re.compile(r"Oops|Kernel panic|BUG:|general protection fault")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def linux_guest() -> None:
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 is not installed (make fixtures installs it)")
-    subprocess.run(["make", "-s", "linux-guest"], cwd=REPO, check=True)
-
-
-async def progress_past(vm: QemuVm, lines: int, timeout: float) -> str:
-    """Wait for `lines` progress lines; fail at once on an E line or a dead kernel."""
-    deadline = time.monotonic() + timeout
-    while True:
-        text = vm.read_serial()
-        assert not linux.errors(text) and not _KERNEL_DIED.search(text), f"{vm.name}:\n{text[-1500:]}"
-        if len(parse_progress(text)) >= lines:
-            return text
-        vm.check_running()
-        assert time.monotonic() < deadline, f"{vm.name}: {lines} progress lines not within {timeout:g}s:\n{text[-800:]}"
-        await asyncio.sleep(0.1)
+def progress_past(vm: QemuVm, lines: int, timeout: float):
+    return wait_until(vm, lambda text: len(parse_progress(text)) >= lines, timeout, f"{lines} progress lines")
 
 
 async def run(kind: QemuWrites, log: VcpuDirtyLog | None = None):
