@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 
 import pytest
 
@@ -24,7 +23,6 @@ from orchestrator.workload import Progress, parse_progress
 from tests.linux_serial import wait_until
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
 # 16384 pages/s over 256 MiB: busy, yet well below what QEMU copies over a unix socket.
 WORKLOAD = LinuxWorkload(mem=256 << 20, rate=64 << 20)
 NPAGES = WORKLOAD.mem // 4096
