@@ -188,7 +188,8 @@ def quiet_thread(pid: int) -> int:
     return best[1]
 
 
-def _state(pid: int, tid: int) -> str:
+def thread_state(pid: int, tid: int) -> str:
+    """The thread's state letter from /proc (T: stopped by a signal)."""
     try:
         with open(f"/proc/{pid}/task/{tid}/stat") as f:
             return f.read().rsplit(") ", 1)[1][:1]
@@ -225,7 +226,7 @@ def seized(pid: int, tid: int | None = None, check: Callable[[Injector], None] |
     held meanwhile: dying mid-call would leave the target with changed registers."""
     check_arch()
     tid = quiet_thread(pid) if tid is None else tid
-    if _state(pid, tid) == "T":  # a stopped process must stay stopped, untouched
+    if thread_state(pid, tid) == "T":  # a stopped process must stay stopped, untouched
         raise WriteWatchRefused(Refusal.STOPPED, f"process {pid} is stopped by a signal (SIGSTOP?): continue it first")
     with _signals_held():
         try:

@@ -11,7 +11,7 @@ import pytest
 
 from orchestrator.uapi import ptrace as P
 from orchestrator.writewatch import Refusal, WriteWatch, WriteWatchRefused
-from orchestrator.writewatch.inject import seized
+from orchestrator.writewatch.inject import seized, thread_state
 
 from .children import BY_COMMAND, RANDOM_WRITER, command, spawn
 from .conftest import collect, flat
@@ -163,20 +163,15 @@ def test_a_stopped_process_is_refused_and_stays_stopped(shared_file):
     child = spawn(BY_COMMAND, shared_file)
     try:
         os.kill(child.pid, signal.SIGSTOP)
-        while _state(child.pid) != "T":  # the stop is delivered asynchronously
+        while thread_state(child.pid, child.pid) != "T":  # the stop is delivered asynchronously
             time.sleep(0.001)
         assert _refused(child.pid, shared_file).cause is Refusal.STOPPED
-        assert _state(child.pid) == "T"
+        assert thread_state(child.pid, child.pid) == "T"
         os.kill(child.pid, signal.SIGCONT)
         command(child, [1])
     finally:
         child.kill()
         child.wait()
-
-
-def _state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(") ", 1)[1][0]
 
 
 def test_a_gone_process_is_refused(shared_file):
@@ -254,7 +249,7 @@ def test_a_terminating_signal_waits_until_the_target_is_restored(shared_file):
     try:
         script = (
             "import os, signal, sys\n"
-            "from orchestrator.writewatch.inject import seized\n"
+            "from orchestrator.writewatch.inject import seized, thread_state\n"
             "with seized(int(sys.argv[1])) as inj:\n"
             "    os.kill(os.getpid(), signal.SIGTERM)\n"
             "    print('called', inj.call(39), flush=True)\n"
