@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 # Waits in read() for a line of page numbers, bumps the first byte of each page, answers "ok".
@@ -32,6 +34,17 @@ while True:
     p = rng.randrange(pages)
     m[p * 4096 + 8 * (n % 512): p * 4096 + 8 * (n % 512) + 8] = struct.pack('<Q', n)
 """
+
+
+@contextmanager
+def spawned(program: str, path: Path, *args: str) -> Iterator[subprocess.Popen]:
+    """`spawn`, killed and reaped on exit."""
+    child = spawn(program, path, *args)
+    try:
+        yield child
+    finally:
+        child.kill()
+        child.wait()
 
 
 def spawn(program: str, path: Path, *args: str) -> subprocess.Popen:

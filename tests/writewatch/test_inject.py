@@ -13,7 +13,7 @@ from orchestrator.uapi import ptrace as P
 from orchestrator.writewatch import Refusal, WriteWatch, WriteWatchRefused
 from orchestrator.writewatch.inject import seized, thread_state
 
-from .children import BY_COMMAND, RANDOM_WRITER, command, spawn
+from .children import BY_COMMAND, RANDOM_WRITER, command, spawn, spawned
 from .conftest import collect, flat
 from .filters import JEQ_K, LD_ABS, RET_K, exec_wrapper, insn, on_syscall
 
@@ -21,28 +21,20 @@ SYS_getpid = 39
 
 
 def test_a_call_in_a_thread_blocked_in_read_returns_and_the_read_restarts(shared_file):
-    child = spawn(BY_COMMAND, shared_file)
-    try:
+    with spawned(BY_COMMAND, shared_file) as child:
         with seized(child.pid) as inj:
             assert inj.call(SYS_getpid) == child.pid
             assert inj.call(P.SYS_close, 9999) == -9  # -EBADF comes back as a value
         command(child, [1, 2])  # the interrupted read() was restarted: the child reads on
         assert child.poll() is None
-    finally:
-        child.kill()
-        child.wait()
 
 
 def test_a_call_in_a_running_thread_uses_a_syscall_from_its_text(shared_file):
-    child = spawn(RANDOM_WRITER, shared_file, "3")
-    try:
+    with spawned(RANDOM_WRITER, shared_file, "3") as child:
         for _ in range(20):
             with seized(child.pid) as inj:
                 assert inj.call(SYS_getpid) == child.pid
         assert child.poll() is None
-    finally:
-        child.kill()
-        child.wait()
 
 
 def _refused(pid: int, path) -> WriteWatchRefused:
@@ -139,8 +131,7 @@ def test_ptrace_denied_when_another_tracer_holds_the_process(shared_file):
 
 
 def test_an_unprivileged_caller_is_refused_with_the_cause(shared_file):
-    child = spawn(BY_COMMAND, shared_file)
-    try:
+    with spawned(BY_COMMAND, shared_file) as child:
         probe = subprocess.run(
             [sys.executable, "-c",
              "import os, sys\n"
@@ -154,14 +145,10 @@ def test_an_unprivileged_caller_is_refused_with_the_cause(shared_file):
         )
         assert probe.stdout.startswith("ptrace-denied"), probe.stdout + probe.stderr
         command(child, [1])
-    finally:
-        child.kill()
-        child.wait()
 
 
 def test_a_stopped_process_is_refused_and_stays_stopped(shared_file):
-    child = spawn(BY_COMMAND, shared_file)
-    try:
+    with spawned(BY_COMMAND, shared_file) as child:
         os.kill(child.pid, signal.SIGSTOP)
         while thread_state(child.pid, child.pid) != "T":  # the stop is delivered asynchronously
             time.sleep(0.001)
@@ -169,9 +156,6 @@ def test_a_stopped_process_is_refused_and_stays_stopped(shared_file):
         assert thread_state(child.pid, child.pid) == "T"
         os.kill(child.pid, signal.SIGCONT)
         command(child, [1])
-    finally:
-        child.kill()
-        child.wait()
 
 
 def test_a_gone_process_is_refused(shared_file):
@@ -233,20 +217,15 @@ def test_a_kernel_without_async_write_protection_is_refused_before_the_target_is
 
     monkeypatch.setattr(W.fcntl, "ioctl", old_kernel)
     monkeypatch.setattr(W, "take_userfaultfd", lambda *a: pytest.fail("the target was touched"))
-    child = spawn(BY_COMMAND, shared_file)
-    try:
+    with spawned(BY_COMMAND, shared_file) as child:
         refusal = _refused(child.pid, shared_file)
         assert refusal.cause is Refusal.KERNEL and "6.7" in str(refusal)
-    finally:
-        child.kill()
-        child.wait()
 
 
 def test_a_terminating_signal_waits_until_the_target_is_restored(shared_file):
     """SIGTERM to the injecting process in the middle of an injection: the call finishes, the
     target gets its registers back and runs on, and only then does the process die of it."""
-    child = spawn(BY_COMMAND, shared_file)
-    try:
+    with spawned(BY_COMMAND, shared_file) as child:
         script = (
             "import os, signal, sys\n"
             "from orchestrator.writewatch.inject import seized, thread_state\n"
@@ -259,6 +238,3 @@ def test_a_terminating_signal_waits_until_the_target_is_restored(shared_file):
         assert run.returncode == -signal.SIGTERM, run.stderr
         assert run.stdout == f"called {child.pid}\n"
         command(child, [4])  # restored: its read() restarted
-    finally:
-        child.kill()
-        child.wait()

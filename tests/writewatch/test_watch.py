@@ -11,7 +11,7 @@ from orchestrator.memory import MemoryLayout, RamRegion
 from orchestrator.trackers import WriteWatchTracker
 from orchestrator.writewatch import WriteWatch
 
-from .children import BY_COMMAND, RANDOM_WRITER, command, spawn
+from .children import BY_COMMAND, RANDOM_WRITER, command, spawn, spawned
 from .conftest import collect, flat
 
 PAGES = 4096  # the 16 MiB shared file
@@ -41,8 +41,7 @@ def test_each_harvest_is_exactly_the_pages_written(by_command, rounds):
 def test_guest_addresses_follow_the_region(shared_file):
     """A region at guest-physical 4 GiB, backed from file offset 8 MiB: pages come back as
     guest page numbers of that region, and file bytes outside it are not reported."""
-    child = spawn(BY_COMMAND, shared_file)
-    try:
+    with spawned(BY_COMMAND, shared_file) as child:
         layout = MemoryLayout((RamRegion(1 << 32, 4 << 20, str(shared_file), 8 << 20),))
         watch = WriteWatch.open(child.pid, layout)
         try:
@@ -51,17 +50,13 @@ def test_guest_addresses_follow_the_region(shared_file):
             assert collect(watch).tolist() == [(1 << 20) + 0, (1 << 20) + 1, (1 << 20) + 1023]
         finally:
             watch.close()
-    finally:
-        child.kill()
-        child.wait()
 
 
 def test_concurrent_writes_land_in_that_harvest_or_the_next(shared_file):
     """A child rewrites random pages as fast as it can (its thread runs in user space, so
     the injector uses a syscall instruction from its text); a page whose content changed
     between the snapshots after harvests k-1 and k is in harvest k or k+1."""
-    child = spawn(RANDOM_WRITER, shared_file, "7")
-    try:
+    with spawned(RANDOM_WRITER, shared_file, "7") as child:
         watch = WriteWatch.open(child.pid, flat(shared_file))
         try:
             ram = np.memmap(shared_file, np.uint8, mode="r").reshape(PAGES, 4096)
@@ -78,9 +73,6 @@ def test_concurrent_writes_land_in_that_harvest_or_the_next(shared_file):
                 assert not missed, f"harvest {k}: {len(missed)} changed pages reported by neither"
         finally:
             watch.close()
-    finally:
-        child.kill()
-        child.wait()
 
 
 def test_tracker_merges_into_the_bitmap_and_stop_ends_protection(by_command):
@@ -103,8 +95,7 @@ def test_tracker_merges_into_the_bitmap_and_stop_ends_protection(by_command):
 def test_hugetlbfs_is_watched_at_its_page_size(hugetlb_file):
     """A write to one byte of a 2 MiB huge page reports all 512 of its 4 KiB guest pages, and
     a region that starts inside a huge page is registered from that page's start."""
-    child = spawn(BY_COMMAND, hugetlb_file)
-    try:
+    with spawned(BY_COMMAND, hugetlb_file) as child:
         layout = MemoryLayout((RamRegion(0, 12 << 20, str(hugetlb_file), 1 << 20),))  # starts mid-page
         watch = WriteWatch.open(child.pid, layout)
         try:
@@ -115,6 +106,3 @@ def test_hugetlbfs_is_watched_at_its_page_size(hugetlb_file):
             assert collect(watch).tolist() == list(range(768, 768 + 512))  # guest = file - 1 MiB
         finally:
             watch.close()
-    finally:
-        child.kill()
-        child.wait()
