@@ -14,7 +14,7 @@ from pathlib import Path
 from .memory import MemoryLayout, RamRegion
 from .qemu.errors import LayoutError, MigrationError
 from .qemu.layout import GuestLayout, check_migratable, discover_layout
-from .qemu.migration import check_capabilities
+from .qemu.migration import check_capabilities, check_waiting
 from .qemu.qmp import QmpSession
 from .transport import LocalSink, PageSink
 from .transport.endpoint import Endpoint
@@ -78,6 +78,7 @@ async def _validate(src: QmpSession, dst: QmpSession, src_ram: Path) -> tuple[Me
         raise MigrationError(
             f"destination QEMU is '{dst_status}': start it with '-incoming defer' so it waits for the migration"
         )
+    await check_waiting(dst)
     src_layout, dst_layout = await discover_layout(src), await discover_layout(dst)
     check_migratable(src_layout)
     check_migratable(dst_layout)

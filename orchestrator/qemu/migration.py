@@ -9,6 +9,7 @@ with `cancel`, which leaves the source running.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,10 +44,30 @@ def downtime_ns(source_stop: QmpEvent, destination_resume: QmpEvent) -> int:
     return destination_resume.received_ns - source_stop.received_ns
 
 
-async def prepare(src: QmpSession, dst: QmpSession, dst_uri: str) -> None:
-    """Set the capabilities on both sides, then make the destination listen on `dst_uri`."""
+@dataclass(frozen=True)
+class SavedCapabilities:
+    """The states the choreography's capabilities had on one QEMU before `prepare` set them,
+    so an abandoned migration leaves that QEMU configured as it found it."""
+
+    session: QmpSession
+    states: Mapping[str, bool]
+
+    async def restore(self) -> None:
+        await _set_capabilities(self.session, self.states)
+
+
+async def prepare(src: QmpSession, dst: QmpSession) -> tuple[SavedCapabilities, SavedCapabilities]:
+    """Set the capabilities on both sides; returns what they were, source first. The
+    destination is not made to listen yet (`listen`, at switchover): a destination that
+    never received a stream stays usable for another attempt."""
+    saved = []
     for session in (src, dst):
-        await _enable_capabilities(session)
+        saved.append(await _enable_capabilities(session))
+    return saved[0], saved[1]
+
+
+async def listen(dst: QmpSession, dst_uri: str) -> None:
+    """Make the destination accept QEMU's state stream on `dst_uri`."""
     await dst.execute("migrate-incoming", uri=dst_uri)
 
 
@@ -104,8 +125,9 @@ async def wait_completed(src: QmpSession, dst: QmpSession, timeout: float = 60.0
     return Switchover(stop, resume, info, src_status["status"])
 
 
-async def cancel(src: QmpSession, timeout: float = 30.0) -> str:
-    """Abandon the migration and make sure the source guest runs; return the final status.
+async def cancel(src: QmpSession, timeout: float = 30.0, *, resume: bool = True) -> str:
+    """Abandon the migration; with `resume` make sure the source guest runs (pass False for
+    a source its user had paused: it stays paused). Returns the final status.
 
     Safe in every phase before `continue_`, including pre-switchover (vCPUs stopped) and when
     no migration is running. Raises `MigrationError` if the migration already completed: the
@@ -120,26 +142,51 @@ async def cancel(src: QmpSession, timeout: float = 30.0) -> str:
     if status not in ("none", "failed", "cancelled"):
         await src.execute("migrate_cancel")
         status = (await src.wait_migration_status({"cancelled", "failed"}, timeout))["status"]
-    if not (await src.execute("query-status"))["running"]:
+    if resume and not (await src.execute("query-status"))["running"]:
         await src.execute("cont")
     return status
 
 
-async def check_capabilities(session: QmpSession) -> None:
+async def check_waiting(dst: QmpSession) -> None:
+    """Raise `MigrationError` unless the destination waits for a migration with no listener
+    yet: one started with `-incoming URI` (or given `migrate-incoming` already) listens on
+    its own terms, and its stream cannot be redirected."""
+    info = await dst.query_migrate()
+    if info.get("socket-address") or info.get("status", "none") != "none":
+        where = ", ".join(_address(a) for a in info.get("socket-address", [])) or info.get("status")
+        raise MigrationError(
+            f"destination {dst.socket_path} already listens for a migration ({where}): start it with "
+            "'-incoming defer' and let the orchestrator choose the stream"
+        )
+
+
+def _address(addr: Mapping[str, Any]) -> str:
+    if addr.get("type") == "unix":
+        return f"unix:{addr.get('path')}"
+    return f"{addr.get('type')}:{addr.get('host')}:{addr.get('port')}"
+
+
+async def check_capabilities(session: QmpSession) -> dict[str, bool]:
     """Raise `MigrationError` naming what is missing unless this QEMU offers every
-    capability the choreography needs; changes nothing."""
-    available = {c["capability"] for c in await session.execute("query-migrate-capabilities")}
-    missing = [name for name in CAPABILITIES if name not in available]
+    capability the choreography needs; changes nothing. Returns their current states."""
+    states = {c["capability"]: c["state"] for c in await session.execute("query-migrate-capabilities")}
+    missing = [name for name in CAPABILITIES if name not in states]
     if missing:
         raise MigrationError(
             f"QEMU at {session.socket_path} lacks migration capabilities {missing}; "
             f"the orchestrator needs {list(CAPABILITIES)}"
         )
+    return {name: states[name] for name in CAPABILITIES}
 
 
-async def _enable_capabilities(session: QmpSession) -> None:
-    await check_capabilities(session)
+async def _enable_capabilities(session: QmpSession) -> SavedCapabilities:
+    saved = SavedCapabilities(session, await check_capabilities(session))
+    await _set_capabilities(session, dict.fromkeys(CAPABILITIES, True))
+    return saved
+
+
+async def _set_capabilities(session: QmpSession, states: Mapping[str, bool]) -> None:
     await session.execute(
         "migrate-set-capabilities",
-        capabilities=[{"capability": name, "state": True} for name in CAPABILITIES],
+        capabilities=[{"capability": name, "state": state} for name, state in states.items()],
     )

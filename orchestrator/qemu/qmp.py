@@ -34,7 +34,7 @@ from .errors import (
 )
 
 #: Events the session records; everything else QEMU emits is ignored.
-RECORDED_EVENTS = frozenset({"STOP", "RESUME", "MIGRATION", "MIGRATION_PASS"})
+RECORDED_EVENTS = frozenset({"STOP", "RESUME", "MIGRATION", "MIGRATION_PASS", "SHUTDOWN"})
 
 #: Migration statuses after which the status never changes again without a new command.
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
@@ -180,6 +180,23 @@ class QmpSession:
             )
 
         return await self._wait_for(find, f"event {name}", timeout)
+
+    @property
+    def lost(self) -> bool:
+        """The connection has closed: nothing sent to this QEMU will arrive."""
+        return self._lost
+
+    async def wait_gone(self) -> str:
+        """Wait until this QEMU stops being a migration peer: its QMP connection closed (the
+        process died or closed the socket) or it shut down. Returns what happened."""
+        async with self._changed:
+            while True:
+                if self._lost:
+                    return "closed its QMP connection (has the process died?)"
+                shutdown = self.last_event("SHUTDOWN")
+                if shutdown is not None:
+                    return f"shut down ({shutdown.data.get('reason', 'no reason given')})"
+                await self._changed.wait()
 
     async def query_migrate(self) -> dict[str, Any]:
         return await self.execute("query-migrate")

@@ -49,7 +49,8 @@ async def test_switchover_with_ram_copied_by_the_orchestrator(halting_guest: VmC
         # If QEMU sent guest RAM after all, this page would reach the destination as 0xA5.
         src_ram[marker_page] = 0xA5
 
-        await migration.prepare(src.qmp, dst.qmp, dst.migration_uri())
+        await migration.prepare(src.qmp, dst.qmp)
+        await migration.listen(dst.qmp, dst.migration_uri())
         mark = await migration.start(src.qmp, dst.migration_uri())
         await migration.wait_pre_switchover(src.qmp, after=mark)
         assert (await dst.qmp.execute("query-status"))["status"] == "inmigrate"
@@ -91,7 +92,8 @@ async def test_switchover_timing_without_ram_copy(halting_guest: VmConfig) -> No
         async with launch(halting_guest) as src, launch(destination(halting_guest, f"dst{i}")) as dst:
             await wait_serial(src, "ready")
             np.copyto(ram_of(dst), ram_of(src))
-            await migration.prepare(src.qmp, dst.qmp, dst.migration_uri())
+            await migration.prepare(src.qmp, dst.qmp)
+            await migration.listen(dst.qmp, dst.migration_uri())
             mark = await migration.start(src.qmp, dst.migration_uri())
             await migration.wait_pre_switchover(src.qmp, after=mark)
             continued_ns = time.monotonic_ns()
@@ -109,7 +111,8 @@ async def test_switchover_timing_without_ram_copy(halting_guest: VmConfig) -> No
 
 
 async def _reach(phase: str, src: QemuVm, dst: QemuVm) -> None:
-    await migration.prepare(src.qmp, dst.qmp, dst.migration_uri())
+    await migration.prepare(src.qmp, dst.qmp)
+    await migration.listen(dst.qmp, dst.migration_uri())
     if phase == "active":
         # ~100 bytes per 100 ms: the ROM blocks alone keep the migration active for minutes.
         await src.qmp.execute("migrate-set-parameters", **{"max-bandwidth": 1000})
@@ -137,7 +140,8 @@ async def test_cancel_leaves_the_source_running(halting_guest: VmConfig, phase: 
 
         # The source is intact: a second migration to a fresh destination completes.
         async with launch(destination(halting_guest, "dst2")) as dst2:
-            await migration.prepare(src.qmp, dst2.qmp, dst2.migration_uri())
+            await migration.prepare(src.qmp, dst2.qmp)
+            await migration.listen(dst2.qmp, dst2.migration_uri())
             mark = await migration.start(src.qmp, dst2.migration_uri())
             await migration.wait_pre_switchover(src.qmp, after=mark)
             np.copyto(ram_of(dst2), ram_of(src))
@@ -152,11 +156,12 @@ async def test_cancel_without_a_migration_is_harmless(halting_guest: VmConfig) -
         assert (await src.qmp.execute("query-status"))["running"]
 
 
-async def test_cancel_resumes_a_source_that_was_paused_before(halting_guest: VmConfig) -> None:
+@pytest.mark.parametrize("resume", [True, False])
+async def test_cancel_of_a_source_that_was_paused_before(halting_guest: VmConfig, resume: bool) -> None:
     # QEMU resumes the source after a cancel only if it ran when the migration began; the
-    # orchestrator's promise is stronger: the source runs afterwards.
+    # caller says whether it must run afterwards (the driver: only if it ran before).
     async with launch(halting_guest) as src, launch(destination(halting_guest)) as dst:
         await src.qmp.execute("stop")
         await _reach("pre-switchover", src, dst)
-        assert await migration.cancel(src.qmp) == "cancelled"
-        assert (await src.qmp.execute("query-status"))["status"] == "running"
+        assert await migration.cancel(src.qmp, resume=resume) == "cancelled"
+        assert (await src.qmp.execute("query-status"))["running"] is resume
