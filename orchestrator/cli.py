@@ -14,11 +14,13 @@ from pathlib import Path
 from .attach import Endpoints, attach, attach_remote
 from .demo import DEMO_WORKLOADS, parse_size, run_demo
 from .devices.fleet import FAULTS, KINDS, FaultPlan
-from .driver import Migration, MigrationOptions, MigrationReport
+from .checks import distinct_sockets, positive, private_ram, process_uid, writable_target
+from .driver import GuestHome, Migration, MigrationOptions, MigrationReport
 from .output import event_line, round_line, summary, write_json
 from .qemu.errors import QemuError
 from .qemu.qmp import QmpSession
 from .receive import serve
+from .signals import Interrupted, under_signal_policy
 from .trackers import QemuWrites, RecoveryPolicy, Tracker, VfioDmaLogTracker, qemu_write_trackers
 from .transport import SinkError
 from .transport.auth import load_token
@@ -29,7 +31,10 @@ from .vfio import RealSyscalls, VfioDevice, VfioError, VfioUsageError
 from .workload import guest_rate
 from .writewatch import WriteWatchRefused
 
-EXIT_OK, EXIT_MIGRATION_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+#: Exit statuses: what happened to the guest. 0 migrated (the destination runs it); 1 not
+#: migrated, the source has it (running, or paused as its user left it); 2 bad input, nothing
+#: changed; 3 the guest runs nowhere (a QEMU died, or the source could not be resumed).
+EXIT_OK, EXIT_MIGRATION_FAILED, EXIT_BAD_INPUT, EXIT_GUEST_LOST = 0, 1, 2, 3
 BAD_INPUT = (QemuError, SinkError, VfioError, VfioUsageError, WriteWatchRefused, ValueError, OSError)
 
 
@@ -58,7 +63,12 @@ def tracker_choice(args: argparse.Namespace) -> tuple[QemuWrites, bool]:
 
 
 def options_from(args: argparse.Namespace, verify: bool, **more) -> MigrationOptions:
-    """The options, with the policy numbers checked (ValueError naming the bad one)."""
+    """The options, with the policy numbers and the report path checked (ValueError naming
+    the bad one)."""
+    positive("--downtime-limit", args.downtime_limit, "milliseconds")
+    positive("--max-time", args.max_time, "seconds")
+    positive("--max-rounds", args.max_rounds, "rounds")
+    writable_target("--json", args.json)
     options = MigrationOptions(
         downtime_limit_ms=args.downtime_limit,
         max_rounds=args.max_rounds,
@@ -127,6 +137,7 @@ def add_stream_options(p: argparse.ArgumentParser) -> None:
 def check_migrate_args(args: argparse.Namespace) -> MigrationOptions:
     """Everything that can be checked without touching a QEMU; returns the options."""
     options = options_from(args, args.verify)
+    distinct_sockets(args.src_qmp, args.dst_qmp)
     if (args.tracker == QemuWrites.VCPU.value) != (args.vcpu_log is not None):
         raise ValueError("--tracker vcpu and --vcpu-log FILE go together")
     if args.dst_receiver is not None and (args.token_file is None or args.uri is None):
@@ -145,18 +156,54 @@ async def attach_from(args: argparse.Namespace, src: QmpSession, dst: QmpSession
 
 def vfio_trackers(paths: list[Path], fds: list[int]) -> list[Tracker]:
     """One DMA-log tracker per device fd; each fd goes into `fds` as soon as it is open, so
-    the caller closes every one even when a later open fails."""
+    the caller closes every one even when a later open fails. A file that does not offer
+    DMA logging is refused here: tracking it would mean all-dirty for the whole run."""
     sys_ = RealSyscalls()
     trackers: list[Tracker] = []
     for path in paths:
         fds.append(os.open(path, os.O_RDWR))
-        trackers.append(VfioDmaLogTracker(VfioDevice(fds[-1], sys_, name=path.name)))
+        device = VfioDevice(fds[-1], sys_, name=path.name)
+        if not device.probe_dma_logging():
+            raise VfioUsageError(
+                f"--vfio-device {path} offers no VFIO DMA logging (its DMA_LOGGING_START probe fails): give the "
+                "device's VFIO fd (/dev/vfio/devices/vfioN), of a driver with dirty tracking"
+            )
+        trackers.append(VfioDmaLogTracker(device))
     return trackers
 
 
 async def run_migration(ep: Endpoints, trackers: list[Tracker], uri: str, options: MigrationOptions) -> MigrationReport:
+    """The report, also when a signal cancelled the run: the abort (or the switchover that
+    was finished anyway) is in it."""
     mig = Migration(ep.src, ep.dst, ep.layout, ep.sink, trackers, uri, options, round_line, event_line)
-    return await mig.run()
+    try:
+        return await mig.run()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.uncancel() > 0:
+            raise
+        return mig.report
+
+
+def exit_status(report: MigrationReport, *more_ok: bool) -> int:
+    """The exit status that tells what happened to the guest."""
+    if report.guest is GuestHome.DESTINATION:
+        return EXIT_OK if report.ok and all(more_ok) else EXIT_MIGRATION_FAILED
+    return EXIT_MIGRATION_FAILED if report.guest is GuestHome.SOURCE else EXIT_GUEST_LOST
+
+
+def report_json(data: dict, where: str | None) -> None:
+    """Write the report; a failure now is said, but the exit status still tells the guest's fate."""
+    try:
+        write_json(data, where)
+    except OSError as exc:
+        print(f"error: the JSON report could not be written to {where}: {exc}", file=sys.stderr)
+
+
+def check_ram_files(args: argparse.Namespace, src: QmpSession, dst: QmpSession) -> None:
+    private_ram(args.src_ram, "source", process_uid(src.peer_pid()))
+    if args.dst_ram is not None:
+        private_ram(args.dst_ram, "destination", process_uid(dst.peer_pid()))
 
 
 async def migrate_command(args: argparse.Namespace) -> int:
@@ -171,6 +218,7 @@ async def migrate_command(args: argparse.Namespace) -> int:
         for sock in (args.src_qmp, args.dst_qmp):
             sessions.append(await QmpSession.connect(sock))
         ep = await attach_from(args, *sessions)
+        check_ram_files(args, *sessions)
         kind, explicit = tracker_choice(args)
         with qemu_write_trackers(
             kind, ep.layout, sessions[0].peer_pid(), explicit=explicit, log=log, src_ram=str(args.src_ram),
@@ -179,8 +227,8 @@ async def migrate_command(args: argparse.Namespace) -> int:
             trackers = ram + vfio_trackers(args.vfio_device, fds)
             report = await run_migration(ep, trackers, args.uri or f"unix:{workdir / 'migrate.sock'}", options)
         summary(report)
-        write_json(report.as_dict(), args.json)
-        return EXIT_OK if report.ok else EXIT_MIGRATION_FAILED
+        report_json(report.as_dict(), args.json)
+        return exit_status(report)
     finally:
         if ep is not None:
             ep.sink.close()
@@ -216,8 +264,8 @@ async def demo_command(args: argparse.Namespace) -> int:
         print(f"device {name}: state migrated {'yes' if check['state_migrated'] else 'NO'}, "
               f"destination DMA consistent {'yes' if not check['destination_mismatched_pages'] else 'NO'}")
     devices_ok = all(c["state_migrated"] and not c["destination_mismatched_pages"] for c in result.devices.values())
-    write_json({**rep.as_dict(), "device_checks": result.devices}, args.json)
-    return EXIT_OK if rep.ok and devices_ok and not result.guest_errors else EXIT_MIGRATION_FAILED
+    report_json({**rep.as_dict(), "device_checks": result.devices}, args.json)
+    return exit_status(rep, devices_ok, not result.guest_errors)
 
 
 async def vcpu_log_command(args: argparse.Namespace) -> int:
@@ -239,10 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         "migrate": migrate_command, "demo": demo_command, "receive": receive_command, "vcpu-log": vcpu_log_command,
     }[args.command]
     try:
-        return asyncio.run(command(args))
+        return asyncio.run(under_signal_policy(command(args)))
     except BAD_INPUT as exc:  # everything checked before a migration starts ends up here
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("interrupted: migration cancelled, source left running", file=sys.stderr)
+    except Interrupted as exc:
+        print(f"{exc}: nothing migrated, everything this command made is removed", file=sys.stderr)
         return EXIT_MIGRATION_FAILED

@@ -9,13 +9,17 @@ The order is the whole point (architecture: "How a migration runs"):
    pre-switchover) -> devices to STOP_COPY, their final state read (no DMA after this) ->
    final collect -> final copy -> optional bit-exact verification -> destination devices
    loaded -> `migrate-continue` -> the destination runs, then its devices;
-4. any failure or cancellation before `migrate-continue` cancels QEMU's migration and resumes
-   the source and its devices; trackers are stopped on every path.
+4. any failure or cancellation before `migrate-continue` cancels QEMU's migration, resumes
+   the source's devices, and the source itself if it ran before, and sets both QEMUs'
+   capabilities back; a QEMU that dies or shuts down meanwhile fails the migration at once.
+   After `migrate-continue` the switchover is finished even when the caller cancels; if the
+   destination never ran the guest, the source resumes. Trackers are stopped on every path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +29,7 @@ from .devices.state import DeviceMigration, each_device
 from .engine import Decision, DowntimePolicy, PrecopyEngine, RoundRecord
 from .memory import MemoryLayout
 from .qemu import migration as choreography
+from .qemu.errors import QemuError
 from .qemu.qmp import QmpSession
 from .trackers import RecoveryPolicy, Tracker, TrackerEvent, TrackerSet
 from .transport import PageSink
@@ -52,9 +57,18 @@ class MigrationOptions:
         return DowntimePolicy(self.downtime_limit_ms / 1e3, self.max_rounds, self.max_time_s, self.on_limit)
 
 
+class GuestHome(str, enum.Enum):
+    """Where the guest runs once the migration has ended: what a caller must know first."""
+
+    DESTINATION = "destination"  # migrated
+    SOURCE = "source"  # not migrated: the source has it, running (or paused, as it was)
+    NOWHERE = "nowhere"  # a QEMU died or could not be resumed: an operator must look
+
+
 @dataclass
 class MigrationReport:
     status: str = "failed"  # completed | cancelled | failed
+    guest: GuestHome = GuestHome.SOURCE
     verified: bool | None = None
     total_ms: float = 0.0
     downtime_ms: float | None = None
@@ -67,9 +81,11 @@ class MigrationReport:
     mismatched_pages: list[int] | None = None
     devices: list[dict] = field(default_factory=list)
     error: str | None = None
+    #: Set when the caller cancelled (a signal, for the CLI): the phase it arrived in.
+    interrupted: str | None = None
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "guest": self.guest.value}
 
     @property
     def ok(self) -> bool:
@@ -102,6 +118,13 @@ class Migration:
         self._on_round = on_round
         self._t0 = 0.0
         self._continued = False
+        self._listening = False  # the destination was given migrate-incoming
+        self._cancellable = True  # false once finishing the switchover or aborting
+        self._saved: tuple[choreography.SavedCapabilities, ...] = ()
+        self._src_was_running = True
+        self._death: str | None = None  # which QEMU died or shut down, and how
+        self._watch_cancelled = False  # the peer watch, not the caller, cancelled the run
+        self._resume_mark = 0
 
     def _elapsed(self) -> float:
         return time.monotonic() - self._t0
@@ -125,10 +148,15 @@ class Migration:
         return rec
 
     async def run(self) -> MigrationReport:
+        """Migrate, and return the report. A cancellation by the caller (the CLI's signals)
+        aborts like a failure before `migrate-continue` and is raised again afterwards; once
+        past it the switchover is finished first. Either way `report` tells the outcome."""
         self._t0 = time.monotonic()
         rep = self.report
+        watch = asyncio.ensure_future(self._watch_peers(asyncio.current_task()))
         try:
-            await choreography.prepare(self.src, self.dst, self.uri)
+            self._src_was_running = (await self.src.execute("query-status"))["running"]
+            self._saved = await choreography.prepare(self.src, self.dst)
             async with self.trackers:
                 await self._each(lambda d: d.start_precopy())
                 await self._precopy()
@@ -137,22 +165,46 @@ class Migration:
                     await self._abort()
                     return rep
                 await self._switchover()
-            rep.status = "completed"
+            rep.status, rep.guest = "completed", GuestHome.DESTINATION
         except asyncio.CancelledError:
-            rep.status, rep.error = "cancelled", "cancelled by the caller"
+            if not self._watch_cancelled:  # the caller's cancellation
+                rep.interrupted = "after migrate-continue" if self._continued else "before migrate-continue"
+                if rep.status != "completed":
+                    rep.status, rep.error = "cancelled", "cancelled by the caller"
+                    await asyncio.shield(self._abort())
+                raise
+            asyncio.current_task().uncancel()  # ours, from the peer watch: a failure like any
+            rep.status, rep.error = "failed", self._death
             await asyncio.shield(self._abort())
-            raise
         except VerificationFailed as exc:
             rep.status, rep.error, rep.verified = "failed", str(exc), False
             rep.mismatched_pages = exc.pages
-            rep.decision = f"{rep.decision}; {exc}: cancelled, source running"
+            rep.decision = f"{rep.decision}; {exc}: cancelled, source {'running' if self._src_was_running else 'stays paused'}"
             await self._abort()
         except Exception as exc:  # noqa: BLE001 - every failure must end with the source running
             rep.status, rep.error = "failed", f"{type(exc).__name__}: {exc}"
             await self._abort()
         finally:
+            watch.cancel()
             self._finish()
         return rep
+
+    async def _watch_peers(self, run: asyncio.Task) -> None:
+        """The first QEMU to die or shut down fails the migration at once (cancelling `run`)
+        instead of surfacing as a timeout; past `migrate-continue` the switchover's own waits
+        see it."""
+        sides = {asyncio.ensure_future(s.wait_gone()): (name, s) for name, s in (("source", self.src), ("destination", self.dst))}
+        try:
+            done, _ = await asyncio.wait(sides, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in sides:
+                w.cancel()
+        first = next(iter(done))
+        name, session = sides[first]
+        self._death = f"the {name} QEMU ({session.socket_path}) {first.result()}"
+        if self._cancellable:
+            self._watch_cancelled = True
+            run.cancel()
 
     async def _precopy(self) -> None:
         await self._send()  # round 0
@@ -168,7 +220,9 @@ class Migration:
             await self._send(self.bitmap.harvest())
 
     async def _switchover(self) -> None:
-        opts, rep = self.options, self.report
+        opts = self.options
+        await choreography.listen(self.dst, self.uri)
+        self._listening = True
         mark = await choreography.start(self.src, self.uri)
         await choreography.wait_pre_switchover(self.src, opts.qmp_timeout_s, after=mark)
         await self._each(lambda d: d.stop_copy())  # devices quiesced: no DMA after this
@@ -179,27 +233,88 @@ class Migration:
             bad = await self.sink.verify()
             if bad.size:
                 raise VerificationFailed(bad.tolist())
-            rep.verified, rep.mismatched_pages = True, []
+            self.report.verified, self.report.mismatched_pages = True, []
         await self._each(lambda d: d.resume())
+        self._cancellable = False  # the guest is being handed over: see it through
+        finish = asyncio.ensure_future(self._finish_switchover())
+        try:
+            await asyncio.shield(finish)
+        except asyncio.CancelledError:
+            await finish  # the guest is being handed over: finish, then let the cancel go on
+            raise
+
+    async def _finish_switchover(self) -> None:
+        self._resume_mark = self.dst.mark()
         await choreography.continue_(self.src)
         self._continued = True
-        sw = await choreography.wait_completed(self.src, self.dst, opts.qmp_timeout_s)
-        rep.downtime_ms = sw.downtime_ns / 1e6
+        try:
+            sw = await choreography.wait_completed(self.src, self.dst, self.options.qmp_timeout_s)
+        except Exception:
+            await self._resume_source_if_unclaimed()
+            raise
+        self.report.status, self.report.guest = "completed", GuestHome.DESTINATION
+        self.report.downtime_ms = sw.downtime_ns / 1e6
         await self._each(lambda d: d.run_destination())
+
+    async def _resume_source_if_unclaimed(self) -> None:
+        """After `migrate-continue` the guest is the destination's, unless the destination
+        provably never ran it: it is gone without a RESUME (QEMU sends RESUME before running
+        the guest, and the socket delivers it before the close), or its incoming migration
+        failed. Then the paused source still holds the guest's latest state: run it again
+        if it ran before. A destination still loading is left alone (NOWHERE: look first)."""
+        rep = self.report
+        if self.dst.last_event("RESUME", after=self._resume_mark) is not None:
+            rep.guest = GuestHome.DESTINATION
+            return
+        try:
+            if (await self.dst.execute("query-status"))["running"]:
+                rep.guest = GuestHome.DESTINATION
+                return
+            unclaimed = (await self.dst.query_migrate()).get("status") == "failed"
+        except QemuError:
+            unclaimed = True
+        if not unclaimed:
+            rep.guest = GuestHome.NOWHERE
+            return
+        await self._each(lambda d: d.abort())
+        note = "the destination never ran the guest"
+        try:
+            if self._src_was_running and not (await self.src.execute("query-status"))["running"]:
+                await self.src.execute("cont")
+            rep.guest = GuestHome.SOURCE
+            rep.decision = f"{rep.decision}; {note}: the source {'runs again' if self._src_was_running else 'stays paused'}"
+        except QemuError as exc:
+            rep.guest = GuestHome.NOWHERE
+            rep.decision = f"{rep.decision}; {note}, and resuming the source failed: {exc}"
 
     async def _each(self, step) -> list:
         return await each_device(self.devices, step)
 
     async def _abort(self) -> None:
-        """Before migrate-continue the source still owns the guest: make sure it runs, and
-        its devices with it."""
+        """Before migrate-continue the source still owns the guest: make sure it runs (or
+        stays paused, as its user left it), and its devices with it; set both QEMUs'
+        capabilities back."""
+        self._cancellable = False
         if self._continued:
             return
         problems = [p for p in await each_device(self.devices, lambda d: d.abort()) if p]
         try:
-            await choreography.cancel(self.src, self.options.qmp_timeout_s)
+            await choreography.cancel(self.src, self.options.qmp_timeout_s, resume=self._src_was_running)
         except Exception as exc:  # noqa: BLE001 - report every failure
             problems.append(f"cancelling on the source failed too: {exc}")
+            self.report.guest = GuestHome.NOWHERE
+        for saved in self._saved:
+            if saved.session.lost or (saved.session is self.dst and self._listening):
+                continue  # gone, or told where to listen: QEMU cannot take that back
+            try:
+                await saved.restore()
+            except Exception as exc:  # noqa: BLE001
+                problems.append(f"setting {saved.session.socket_path}'s capabilities back failed: {exc}")
+        if self._listening:
+            problems.append(
+                f"the destination {self.dst.socket_path} was already listening for QEMU's stream, and a QEMU "
+                "whose incoming migration broke off exits: start a new destination (-incoming defer) to retry"
+            )
         if problems:
             self.report.error = "; ".join([self.report.error or "abort", *problems])
 

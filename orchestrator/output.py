@@ -35,7 +35,9 @@ def event_line(ev: TrackerEvent, out: TextIO = sys.stdout) -> None:
 def summary(rep: MigrationReport, out: TextIO = sys.stdout) -> None:
     downtime = "-" if rep.downtime_ms is None else f"{rep.downtime_ms:.1f} ms"
     verified = {True: "yes", False: "NO", None: "not asked"}[rep.verified]
-    print(f"status:     {rep.status}", file=out)
+    print(f"status:     {rep.status} (the guest runs on: {rep.guest.value})", file=out)
+    if rep.interrupted:
+        print(f"signal:     received {rep.interrupted}", file=out)
     print(f"decision:   {rep.decision}", file=out)
     print(f"verified:   {verified}", file=out)
     print(f"total:      {rep.total_ms:.1f} ms   downtime: {downtime}   rounds: {len(rep.rounds)}", file=out)

@@ -1,6 +1,9 @@
 """Argument errors are reported before the CLI touches any QEMU (the sockets here do not
 exist, so reaching for them would be a different error)."""
 
+import os
+import socket
+import subprocess
 from contextlib import asynccontextmanager
 
 import pytest
@@ -12,8 +15,13 @@ from orchestrator.cli import EXIT_BAD_INPUT, main
     "extra,needle",
     [
         (["--dst-receiver", "127.0.0.1:1"], "--dst-receiver needs --token-file"),
-        (["--dst-ram", "/nope-dst", "--max-rounds", "0"], "round cap and time cap must be positive"),
-        (["--dst-ram", "/nope-dst", "--on-limit", "cancel", "--downtime-limit", "-1"], "must be positive"),
+        (["--dst-ram", "/nope-dst", "--max-rounds", "0"], "--max-rounds must be a finite number of rounds above 0, not 0"),
+        (["--dst-ram", "/nope-dst", "--on-limit", "cancel", "--downtime-limit", "-1"], "--downtime-limit must be a finite number of milliseconds above 0"),
+        (["--dst-ram", "/nope-dst", "--downtime-limit", "nan"], "--downtime-limit must be a finite number of milliseconds above 0, not nan"),
+        (["--dst-ram", "/nope-dst", "--downtime-limit", "inf"], "--downtime-limit must be a finite number of milliseconds above 0, not inf"),
+        (["--dst-ram", "/nope-dst", "--max-time", "nan"], "--max-time must be a finite number of seconds above 0, not nan"),
+        (["--dst-ram", "/nope-dst", "--json", "/nope-dir/report.json"], "--json /nope-dir/report.json cannot be written (No such file"),
+        (["--dst-ram", "/nope-dst", "--json", "/"], "--json / is a directory"),
     ],
 )
 def test_migrate_argument_errors_come_first(extra, needle, capsys):
@@ -61,3 +69,36 @@ def test_demo_runs_both_vms_on_the_qemu_it_is_given(monkeypatch, capsys):
     argv = ["demo", "--tracker", "content", "--devices", "none", "--qemu", "/opt/qemu-10/qemu-system-x86_64"]
     assert main(argv) == EXIT_BAD_INPUT
     assert binaries == ["/opt/qemu-10/qemu-system-x86_64"] * 2
+
+
+def lock(directory, locked: bool) -> None:
+    """Make a directory unwritable; root writes through permission bits, so it gets an
+    immutable one."""
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i" if locked else "-i", str(directory)], check=True)
+    else:
+        directory.chmod(0o500 if locked else 0o700)
+
+
+def test_unwritable_json_is_refused_first(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    lock(locked, True)
+    try:
+        code = main(["migrate", "--src-qmp", "/nope-src.sock", "--dst-qmp", "/nope-dst.sock", "--src-ram", "/nope",
+                     "--dst-ram", "/nope-dst", "--json", str(locked / "r.json")])
+    finally:
+        lock(locked, False)
+    assert code == EXIT_BAD_INPUT
+    assert f"--json {locked / 'r.json'} cannot be written" in capsys.readouterr().err
+    assert not (locked / "r.json").exists()
+
+
+def test_the_same_qmp_socket_twice_is_named(tmp_path, capsys):
+    sock = tmp_path / "qmp.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(sock))
+        code = main(["migrate", "--src-qmp", str(sock), "--dst-qmp", str(tmp_path / "." / "qmp.sock"),
+                     "--src-ram", "/nope", "--dst-ram", "/nope-dst"])
+    assert code == EXIT_BAD_INPUT
+    assert "--src-qmp and --dst-qmp are the same socket" in capsys.readouterr().err

@@ -7,6 +7,7 @@ simulator can drive them exactly as a real migration does.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -65,8 +66,8 @@ class DowntimePolicy:
     def __post_init__(self) -> None:
         if self.on_limit not in ("cancel", "force"):
             raise ValueError(f"on_limit must be 'cancel' or 'force', got {self.on_limit!r}")
-        if self.downtime_limit_s <= 0 or self.max_rounds < 1 or self.max_time_s <= 0:
-            raise ValueError("downtime limit, round cap and time cap must be positive")
+        if not (0 < self.downtime_limit_s < math.inf and self.max_rounds >= 1 and 0 < self.max_time_s < math.inf):
+            raise ValueError("downtime limit, round cap and time cap must be finite and positive")
 
     def decide(self, obs: Observation) -> Verdict:
         dt_ms = obs.expected_downtime_s * 1e3

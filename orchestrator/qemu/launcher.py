@@ -272,6 +272,7 @@ async def launch(config: VmConfig, *, ready_timeout: float = 10.0) -> AsyncItera
                 stdout=asyncio.subprocess.PIPE if config.serial is SerialMode.PIPE
                 else asyncio.subprocess.DEVNULL,
                 stderr=stderr,
+                start_new_session=True,  # a terminal's Ctrl-C is ours to handle, not QEMU's
             )
         vm = QemuVm(config, paths, process)
         await vm._wait_for_qmp(ready_timeout)
