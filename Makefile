@@ -23,10 +23,12 @@ $(QEMU10): tools/fetch-qemu-10.sh
 
 qemu-10: $(QEMU10)
 
-# Everything against the system's QEMU, then the real-QEMU (slow) tests again against 10.0.
-test: deps fixtures $(QEMU10)
+# Everything against the system's QEMU, then the real-QEMU (slow) tests again against 10.0,
+# then the real-kernel lab (fixtures/realkernel/realkernel.mk) in its nested Linux.
+test: deps fixtures $(QEMU10) realkernel-lab
 	$(PY) -m pytest -q
 	ORCHESTRATOR_QEMU=$(abspath $(QEMU10)) $(PY) -m pytest -q -m slow
+	$(MAKE) --no-print-directory realkernel
 
 test-fast: deps fixtures
 	$(PY) -m pytest -q -m "not slow"

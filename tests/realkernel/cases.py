@@ -1,0 +1,631 @@
+"""The differential table: what the kernel answers, asserted the same against both kernels.
+
+Each case drives a `Lab` (lab.py) with the raw bytes a C program would pass and returns an
+outcome (errnos, granted page sizes, bitmap bits or bytes, stream lengths); `expect` is what
+Linux 6.12 answers. test_differential.py runs every case against the emulated kernel on the
+host and against the real one inside the lab's VM, with the same assertion.
+
+Devices: mtty (the in-tree sample: the core's checks, no-op log ops, migration with flags
+0x7, 2 ports) and dirtydev (our module: an mlx5-like tracker whose REPORT goes through the
+real iova_bitmap). Expected values for dirtydev's driver-specific answers (clamped page size,
+EOPNOTSUPP, the faults) are those of the mlx5 model, which the module implements.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from orchestrator import uapi
+from orchestrator.emulated import Fault
+from tests.emulated.util import (
+    FEATURE,
+    GET,
+    MIG_DATA_SIZE,
+    MIG_DEVICE_STATE,
+    MIGRATION,
+    PROBE,
+    REPORT,
+    SET,
+    START,
+    STOP,
+    GuardedMem,
+    UserMem,
+    control,
+    errno_of,
+    feature,
+    ranges_mem,
+    report_arg,
+)
+
+from .lab import Caps, Device, Kind, Lab
+
+KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
+PAGE = 4096
+NO_SUCH_IOCTL = 0x5A7F  # _IO('Z', 0x7f): no VFIO driver knows it
+S = uapi.vfio_device_mig_state
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    run: Callable[[Lab], Any]
+    expect: Any
+
+
+CASES: list[Case] = []
+
+
+def case(expect: Any) -> Callable[[Callable[[Lab], Any]], Callable[[Lab], Any]]:
+    def register(fn: Callable[[Lab], Any]) -> Callable[[Lab], Any]:
+        CASES.append(Case(fn.__name__, fn, expect))
+        return fn
+
+    return register
+
+
+# -- raw operations ---------------------------------------------------------------------------
+
+
+def ioctl_errno(lab: Lab, fd: int, request: int, arg: bytearray) -> int:
+    return errno_of(lambda: lab.sys.ioctl(fd, request, arg))
+
+
+def start(lab: Lab, dev: Device, ranges: list[tuple[int, int]], page_size: int = PAGE) -> tuple[int, int]:
+    """START; (errno, the page size the kernel wrote back or 0)."""
+    mem = ranges_mem(ranges)
+    arg = feature(SET | START, control(page_size, len(ranges), mem.addr))
+    err = ioctl_errno(lab, dev.fd, FEATURE, arg)
+    return err, 0 if err else uapi.vfio_device_feature_dma_logging_control.unpack(arg, 8).page_size
+
+
+def start_ok(lab: Lab, dev: Device, ranges: list[tuple[int, int]], page_size: int = PAGE) -> int:
+    err, granted = start(lab, dev, ranges, page_size)
+    assert err == 0, f"START failed: {errno.errorcode[err]}"
+    return granted
+
+
+def stop(lab: Lab, dev: Device) -> int:
+    return ioctl_errno(lab, dev.fd, FEATURE, feature(SET | STOP))
+
+
+def report_into(lab: Lab, dev: Device, iova: int, length: int, page_size: int, addr: int) -> int:
+    return ioctl_errno(lab, dev.fd, FEATURE, report_arg(iova, length, page_size, addr))
+
+
+def report_bits(lab: Lab, dev: Device, iova: int, length: int, page_size: int = PAGE) -> list[int]:
+    """REPORT into a fresh page-aligned buffer; the set bits (any the kernel wrote)."""
+    nbits = -(-length // page_size)
+    mem = UserMem((nbits + 7) // 8 + 2 * PAGE)
+    err = report_into(lab, dev, iova, length, page_size, mem.addr)
+    assert err == 0, f"REPORT failed: {errno.errorcode[err]}"
+    return np.flatnonzero(mem.bits(0, mem.size * 8)).tolist()
+
+
+def tracker(lab: Lab, granule: int = PAGE, ranges: tuple[tuple[int, int], ...] = ((0, 4 * GIB),)) -> Device:
+    """dirtydev logging at exactly `granule` over `ranges`."""
+    dev = lab.device(Kind.DIRTYDEV, Caps(min_page_size=granule, max_page_size=granule, max_addr_space=1 << 48))
+    assert start_ok(lab, dev, list(ranges)) == granule
+    return dev
+
+
+def mig_set(lab: Lab, dev: Device, state: int) -> tuple[int, int]:
+    """SET MIG_DEVICE_STATE; (errno, data fd or -1)."""
+    arg = feature(SET | MIG_DEVICE_STATE, struct.pack("<Ii", state, -1))
+    err = ioctl_errno(lab, dev.fd, FEATURE, arg)
+    return err, struct.unpack_from("<i", arg, 12)[0]
+
+
+def mig_get(lab: Lab, dev: Device) -> int:
+    arg = feature(GET | MIG_DEVICE_STATE, struct.pack("<Ii", 0, 0))
+    lab.sys.ioctl(dev.fd, FEATURE, arg)
+    return struct.unpack_from("<I", arg, 8)[0]
+
+
+@contextmanager
+def data_fd(lab: Lab, dev: Device, state: int):
+    """Move to `state`, which must open a data fd; closes it afterwards (a device with an
+    open data fd cannot be removed)."""
+    err, fd = mig_set(lab, dev, state)
+    assert err == 0 and fd >= 0, (err, fd)
+    try:
+        yield fd
+    finally:
+        lab.sys.close(fd)
+
+
+def read_all(lab: Lab, fd: int) -> bytes:
+    out = b""
+    while chunk := lab.sys.read(fd, 4096):
+        out += chunk
+    return out
+
+
+def precopy_info(lab: Lab, fd: int, argsz: int = 24) -> tuple[int, int, int]:
+    """(errno, initial_bytes, dirty_bytes)."""
+    arg = bytearray(struct.pack("<IIQQ", argsz, 0, 0, 0))
+    err = ioctl_errno(lab, fd, uapi.VFIO_MIG_GET_PRECOPY_INFO, arg)
+    _, _, initial, dirty = struct.unpack("<IIQQ", arg)
+    return err, initial, dirty
+
+
+def mtty(lab: Lab) -> Device:
+    return lab.device(Kind.MTTY)
+
+
+def on_mtty(lab: Lab, flags: int, payload: bytes = b"", argsz: int | None = None) -> int:
+    return ioctl_errno(lab, mtty(lab).fd, FEATURE, feature(flags, payload, argsz))
+
+
+# -- VFIO_DEVICE_FEATURE dispatch -------------------------------------------------------------
+
+
+@case(errno.EINVAL)
+def feature_argsz_below_header(lab):
+    return on_mtty(lab, SET | START, argsz=4)
+
+
+@case(errno.EINVAL)
+def feature_unknown_flag_bit(lab):
+    return on_mtty(lab, SET | START | (1 << 19))
+
+
+@case(errno.EINVAL)
+def feature_get_and_set_without_probe(lab):
+    return on_mtty(lab, GET | SET | START)
+
+
+@case(errno.ENOTTY)
+def feature_outside_the_core_on_mtty(lab):
+    return on_mtty(lab, SET | uapi.VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY)
+
+
+@case(errno.ENOTTY)
+def unknown_device_ioctl(lab):
+    return ioctl_errno(lab, mtty(lab).fd, NO_SUCH_IOCTL, bytearray(32))
+
+
+# -- PROBE ------------------------------------------------------------------------------------
+
+
+@case([0, errno.EINVAL, 0, errno.EINVAL, 0, errno.EINVAL])
+def probe_direction_table(lab):
+    dev = lab.device(Kind.DIRTYDEV)
+    flags = [PROBE | SET | START, PROBE | GET | START, PROBE | GET | REPORT, PROBE | SET | REPORT,
+             PROBE | SET | STOP, PROBE | GET | STOP]
+    return [ioctl_errno(lab, dev.fd, FEATURE, feature(f)) for f in flags]
+
+
+@case((0, errno.EINVAL))
+def probe_alone_succeeds_and_no_direction_is_einval(lab):
+    return on_mtty(lab, PROBE | START), on_mtty(lab, START)
+
+
+# -- DMA_LOGGING_START ------------------------------------------------------------------------
+
+
+@case(errno.EINVAL)
+def start_argsz_short(lab):
+    mem = ranges_mem([(0, PAGE)])
+    return on_mtty(lab, SET | START, control(PAGE, 1, mem.addr), argsz=8 + 23)
+
+
+@case(errno.EINVAL)
+def start_zero_ranges(lab):
+    return start(lab, mtty(lab), [])[0]
+
+
+@case((errno.E2BIG, 0))
+def start_257_ranges_is_e2big_before_reading_them(lab):
+    over = on_mtty(lab, SET | START, control(PAGE, 257, 0))  # the pointer is never read
+    ranges = [(i * 2 * PAGE, PAGE) for i in range(256)]
+    return over, start(lab, mtty(lab), ranges)[0]
+
+
+@case([errno.EINVAL, errno.EINVAL, errno.EINVAL])
+def start_misaligned(lab):
+    return [start(lab, mtty(lab), [r], ps)[0] for r, ps in
+            (((0x1800, PAGE), PAGE), ((0, 0x1800), PAGE), ((0, 12288), 12288))]
+
+
+@case([errno.EOVERFLOW, errno.EOVERFLOW])
+def start_overflow(lab):
+    return [start(lab, mtty(lab), [r])[0] for r in ((2**64 - PAGE, 2 * PAGE), (2**63, 2**63))]
+
+
+@case([errno.EINVAL, errno.EINVAL, 0])
+def start_overlap_and_adjacent(lab):
+    cases = ([(0, 2 * PAGE), (PAGE, PAGE)], [(MIB, MIB), (0, MIB + PAGE)], [(0, MIB), (MIB, MIB)])
+    return [start(lab, mtty(lab), rs)[0] for rs in cases]
+
+
+@case((errno.EINVAL, errno.EOVERFLOW))
+def start_errors_follow_array_order(lab):
+    bad_align, bad_end = (0x1800, PAGE), (2**64 - PAGE, 2 * PAGE)
+    return start(lab, mtty(lab), [bad_align, bad_end])[0], start(lab, mtty(lab), [bad_end, bad_align])[0]
+
+
+@case(errno.EFAULT)
+def start_bad_ranges_pointer(lab):
+    return on_mtty(lab, SET | START, control(PAGE, 1, 8))
+
+
+@case(((0, 8192), (0, 8192)))
+def start_mtty_echoes_page_size_and_accepts_a_second_start(lab):
+    dev = mtty(lab)
+    return start(lab, dev, [(0, MIB)], 8192), start(lab, dev, [(0, MIB)], 8192)
+
+
+@case([(0, 64 * KIB), (0, 2 * MIB)])
+def start_page_size_clamped_to_the_tracker(lab):
+    small = lab.device(Kind.DIRTYDEV, Caps(min_page_size=64 * KIB))
+    large = lab.device(Kind.DIRTYDEV)
+    return [start(lab, small, [(0, MIB)], PAGE), start(lab, large, [(0, GIB)], GIB)]
+
+
+@case([(0, PAGE), errno.EINVAL])
+def start_twice_on_a_tracker(lab):
+    dev = lab.device(Kind.DIRTYDEV)
+    return [start(lab, dev, [(0, MIB)]), start(lab, dev, [(0, MIB)])[0]]
+
+
+@case([errno.EOPNOTSUPP, errno.EOPNOTSUPP, 0])
+def start_address_space_outside_the_caps(lab):
+    """Merged gaps count: two pages 1 GiB apart merged into one range span 1 GiB + 4 KiB."""
+    far = [(0, PAGE), (GIB, PAGE)]
+    return [
+        start(lab, lab.device(Kind.DIRTYDEV, Caps(max_addr_space=MIB)), [(0, 2 * MIB)])[0],
+        start(lab, lab.device(Kind.DIRTYDEV, Caps(max_ranges=1, max_addr_space=GIB)), far)[0],
+        start(lab, lab.device(Kind.DIRTYDEV, Caps(max_ranges=1, max_addr_space=2 * GIB)), far)[0],
+    ]
+
+
+@case([errno.EBUSY, 0])
+def start_injected_driver_errno(lab):
+    dev = lab.device(Kind.DIRTYDEV)
+    dev.fail_start(errno.EBUSY)
+    return [start(lab, dev, [(0, MIB)])[0], start(lab, dev, [(0, MIB)])[0]]
+
+
+@case([errno.ENOTCONN, errno.EINVAL, 0])
+def start_and_report_after_detach(lab):
+    dev = lab.device(Kind.DIRTYDEV)
+    start_ok(lab, dev, [(0, MIB)])
+    dev.inject(Fault.DETACH)  # the tracker is freed with the function
+    mem = UserMem(PAGE)
+    detached = [start(lab, dev, [(0, MIB)])[0], report_into(lab, dev, 0, MIB, PAGE, mem.addr)]
+    dev.reattach()
+    return detached + [start(lab, dev, [(0, MIB)])[0]]
+
+
+# -- DMA_LOGGING_STOP -------------------------------------------------------------------------
+
+
+@case([errno.EINVAL, 0, 0, 0, 0, 0])
+def stop_table_and_cycle(lab):
+    dev = lab.device(Kind.DIRTYDEV)
+    return [
+        ioctl_errno(lab, dev.fd, FEATURE, feature(GET | STOP)),
+        stop(lab, dev),  # never started
+        start(lab, dev, [(0, MIB)])[0],
+        stop(lab, dev),
+        start(lab, dev, [(0, MIB)])[0],  # a new tracker after STOP
+        stop(lab, dev),
+    ]
+
+
+# -- DMA_LOGGING_REPORT: the core -------------------------------------------------------------
+
+
+@case([errno.EINVAL, 0])
+def report_while_idle(lab):
+    mem = UserMem(PAGE)
+    return [report_into(lab, lab.device(Kind.DIRTYDEV), 0, MIB, PAGE, mem.addr),
+            report_into(lab, mtty(lab), 0, MIB, PAGE, mem.addr)]
+
+
+@case([errno.EINVAL, errno.EINVAL, errno.EINVAL, errno.EINVAL, 0, 0])
+def report_page_size(lab):
+    dev = tracker(lab)
+    mem = UserMem(PAGE)
+    return [report_into(lab, dev, 0, GIB, ps, mem.addr) for ps in (0, 2048, 12288, 4097, 8192, GIB)]
+
+
+@case([errno.EOVERFLOW, errno.EOVERFLOW, errno.EOVERFLOW])
+def report_overflow(lab):
+    dev = tracker(lab)
+    mem = UserMem(PAGE)
+    return [report_into(lab, dev, iova, length, PAGE, mem.addr)
+            for iova, length in ((2**64 - PAGE, PAGE), (1, 2**64 - 1), (2**63, 2**63))]
+
+
+@case([errno.EINVAL, errno.EINVAL])
+def report_set_and_short_argsz(lab):
+    dev = tracker(lab)
+    payload = bytes(uapi.vfio_device_feature_dma_logging_report(0, PAGE, PAGE, UserMem(PAGE).addr))
+    return [ioctl_errno(lab, dev.fd, FEATURE, feature(SET | REPORT, payload)),
+            ioctl_errno(lab, dev.fd, FEATURE, feature(GET | REPORT, payload, argsz=8 + 31))]
+
+
+# -- DMA_LOGGING_REPORT: bits -----------------------------------------------------------------
+
+
+@case([(1 << 0) | (1 << 5) | (1 << 63), (1 << 0) | (1 << 6)])
+def bits_lsb_first_little_endian_relative_to_iova(lab):
+    dev = tracker(lab)
+    base = GIB + 64 * PAGE
+    for page in (0, 5, 63, 64, 70):
+        dev.dma(base + page * PAGE + 100, 1)
+    mem = UserMem(PAGE)
+    assert report_into(lab, dev, base, 128 * PAGE, PAGE, mem.addr) == 0
+    return [int(w) for w in np.frombuffer(mem.bytes(0, 16), dtype="<u8")]
+
+
+@case([1, 2])
+def bits_of_a_write_straddling_two_pages(lab):
+    dev = tracker(lab)
+    dev.dma(2 * PAGE - 1, 2)
+    return report_bits(lab, dev, 0, 64 * PAGE)
+
+
+@case(list(range(3 * 256, 4 * 256)))
+def bits_replicated_when_the_tracker_is_coarser(lab):
+    dev = tracker(lab, granule=MIB)
+    dev.dma(3 * MIB + 12345, 1)
+    return report_bits(lab, dev, 0, 8 * MIB)
+
+
+@case([2, 5, 6])
+def bits_merged_when_the_tracker_is_finer(lab):
+    dev = tracker(lab)
+    dev.dma(2 * 64 * KIB + 7 * PAGE, 1)
+    dev.dma(2 * 64 * KIB + 9 * PAGE, 1)
+    dev.dma(5 * 64 * KIB, 17 * PAGE)  # spills into the next 64 KiB page
+    return report_bits(lab, dev, 0, 16 * 64 * KIB, 64 * KIB)
+
+
+@case([[0, 1], [0, 1]])
+def bits_of_an_unaligned_report_round_outward(lab):
+    dev = tracker(lab)
+    dev.dma(PAGE, 1)
+    unaligned_both = report_bits(lab, dev, 0x800, 0x1801)  # bits 0 and 1 both touch [0x1000, 0x2000)
+    coarse = tracker(lab, granule=8192)
+    coarse.dma(8192, 1)
+    return [unaligned_both, report_bits(lab, coarse, PAGE, 64 * PAGE, 8192)]
+
+
+@case([[], []])
+def bits_unit_starting_below_the_report_iova_is_dropped_and_cleared(lab):
+    dev = tracker(lab, granule=MIB)
+    dev.dma(MIB + 600 * KIB, 1)  # unit [1M, 2M)
+    return [report_bits(lab, dev, MIB + 512 * KIB, MIB), report_bits(lab, dev, MIB, MIB)]
+
+
+@case(b"\xff" * 32 + b"\x00")
+def bits_past_length_set_through_the_straddling_unit(lab):
+    dev = tracker(lab, granule=MIB)
+    dev.dma(0, 1)
+    mem = UserMem(PAGE)
+    assert report_into(lab, dev, 0, 3 * PAGE, PAGE, mem.addr) == 0
+    return mem.bytes(0, 33)
+
+
+def _tail_case(offset: int) -> Callable[[Lab], tuple[int, int, int]]:
+    def run(lab: Lab) -> tuple[int, int, int]:
+        """(untouched bytes before, 0xff bytes from the bitmap on, untouched bytes after)."""
+        dev = tracker(lab, granule=GIB)
+        dev.dma(0, 1)
+        mem = UserMem(4 * PAGE)
+        assert report_into(lab, dev, 0, 3 * PAGE, PAGE, mem.addr + offset) == 0
+        raw = mem.bytes()
+        ones = len(raw[offset:]) - len(raw[offset:].lstrip(b"\xff"))
+        return len(raw) - len(raw.lstrip(b"\0")), ones, len(raw) - len(raw.rstrip(b"\0"))
+
+    return run
+
+
+# A 1 GiB unit on a 3-bit report: bits to the end of the bitmap's page, and of one page more
+# when the pinned window starts mid-page; nothing beyond.
+CASES.append(Case("bits_tail_to_the_end_of_the_pinned_page", _tail_case(PAGE), (PAGE, PAGE, 2 * PAGE)))
+CASES.append(Case("bits_tail_one_page_further_when_the_window_starts_mid_page", _tail_case(PAGE + 2048),
+                  (PAGE + 2048, 2 * PAGE - 2048, PAGE)))
+
+
+@case(b"\xff" * 8)
+def bits_tail_never_reach_a_guard_page(lab):
+    dev = tracker(lab, granule=GIB)
+    dev.dma(0, 1)
+    mem = GuardedMem(8)
+    assert report_into(lab, dev, 0, 3 * PAGE, PAGE, mem.start) == 0
+    return mem.bytes(mem.start - mem.addr, 8)
+
+
+@case(b"\x01" + bytes(7))
+def bits_on_an_unmapped_bitmap_page_are_lost_silently(lab):
+    dev = tracker(lab)
+    mem = GuardedMem(8)
+    dev.dma(0, 1)  # bitmap byte 0: mapped
+    dev.dma(8 * 8 * PAGE, 1)  # bitmap byte 8: on the guard page
+    assert report_into(lab, dev, 0, 128 * PAGE, PAGE, mem.start) == 0
+    return mem.bytes(mem.start - mem.addr, 8)
+
+
+@case([[3, 4], [], [4]])
+def bits_read_clears(lab):
+    dev = tracker(lab)
+    dev.dma(3 * PAGE, 2 * PAGE)
+    first, again = report_bits(lab, dev, 0, 64 * PAGE), report_bits(lab, dev, 0, 64 * PAGE)
+    dev.dma(4 * PAGE, 1)
+    return [first, again, report_bits(lab, dev, 0, 64 * PAGE)]
+
+
+@case([[0, 1, 2], [0, 1, 5, 6, 7]])
+def bits_clear_only_the_queried_range(lab):
+    dev = tracker(lab)
+    dev.dma(0, 8 * PAGE)
+    return [report_bits(lab, dev, 2 * PAGE, 3 * PAGE), report_bits(lab, dev, 0, 8 * PAGE)]
+
+
+@case(bytes([0xA7, 0x02, 0x0F, 0xF0]) + bytes([0xA5, 0x00, 0x0F, 0xF0]) * 7)
+def bits_are_only_ored_in(lab):
+    dev = tracker(lab)
+    mem = UserMem(PAGE)
+    mem.put(0, bytes([0xA5, 0x00, 0x0F, 0xF0]) * 8)
+    dev.dma(PAGE, 1)
+    dev.dma(9 * PAGE, 1)
+    assert report_into(lab, dev, 0, 256 * PAGE, PAGE, mem.addr) == 0
+    return mem.bytes(0, 32)
+
+
+@case([256])
+def bits_untracked_and_idle_writes_are_invisible(lab):
+    dev = lab.device(Kind.DIRTYDEV)
+    dev.dma(MIB, PAGE)  # logging off
+    start_ok(lab, dev, [(MIB, MIB)])
+    dev.dma(0, PAGE)  # outside the tracked range
+    dev.dma(MIB - PAGE, 2 * PAGE)  # straddles: only the tracked half counts
+    return report_bits(lab, dev, 0, 4 * MIB)
+
+
+@case([1, 2])
+def bits_in_a_gap_the_driver_merged_are_tracked(lab):
+    """Three ranges on a two-range tracker: vfio_combine_iova_ranges closes the smallest gap
+    ([4K, 8K)), so a write there is logged; the large gap stays untracked."""
+    dev = lab.device(Kind.DIRTYDEV, Caps(max_ranges=2))
+    start_ok(lab, dev, [(0, PAGE), (2 * PAGE, PAGE), (MIB, PAGE)])
+    for iova in (PAGE, 2 * PAGE, MIB // 2):
+        dev.dma(iova, 1)
+    return report_bits(lab, dev, 0, 2 * MIB)
+
+
+@case([errno.EIO, []])
+def fault_eio_once_consumes_the_queried_range(lab):
+    dev = tracker(lab)
+    dev.dma(3 * PAGE, 1)
+    dev.inject(Fault.REPORT_EIO_ONCE)
+    mem = UserMem(PAGE)
+    return [report_into(lab, dev, 0, 64 * PAGE, PAGE, mem.addr), report_bits(lab, dev, 0, 64 * PAGE)]
+
+
+@case([errno.EIO, errno.EIO, [3]])
+def fault_sticky_eio_until_a_new_tracker(lab):
+    dev = tracker(lab)
+    dev.inject(Fault.REPORT_EIO_STICKY)
+    mem = UserMem(PAGE)
+    failed = [report_into(lab, dev, 0, 64 * PAGE, PAGE, mem.addr) for _ in range(2)]
+    stop(lab, dev)
+    start_ok(lab, dev, [(0, MIB)])
+    dev.dma(3 * PAGE, 1)
+    return failed + [report_bits(lab, dev, 0, 64 * PAGE)]
+
+
+# -- migration (mtty) -------------------------------------------------------------------------
+
+
+@case([0x7, errno.EINVAL, errno.ENOTTY])
+def migration_flags(lab):
+    dev = mtty(lab)
+    arg = feature(GET | MIGRATION, bytes(8))
+    lab.sys.ioctl(dev.fd, FEATURE, arg)
+    flags = struct.unpack_from("<Q", arg, 8)[0]
+    return [flags, ioctl_errno(lab, dev.fd, FEATURE, feature(SET | MIGRATION, bytes(8))),
+            ioctl_errno(lab, lab.device(Kind.DIRTYDEV).fd, FEATURE, feature(GET | MIGRATION, bytes(8)))]
+
+
+@case([S.VFIO_DEVICE_STATE_RUNNING, (errno.EINVAL, -1), (errno.EINVAL, -1), S.VFIO_DEVICE_STATE_RUNNING])
+def mig_state_get_and_invalid_targets(lab):
+    dev = mtty(lab)
+    return [mig_get(lab, dev), mig_set(lab, dev, S.VFIO_DEVICE_STATE_ERROR), mig_set(lab, dev, 99),
+            mig_get(lab, dev)]
+
+
+@case([errno.EINVAL, errno.EINVAL, errno.ENOTTY])
+def mig_state_feature_table(lab):
+    dev = mtty(lab)
+    return [ioctl_errno(lab, dev.fd, FEATURE, feature(GET | MIG_DEVICE_STATE, bytes(8), argsz=8 + 7)),
+            ioctl_errno(lab, dev.fd, FEATURE, feature(PROBE | GET | MIG_DATA_SIZE | SET)),
+            ioctl_errno(lab, lab.device(Kind.DIRTYDEV).fd, FEATURE, feature(GET | MIG_DEVICE_STATE, bytes(8)))]
+
+
+@case([96, errno.EINVAL])
+def mig_data_size(lab):
+    dev = mtty(lab)
+    arg = feature(GET | MIG_DATA_SIZE, bytes(8))
+    lab.sys.ioctl(dev.fd, FEATURE, arg)
+    return [struct.unpack_from("<Q", arg, 8)[0], ioctl_errno(lab, dev.fd, FEATURE, feature(SET | MIG_DATA_SIZE, bytes(8)))]
+
+
+@case([(0, 24, 0), 24, (0, 0, 0), 0, (0, -1), errno.EINVAL, 72, 0, (0, -1), (0, -1),
+       S.VFIO_DEVICE_STATE_RUNNING])
+def mig_precopy_then_stop_copy(lab):
+    """RUNNING -> PRE_COPY (a data fd) -> STOP_COPY (the same fd gets the rest) -> STOP -> RUNNING."""
+    dev = mtty(lab)
+    with data_fd(lab, dev, S.VFIO_DEVICE_STATE_PRE_COPY) as fd:
+        out: list[Any] = [precopy_info(lab, fd), len(lab.sys.read(fd, 4096)), precopy_info(lab, fd),
+                          len(lab.sys.read(fd, 4096)), mig_set(lab, dev, S.VFIO_DEVICE_STATE_STOP_COPY),
+                          precopy_info(lab, fd)[0], len(read_all(lab, fd)), len(lab.sys.read(fd, 4096))]
+    return out + [mig_set(lab, dev, S.VFIO_DEVICE_STATE_STOP), mig_set(lab, dev, S.VFIO_DEVICE_STATE_RUNNING),
+                  mig_get(lab, dev)]
+
+
+@case([errno.EINVAL, errno.ENOTTY, errno.ENODEV])
+def mig_precopy_info_errors_and_a_disabled_stream(lab):
+    dev = mtty(lab)
+    with data_fd(lab, dev, S.VFIO_DEVICE_STATE_PRE_COPY) as fd:
+        short = precopy_info(lab, fd, argsz=23)[0]
+        unknown = ioctl_errno(lab, fd, NO_SUCH_IOCTL, bytearray(24))
+        mig_set(lab, dev, S.VFIO_DEVICE_STATE_RUNNING)  # PRE_COPY -> RUNNING drops the stream
+        return [short, unknown, errno_of(lambda: lab.sys.read(fd, 4096))]
+
+
+@case([(0, -1), (96, 0), (96, (0, -1), (0, -1), S.VFIO_DEVICE_STATE_RUNNING)])
+def mig_stop_copy_and_resume_round_trip(lab):
+    src, dst = mtty(lab), mtty(lab)
+    stopped = mig_set(lab, src, S.VFIO_DEVICE_STATE_STOP)
+    with data_fd(lab, src, S.VFIO_DEVICE_STATE_STOP_COPY) as fd:
+        saved = read_all(lab, fd)
+        saved_then = (len(saved), len(lab.sys.read(fd, 4096)))
+    mig_set(lab, src, S.VFIO_DEVICE_STATE_STOP)
+    mig_set(lab, dst, S.VFIO_DEVICE_STATE_STOP)
+    with data_fd(lab, dst, S.VFIO_DEVICE_STATE_RESUMING) as fd:
+        written = lab.sys.write(fd, saved)
+        loaded = mig_set(lab, dst, S.VFIO_DEVICE_STATE_STOP)
+    return [stopped, saved_then, (written, loaded, mig_set(lab, dst, S.VFIO_DEVICE_STATE_RUNNING), mig_get(lab, dst))]
+
+
+@case([errno.EFAULT, errno.ENOMEM, (errno.EINVAL, -1), S.VFIO_DEVICE_STATE_RESUMING])
+def mig_resume_errors(lab):
+    """A bad header, more than the device's state, and a stream too short to load."""
+    dev = mtty(lab)
+    mig_set(lab, dev, S.VFIO_DEVICE_STATE_STOP)
+    with data_fd(lab, dev, S.VFIO_DEVICE_STATE_RESUMING) as fd:
+        bad_header = errno_of(lambda: lab.sys.write(fd, bytes(24)))
+    mig_set(lab, dev, S.VFIO_DEVICE_STATE_STOP)  # an empty stream: EINVAL, stays RESUMING
+    good = mtty(lab)
+    mig_set(lab, good, S.VFIO_DEVICE_STATE_STOP)
+    with data_fd(lab, good, S.VFIO_DEVICE_STATE_STOP_COPY) as fd:
+        header = read_all(lab, fd)[:24]
+    target = mtty(lab)
+    mig_set(lab, target, S.VFIO_DEVICE_STATE_STOP)
+    with data_fd(lab, target, S.VFIO_DEVICE_STATE_RESUMING) as fd:
+        too_much = errno_of(lambda: lab.sys.write(fd, header + bytes(73)))
+        lab.sys.write(fd, header)
+        short = mig_set(lab, target, S.VFIO_DEVICE_STATE_STOP)
+    return [bad_header, too_much, short, mig_get(lab, target)]
+
+
+@case([(0, -1), S.VFIO_DEVICE_STATE_RUNNING_P2P, (0, -1), (0, -1), True, (0, -1), S.VFIO_DEVICE_STATE_RUNNING])
+def mig_p2p_arcs(lab):
+    """RUNNING -> RUNNING_P2P -> STOP -> PRE_COPY_P2P (through RUNNING_P2P: a data fd) -> RUNNING."""
+    dev = mtty(lab)
+    out: list[Any] = [mig_set(lab, dev, S.VFIO_DEVICE_STATE_RUNNING_P2P), mig_get(lab, dev),
+                      mig_set(lab, dev, S.VFIO_DEVICE_STATE_STOP), mig_set(lab, dev, S.VFIO_DEVICE_STATE_RUNNING_P2P)]
+    with data_fd(lab, dev, S.VFIO_DEVICE_STATE_PRE_COPY_P2P):
+        out.append(mig_get(lab, dev) == S.VFIO_DEVICE_STATE_PRE_COPY_P2P)
+    return out + [mig_set(lab, dev, S.VFIO_DEVICE_STATE_RUNNING), mig_get(lab, dev)]

@@ -1,0 +1,243 @@
+"""The two kernels a differential case runs against, behind one interface.
+
+`EmulatedLab` is `orchestrator.emulated` in this process; `RealLab` is the kernel this process
+runs on, which must be the lab's (VFIO, IOMMUFD, the mtty sample and our dirtydev module: see
+fixtures/realkernel/). Both hand out devices the same way: a VFIO cdev fd bound to a fresh
+iommufd and attached to its IOAS, with the byte-level `Syscalls` to drive it. Everything a case
+asserts on goes through those syscalls; only the "hardware" side (a device's DMA, injected
+faults) differs, and `Device` hides it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import itertools
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from orchestrator import uapi
+from orchestrator.emulated import EmulatedKernel, Fault, Mlx5Like, MttyLike
+from orchestrator.vfio import RealSyscalls, Syscalls
+
+
+class Kind(enum.Enum):
+    MTTY = "mtty"  # samples/vfio-mdev/mtty.c, type mtty-2: migration, no-op log ops
+    DIRTYDEV = "dirtydev"  # fixtures/realkernel/dirtydev: an mlx5-like tracker that logs
+
+
+@dataclass(frozen=True)
+class Caps:
+    """dirtydev's tracker capabilities (mlx5's pg_track_* caps, in bytes)."""
+
+    max_ranges: int = 4
+    min_page_size: int = 4096
+    max_page_size: int = 1 << 21
+    min_addr_space: int = 1 << 12
+    max_addr_space: int = 1 << 42
+
+
+class Device(Protocol):
+    fd: int
+    iommufd: int
+    dev_id: int
+    ioas_id: int
+
+    def dma(self, iova: int, length: int, fill: int | None = None) -> None:
+        """The device writes [iova, iova+length) (filling it with `fill` through the IOAS when
+        given); its tracker logs what it tracks."""
+
+    def inject(self, fault: Fault) -> None: ...
+
+    def reattach(self) -> None: ...
+
+    def fail_start(self, code: int) -> None:
+        """The next START reaching the driver fails with `code`."""
+
+
+class Lab(Protocol):
+    sys: Syscalls
+    page_size: int
+
+    def device(self, kind: Kind, caps: Caps = Caps()) -> Device: ...
+
+    def iommufd(self) -> int: ...
+
+
+def ioctl_struct(sys: Syscalls, fd: int, request: int, obj: ctypes.Structure) -> ctypes.Structure:
+    """One ioctl on a struct argument; returns the struct as the kernel left it."""
+    buf = bytearray(bytes(obj))
+    sys.ioctl(fd, request, buf)
+    return type(obj).from_buffer_copy(buf)
+
+
+def bind(sys: Syscalls, fd: int, iommufd: int) -> tuple[int, int]:
+    """BIND_IOMMUFD, IOAS_ALLOC, ATTACH_IOMMUFD_PT: what a cdev needs before anything else.
+    Returns (dev_id, ioas_id)."""
+    bound = ioctl_struct(sys, fd, uapi.VFIO_DEVICE_BIND_IOMMUFD, uapi.vfio_device_bind_iommufd(argsz=16, iommufd=iommufd))
+    ioas = ioctl_struct(sys, iommufd, uapi.IOMMU_IOAS_ALLOC, uapi.iommu_ioas_alloc(size=12))
+    ioctl_struct(sys, fd, uapi.VFIO_DEVICE_ATTACH_IOMMUFD_PT, uapi.vfio_device_attach_iommufd_pt(argsz=12, pt_id=ioas.out_ioas_id))
+    return bound.out_devid, ioas.out_ioas_id
+
+
+def map_user(sys: Syscalls, iommufd: int, ioas_id: int, addr: int, length: int, iova: int) -> None:
+    """IOAS_MAP of user memory at a fixed IOVA, readable and writable."""
+    flags = uapi.IOMMU_IOAS_MAP_FIXED_IOVA | uapi.IOMMU_IOAS_MAP_READABLE | uapi.IOMMU_IOAS_MAP_WRITEABLE
+    ioctl_struct(
+        sys,
+        iommufd,
+        uapi.IOMMU_IOAS_MAP,
+        uapi.iommu_ioas_map(size=ctypes.sizeof(uapi.iommu_ioas_map), flags=flags, ioas_id=ioas_id,
+                            user_va=addr, length=length, iova=iova),
+    )
+
+
+# -- the emulated kernel ----------------------------------------------------------------------
+
+
+@dataclass
+class EmulatedDevice:
+    fd: int
+    iommufd: int
+    dev_id: int
+    ioas_id: int
+    model: Mlx5Like | MttyLike
+
+    def dma(self, iova: int, length: int, fill: int | None = None) -> None:
+        if fill is not None:
+            raise NotImplementedError("the emulated lab has no memory behind its IOAS")
+        self.model.dma_write(iova, length)
+
+    def inject(self, fault: Fault) -> None:
+        self.model.inject(fault)
+
+    def reattach(self) -> None:
+        self.model.reattach()
+
+    def fail_start(self, code: int) -> None:
+        self.model.fail_start(code)
+
+
+@dataclass
+class EmulatedLab:
+    page_size: int = 4096
+    sys: EmulatedKernel = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sys = EmulatedKernel(self.page_size)
+
+    def iommufd(self) -> int:
+        return self.sys.open_iommufd()
+
+    def device(self, kind: Kind, caps: Caps = Caps()) -> EmulatedDevice:
+        if kind is Kind.MTTY:
+            # mtty-2's stream: the 24-byte header, then two 36-byte serial port records.
+            model: Mlx5Like | MttyLike = MttyLike(device_data=bytes(72))
+        else:
+            model = Mlx5Like(
+                max_ranges=caps.max_ranges,
+                min_page_size=caps.min_page_size,
+                max_page_size=caps.max_page_size,
+                min_addr_space=caps.min_addr_space,
+                max_addr_space=caps.max_addr_space,
+                migration_flags=0,
+            )
+        fd = self.sys.open_device(model, cdev=True)
+        iommufd = self.iommufd()
+        return EmulatedDevice(fd, iommufd, *bind(self.sys, fd, iommufd), model)
+
+
+# -- the real kernel --------------------------------------------------------------------------
+
+MDEV_BUS = Path("/sys/class/mdev_bus")
+MDEV_DEVICES = Path("/sys/bus/mdev/devices")
+DIRTYDEV_DEBUGFS = Path("/sys/kernel/debug/dirtydev")
+_MDEV_TYPE = {Kind.MTTY: ("mtty", "mtty-2"), Kind.DIRTYDEV: ("dirtydev", "dirtydev-1")}
+_FAULT_COMMAND = {
+    Fault.REPORT_EIO_ONCE: "eio_once",
+    Fault.REPORT_EIO_STICKY: "eio_sticky",
+    Fault.DETACH: "detach",
+}
+_serial = itertools.count(1)
+
+
+@dataclass
+class RealDevice:
+    fd: int
+    iommufd: int
+    dev_id: int
+    ioas_id: int
+    uuid: str
+    kind: Kind
+
+    def _ctl(self, command: str) -> None:
+        if self.kind is not Kind.DIRTYDEV:
+            raise NotImplementedError(f"{self.kind.value} has no control file")
+        (DIRTYDEV_DEBUGFS / self.uuid / "ctl").write_text(command)
+
+    def dma(self, iova: int, length: int, fill: int | None = None) -> None:
+        self._ctl(f"dma {iova:x} {length:x}" + ("" if fill is None else f" {fill:x}"))
+
+    def inject(self, fault: Fault) -> None:
+        self._ctl(_FAULT_COMMAND[fault])
+
+    def reattach(self) -> None:
+        self._ctl("reattach")
+
+    def fail_start(self, code: int) -> None:
+        self._ctl(f"fail_start {code}")
+
+
+def _create_mdev(kind: Kind) -> str:
+    """A fresh mdev of the kind (a new device has the driver's initial state); its uuid."""
+    parent, mtype = _MDEV_TYPE[kind]
+    uuid = f"{os.getpid():08x}-{next(_serial):04x}-4000-8000-000000000000"
+    (MDEV_BUS / parent / "mdev_supported_types" / mtype / "create").write_text(uuid)
+    return uuid
+
+
+def _cdev_of(uuid: str) -> Path:
+    (node,) = (MDEV_DEVICES / uuid / "vfio-dev").iterdir()
+    return Path("/dev/vfio/devices") / node.name
+
+
+class RealLab:
+    """The running kernel. Devices are removed and fds closed by `close()`."""
+
+    page_size = os.sysconf("SC_PAGE_SIZE")
+
+    def __init__(self) -> None:
+        self.sys = RealSyscalls()
+        self._cleanup = ExitStack()
+
+    def iommufd(self) -> int:
+        fd = os.open("/dev/iommu", os.O_RDWR)
+        self._cleanup.callback(os.close, fd)
+        return fd
+
+    def device(self, kind: Kind, caps: Caps = Caps()) -> RealDevice:
+        uuid = _create_mdev(kind)
+        self._cleanup.callback((MDEV_DEVICES / uuid / "remove").write_text, "1")
+        if kind is Kind.DIRTYDEV:
+            for name, value in vars(caps).items():
+                (DIRTYDEV_DEBUGFS / uuid / name).write_text(str(value))
+        fd = os.open(_cdev_of(uuid), os.O_RDWR)
+        self._cleanup.callback(os.close, fd)
+        iommufd = self.iommufd()
+        return RealDevice(fd, iommufd, *bind(self.sys, fd, iommufd), uuid, kind)
+
+    def close(self) -> None:
+        self._cleanup.close()
+
+
+@contextmanager
+def real_lab() -> Iterator[RealLab]:
+    lab = RealLab()
+    try:
+        yield lab
+    finally:
+        lab.close()
