@@ -30,7 +30,8 @@ class PageSink(Protocol):
     page_size: int
 
     async def send_round0(self, on_sent: OnSent | None = None) -> tuple[int, int]:
-        """Every page that is not all zero (the destination starts zeroed): (pages, bytes)."""
+        """Make the destination equal to the source, assuming nothing about what it held:
+        clear it, then send every page that is not all zero. Returns (pages, bytes) sent."""
 
     async def send_pages(self, pages: np.ndarray, on_sent: OnSent | None = None) -> int:
         """These guest pages (strictly increasing numbers), each as it is now; returns bytes moved.

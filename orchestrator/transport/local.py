@@ -18,7 +18,7 @@ import numpy as np
 from ..bitmap import DirtyBitmap
 from ..memory import MemoryLayout, RamRegion
 from .base import OnSent, page_numbers
-from .ramfile import data_runs, map_ram, nonzero_pages, release, union_runs
+from .ramfile import clear_file, data_runs, map_ram, nonzero_pages, release, union_runs
 
 # Scattered pages per gather/scatter. Measured with `python -m bench` (micro.copy): a 512 KiB
 # gather is still in L2 when it is scattered, nearly twice the bandwidth of a 32 MiB batch.
@@ -133,10 +133,12 @@ class LocalSink:
         return local.size
 
     def send_nonzero(self, on_sent: OnSent | None = None) -> tuple[int, int]:
-        """Round 0: every page that is not all zero (the destination starts zeroed).
+        """Round 0: clear each destination region (its file may hold anything: an older
+        guest, a failed migration), then copy every source page that is not all zero.
         Returns (pages, bytes) moved."""
         total = 0
         for reg in self.regions:
+            clear_file(reg.dst_path, reg.offset, reg.npages * self.page_size)
             for nz in nonzero_pages(reg.src, reg.data_runs(self.page_size)):
                 total += self._copy(reg, nz, nz + reg.first_page, on_sent)
         return total, total * self.page_size

@@ -14,8 +14,9 @@ a single payload byte is read. Payload layouts (all integers little-endian):
     WELCOME    epoch[16] file size u64 page size u32 | proof[32]
     PAGES      n_data u32 n_zero_runs u32 | data[n_data][page size] | index u64[n_data]
                | (first u64, count u64)[n_zero_runs]          seq = the batch number
-    ACK        (empty)                                          seq = the batch written
+    ACK        (empty)                                          seq = the batch written / CLEAR done
     ROUND_END  round u32 pages u64
+    CLEAR      (first u64, count u64)[n]                        seq = what the ACK repeats
     VERIFY     (first u64, count u64)[n]
     DIGESTS    first u64 | hash u64[count]                      seq = the VERIFY's seq
     BYE        (empty)
@@ -24,6 +25,8 @@ a single payload byte is read. Payload layouts (all integers little-endian):
 Page numbers on the wire are page indices into the destination RAM file (file offset / page
 size), not guest-physical numbers: the receiver needs nothing but the file to check every one.
 Page data comes first in PAGES so the sender can gather pages straight into the frame.
+CLEAR starts round 0: the receiver makes those pages read as zeros (punching holes), so the
+round need not send the source's zero pages whatever the destination file held before.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from ..bitmap import DirtyBitmap
 from .inbound import Inbound
 
 MAGIC = b"OP"
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct("<2sBBIQ")
 HELLO = struct.Struct("<32s16sH")
 WELCOME = struct.Struct("<16sQI")
@@ -68,6 +71,7 @@ class Kind(enum.IntEnum):
     DIGESTS = 9
     BYE = 10
     ERROR = 11
+    CLEAR = 12
 
 
 class ProtocolError(Exception):
@@ -287,12 +291,13 @@ def encode_ranges(ranges: np.ndarray) -> bytes:
 
 
 def decode_ranges(payload: bytes | memoryview, file_pages: int) -> np.ndarray:
+    """The (first, count) rows of a VERIFY or CLEAR payload, each inside the RAM file."""
     if len(payload) % 16 or not 0 < len(payload) // 16 <= MAX_VERIFY_RANGES:
-        raise ProtocolError(f"VERIFY payload of {len(payload)} bytes is not 1..{MAX_VERIFY_RANGES} ranges")
+        raise ProtocolError(f"a payload of {len(payload)} bytes is not 1..{MAX_VERIFY_RANGES} page ranges")
     ranges = np.frombuffer(payload, U64).reshape(-1, 2)
     first, count = ranges[:, 0], ranges[:, 1]
     if int(first.max()) >= file_pages or bool((count > file_pages - first).any()) or int(count.sum(dtype=np.uint64)) > file_pages:
-        raise ProtocolError(f"VERIFY ranges reach past the RAM file ({file_pages} pages)")
+        raise ProtocolError(f"page ranges reach past the RAM file ({file_pages} pages)")
     return ranges.astype(np.int64)
 
 

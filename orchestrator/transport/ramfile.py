@@ -3,11 +3,13 @@ finding which parts of it hold data at all.
 
 Nothing is faulted in ahead of time: guest RAM a guest never touched is a hole in its file
 (tmpfs allocates on first write), reads as zeros, and needs neither reading nor allocating.
-Round 0 and verification look only where the files hold data.
+Round 0 and verification look only where the files hold data, and round 0 clears the
+destination by punching holes (`clear`), which costs next to nothing where it is a hole already.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -17,30 +19,72 @@ import numpy as np
 
 from .base import SinkError
 
+# <linux/falloc.h>
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
 
-def map_ram(path: str, size: int, writable: bool) -> tuple[mmap.mmap, np.ndarray]:
-    """Map the first `size` bytes of `path` shared; returns the mapping and a byte view."""
-    flags = os.O_RDWR if writable else os.O_RDONLY
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+ZERO_CHUNK = 1 << 20  # bytes per write where holes cannot be punched
+
+
+def open_ram(path: str, writable: bool) -> int:
+    """An fd on the RAM file, or `SinkError` naming it."""
     try:
-        fd = os.open(path, flags)
+        return os.open(path, os.O_RDWR if writable else os.O_RDONLY)
     except OSError as exc:
         raise SinkError(f"cannot open RAM file {path}: {exc.strerror}") from None
-    try:
-        actual = os.fstat(fd).st_size
-        if actual < size:
-            raise SinkError(f"RAM file {path} has {actual} bytes, the guest layout needs {size}")
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
-    finally:
-        os.close(fd)
+
+
+def map_fd(fd: int, path: str, size: int, writable: bool) -> tuple[mmap.mmap, np.ndarray]:
+    """Map the first `size` bytes of the open RAM file shared; the mapping and a byte view."""
+    actual = os.fstat(fd).st_size
+    if actual < size:
+        raise SinkError(f"RAM file {path} has {actual} bytes, the guest layout needs {size}")
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    mm = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
     return mm, np.frombuffer(mm, np.uint8)
 
 
-def file_size(path: str) -> int:
+def map_ram(path: str, size: int, writable: bool) -> tuple[mmap.mmap, np.ndarray]:
+    """Map the first `size` bytes of `path` shared; returns the mapping and a byte view."""
+    fd = open_ram(path, writable)
     try:
-        return os.stat(path).st_size
+        return map_fd(fd, path, size, writable)
+    finally:
+        os.close(fd)
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate [offset, offset+length): it reads as zeros, the file keeps its size, and on
+    tmpfs or hugetlbfs the memory goes back to the host. A process mapping the file sees the
+    zeros too (its page table entries are zapped)."""
+    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def clear(fd: int, offset: int, length: int) -> None:
+    """Make [offset, offset+length) of the open file read as zeros: punch a hole, or where the
+    filesystem cannot, write zeros over the parts that hold data."""
+    try:
+        punch_hole(fd, offset, length)
+        return
     except OSError as exc:
-        raise SinkError(f"cannot open RAM file {path}: {exc.strerror}") from None
+        if exc.errno != errno.EOPNOTSUPP:
+            raise
+    zeros = bytes(ZERO_CHUNK)
+    for start, stop in _data_spans(fd, offset, offset + length):
+        for at in range(start, stop, ZERO_CHUNK):
+            os.pwrite(fd, zeros[: min(ZERO_CHUNK, stop - at)], at)
+
+
+def clear_file(path: str, offset: int, length: int) -> None:
+    fd = open_ram(path, writable=True)
+    try:
+        clear(fd, offset, length)
+    finally:
+        os.close(fd)
 
 
 def release(maps: list[mmap.mmap]) -> None:
@@ -58,27 +102,30 @@ def data_runs(path: str, offset: int, length: int, page_size: int) -> np.ndarray
     [offset, offset+length) of `path` that hold data (SEEK_DATA / SEEK_HOLE). A hole reads as
     zeros; a page the guest writes later is dirty-tracked from then on, so a snapshot of
     where data was is enough for round 0."""
-    end = offset + length
     runs: list[tuple[int, int]] = []
     fd = os.open(path, os.O_RDONLY)
     try:
-        pos = offset
-        while pos < end:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # no data after pos
-                    break
-                raise
-            if data >= end:
-                break
-            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        for data, hole in _data_spans(fd, offset, offset + length):
             first = (data - offset) // page_size
             runs.append((first, -(-(hole - offset) // page_size) - first))
-            pos = hole
     finally:
         os.close(fd)
     return np.array(runs, np.int64).reshape(-1, 2)
+
+
+def _data_spans(fd: int, pos: int, end: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) byte spans of [pos, end) where the file holds data."""
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after pos
+                return
+            raise
+        if data >= end:
+            return
+        pos = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        yield data, pos
 
 
 def union_runs(a: np.ndarray, b: np.ndarray) -> np.ndarray:

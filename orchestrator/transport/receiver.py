@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import ssl
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ from .protocol import (
     pages_limit,
     read_frame,
 )
-from .ramfile import file_size, map_ram, release
+from .ramfile import clear, map_fd, open_ram, release
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +81,15 @@ class Receiver:
         max_connections: int = 64,
     ) -> None:
         self.page_size = page_size
-        self.file_size = file_size(ram_path)
+        self._fd = open_ram(ram_path, writable=True)  # kept: CLEAR punches holes through it
+        try:
+            self.file_size = os.fstat(self._fd).st_size
+            mm, view = map_fd(self._fd, ram_path, self.file_size, writable=True)
+        except BaseException:
+            os.close(self._fd)
+            raise
         self.file_pages = self.file_size // page_size
-        self._maps = []
-        mm, view = map_ram(ram_path, self.file_size, writable=True)
-        self._maps.append(mm)
+        self._maps = [mm]
         self.pages = view[: self.file_pages * page_size].reshape(self.file_pages, page_size)
         self.epoch = secrets.token_bytes(EPOCH_BYTES)
         self.session: _Session | None = None
@@ -101,6 +106,7 @@ class Receiver:
             Kind.PAGES: pages_limit(page_size),
             Kind.ROUND_END: ROUND_END.size,
             Kind.VERIFY: 16 * MAX_VERIFY_RANGES,
+            Kind.CLEAR: 16 * MAX_VERIFY_RANGES,
             Kind.BYE: 0,
         }
 
@@ -120,6 +126,9 @@ class Receiver:
         await asyncio.gather(*self._connections, return_exceptions=True)
         self.pages = np.empty((0, self.page_size), np.uint8)
         release(self._maps)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     async def __aenter__(self) -> Receiver:
         return self
@@ -213,6 +222,10 @@ class Receiver:
                 s.rounds, s.pages = s.rounds + 1, 0
             elif frame.kind == Kind.VERIFY:
                 await self._digests(frame.seq, decode_ranges(frame.payload, self.file_pages), writer)
+            elif frame.kind == Kind.CLEAR:
+                self.clear(decode_ranges(frame.payload, self.file_pages))
+                writer.write(encode(Kind.ACK, frame.seq))
+                await writer.drain()
             else:  # BYE
                 self._end(s)
                 return
@@ -232,6 +245,13 @@ class Receiver:
             self.pages[index] = batch.data
         if batch.zero.size:
             self.pages[batch.zero] = 0
+
+    def clear(self, ranges: np.ndarray) -> None:
+        """Make these file pages read as zeros. In the event loop, like `apply`: a CLEAR is
+        done whole before any later frame is written, and none of it can land after one."""
+        for first, count in ranges.tolist():
+            clear(self._fd, first * self.page_size, count * self.page_size)
+        log.info("cleared %d pages", int(ranges[:, 1].sum()))
 
     async def _digests(self, seq: int, ranges: np.ndarray, writer) -> None:
         for first, count in digest_chunks(ranges):

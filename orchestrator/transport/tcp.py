@@ -349,7 +349,14 @@ class TcpSink:
                 yield _Batch(reg, nz, find_zero=False)
 
     async def send_round0(self, on_sent: OnSent | None = None) -> tuple[int, int]:
+        """CLEAR every region on one stream and wait for it to be done, then send the
+        non-zero pages over all of them."""
         runs = await asyncio.to_thread(self._data_runs)
+        clear = encode(Kind.CLEAR, 0, encode_ranges(self._file_ranges()))
+        try:
+            await self._on_lane(self._lanes[0], lambda conn: self._request(conn, clear))
+        except (PeerError, ProtocolError) as exc:
+            raise ReceiverRefused(f"receiver {self.endpoint} clearing its RAM file: {exc}") from None
         n = await self._stream(self._nonzero_batches(runs), on_sent)
         return n, n * self.page_size
 
@@ -362,10 +369,20 @@ class TcpSink:
 
     # --- verification --------------------------------------------------------------------
 
+    def _file_ranges(self) -> np.ndarray:
+        return np.array([(r.file_first, len(r.rows)) for r in self.regions], np.int64)
+
+    async def _request(self, conn: _Conn, frame: bytes) -> None:
+        """Send a frame and wait for its ACK (a resend after a reconnect is harmless: CLEAR
+        is idempotent)."""
+        await _send(conn, frame)
+        async with asyncio.timeout(self.options.ack_timeout_s):
+            await read_frame(conn.reader, {Kind.ACK: 0})
+
     async def verify(self) -> np.ndarray:
         """The receiver hashes what it holds (`pagehash`), chunk by chunk; each chunk is
         compared with the same hashes of the source as it arrives."""
-        ranges = np.array([(r.file_first, len(r.rows)) for r in self.regions], np.int64)
+        ranges = self._file_ranges()
         try:
             bad = await self._on_lane(self._lanes[0], lambda conn: self._compare(conn, ranges))
         except (PeerError, ProtocolError) as exc:

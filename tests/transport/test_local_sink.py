@@ -109,3 +109,43 @@ def test_pages_out_of_order_are_refused_and_nothing_copied(tmp_path, pages):
         with pytest.raises(ValueError, match="strictly increasing"):
             sink.send(np.array(pages))
     assert not np.fromfile(d, np.uint8).any()
+
+
+def stale(path, pages, value=0xAA):
+    """Old data in a destination RAM file: a previous guest's bytes, not zeros."""
+    with open(path, "r+b") as f:
+        for p in pages:
+            f.seek(p * PAGE)
+            f.write(bytes([value]) * PAGE)
+
+
+def test_round0_makes_a_stale_destination_equal_to_the_source(shm_files):
+    """Round 0 assumes nothing about the destination: old data where the source is a hole,
+    where it holds zero pages, and where it holds data all end up as the source's bytes; the
+    cleared pages are holes again (no memory kept for them)."""
+    src, dst = shm_files
+    stale(src, range(100, 110), value=0)  # the source holds zero pages here (data, not a hole)
+    stale(src, [5, 300])
+    stale(dst, [*range(0, 50), *range(100, 110), 300, 1023])
+    with LocalSink.flat(MemoryLayout.flat(1024 * PAGE), src, dst) as sink:
+        assert sink.send_nonzero() == (2, 2 * PAGE)
+        assert allocated_pages(dst) == 2
+        assert sink.mismatched_pages().size == 0
+    assert np.array_equal(np.fromfile(src, np.uint8), np.fromfile(dst, np.uint8))
+
+
+def test_round0_writes_zeros_where_the_file_cannot_punch_holes(shm_files, monkeypatch):
+    import errno
+
+    import orchestrator.transport.ramfile as ramfile
+
+    def unsupported(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(ramfile, "punch_hole", unsupported)
+    src, dst = shm_files
+    stale(src, [7])
+    stale(dst, [0, 7, 512, 1023])
+    with LocalSink.flat(MemoryLayout.flat(1024 * PAGE), src, dst) as sink:
+        sink.send_nonzero()
+    assert np.array_equal(np.fromfile(src, np.uint8), np.fromfile(dst, np.uint8))

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from orchestrator.transport.protocol import (
     HEADER,
     MAX_BATCH_PAGES,
+    VERSION,
     Kind,
     ProtocolError,
     decode_pages,
@@ -124,9 +125,9 @@ def test_a_batch_may_not_cover_more_pages_than_the_limit():
     [
         (HEADER.pack(b"XX", 1, Kind.PAGES, 0, 0), "magic"),
         (HEADER.pack(b"OP", 9, Kind.PAGES, 0, 0), "version 9"),
-        (HEADER.pack(b"OP", 1, 200, 0, 0), "unknown kind 200"),
-        (HEADER.pack(b"OP", 1, Kind.VERIFY, 0, 0), "unexpected VERIFY"),
-        (HEADER.pack(b"OP", 1, Kind.PAGES, pages_limit(PAGE) + 1, 0), "exceeds"),
+        (HEADER.pack(b"OP", VERSION, 200, 0, 0), "unknown kind 200"),
+        (HEADER.pack(b"OP", VERSION, Kind.VERIFY, 0, 0), "unexpected VERIFY"),
+        (HEADER.pack(b"OP", VERSION, Kind.PAGES, pages_limit(PAGE) + 1, 0), "exceeds"),
     ],
 )
 def test_header_rejected_before_any_payload_is_read(head, message):

@@ -77,6 +77,18 @@ async def test_pages_go_out_from_the_source_unless_a_snapshot_is_wanted(served, 
         sink.close()
 
 
+async def test_round0_makes_a_stale_receiver_file_equal_to_the_source(served, tmp_path):
+    """The receiver's file holds old data everywhere: round 0 still ends with the source's
+    bytes, zero pages included, without any later round."""
+    np.full(NPAGES * PAGE, 0xAA, np.uint8).tofile(served.dst)
+    sink, _, data = await open_sink(tmp_path, served.endpoint)
+    try:
+        await sink.send_round0()
+    finally:
+        sink.close()
+    assert np.array_equal(served.held(), data)
+
+
 async def test_pages_out_of_order_are_refused_and_nothing_sent(served, tmp_path):
     sink, _, _ = await open_sink(tmp_path, served.endpoint)
     try:
