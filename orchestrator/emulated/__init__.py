@@ -4,7 +4,7 @@ emulated in-process behind the same byte-level syscall seam the client uses on r
 
 from .faults import Fault
 from .kernel import EmulatedKernel
-from .models import DeviceModel, Mlx5Like, MttyLike, NoDmaLogging, PdsLike
+from .models import DeviceModel, Mlx5Like, MttyLike, MttySample, NoDmaLogging, PdsLike
 from .ranges import combine_iova_ranges
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "Fault",
     "Mlx5Like",
     "MttyLike",
+    "MttySample",
     "NoDmaLogging",
     "PdsLike",
     "combine_iova_ranges",

@@ -1,16 +1,21 @@
 """The migration data fds: the saving stream a device produces and the resuming stream it takes.
 
-Stream layout (the device's own format, opaque to userspace, shaped like mtty's): a header
-{magic, major, minor, flags, reserved} and then records {kind, length, payload}. PRE_COPY puts a
-PRE_COPY record (a snapshot of the device state) after the header; STOP_COPY appends the FINAL
-record, whose payload is what the destination ends up with.
+Both layouts start with mtty's header {magic, major, minor, flags, reserved}; what follows is
+the device's own format, opaque to userspace (`StreamFormat`):
+- `RecordStream` (the default): records {kind, length, payload}. PRE_COPY puts a PRE_COPY
+  record (a snapshot of the device state) after the header; STOP_COPY appends the FINAL
+  record, whose payload is what the destination ends up with. Any state length round-trips.
+- `MttyStream`: samples/vfio-mdev/mtty.c exactly (checked against Linux 6.12 by the
+  real-kernel lab): PRE_COPY offers the header alone, STOP_COPY appends the raw device state,
+  the stop-copy length counts the header, and a resume takes at most the header plus the
+  state's length (ENOMEM beyond) and at least all of it (EINVAL on leaving RESUMING).
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..uapi import VFIO_MIG_GET_PRECOPY_INFO, VFIO_MIGRATION_PRE_COPY, _Le, vfio_precopy_info
 from .errors import kernel_error
@@ -48,6 +53,78 @@ def encode_header() -> bytes:
 
 def encode_record(kind: int, payload: bytes) -> bytes:
     return bytes(record_header(kind, len(payload))) + payload
+
+
+class StreamFormat(Protocol):
+    """What a device puts after the header, and how it reads a resumed stream back."""
+
+    def precopy_body(self, state: bytes) -> bytes:
+        """What PRE_COPY offers after the header."""
+
+    def final(self, state: bytes) -> bytes:
+        """What STOP_COPY appends (after the header, or after the precopy body)."""
+
+    def stop_copy_length(self, state: bytes) -> int:
+        """MIG_DATA_SIZE's answer."""
+
+    def resume_capacity(self, state: bytes, max_data_size: int) -> int:
+        """The most a resume may write, header included (ENOMEM past it)."""
+
+    def load(self, body: bytes, state: bytes) -> bytes:
+        """The state to load from what followed the header; EINVAL if it is not one."""
+
+
+class RecordStream:
+    def precopy_body(self, state: bytes) -> bytes:
+        return encode_record(REC_PRECOPY, state)
+
+    def final(self, state: bytes) -> bytes:
+        return encode_record(REC_FINAL, state)
+
+    def stop_copy_length(self, state: bytes) -> int:
+        return len(self.final(state))
+
+    def resume_capacity(self, state: bytes, max_data_size: int) -> int:
+        return HEADER_SIZE + 2 * (RECORD_SIZE + max_data_size)  # the header and two full records
+
+    def load(self, body: bytes, state: bytes) -> bytes:
+        """The FINAL record's payload: records must tile the body, FINAL last."""
+        pos, final = 0, None
+        while pos < len(body):
+            if pos + RECORD_SIZE > len(body):
+                raise kernel_error(errno.EINVAL)
+            rec = record_header.unpack(body, pos)
+            end = pos + RECORD_SIZE + rec.length
+            if rec.kind not in (REC_PRECOPY, REC_FINAL) or end > len(body) or final is not None:
+                raise kernel_error(errno.EINVAL)
+            if rec.kind == REC_FINAL:
+                final = bytes(body[pos + RECORD_SIZE : end])
+            pos = end
+        if final is None:
+            raise kernel_error(errno.EINVAL)
+        return final
+
+
+class MttyStream:
+    """The device state is fixed-size (mtty: nr_ports serial port records), so its current
+    length is the length every stream carries."""
+
+    def precopy_body(self, state: bytes) -> bytes:
+        return b""
+
+    def final(self, state: bytes) -> bytes:
+        return state
+
+    def stop_copy_length(self, state: bytes) -> int:
+        return HEADER_SIZE + len(state)
+
+    def resume_capacity(self, state: bytes, max_data_size: int) -> int:
+        return HEADER_SIZE + len(state)
+
+    def load(self, body: bytes, state: bytes) -> bytes:
+        if len(body) < len(state):
+            raise kernel_error(errno.EINVAL)  # mtty_load_state: filled_size < mtty_data_size
+        return bytes(body[: len(state)])
 
 
 class SaveFile:
@@ -137,21 +214,8 @@ class ResumeFile:
         h = stream_header.unpack(self.buf)
         return (h.magic, h.major, h.minor) == (STREAM_MAGIC, STREAM_MAJOR, STREAM_MINOR)
 
-    def load(self) -> bytes:
-        """The FINAL record's payload; EINVAL if the stream is short or malformed."""
-        pos, final = HEADER_SIZE, None
+    def body(self) -> bytes:
+        """What followed the header; EINVAL if the header never arrived."""
         if len(self.buf) < HEADER_SIZE:
             raise kernel_error(errno.EINVAL)
-        while pos < len(self.buf):
-            if pos + RECORD_SIZE > len(self.buf):
-                raise kernel_error(errno.EINVAL)
-            rec = record_header.unpack(self.buf, pos)
-            end = pos + RECORD_SIZE + rec.length
-            if rec.kind not in (REC_PRECOPY, REC_FINAL) or end > len(self.buf) or final is not None:
-                raise kernel_error(errno.EINVAL)
-            if rec.kind == REC_FINAL:
-                final = bytes(self.buf[pos + RECORD_SIZE : end])
-            pos = end
-        if final is None:
-            raise kernel_error(errno.EINVAL)
-        return final
+        return bytes(self.buf[HEADER_SIZE:])

@@ -20,16 +20,7 @@ from ..uapi import (
 )
 from .errors import kernel_error
 from .faults import FaultState
-from .mig_stream import (
-    HEADER_SIZE,
-    REC_FINAL,
-    REC_PRECOPY,
-    RECORD_SIZE,
-    ResumeFile,
-    SaveFile,
-    encode_header,
-    encode_record,
-)
+from .mig_stream import ResumeFile, SaveFile, StreamFormat, encode_header
 
 S = vfio_device_mig_state
 _ER, _ST, _RU, _SC, _RE, _RP, _PC, _PP = (
@@ -113,6 +104,7 @@ class MigrationDriver:
         state_mutex: threading.RLock,
         precopy_eos_errno: int | None,
         max_data_size: int,
+        stream: StreamFormat,
     ) -> None:
         self.flags = flags
         self.state: int = _RU
@@ -121,6 +113,7 @@ class MigrationDriver:
         self.state_mutex = state_mutex
         self._eos_errno = precopy_eos_errno
         self._max_data_size = max_data_size
+        self._stream = stream
         self._lock = threading.RLock()
         self.saving: SaveFile | None = None
         self.resuming: ResumeFile | None = None
@@ -152,7 +145,7 @@ class MigrationDriver:
     def data_size(self) -> int:
         """stop_copy_length: what STOP_COPY would produce from here."""
         with self.state_mutex:
-            return len(encode_record(REC_FINAL, self._get_data()))
+            return self._stream.stop_copy_length(self._get_data())
 
     def reset(self) -> None:
         """Device release/reset: streams die, the device is RUNNING again."""
@@ -168,31 +161,30 @@ class MigrationDriver:
                     f.disabled = True
             self.saving = self.resuming = None
 
-    def _new_save_file(self, kind: int) -> SaveFile:
-        self.saving = SaveFile(self, encode_header() + encode_record(kind, self._get_data()), self._eos_errno)
+    def _new_save_file(self, body: bytes) -> SaveFile:
+        self.saving = SaveFile(self, encode_header() + body, self._eos_errno)
         return self.saving
 
     def _step(self, cur: int, nxt: int) -> DataFile | None:
         if (cur, nxt) in _QUIET_ARCS:
             return None
         if (cur, nxt) in ((_RU, _PC), (_RP, _PP)):
-            saving = self._new_save_file(REC_PRECOPY)
+            saving = self._new_save_file(self._stream.precopy_body(self._get_data()))
             saving.precopy_size = len(saving.buf)
             return saving
         if (cur, nxt) in ((_PC, _SC), (_PP, _SC)) and self.saving is not None:
-            self.saving.append_final(encode_record(REC_FINAL, self._get_data()))
+            self.saving.append_final(self._stream.final(self._get_data()))
             return None
         if cur == _ST and nxt == _SC:
-            return self._new_save_file(REC_FINAL)
+            return self._new_save_file(self._stream.final(self._get_data()))
         if (cur, nxt) in ((_SC, _ST), (_PC, _RU), (_PP, _RP)):
             self.disable_files()
             return None
         if (cur, nxt) == (_ST, _RE):
-            # room for the header and two full records (mtty: writing past the data size is ENOMEM)
-            self.resuming = ResumeFile(HEADER_SIZE + 2 * (RECORD_SIZE + self._max_data_size))
+            self.resuming = ResumeFile(self._stream.resume_capacity(self._get_data(), self._max_data_size))
             return self.resuming
         if (cur, nxt) == (_RE, _ST) and self.resuming is not None:
-            self._put_data(self.resuming.load())
+            self._put_data(self._stream.load(self.resuming.body(), self._get_data()))
             self.disable_files()
             return None
         raise kernel_error(errno.EINVAL)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from orchestrator import uapi
-from orchestrator.emulated import EmulatedKernel, Fault, Mlx5Like, MttyLike
+from orchestrator.emulated import EmulatedKernel, Fault, Mlx5Like, MttySample
 from orchestrator.vfio import RealSyscalls, Syscalls
 
 
@@ -105,7 +105,7 @@ class EmulatedDevice:
     iommufd: int
     dev_id: int
     ioas_id: int
-    model: Mlx5Like | MttyLike
+    model: Mlx5Like | MttySample
 
     def dma(self, iova: int, length: int, fill: int | None = None) -> None:
         if fill is not None:
@@ -135,8 +135,7 @@ class EmulatedLab:
 
     def device(self, kind: Kind, caps: Caps = Caps()) -> EmulatedDevice:
         if kind is Kind.MTTY:
-            # mtty-2's stream: the 24-byte header, then two 36-byte serial port records.
-            model: Mlx5Like | MttyLike = MttyLike(device_data=bytes(72))
+            model: Mlx5Like | MttySample = MttySample(nr_ports=2)
         else:
             model = Mlx5Like(
                 max_ranges=caps.max_ranges,

@@ -2,8 +2,8 @@
 
 from .base import DeviceModel
 from .mlx5 import Mlx5Like
-from .mtty import MttyLike
+from .mtty import MttyLike, MttySample
 from .nolog import NoDmaLogging
 from .pds import PdsLike
 
-__all__ = ["DeviceModel", "Mlx5Like", "MttyLike", "NoDmaLogging", "PdsLike"]
+__all__ = ["DeviceModel", "Mlx5Like", "MttyLike", "MttySample", "NoDmaLogging", "PdsLike"]

@@ -27,6 +27,7 @@ from ..dirtylog import UnitLog
 from ..errors import kernel_error
 from ..faults import Fault, FaultState
 from ..iova_bitmap import DiscardedBitmap, IovaBitmap
+from ..mig_stream import RecordStream, StreamFormat
 from ..migration import MigrationDriver
 from ..ranges import Node
 from ..runs import U64_MAX
@@ -58,6 +59,8 @@ class DeviceModel:
     # mlx5 and pds refuse a second START and a REPORT while idle; mtty accepts anything.
     strict_log_state = True
     precopy_eos_errno: int | None = None
+    # The migration stream's layout after the header (mig_stream.py).
+    stream: StreamFormat = RecordStream()
 
     def __init__(
         self,
@@ -85,6 +88,7 @@ class DeviceModel:
                 self.state_mutex,
                 self.precopy_eos_errno,
                 max_data_size,
+                self.stream,
             )
             if migration_flags
             else None

@@ -3,6 +3,11 @@
 Its log_ops accept everything and report nothing, because the device does no DMA: START echoes
 the page size, a second START is fine, REPORT sets no bits. Read at the end of the saving
 stream returns 0 bytes (no ENOMSG).
+
+`MttyLike` carries any device state in the generic record stream, with a snapshot in PRE_COPY
+so the precopy path has data to move: a choice of the model, not mtty's. `MttySample` is the
+sample itself, stream included: nr_ports serial port records of 36 bytes, a header-only
+PRE_COPY, stop-copy length 24 + 36 * nr_ports (the real-kernel lab checks it against mtty-2).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from typing import Any
 
 from ...uapi import VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY
 from ..iova_bitmap import IovaBitmap
+from ..mig_stream import MttyStream
 from ..ranges import Node
 from .base import DeviceModel
 
@@ -32,3 +38,16 @@ class MttyLike(DeviceModel):
 
     def _read_and_clear(self, iova: int, length: int, bitmap: IovaBitmap) -> None:
         return None
+
+
+SERIAL_PORT_SIZE = 36  # sizeof(struct serial_port) in mtty.c
+
+
+class MttySample(MttyLike):
+    """mtty as the kernel ships it (`mtty-<nr_ports>`), its migration stream included."""
+
+    stream = MttyStream()
+
+    def __init__(self, *, nr_ports: int = 2, **kwargs: Any) -> None:
+        kwargs.setdefault("device_data", bytes(SERIAL_PORT_SIZE * nr_ports))
+        super().__init__(**kwargs)
