@@ -13,12 +13,12 @@ from pathlib import Path
 
 from .memory import MemoryLayout, RamRegion
 from .qemu.errors import LayoutError, MigrationError
-from .qemu.layout import GuestLayout, check_migratable, discover_layout
+from .qemu.layout import GuestLayout, RamBackend, check_migratable, discover_layout
 from .qemu.migration import check_capabilities, check_waiting
 from .qemu.qmp import QmpSession
 from .transport import LocalSink, PageSink
 from .transport.endpoint import Endpoint
-from .transport.tcp import TcpOptions, TcpSink
+from .transport.tcp import ExpectedFile, TcpOptions, TcpSink
 
 
 @dataclass
@@ -29,11 +29,12 @@ class Endpoints:
     sink: PageSink
 
 
-def _one_file(layout: GuestLayout, side: str) -> Path:
-    files = {r.path for r in layout.regions}
+def _one_file(layout: GuestLayout, side: str) -> RamBackend:
+    """The one file-backed backend behind all of the guest's RAM."""
+    files = {r.path: r.backend for r in layout.regions}
     if len(files) != 1:
         raise LayoutError(f"{side} guest RAM comes from {len(files)} files; one RAM file per side is supported")
-    return next(iter(files))
+    return next(iter(files.values()))
 
 
 def _same_file(given: Path, qemu_path: Path, side: str) -> None:
@@ -64,9 +65,9 @@ def _describe(layout: MemoryLayout) -> str:
     return ", ".join(f"{r.gpa:#x}+{r.length:#x}" for r in layout.regions)
 
 
-async def _validate(src: QmpSession, dst: QmpSession, src_ram: Path) -> tuple[MemoryLayout, Path]:
+async def _validate(src: QmpSession, dst: QmpSession, src_ram: Path) -> tuple[MemoryLayout, RamBackend]:
     """Everything that can be checked from the source host: the RAM layout to copy and the
-    destination QEMU's RAM file. Raises `LayoutError`/`MigrationError` naming what is wrong;
+    destination QEMU's RAM backend (its file and size). Raises `LayoutError`/`MigrationError` naming what is wrong;
     nothing in either QEMU has been changed when it does."""
     for session in (src, dst):
         await check_capabilities(session)
@@ -87,15 +88,15 @@ async def _validate(src: QmpSession, dst: QmpSession, src_ram: Path) -> tuple[Me
         raise LayoutError(
             f"source and destination guests have different RAM layouts: {_describe(layout)} vs {_describe(dst_shape)}"
         )
-    src_file, dst_file = _one_file(src_layout, "source"), _one_file(dst_layout, "destination")
-    _same_file(src_ram, src_file, "source")
-    return layout, dst_file
+    src_backend, dst_backend = _one_file(src_layout, "source"), _one_file(dst_layout, "destination")
+    _same_file(src_ram, src_backend.mem_path, "source")
+    return layout, dst_backend
 
 
 async def attach(src: QmpSession, dst: QmpSession, src_ram: Path, dst_ram: Path) -> Endpoints:
     """Validate both sides and open a local page sink (both RAM files on this host)."""
-    layout, dst_file = await _validate(src, dst, src_ram)
-    _same_file(dst_ram, dst_file, "destination")
+    layout, dst_backend = await _validate(src, dst, src_ram)
+    _same_file(dst_ram, dst_backend.mem_path, "destination")
     if os.path.samefile(src_ram, dst_ram):
         raise LayoutError(f"source and destination RAM are the same file ({src_ram})")
     sink = LocalSink.flat(layout, str(src_ram), str(dst_ram))
@@ -105,8 +106,11 @@ async def attach(src: QmpSession, dst: QmpSession, src_ram: Path, dst_ram: Path)
 async def attach_remote(
     src: QmpSession, dst: QmpSession, src_ram: Path, receiver: Endpoint, token: bytes, options: TcpOptions = TcpOptions()
 ) -> Endpoints:
-    """Validate both sides and stream pages to a receiver on the destination host, which
-    serves the destination QEMU's RAM file (it checks the file's size, not its identity)."""
-    layout, _ = await _validate(src, dst, src_ram)
-    sink = await TcpSink.connect(layout, str(src_ram), receiver, token, options)
+    """Validate both sides and stream pages to a receiver on the destination host. Before
+    anything changes in either QEMU, the receiver proves it serves the destination QEMU's RAM
+    file: the mem-path QEMU reports, opened on the receiver's host, is the file (device and
+    inode) the receiver has mapped, of the backend's size (`ExpectedFile`)."""
+    layout, dst_backend = await _validate(src, dst, src_ram)
+    expect = ExpectedFile(dst_backend.mem_path, dst_backend.size)
+    sink = await TcpSink.connect(layout, str(src_ram), receiver, token, options, expect)
     return Endpoints(src, dst, layout, sink)

@@ -1,9 +1,10 @@
 """Who may write into the destination's RAM: a shared token, proven, never sent.
 
 Challenge-response in both directions. The client proves the token with
-HMAC-SHA256(token, "client" | server nonce | client nonce | session | lane); the server answers
-with HMAC-SHA256(token, "server" | the same | the WELCOME fields), so the sender knows it talks
-to a receiver holding the token too and that the epoch and file size it reports are genuine.
+HMAC-SHA256(token, "client" | server nonce | client nonce | session | lane | expected path);
+the server answers with HMAC-SHA256(token, "server" | the same | the WELCOME fields), so the
+sender knows it talks to a receiver holding the token too and that what it reports (epoch,
+its file's size and identity, what the expected path names on its host) is genuine.
 The server nonce is fresh for every connection, so a recorded proof is worthless on another
 connection; the receiver also refuses a client nonce it has seen before.
 """
@@ -20,7 +21,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 MIN_TOKEN_BYTES = 16
-_LABEL = b"orchestrator page stream v1 "
+_LABEL = b"orchestrator page stream v2 "
 
 
 class TokenError(ValueError):
@@ -52,17 +53,22 @@ def write_token(path: Path) -> bytes:
     return token
 
 
-def _transcript(server_nonce: bytes, client_nonce: bytes, session: bytes, lane: int) -> bytes:
-    return server_nonce + client_nonce + session + struct.pack("<H", lane)
+def _transcript(server_nonce: bytes, client_nonce: bytes, session: bytes, lane: int, expect: bytes) -> bytes:
+    return server_nonce + client_nonce + session + struct.pack("<H", lane) + expect
 
 
-def client_proof(token: bytes, server_nonce: bytes, client_nonce: bytes, session: bytes, lane: int) -> bytes:
-    msg = _LABEL + b"client " + _transcript(server_nonce, client_nonce, session, lane)
+def client_proof(
+    token: bytes, server_nonce: bytes, client_nonce: bytes, session: bytes, lane: int, expect: bytes = b""
+) -> bytes:
+    """`expect`: the path the sender expects the receiver's file at (empty: no expectation)."""
+    msg = _LABEL + b"client " + _transcript(server_nonce, client_nonce, session, lane, expect)
     return hmac.new(token, msg, hashlib.sha256).digest()
 
 
-def server_proof(token: bytes, server_nonce: bytes, client_nonce: bytes, session: bytes, lane: int, welcome: bytes) -> bytes:
-    msg = _LABEL + b"server " + _transcript(server_nonce, client_nonce, session, lane) + welcome
+def server_proof(
+    token: bytes, server_nonce: bytes, client_nonce: bytes, session: bytes, lane: int, welcome: bytes, expect: bytes = b""
+) -> bytes:
+    msg = _LABEL + b"server " + _transcript(server_nonce, client_nonce, session, lane, expect) + bytes(welcome)
     return hmac.new(token, msg, hashlib.sha256).digest()
 
 

@@ -10,8 +10,10 @@ a single payload byte is read. Payload layouts (all integers little-endian):
 
     HELLO      client nonce[32] session id[16] lane u16
     CHALLENGE  server nonce[32]
-    AUTH       HMAC-SHA256 proof[32]
-    WELCOME    epoch[16] file size u64 page size u32 | proof[32]
+    AUTH       HMAC-SHA256 proof[32] | expected path (UTF-8, up to 4096 bytes, may be empty)
+    WELCOME    epoch[16] file size u64 page size u32 dev u64 inode u64
+               | errno i32 dev u64 inode u64 (what the expected path names there)
+               | path length u16 | the served file's real path | proof[32]
     PAGES      n_data u32 n_zero_runs u32 | data[n_data][page size] | index u64[n_data]
                | (first u64, count u64)[n_zero_runs]          seq = the batch number
     ACK        (empty)                                          seq = the batch written / CLEAR done
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -46,7 +49,8 @@ MAGIC = b"OP"
 VERSION = 2
 HEADER = struct.Struct("<2sBBIQ")
 HELLO = struct.Struct("<32s16sH")
-WELCOME = struct.Struct("<16sQI")
+WELCOME = struct.Struct("<16sQIQQiQQH")
+MAX_PATH_BYTES = 4096
 PROOF_BYTES = 32
 NONCE_BYTES = 32
 ROUND_END = struct.Struct("<IQ")
@@ -87,6 +91,48 @@ class Frame:
     kind: Kind
     seq: int
     payload: bytes | memoryview  # a view is valid until the next read from the same stream
+
+
+@dataclass(frozen=True)
+class FileId:
+    """A file as its host's kernel names it."""
+
+    dev: int
+    ino: int
+
+    def __str__(self) -> str:
+        return f"device {os.major(self.dev)}:{os.minor(self.dev)}, inode {self.ino}"
+
+
+@dataclass(frozen=True)
+class Welcome:
+    """What a receiver reports about itself and its RAM file, authenticated by its proof."""
+
+    epoch: bytes
+    file_size: int
+    page_size: int
+    file: FileId  # the file it serves (fstat of the fd it holds)
+    path: str  # that file's real path on the receiver's host
+    expected: FileId | None  # what the sender's expected path names on that host
+    expected_errno: int  # why it names nothing, when it does not
+
+    def encode(self) -> bytes:
+        path = self.path.encode(errors="surrogateescape")[:MAX_PATH_BYTES]
+        exp = self.expected or FileId(0, 0)
+        return WELCOME.pack(
+            self.epoch, self.file_size, self.page_size, self.file.dev, self.file.ino,
+            self.expected_errno, exp.dev, exp.ino, len(path),
+        ) + path
+
+    @classmethod
+    def decode(cls, body: bytes | memoryview) -> Welcome:
+        if len(body) < WELCOME.size:
+            raise ProtocolError(f"WELCOME of {len(body)} bytes is shorter than its fields")
+        epoch, size, page, dev, ino, err, edev, eino, n = WELCOME.unpack_from(body)
+        if len(body) != WELCOME.size + n:
+            raise ProtocolError(f"WELCOME is {len(body)} bytes, its path length says {WELCOME.size + n}")
+        path = bytes(body[WELCOME.size :]).decode(errors="surrogateescape")
+        return cls(epoch, size, page, FileId(dev, ino), path, None if err else FileId(edev, eino), err)
 
 
 def header(kind: Kind, seq: int, length: int) -> bytes:

@@ -14,6 +14,7 @@ change knows this receiver holds none of the earlier rounds.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import secrets
@@ -27,16 +28,18 @@ from .auth import NonceLedger, client_proof, same, server_proof
 from .inbound import Inbound
 from .protocol import (
     HELLO,
+    MAX_PATH_BYTES,
     MAX_PLANNED_RUNS,
     MAX_VERIFY_RANGES,
     NONCE_BYTES,
     PROOF_BYTES,
     ROUND_END,
-    WELCOME,
+    FileId,
     Kind,
     PageBatch,
     PeerError,
     ProtocolError,
+    Welcome,
     decode_pages,
     decode_ranges,
     digest_chunks,
@@ -88,6 +91,9 @@ class Receiver:
         except BaseException:
             os.close(self._fd)
             raise
+        st = os.fstat(self._fd)
+        self.file = FileId(st.st_dev, st.st_ino)
+        self.path = os.path.realpath(ram_path)
         self.file_pages = self.file_size // page_size
         self._maps = [mm]
         self.pages = view[: self.file_pages * page_size].reshape(self.file_pages, page_size)
@@ -173,19 +179,33 @@ class Receiver:
         server_nonce = secrets.token_bytes(NONCE_BYTES)
         writer.write(encode(Kind.CHALLENGE, 0, server_nonce))
         await writer.drain()
-        answer = exact(await read_frame(reader, {Kind.AUTH: PROOF_BYTES}), PROOF_BYTES)
-        if not same(answer, client_proof(self._token, server_nonce, client_nonce, session_id, lane)):
+        auth = bytes((await read_frame(reader, {Kind.AUTH: PROOF_BYTES + MAX_PATH_BYTES})).payload)
+        answer, expect = auth[:PROOF_BYTES], auth[PROOF_BYTES:]
+        if not same(answer, client_proof(self._token, server_nonce, client_nonce, session_id, lane, expect)):
             raise ProtocolError("authentication failed")
         if not self._nonces.fresh(client_nonce):
             raise ProtocolError("authentication failed: replayed client nonce")
         if lane >= MAX_LANES:
             raise ProtocolError(f"lane {lane} is beyond the {MAX_LANES} this receiver serves")
         session = await self._admit(session_id, lane, me)
-        body = WELCOME.pack(self.epoch, self.file_size, self.page_size)
-        proof = server_proof(self._token, server_nonce, client_nonce, session_id, lane, body)
+        body = self._welcome(expect).encode()
+        proof = server_proof(self._token, server_nonce, client_nonce, session_id, lane, body, expect)
         writer.write(encode(Kind.WELCOME, 0, body + proof))
         await writer.drain()
         return session, lane
+
+    def _welcome(self, expect: bytes) -> Welcome:
+        """This receiver's facts, and what the sender's expected path (the destination QEMU's
+        mem-path) names on this host: the sender compares the two. Only an authenticated
+        sender learns them."""
+        found, err = None, 0
+        if expect:
+            try:
+                st = os.stat(expect)  # following symlinks, as QEMU's open did
+                found = FileId(st.st_dev, st.st_ino)
+            except OSError as exc:
+                err = exc.errno or errno.ENOENT
+        return Welcome(self.epoch, self.file_size, self.page_size, self.file, self.path, found, err)
 
     async def _admit(self, session_id: bytes, lane: int, me: asyncio.Task) -> _Session:
         """Join or start the session; one at a time, unless the current one is abandoned."""

@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -47,6 +49,7 @@ from .protocol import (
     DIGEST_CHUNK,
     HELLO,
     MAX_BATCH_PAGES,
+    MAX_PATH_BYTES,
     NONCE_BYTES,
     PROOF_BYTES,
     ROUND_END,
@@ -56,6 +59,7 @@ from .protocol import (
     PlannedPages,
     PeerError,
     ProtocolError,
+    Welcome,
     decode_digests,
     digest_chunks,
     encode,
@@ -84,6 +88,37 @@ class ReceiverRestarted(SinkError):
 
 class ReceiverRefused(SinkError):
     """The receiver refused this sender (token, busy, protocol) or failed to prove the token."""
+
+
+class ReceiverWrongFile(SinkError):
+    """The receiver serves a file other than the one the destination QEMU maps."""
+
+
+@dataclass(frozen=True)
+class ExpectedFile:
+    """The destination QEMU's RAM file as QEMU reports it: its mem-path and backend size."""
+
+    path: Path
+    size: int
+
+    def check(self, receiver: Endpoint, w: Welcome) -> None:
+        """Refuse a receiver whose file is not this one. The receiver opened `path` on its
+        own host: the same device and inode as the file it has mapped means the same file."""
+        serves = f"receiver {receiver} serves {w.path}"
+        if w.expected is None:
+            raise ReceiverWrongFile(
+                f"{serves}, but the destination QEMU maps {self.path}, which the receiver cannot open "
+                f"({os.strerror(w.expected_errno)}): run the receiver on the destination QEMU's host with --ram {self.path}"
+            )
+        if w.expected != w.file:
+            raise ReceiverWrongFile(
+                f"{serves} ({w.file}), not the file the destination QEMU maps: {self.path} ({w.expected} "
+                f"on the receiver's host); run the receiver with --ram {self.path}"
+            )
+        if w.file_size != self.size:
+            raise ReceiverWrongFile(
+                f"{serves} of {w.file_size} bytes; the destination QEMU's RAM backend is {self.size} bytes"
+            )
 
 
 @dataclass(frozen=True)
@@ -166,9 +201,15 @@ class _Lane:
 class TcpSink:
     """Streams guest pages from the source RAM file to a `Receiver`. Open with `connect`."""
 
-    def __init__(self, layout: MemoryLayout, src_path: str, endpoint: Endpoint, token: bytes, options: TcpOptions) -> None:
+    def __init__(
+        self, layout: MemoryLayout, src_path: str, endpoint: Endpoint, token: bytes, options: TcpOptions,
+        expect: ExpectedFile | None = None,
+    ) -> None:
         self.page_size = layout.page_size
-        self.endpoint, self.options = endpoint, options
+        self.endpoint, self.options, self.expect = endpoint, options, expect
+        self._expect_path = os.fsencode(expect.path) if expect else b""
+        if len(self._expect_path) > MAX_PATH_BYTES:
+            raise SinkError(f"destination RAM path {expect.path} is longer than {MAX_PATH_BYTES} bytes")
         self.session = secrets.token_bytes(16)
         self.epoch: bytes | None = None
         self.pages_sent = self.reconnects = 0
@@ -188,11 +229,15 @@ class TcpSink:
         ]
 
     @classmethod
-    async def connect(cls, layout: MemoryLayout, src_path: str, endpoint: Endpoint, token: bytes, options: TcpOptions = TcpOptions()) -> TcpSink:
-        """Map the source, open every stream and authenticate both ways."""
+    async def connect(
+        cls, layout: MemoryLayout, src_path: str, endpoint: Endpoint, token: bytes, options: TcpOptions = TcpOptions(),
+        expect: ExpectedFile | None = None,
+    ) -> TcpSink:
+        """Map the source, open every stream and authenticate both ways; with `expect`, every
+        connection also proves the receiver serves that file, before any page is sent."""
         if options.streams < 1 or options.window < 1:
             raise ValueError(f"need at least one stream and a window of one frame, not {options.streams}/{options.window}")
-        sink = cls(layout, src_path, endpoint, token, options)
+        sink = cls(layout, src_path, endpoint, token, options, expect)
         try:
             await _first_error([sink._on_lane(lane, _connected) for lane in sink._lanes])
         except BaseException:
@@ -217,18 +262,26 @@ class TcpSink:
         return _Conn(reader, writer)
 
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, lane: int) -> None:
-        client_nonce = secrets.token_bytes(NONCE_BYTES)
+        client_nonce, expect = secrets.token_bytes(NONCE_BYTES), self._expect_path
         writer.write(encode(Kind.HELLO, 0, HELLO.pack(client_nonce, self.session, lane)))
         try:
             server_nonce = exact(await read_frame(reader, {Kind.CHALLENGE: NONCE_BYTES}), NONCE_BYTES)
-            writer.write(encode(Kind.AUTH, 0, client_proof(self._token, server_nonce, client_nonce, self.session, lane)))
-            welcome = exact(await read_frame(reader, {Kind.WELCOME: WELCOME.size + PROOF_BYTES}), WELCOME.size + PROOF_BYTES)
+            proof = client_proof(self._token, server_nonce, client_nonce, self.session, lane, expect)
+            writer.write(encode(Kind.AUTH, 0, proof + expect))
+            welcome = bytes((await read_frame(reader, {Kind.WELCOME: WELCOME.size + MAX_PATH_BYTES + PROOF_BYTES})).payload)
+            body, proof = welcome[:-PROOF_BYTES], welcome[-PROOF_BYTES:]
+            if not same(proof, server_proof(self._token, server_nonce, client_nonce, self.session, lane, body, expect)):
+                raise ReceiverRefused(f"receiver {self.endpoint} could not prove it holds the token")
+            w = Welcome.decode(body)
         except (PeerError, ProtocolError) as exc:
             raise ReceiverRefused(f"receiver {self.endpoint} refused the connection: {exc}") from None
-        body, proof = welcome[: WELCOME.size], welcome[WELCOME.size :]
-        if not same(proof, server_proof(self._token, server_nonce, client_nonce, self.session, lane, body)):
-            raise ReceiverRefused(f"receiver {self.endpoint} could not prove it holds the token")
-        epoch, size, page_size = WELCOME.unpack(body)
+        epoch, size, page_size = w.epoch, w.file_size, w.page_size
+        if self.expect is not None:
+            try:
+                self.expect.check(self.endpoint, w)
+            except ReceiverWrongFile:
+                writer.write(encode(Kind.BYE))  # ends the session: the receiver is free at once
+                raise
         if self.epoch is None:
             self.epoch = epoch
         elif epoch != self.epoch:

@@ -13,13 +13,14 @@ import pytest
 from orchestrator.memory import MemoryLayout
 from orchestrator.transport.auth import client_proof
 from orchestrator.transport.endpoint import Endpoint
-from orchestrator.transport.protocol import HELLO, NONCE_BYTES, Kind, encode, exact, read_frame
+from orchestrator.transport.protocol import HELLO, MAX_PATH_BYTES, NONCE_BYTES, PROOF_BYTES, WELCOME, Kind, encode, exact, read_frame
 from orchestrator.transport.receiver import Receiver
 from orchestrator.transport.tcp import Reconnect, TcpOptions, TcpSink
 
 PAGE = 4096
 NPAGES = 256
 TOKEN = b"test-token-0123456789abcdef"
+WELCOME_LIMIT = WELCOME.size + MAX_PATH_BYTES + PROOF_BYTES
 FAST = TcpOptions(streams=2, reconnect=Reconnect(attempts=3, first_delay_s=0.01, max_delay_s=0.05), ack_timeout_s=5)
 
 
@@ -89,7 +90,7 @@ class RawClient:
     async def login(self, token: bytes = TOKEN, lane: int = 0) -> None:
         server_nonce = await self.hello(lane=lane)
         self.send(encode(Kind.AUTH, 0, client_proof(token, server_nonce, self.nonce, self.session, lane)))
-        await read_frame(self.reader, {Kind.WELCOME: 128})
+        await read_frame(self.reader, {Kind.WELCOME: WELCOME_LIMIT})
 
     async def reply(self, accept: dict[Kind, int]):
         return await read_frame(self.reader, accept)

@@ -17,12 +17,12 @@ from orchestrator.transport.protocol import HEADER, VERSION, Kind, PageBatch, Pe
 from orchestrator.transport.receiver import Receiver
 from orchestrator.transport.tcp import ReceiverRefused
 
-from .conftest import NPAGES, PAGE, TOKEN, RawClient, open_sink, ram
+from .conftest import NPAGES, PAGE, TOKEN, WELCOME_LIMIT, RawClient, open_sink, ram
 
 
 async def refused(client: RawClient, match: str) -> None:
     with pytest.raises(PeerError, match=match):
-        await client.reply({Kind.ACK: 0, Kind.WELCOME: 128, Kind.CHALLENGE: 32})
+        await client.reply({Kind.ACK: 0, Kind.WELCOME: WELCOME_LIMIT, Kind.CHALLENGE: 32})
     assert await client.reader.read() == b""  # and it hung up
     client.close()
 

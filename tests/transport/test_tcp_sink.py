@@ -15,7 +15,15 @@ from orchestrator.transport.auth import load_token, write_token
 from orchestrator.transport.bucket import TokenBucket
 from orchestrator.transport.endpoint import Endpoint, client_context, parse_endpoint, server_context
 from orchestrator.transport.receiver import Receiver
-from orchestrator.transport.tcp import ReceiverGone, ReceiverRefused, ReceiverRestarted, TcpOptions, TcpSink
+from orchestrator.transport.tcp import (
+    ExpectedFile,
+    ReceiverGone,
+    ReceiverRefused,
+    ReceiverRestarted,
+    ReceiverWrongFile,
+    TcpOptions,
+    TcpSink,
+)
 
 from .conftest import FAST, NPAGES, PAGE, TOKEN, open_sink, ram
 
@@ -240,6 +248,35 @@ async def test_receiver_file_too_small_is_a_clear_error(tmp_path):
         host, port = await receiver.start("127.0.0.1", 0)
         with pytest.raises(Exception, match=f"serves {8 * PAGE} bytes .* the guest needs {NPAGES * PAGE}"):
             await open_sink(tmp_path, Endpoint(host, port))
+
+
+async def test_receiver_serving_another_file_of_the_right_size_is_refused(served, tmp_path):
+    """The destination QEMU maps one file, the receiver serves another of the same size: the
+    sender refuses in the handshake, naming both, and nothing is written anywhere."""
+    qemus = ram(tmp_path / "qemus.ram")
+    src = ram(tmp_path / "src", np.ones(NPAGES * PAGE, np.uint8))
+    before = served.held()
+    with pytest.raises(ReceiverWrongFile, match=rf"serves {served.dst} .*not the file the destination QEMU maps: {qemus}"):
+        await TcpSink.connect(MemoryLayout.flat(NPAGES * PAGE), str(src), served.endpoint, TOKEN, FAST,
+                              expect=ExpectedFile(qemus, NPAGES * PAGE))
+    assert np.array_equal(served.held(), before) and not np.fromfile(qemus, np.uint8).any()
+
+
+async def test_receiver_file_checked_by_identity_not_by_name(served, tmp_path):
+    """A symlink to the receiver's file is the same file; a path missing on the receiver's
+    host, or a size other than QEMU's, is refused."""
+    src = ram(tmp_path / "src", np.ones(NPAGES * PAGE, np.uint8))
+    layout = MemoryLayout.flat(NPAGES * PAGE)
+    link = tmp_path / "link.ram"
+    link.symlink_to(served.dst)
+    sink = await TcpSink.connect(layout, str(src), served.endpoint, TOKEN, FAST, expect=ExpectedFile(link, NPAGES * PAGE))
+    sink.close()
+    await asyncio.wait_for(served.receiver.finished.wait(), 10)
+    missing = tmp_path / "gone.ram"
+    with pytest.raises(ReceiverWrongFile, match=rf"{missing}, which the receiver cannot open \(No such file"):
+        await TcpSink.connect(layout, str(src), served.endpoint, TOKEN, FAST, expect=ExpectedFile(missing, NPAGES * PAGE))
+    with pytest.raises(ReceiverWrongFile, match=rf"{NPAGES * PAGE} bytes; the destination QEMU's RAM backend is {2 * NPAGES * PAGE}"):
+        await TcpSink.connect(layout, str(src), served.endpoint, TOKEN, FAST, expect=ExpectedFile(served.dst, 2 * NPAGES * PAGE))
 
 
 @pytest.fixture
