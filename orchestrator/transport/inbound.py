@@ -5,6 +5,8 @@ then out into a fresh `bytes` per `readexactly`), which halves a receiver's thro
 multi-megabyte frames. This protocol has the same `readexactly`/`write`/`drain`/`close` surface
 the receiver uses, but `readexactly` returns a view into one preallocated buffer, valid until
 the next read, and the transport receives into that buffer directly (`BufferedProtocol`).
+The buffer starts small (what a handshake needs) and grows by `reserve` once the peer has
+authenticated, so a connection nobody vouched for costs kilobytes, not megabytes.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from typing import Any
 
 class Inbound(asyncio.BufferedProtocol):
     def __init__(self, capacity: int, serve: Callable[[Inbound], Coroutine[Any, Any, None]]) -> None:
-        """`capacity`: the largest read plus room to receive the next one meanwhile;
-        `serve(self)` runs as a task once the connection is made."""
+        """`capacity`: the largest read plus room to receive the next one meanwhile (until
+        `reserve`); `serve(self)` runs as a task once the connection is made."""
         self._buf = bytearray(capacity)
         self._view = memoryview(self._buf)
         self._start = self._end = 0  # unread bytes are _buf[_start:_end]
@@ -67,6 +69,20 @@ class Inbound(asyncio.BufferedProtocol):
         self._can_write.set()
 
     # --- the reader/writer surface -----------------------------------------------------------
+
+    def reserve(self, capacity: int) -> None:
+        """Grow the buffer to `capacity`, keeping the unread bytes. A view an earlier read
+        returned keeps the old buffer alive while it is held."""
+        if capacity <= len(self._buf):
+            return
+        buf = bytearray(capacity)
+        unread = self._end - self._start
+        buf[:unread] = self._view[self._start : self._end]
+        self._buf, self._view = buf, memoryview(buf)
+        self._start, self._end = 0, unread
+        if self._paused:
+            self._paused = False
+            self.transport.resume_reading()
 
     async def readexactly(self, n: int) -> memoryview:
         if n > len(self._buf):

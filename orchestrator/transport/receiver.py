@@ -9,6 +9,12 @@ connection can land after a resend on the new one.
 
 The receiver's epoch (random, per process) goes out in every WELCOME: a sender that sees it
 change knows this receiver holds none of the earlier rounds.
+
+Connections nobody has authenticated yet are cheap and bounded: each reads into a small
+buffer (`HANDSHAKE_BUFFER`) and at most `max_pending` are kept; a new one beyond that drops
+the oldest, so idle or slow connections can delay a real sender by one reconnect at worst,
+never lock it out. Only an authenticated connection gets its frame-sized buffer, and at most
+`max_connections` of those are served.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from ..pagehash import page_hashes
 from .auth import NonceLedger, client_proof, same, server_proof
 from .inbound import Inbound
 from .protocol import (
+    HEADER,
     HELLO,
     MAX_PATH_BYTES,
     MAX_PLANNED_RUNS,
@@ -57,6 +64,9 @@ log = logging.getLogger(__name__)
 
 MAX_LANES = 64
 EPOCH_BYTES = 16
+MAX_PENDING = 128  # unauthenticated connections kept at once
+# Room for the largest handshake frame (AUTH) and the next one arriving.
+HANDSHAKE_BUFFER = 2 * (HEADER.size + PROOF_BYTES + MAX_PATH_BYTES)
 
 
 @dataclass
@@ -82,7 +92,11 @@ class Receiver:
         handshake_timeout_s: float = 10.0,
         idle_timeout_s: float = 60.0,
         max_connections: int = 64,
+        max_pending: int = MAX_PENDING,
     ) -> None:
+        """`max_connections`: authenticated connections served at once (beyond that one is
+        refused); `max_pending`: connections still in their handshake (beyond that the
+        oldest is dropped)."""
         self.page_size = page_size
         self._fd = open_ram(ram_path, writable=True)  # kept: CLEAR punches holes through it
         try:
@@ -105,8 +119,10 @@ class Receiver:
         self._handshake_timeout = handshake_timeout_s
         self._idle_timeout = idle_timeout_s
         self._max_connections = max_connections
+        self._max_pending = max_pending
         self._nonces = NonceLedger()
-        self._connections: set[asyncio.Task] = set()
+        self._connections: set[asyncio.Task] = set()  # authenticated
+        self._pending: dict[asyncio.Task, None] = {}  # in their handshake, oldest first
         self._server: asyncio.Server | None = None
         self._accept = {
             Kind.PAGES: pages_limit(page_size),
@@ -118,18 +134,18 @@ class Receiver:
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Listen; returns the bound address (port 0 picks a free one)."""
-        capacity = 2 * frame_bytes(self.page_size)  # a whole frame, and the next arriving
         self._server = await asyncio.get_running_loop().create_server(
-            lambda: Inbound(capacity, lambda conn: self.serve(conn, conn)), host, port, ssl=self._ssl
+            lambda: Inbound(HANDSHAKE_BUFFER, lambda conn: self.serve(conn, conn)), host, port, ssl=self._ssl
         )
         return self._server.sockets[0].getsockname()[:2]
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        for task in list(self._connections):
+        tasks = [*self._pending, *self._connections]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.pages = np.empty((0, self.page_size), np.uint8)
         release(self._maps)
         if self._fd >= 0:
@@ -145,10 +161,12 @@ class Receiver:
     async def serve(self, reader: asyncio.StreamReader | Inbound, writer: asyncio.StreamWriter | Inbound) -> None:
         me = asyncio.current_task()
         peer = writer.get_extra_info("peername")
-        if len(self._connections) >= self._max_connections:
-            await _refuse(writer, "too many connections")
-            return
-        self._connections.add(me)
+        self._pending[me] = None
+        if len(self._pending) > self._max_pending:
+            oldest = next(iter(self._pending))
+            del self._pending[oldest]
+            oldest.cancel()  # its connection closes: a sender there reconnects
+            log.warning("%d connections in their handshake: dropped the oldest", self._max_pending)
         session: _Session | None = None
         lane = -1
         try:
@@ -166,6 +184,7 @@ class Receiver:
         except (asyncio.IncompleteReadError, OSError):
             log.info("%s: connection dropped (lane %d)", peer, lane)
         finally:
+            self._pending.pop(me, None)
             self._connections.discard(me)
             if session is not None and session.lanes.get(lane) is me:
                 del session.lanes[lane]
@@ -187,6 +206,12 @@ class Receiver:
             raise ProtocolError("authentication failed: replayed client nonce")
         if lane >= MAX_LANES:
             raise ProtocolError(f"lane {lane} is beyond the {MAX_LANES} this receiver serves")
+        self._pending.pop(me, None)
+        if len(self._connections) >= self._max_connections:
+            raise ProtocolError("too many connections")
+        self._connections.add(me)
+        if isinstance(reader, Inbound):
+            reader.reserve(2 * frame_bytes(self.page_size))  # a whole frame, and the next arriving
         session = await self._admit(session_id, lane, me)
         body = self._welcome(expect).encode()
         proof = server_proof(self._token, server_nonce, client_nonce, session_id, lane, body, expect)
