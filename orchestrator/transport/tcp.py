@@ -304,7 +304,11 @@ class TcpSink:
                     lane.conn = await self._open(lane)
                 return await op(lane.conn)
             except ssl.SSLCertVerificationError as exc:
-                raise ReceiverRefused(f"receiver {self.endpoint}: {exc}") from None
+                name = self.options.server_hostname or self.endpoint.host
+                raise ReceiverRefused(
+                    f"receiver {self.endpoint}: its TLS certificate failed verification for server name '{name}': "
+                    f"{exc.verify_message}; it must be signed by the CA given and name '{name}' (or give the name it carries)"
+                ) from None
             except _TRANSIENT as exc:
                 lane.drop()
                 failures = 1 if lane.progressed else failures + 1
