@@ -46,7 +46,7 @@ class Totals:
 
 
 def pytest_args(selection: list[str]) -> list[str]:
-    return ["-q", "-m", "realkernel", f"--junitxml={JUNIT.relative_to(ROOT)}", *selection]
+    return ["-q", "--color=no", "-m", "realkernel", f"--junitxml={JUNIT.relative_to(ROOT)}", *selection]
 
 
 def expected_count(selection: list[str]) -> int:
@@ -71,7 +71,7 @@ def qemu_command(kernel: Path, initrd: Path, args: list[str], memory: str, cpus:
         "qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-smp", str(cpus), "-m", memory,
         "-nodefaults", "-display", "none", "-no-reboot", "-serial", "stdio",
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
-        "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on",
+        "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
         "-virtfs", f"local,path={RESULTS},mount_tag=results,security_model=none",
     ]  # fmt: skip
 
