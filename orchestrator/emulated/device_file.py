@@ -79,10 +79,14 @@ class DeviceFile:
             self.iommufd.unbind(self.idev)
         self.kernel.device_closed(self.model)
 
+    def _known(self, flags: int) -> int:
+        """The flags this kernel's cdev ioctls accept: none before they grew any."""
+        return flags if self.kernel.cdev_flags else 0
+
     def _bind(self, user: IoctlArg) -> int:
         minsz = offsetofend(vfio_device_bind_iommufd, "out_devid")
         bind = user.read_prefix(vfio_device_bind_iommufd, minsz)
-        if bind.argsz < minsz or bind.flags & ~VFIO_DEVICE_BIND_FLAG_TOKEN or bind.iommufd < 0:
+        if bind.argsz < minsz or bind.flags & ~self._known(VFIO_DEVICE_BIND_FLAG_TOKEN) or bind.iommufd < 0:
             raise kernel_error(errno.EINVAL)
         if not self.cdev or self.idev is not None:
             raise kernel_error(errno.EINVAL)  # group fds never bind; "cannot be bound twice"
@@ -99,7 +103,7 @@ class DeviceFile:
     def _attach(self, user: IoctlArg) -> int:
         minsz = offsetofend(vfio_device_attach_iommufd_pt, "pt_id")
         attach = user.read_prefix(vfio_device_attach_iommufd_pt, minsz)
-        if attach.argsz < minsz or attach.flags & ~VFIO_DEVICE_ATTACH_PASID:
+        if attach.argsz < minsz or attach.flags & ~self._known(VFIO_DEVICE_ATTACH_PASID):
             raise kernel_error(errno.EINVAL)
         if attach.flags & VFIO_DEVICE_ATTACH_PASID:
             raise kernel_error(errno.EOPNOTSUPP)  # no pasid_attach_ioas on these devices
@@ -111,7 +115,7 @@ class DeviceFile:
     def _detach(self, user: IoctlArg) -> int:
         minsz = offsetofend(vfio_device_detach_iommufd_pt, "flags")
         detach = user.read_prefix(vfio_device_detach_iommufd_pt, minsz)
-        if detach.argsz < minsz or detach.flags & ~VFIO_DEVICE_DETACH_PASID:
+        if detach.argsz < minsz or detach.flags & ~self._known(VFIO_DEVICE_DETACH_PASID):
             raise kernel_error(errno.EINVAL)
         if detach.flags & VFIO_DEVICE_DETACH_PASID:
             raise kernel_error(errno.EOPNOTSUPP)

@@ -32,10 +32,15 @@ class KernelFile(Protocol):
 
 
 class EmulatedKernel:
-    """`page_size` is the kernel's PAGE_SIZE: it sets LOG_MAX_RANGES and the IOAS alignment."""
+    """`page_size` is the kernel's PAGE_SIZE: it sets LOG_MAX_RANGES and the IOAS alignment.
 
-    def __init__(self, page_size: int = 4096) -> None:
+    `cdev_flags`: the cdev BIND/ATTACH/DETACH ioctls know their flags (BIND_FLAG_TOKEN,
+    ATTACH/DETACH_PASID), as recent kernels do. False is Linux 6.12 (the real-kernel lab's),
+    where each of them requires flags == 0 and any flag is EINVAL."""
+
+    def __init__(self, page_size: int = 4096, cdev_flags: bool = True) -> None:
         self.page_size = page_size
+        self.cdev_flags = cdev_flags
         self.log_max_ranges = log_max_ranges(page_size)
         self._files: dict[int, KernelFile] = {}
         self._open_count: dict[int, int] = {}  # id(model) -> open device fds

@@ -13,6 +13,7 @@ EOPNOTSUPP, the faults) are those of the mlx5 model, which the module implements
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import struct
 from collections.abc import Callable
@@ -44,7 +45,7 @@ from tests.emulated.util import (
     report_arg,
 )
 
-from .lab import Caps, Device, Kind, Lab
+from .lab import Caps, Device, HwptRig, Kind, Lab, map_user
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 PAGE = 4096
@@ -189,6 +190,61 @@ def feature_outside_the_core_on_mtty(lab):
 @case(errno.ENOTTY)
 def unknown_device_ioctl(lab):
     return ioctl_errno(lab, mtty(lab).fd, NO_SUCH_IOCTL, bytearray(32))
+
+
+# -- the cdev: binding and attaching ------------------------------------------------------
+
+
+def bind_arg(iommufd: int, flags: int = 0, argsz: int = 16) -> bytearray:
+    return bytearray(bytes(uapi.vfio_device_bind_iommufd(argsz=argsz, flags=flags, iommufd=iommufd)))
+
+
+@case([errno.EINVAL, errno.EINVAL, errno.EINVAL, errno.EBADF, 0, errno.EINVAL])
+def cdev_bind_table(lab):
+    """Nothing works before BIND; BIND wants argsz >= 16, an open fd >= 0, and binds once."""
+    fd, iommufd = lab.unbound(Kind.MTTY), lab.iommufd()
+    return [
+        ioctl_errno(lab, fd, FEATURE, feature(PROBE | SET | START)),
+        ioctl_errno(lab, fd, uapi.VFIO_DEVICE_BIND_IOMMUFD, bind_arg(iommufd, argsz=15)),
+        ioctl_errno(lab, fd, uapi.VFIO_DEVICE_BIND_IOMMUFD, bind_arg(-1)),
+        ioctl_errno(lab, fd, uapi.VFIO_DEVICE_BIND_IOMMUFD, bind_arg(1000)),
+        ioctl_errno(lab, fd, uapi.VFIO_DEVICE_BIND_IOMMUFD, bind_arg(iommufd)),
+        ioctl_errno(lab, fd, uapi.VFIO_DEVICE_BIND_IOMMUFD, bind_arg(iommufd)),
+    ]
+
+
+@case(errno.EBADFD)
+def cdev_bind_to_a_file_that_is_not_an_iommufd(lab):
+    fd, other = lab.unbound(Kind.MTTY), lab.unbound(Kind.MTTY)
+    return ioctl_errno(lab, fd, uapi.VFIO_DEVICE_BIND_IOMMUFD, bind_arg(other))
+
+
+@case([errno.EINVAL, errno.EINVAL, errno.EINVAL])
+def cdev_flags_are_einval_on_6_12(lab):
+    """Linux 6.12 has no BIND_FLAG_TOKEN and no PASID attach: every flag is EINVAL (newer
+    kernels: TOKEN binds, PASID is EOPNOTSUPP on these devices)."""
+    fd, iommufd = lab.unbound(Kind.MTTY), lab.iommufd()
+    token = UserMem(16)
+    bind = bytearray(bytes(uapi.vfio_device_bind_iommufd(argsz=24, flags=uapi.VFIO_DEVICE_BIND_FLAG_TOKEN,
+                                                         iommufd=iommufd, token_uuid_ptr=token.addr)))
+    dev = mtty(lab)
+    attach = bytearray(bytes(uapi.vfio_device_attach_iommufd_pt(argsz=16, flags=uapi.VFIO_DEVICE_ATTACH_PASID,
+                                                                pt_id=dev.ioas_id)))
+    detach = bytearray(bytes(uapi.vfio_device_detach_iommufd_pt(argsz=12, flags=uapi.VFIO_DEVICE_DETACH_PASID)))
+    return [ioctl_errno(lab, fd, uapi.VFIO_DEVICE_BIND_IOMMUFD, bind),
+            ioctl_errno(lab, dev.fd, uapi.VFIO_DEVICE_ATTACH_IOMMUFD_PT, attach),
+            ioctl_errno(lab, dev.fd, uapi.VFIO_DEVICE_DETACH_IOMMUFD_PT, detach)]
+
+
+@case([errno.EINVAL, errno.ENOENT, 0])
+def cdev_attach_table(lab):
+    dev = mtty(lab)
+
+    def attach(pt_id: int, argsz: int = 12) -> int:
+        arg = bytearray(bytes(uapi.vfio_device_attach_iommufd_pt(argsz=argsz, pt_id=pt_id)))
+        return ioctl_errno(lab, dev.fd, uapi.VFIO_DEVICE_ATTACH_IOMMUFD_PT, arg)
+
+    return [attach(dev.ioas_id, argsz=11), attach(999), attach(dev.ioas_id)]
 
 
 # -- PROBE ------------------------------------------------------------------------------------
@@ -629,3 +685,109 @@ def mig_p2p_arcs(lab):
     with data_fd(lab, dev, S.VFIO_DEVICE_STATE_PRE_COPY_P2P):
         out.append(mig_get(lab, dev) == S.VFIO_DEVICE_STATE_PRE_COPY_P2P)
     return out + [mig_set(lab, dev, S.VFIO_DEVICE_STATE_RUNNING), mig_get(lab, dev)]
+
+
+# -- IOMMUFD dirty tracking (the selftest's mock domain on the real side) ---------------------
+
+APERTURE = 1 << 24  # MOCK_APERTURE_START: where the mock domain maps
+NO_CLEAR = uapi.IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR
+
+
+def hwpt_mapped(lab: Lab, areas: tuple[tuple[int, int], ...] = ((0, 128 * PAGE),)) -> HwptRig:
+    """A rig with user memory mapped at APERTURE + offset for each (offset, length)."""
+    rig = lab.hwpt()
+    for offset, length in areas:
+        mem = UserMem(length)
+        map_user(lab.sys, rig.iommufd, rig.ioas_id, mem.addr, length, APERTURE + offset)
+        rig.memory.append(mem)
+    return rig
+
+
+def set_tracking(lab: Lab, rig: HwptRig, enable: bool, hwpt_id: int | None = None, flags: int | None = None) -> int:
+    f = (uapi.IOMMU_HWPT_DIRTY_TRACKING_ENABLE if enable else 0) if flags is None else flags
+    cmd = uapi.iommu_hwpt_set_dirty_tracking(size=ctypes.sizeof(uapi.iommu_hwpt_set_dirty_tracking), flags=f,
+                                             hwpt_id=rig.hwpt_id if hwpt_id is None else hwpt_id)
+    return ioctl_errno(lab, rig.iommufd, uapi.IOMMU_HWPT_SET_DIRTY_TRACKING, bytearray(bytes(cmd)))
+
+
+def get_dirty(lab: Lab, rig: HwptRig, offset: int, length: int, page_size: int = PAGE, flags: int = 0,
+              hwpt_id: int | None = None) -> int | list[int]:
+    """GET_DIRTY_BITMAP of [APERTURE + offset, +length): the set bits, or the errno."""
+    mem = UserMem(-(-length // max(page_size, PAGE)) // 8 + 2 * PAGE)
+    cmd = uapi.iommu_hwpt_get_dirty_bitmap(
+        size=ctypes.sizeof(uapi.iommu_hwpt_get_dirty_bitmap), hwpt_id=rig.hwpt_id if hwpt_id is None else hwpt_id,
+        flags=flags, iova=(APERTURE + offset) & (2**64 - 1), length=length, page_size=page_size, data=mem.addr)
+    err = ioctl_errno(lab, rig.iommufd, uapi.IOMMU_HWPT_GET_DIRTY_BITMAP, bytearray(bytes(cmd)))
+    return err or np.flatnonzero(mem.bits(0, mem.size * 8)).tolist()
+
+
+def tracking_rig(lab: Lab, areas: tuple[tuple[int, int], ...] = ((0, 128 * PAGE),)) -> HwptRig:
+    rig = hwpt_mapped(lab, areas)
+    assert set_tracking(lab, rig, True) == 0
+    return rig
+
+
+@case([[0, 5, 6, 63], []])
+def hwpt_bits_and_read_clears(lab):
+    rig = tracking_rig(lab)
+    for iova, length in ((0, 1), (5 * PAGE + 2048, 2049), (63 * PAGE + 4095, 1)):
+        rig.dirty(APERTURE + iova, length)
+    return [get_dirty(lab, rig, 0, 128 * PAGE), get_dirty(lab, rig, 0, 128 * PAGE)]
+
+
+@case([[3, 9], [3, 9], [3, 9], []])
+def hwpt_no_clear_reads_without_clearing(lab):
+    rig = tracking_rig(lab)
+    rig.dirty(APERTURE + 3 * PAGE, 1)
+    rig.dirty(APERTURE + 9 * PAGE, PAGE)
+    return [get_dirty(lab, rig, 0, 64 * PAGE, flags=NO_CLEAR), get_dirty(lab, rig, 0, 64 * PAGE, flags=NO_CLEAR),
+            get_dirty(lab, rig, 0, 64 * PAGE), get_dirty(lab, rig, 0, 64 * PAGE)]
+
+
+@case([[0, 1], [1]])
+def hwpt_walk_stops_at_an_unmapped_gap(lab):
+    """Two areas with a 64 KiB hole: a query across it reports the first area only (the walk
+    ends at the hole and the ioctl still succeeds); the second is reported by its own query."""
+    rig = tracking_rig(lab, ((0, 16 * PAGE), (32 * PAGE, 16 * PAGE)))
+    rig.dirty(APERTURE + PAGE, 1)
+    rig.dirty(APERTURE + 33 * PAGE, 1)
+    rig.dirty(APERTURE, 1)
+    return [get_dirty(lab, rig, 0, 48 * PAGE), get_dirty(lab, rig, 32 * PAGE, 16 * PAGE)]
+
+
+@case([[2, 5], []])
+def hwpt_bits_merged_at_a_larger_page_size(lab):
+    rig = tracking_rig(lab)
+    rig.dirty(APERTURE + 2 * 16 * PAGE + 7 * PAGE, 1)
+    rig.dirty(APERTURE + 5 * 16 * PAGE, 1)
+    return [get_dirty(lab, rig, 0, 8 * 16 * PAGE, page_size=16 * PAGE), get_dirty(lab, rig, 0, 128 * PAGE)]
+
+
+@case([0, [], 0, []])
+def hwpt_tracking_off_reports_nothing_and_enabling_clears(lab):
+    rig = tracking_rig(lab)
+    rig.dirty(APERTURE + 4 * PAGE, 1)
+    off = set_tracking(lab, rig, False)
+    while_off = get_dirty(lab, rig, 0, 64 * PAGE)
+    return [off, while_off, set_tracking(lab, rig, True), get_dirty(lab, rig, 0, 64 * PAGE)]
+
+
+@case([errno.EOPNOTSUPP, errno.EINVAL, errno.EINVAL, errno.EINVAL, errno.EOVERFLOW, errno.ENOENT, errno.EOPNOTSUPP])
+def hwpt_get_dirty_bitmap_errors(lab):
+    rig = tracking_rig(lab)
+    return [
+        get_dirty(lab, rig, 0, 64 * PAGE, flags=2),
+        get_dirty(lab, rig, 1024, 64 * PAGE),  # iova off the IOAS alignment
+        get_dirty(lab, rig, 0, 64 * PAGE, page_size=0),
+        get_dirty(lab, rig, 0, 3 * PAGE, page_size=2 * PAGE),  # end off the page size
+        get_dirty(lab, rig, 2**64 - APERTURE - PAGE, 2 * PAGE),
+        get_dirty(lab, rig, 0, 64 * PAGE, hwpt_id=999),
+        get_dirty(lab, rig, 0, 64 * PAGE, hwpt_id=rig.plain_hwpt_id),  # no dirty ops
+    ]
+
+
+@case([errno.EOPNOTSUPP, errno.ENOENT, errno.EOPNOTSUPP])
+def hwpt_set_dirty_tracking_errors(lab):
+    rig = hwpt_mapped(lab)
+    return [set_tracking(lab, rig, True, flags=2), set_tracking(lab, rig, True, hwpt_id=999),
+            set_tracking(lab, rig, True, hwpt_id=rig.plain_hwpt_id)]

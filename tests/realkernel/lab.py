@@ -14,7 +14,7 @@ import ctypes
 import enum
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +23,8 @@ from typing import Protocol
 from orchestrator import uapi
 from orchestrator.emulated import EmulatedKernel, Fault, Mlx5Like, MttySample
 from orchestrator.vfio import RealSyscalls, Syscalls
+
+from . import iommufd_test as T
 
 
 class Kind(enum.Enum):
@@ -59,11 +61,31 @@ class Device(Protocol):
         """The next START reaching the driver fails with `code`."""
 
 
+@dataclass
+class HwptRig:
+    """An IOAS with a dirty-tracking HWPT (`hwpt_id`) that a device is attached to, and a
+    HWPT without dirty tracking (`plain_hwpt_id`) on the same IOAS. `dirty(iova, length)`:
+    the device writes there, which sets the dirty bit of every IO page it touches (IO pages
+    of 2 KiB: the selftest's mock domain, which the emulated device copies)."""
+
+    iommufd: int
+    ioas_id: int
+    hwpt_id: int
+    plain_hwpt_id: int
+    dirty: Callable[[int, int], object]
+    memory: list[object] = field(default_factory=list)  # user memory mapped into the IOAS, kept alive
+
+
 class Lab(Protocol):
     sys: Syscalls
     page_size: int
 
+    def hwpt(self) -> HwptRig: ...
+
     def device(self, kind: Kind, caps: Caps = Caps()) -> Device: ...
+
+    def unbound(self, kind: Kind) -> int:
+        """A fresh device's cdev fd, not bound to any iommufd."""
 
     def iommufd(self) -> int: ...
 
@@ -82,6 +104,12 @@ def bind(sys: Syscalls, fd: int, iommufd: int) -> tuple[int, int]:
     ioas = ioctl_struct(sys, iommufd, uapi.IOMMU_IOAS_ALLOC, uapi.iommu_ioas_alloc(size=12))
     ioctl_struct(sys, fd, uapi.VFIO_DEVICE_ATTACH_IOMMUFD_PT, uapi.vfio_device_attach_iommufd_pt(argsz=12, pt_id=ioas.out_ioas_id))
     return bound.out_devid, ioas.out_ioas_id
+
+
+def hwpt_alloc(sys: Syscalls, iommufd: int, dev_id: int, ioas_id: int, dirty: bool) -> int:
+    flags = uapi.IOMMU_HWPT_ALLOC_DIRTY_TRACKING if dirty else 0
+    req = uapi.iommu_hwpt_alloc(size=ctypes.sizeof(uapi.iommu_hwpt_alloc), flags=flags, dev_id=dev_id, pt_id=ioas_id)
+    return ioctl_struct(sys, iommufd, uapi.IOMMU_HWPT_ALLOC, req).out_hwpt_id
 
 
 def map_user(sys: Syscalls, iommufd: int, ioas_id: int, addr: int, length: int, iova: int) -> None:
@@ -128,23 +156,39 @@ class EmulatedLab:
     sys: EmulatedKernel = field(init=False)
 
     def __post_init__(self) -> None:
-        self.sys = EmulatedKernel(self.page_size)
+        self.sys = EmulatedKernel(self.page_size, cdev_flags=False)  # Linux 6.12
 
     def iommufd(self) -> int:
         return self.sys.open_iommufd()
 
-    def device(self, kind: Kind, caps: Caps = Caps()) -> EmulatedDevice:
+    @staticmethod
+    def _model(kind: Kind, caps: Caps) -> Mlx5Like | MttySample:
         if kind is Kind.MTTY:
-            model: Mlx5Like | MttySample = MttySample(nr_ports=2)
-        else:
-            model = Mlx5Like(
-                max_ranges=caps.max_ranges,
-                min_page_size=caps.min_page_size,
-                max_page_size=caps.max_page_size,
-                min_addr_space=caps.min_addr_space,
-                max_addr_space=caps.max_addr_space,
-                migration_flags=0,
-            )
+            return MttySample(nr_ports=2)
+        return Mlx5Like(
+            max_ranges=caps.max_ranges,
+            min_page_size=caps.min_page_size,
+            max_page_size=caps.max_page_size,
+            min_addr_space=caps.min_addr_space,
+            max_addr_space=caps.max_addr_space,
+            migration_flags=0,
+        )
+
+    def unbound(self, kind: Kind) -> int:
+        return self.sys.open_device(self._model(kind, Caps()), cdev=True)
+
+    def hwpt(self) -> HwptRig:
+        model = Mlx5Like(migration_flags=0, iommu_page_size=T.MOCK_IO_PAGE)
+        fd = self.sys.open_device(model, cdev=True)
+        iommufd = self.iommufd()
+        dev_id, ioas_id = bind(self.sys, fd, iommufd)
+        hwpt_id = hwpt_alloc(self.sys, iommufd, dev_id, ioas_id, dirty=True)
+        plain = hwpt_alloc(self.sys, iommufd, dev_id, ioas_id, dirty=False)
+        ioctl_struct(self.sys, fd, uapi.VFIO_DEVICE_ATTACH_IOMMUFD_PT, uapi.vfio_device_attach_iommufd_pt(argsz=12, pt_id=hwpt_id))
+        return HwptRig(iommufd, ioas_id, hwpt_id, plain, model.dma_write)
+
+    def device(self, kind: Kind, caps: Caps = Caps()) -> EmulatedDevice:
+        model = self._model(kind, caps)
         fd = self.sys.open_device(model, cdev=True)
         iommufd = self.iommufd()
         return EmulatedDevice(fd, iommufd, *bind(self.sys, fd, iommufd), model)
@@ -218,7 +262,7 @@ class RealLab:
         self._cleanup.callback(os.close, fd)
         return fd
 
-    def device(self, kind: Kind, caps: Caps = Caps()) -> RealDevice:
+    def _open(self, kind: Kind, caps: Caps) -> tuple[str, int]:
         uuid = _create_mdev(kind)
         self._cleanup.callback((MDEV_DEVICES / uuid / "remove").write_text, "1")
         if kind is Kind.DIRTYDEV:
@@ -226,6 +270,24 @@ class RealLab:
                 (DIRTYDEV_DEBUGFS / uuid / name).write_text(str(value))
         fd = os.open(_cdev_of(uuid), os.O_RDWR)
         self._cleanup.callback(os.close, fd)
+        return uuid, fd
+
+    def unbound(self, kind: Kind) -> int:
+        return self._open(kind, Caps())[1]
+
+    def hwpt(self) -> HwptRig:
+        """The selftest's iommufd_dirty_tracking fixture: a mock device on the IOAS to
+        allocate the HWPTs with, and one attached to the dirty-tracking HWPT."""
+        iommufd = self.iommufd()
+        ioas_id = ioctl_struct(self.sys, iommufd, uapi.IOMMU_IOAS_ALLOC, uapi.iommu_ioas_alloc(size=12)).out_ioas_id
+        _, _, idev_id = T.mock_domain(self.sys, iommufd, ioas_id)
+        hwpt_id = hwpt_alloc(self.sys, iommufd, idev_id, ioas_id, dirty=True)
+        plain = hwpt_alloc(self.sys, iommufd, idev_id, ioas_id, dirty=False)
+        T.mock_domain(self.sys, iommufd, hwpt_id)
+        return HwptRig(iommufd, ioas_id, hwpt_id, plain, lambda iova, length: T.set_dirty(self.sys, iommufd, hwpt_id, iova, length))
+
+    def device(self, kind: Kind, caps: Caps = Caps()) -> RealDevice:
+        uuid, fd = self._open(kind, caps)
         iommufd = self.iommufd()
         return RealDevice(fd, iommufd, *bind(self.sys, fd, iommufd), uuid, kind)
 

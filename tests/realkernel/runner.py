@@ -114,6 +114,9 @@ def check(console: str, expected: int) -> Totals:
     exit_line = re.search(r"^RK exit (\d+)$", console, re.M)
     if exit_line is None:
         raise LabError(f"pytest in the VM did not finish (kernel panic or hang?); console in {SERIAL}")
+    kernel = re.findall(r"^RK K (.*)$", console, re.M)
+    if kernel:
+        raise LabError("the kernel reported problems during the run:\n  " + "\n  ".join(kernel))
     if not JUNIT.exists():
         raise LabError(f"pytest in the VM exited {exit_line.group(1)} and wrote no {JUNIT}")
     got = totals(JUNIT)
