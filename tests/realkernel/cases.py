@@ -512,6 +512,36 @@ def bits_on_an_unmapped_bitmap_page_are_lost_silently(lab):
     return mem.bytes(mem.start - mem.addr, 8)
 
 
+@case([0, []])
+def bits_for_a_bad_bitmap_pointer_are_lost_and_the_report_succeeds(lab):
+    """iova_bitmap_set returns void: unpinnable pages drop their bits; the unit is cleared."""
+    dev = tracker(lab)
+    dev.dma(0, 1)
+    return [report_into(lab, dev, 0, 64 * PAGE, PAGE, 0), report_bits(lab, dev, 0, 64 * PAGE)]
+
+
+@case([b"\x5a" * 0xFF1, [0, 1, 7, 8, 63, 64, 4095, 4096, 9999]])
+def bits_at_any_bitmap_byte_alignment(lab):
+    dev = tracker(lab)
+    pages = [0, 1, 7, 8, 63, 64, 4095, 4096, 9999]
+    for p in pages:
+        dev.dma(p * PAGE, 1)
+    offset = 0xFF1
+    mem = UserMem(offset + 2 * PAGE)
+    mem.put(0, b"\x5a" * offset)
+    assert report_into(lab, dev, 0, 10000 * PAGE, PAGE, mem.addr + offset) == 0
+    return [mem.bytes(0, offset), np.flatnonzero(mem.bits(offset, 10000)).tolist()]
+
+
+@case([3, (100 * GIB) // PAGE + 5, (127 * GIB) // PAGE])
+def bits_of_a_report_wider_than_one_pinned_window(lab):
+    """128 GiB at 4 KiB: a 4 MiB bitmap, more than the 2 MiB iova_bitmap pins at a time."""
+    dev = tracker(lab, ranges=((0, 1 << 40),))
+    for iova in (3 * PAGE, 100 * GIB + 5 * PAGE, 127 * GIB):
+        dev.dma(iova, 1)
+    return report_bits(lab, dev, 0, 128 * GIB)
+
+
 @case([[3, 4], [], [4]])
 def bits_read_clears(lab):
     dev = tracker(lab)
