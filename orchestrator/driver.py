@@ -225,6 +225,8 @@ class Migration:
         self._listening = True
         mark = await choreography.start(self.src, self.uri)
         await choreography.wait_pre_switchover(self.src, opts.qmp_timeout_s, after=mark)
+        # QEMU stopped the guest only if it was running then: the truth for what follows.
+        self._src_was_running = self.src.last_event("STOP", after=mark) is not None
         await self._each(lambda d: d.stop_copy())  # devices quiesced: no DMA after this
         await self.trackers.collect(len(self.engine.rounds), final=True)
         final = self.bitmap.harvest()
@@ -248,12 +250,14 @@ class Migration:
         await choreography.continue_(self.src)
         self._continued = True
         try:
-            sw = await choreography.wait_completed(self.src, self.dst, self.options.qmp_timeout_s)
+            sw = await choreography.wait_completed(
+                self.src, self.dst, self.options.qmp_timeout_s, resumes=self._src_was_running, after=self._resume_mark
+            )
         except Exception:
             await self._resume_source_if_unclaimed()
             raise
         self.report.status, self.report.guest = "completed", GuestHome.DESTINATION
-        self.report.downtime_ms = sw.downtime_ns / 1e6
+        self.report.downtime_ms = None if sw.downtime_ns is None else sw.downtime_ns / 1e6
         await self._each(lambda d: d.run_destination())
 
     async def _resume_source_if_unclaimed(self) -> None:

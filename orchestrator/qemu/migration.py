@@ -25,15 +25,23 @@ CAPABILITIES = ("x-ignore-shared", "pause-before-switchover", "events")
 class Switchover:
     """What a completed migration looked like from the outside."""
 
-    source_stop: QmpEvent
-    destination_resume: QmpEvent
+    source_stop: QmpEvent | None
+    #: None when the guest was paused before the migration: the destination keeps it paused.
+    destination_resume: QmpEvent | None
     #: The source's final `query-migrate` reply (status "completed", ram counters, ...).
     source_info: dict[str, Any]
     #: The source's run state afterwards; "postmigrate" on QEMU 7.2.
     source_runstate: str
 
     @property
-    def downtime_ns(self) -> int:
+    def downtime_ns(self) -> int | None:
+        """None for a paused guest: it had no running time to lose."""
+        if self.destination_resume is None or self.source_stop is None:
+            return None
+        return downtime_ns(self.source_stop, self.destination_resume)
+
+
+def downtime_ns(self) -> int:
         return downtime_ns(self.source_stop, self.destination_resume)
 
 
@@ -109,18 +117,25 @@ async def continue_(src: QmpSession) -> None:
     await src.execute("migrate-continue", state="pre-switchover")
 
 
-async def wait_completed(src: QmpSession, dst: QmpSession, timeout: float = 60.0) -> Switchover:
-    """Wait until the source reports completed and the destination runs (RESUME received)."""
+async def wait_completed(src: QmpSession, dst: QmpSession, timeout: float = 60.0, *, resumes: bool = True, after: int = 0) -> Switchover:
+    """Wait until the source reports completed and the destination runs (RESUME received at
+    log position >= `after`). A guest its user had paused (`resumes=False`) stays paused on
+    the destination: then the destination's own status `completed` is waited for."""
     info = await src.wait_migration_status({"completed"}, timeout)
-    resume = await dst.wait_event("RESUME", timeout=timeout)
+    if resumes:
+        resume = await dst.wait_event("RESUME", timeout=timeout, after=after)
+        stop = src.last_event("STOP")
+        if stop is None:
+            raise MigrationError(f"source {src.socket_path} completed without a STOP event")
+    else:
+        await dst.wait_event("MIGRATION", lambda e: e.data.get("status") == "completed", timeout, after=after)
+        resume = stop = None
     dst_status = await dst.execute("query-status")
-    if not dst_status["running"]:
+    if dst_status["running"] is not resumes:
         raise MigrationError(
-            f"destination {dst.socket_path} sent RESUME but is '{dst_status['status']}'"
+            f"destination {dst.socket_path} is '{dst_status['status']}' after the migration of a "
+            f"{'running' if resumes else 'paused'} guest"
         )
-    stop = src.last_event("STOP")
-    if stop is None:
-        raise MigrationError(f"source {src.socket_path} completed without a STOP event")
     src_status = await src.execute("query-status")
     return Switchover(stop, resume, info, src_status["status"])
 

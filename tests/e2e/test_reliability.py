@@ -62,7 +62,11 @@ class Cli:
             await asyncio.sleep(0.02)
 
     async def exit_code(self, timeout: float = 60) -> int:
-        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        try:
+            code = await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            self.proc.kill()
+            raise AssertionError(f"still running after {timeout}s:\n{self.out}") from None
         await self._reader
         return code
 
@@ -255,3 +259,19 @@ async def test_a_destination_that_dies_loading_the_state_gives_the_guest_back_to
         lines = len((await wait_progress(src, 0, 10)))
         await wait_progress(src, lines, 30)  # and the guest goes on working there
         assert cli.left_behind() == []
+
+
+async def test_a_paused_guest_migrates_and_stays_paused(tmp_path):
+    src_cm, dst_cm, s, d = await pair(tmp_path)
+    async with src_cm as src, dst_cm as dst:
+        await wait_progress(src, 1, 60)
+        await src.qmp.execute("stop")
+        report = tmp_path / "report.json"
+        cli = await Cli(tmp_path).start(*migrate_args(s, d, src, dst, "--verify", "--json", str(report)))
+        assert await cli.exit_code() == EXIT_OK, cli.out
+        rep = report_of(report)
+        assert rep["status"] == "completed" and rep["guest"] == "destination" and rep["downtime_ms"] is None
+        assert (await dst.qmp.execute("query-status"))["status"] == "paused"
+        await dst.qmp.execute("cont")
+        lines = len(await wait_progress(dst, 0, 30))
+        await wait_progress(dst, lines, 30)
