@@ -5,7 +5,8 @@ runs on, which must be the lab's (VFIO, IOMMUFD, the mtty sample and our dirtyde
 fixtures/realkernel/). Both hand out devices the same way: a VFIO cdev fd bound to a fresh
 iommufd and attached to its IOAS, with the byte-level `Syscalls` to drive it. Everything a case
 asserts on goes through those syscalls; only the "hardware" side (a device's DMA, injected
-faults) differs, and `Device` hides it.
+faults) differs, and `Device` hides it; so does `HwptRig` for IOMMU dirty tracking (the
+iommufd selftest's mock domain on the real side, an emulated device's domain here).
 """
 
 from __future__ import annotations
@@ -78,7 +79,6 @@ class HwptRig:
 
 class Lab(Protocol):
     sys: Syscalls
-    page_size: int
 
     def hwpt(self) -> HwptRig: ...
 
@@ -97,12 +97,16 @@ def ioctl_struct(sys: Syscalls, fd: int, request: int, obj: ctypes.Structure) ->
     return type(obj).from_buffer_copy(buf)
 
 
+def attach(sys: Syscalls, fd: int, pt_id: int) -> None:
+    ioctl_struct(sys, fd, uapi.VFIO_DEVICE_ATTACH_IOMMUFD_PT, uapi.vfio_device_attach_iommufd_pt(argsz=12, pt_id=pt_id))
+
+
 def bind(sys: Syscalls, fd: int, iommufd: int) -> tuple[int, int]:
     """BIND_IOMMUFD, IOAS_ALLOC, ATTACH_IOMMUFD_PT: what a cdev needs before anything else.
     Returns (dev_id, ioas_id)."""
     bound = ioctl_struct(sys, fd, uapi.VFIO_DEVICE_BIND_IOMMUFD, uapi.vfio_device_bind_iommufd(argsz=16, iommufd=iommufd))
     ioas = ioctl_struct(sys, iommufd, uapi.IOMMU_IOAS_ALLOC, uapi.iommu_ioas_alloc(size=12))
-    ioctl_struct(sys, fd, uapi.VFIO_DEVICE_ATTACH_IOMMUFD_PT, uapi.vfio_device_attach_iommufd_pt(argsz=12, pt_id=ioas.out_ioas_id))
+    attach(sys, fd, ioas.out_ioas_id)
     return bound.out_devid, ioas.out_ioas_id
 
 
@@ -150,13 +154,11 @@ class EmulatedDevice:
         self.model.fail_start(code)
 
 
-@dataclass
 class EmulatedLab:
-    page_size: int = 4096
-    sys: EmulatedKernel = field(init=False)
+    """Linux 6.12 as the emulation models it: a 4 KiB page, no cdev flags, mtty as shipped."""
 
-    def __post_init__(self) -> None:
-        self.sys = EmulatedKernel(self.page_size, cdev_flags=False)  # Linux 6.12
+    def __init__(self) -> None:
+        self.sys = EmulatedKernel(4096, cdev_flags=False)
 
     def iommufd(self) -> int:
         return self.sys.open_iommufd()
@@ -184,7 +186,7 @@ class EmulatedLab:
         dev_id, ioas_id = bind(self.sys, fd, iommufd)
         hwpt_id = hwpt_alloc(self.sys, iommufd, dev_id, ioas_id, dirty=True)
         plain = hwpt_alloc(self.sys, iommufd, dev_id, ioas_id, dirty=False)
-        ioctl_struct(self.sys, fd, uapi.VFIO_DEVICE_ATTACH_IOMMUFD_PT, uapi.vfio_device_attach_iommufd_pt(argsz=12, pt_id=hwpt_id))
+        attach(self.sys, fd, hwpt_id)
         return HwptRig(iommufd, ioas_id, hwpt_id, plain, model.dma_write)
 
     def device(self, kind: Kind, caps: Caps = Caps()) -> EmulatedDevice:
@@ -250,8 +252,6 @@ def _cdev_of(uuid: str) -> Path:
 
 class RealLab:
     """The running kernel. Devices are removed and fds closed by `close()`."""
-
-    page_size = os.sysconf("SC_PAGE_SIZE")
 
     def __init__(self) -> None:
         self.sys = RealSyscalls()
