@@ -1,12 +1,15 @@
 """The migration data fds: the saving stream a device produces and the resuming stream it takes.
 
-Both layouts start with mtty's header {magic, major, minor, flags, reserved}; what follows is
-the device's own format, opaque to userspace (`StreamFormat`):
-- `RecordStream` (the default): records {kind, length, payload}. PRE_COPY puts a PRE_COPY
+Both layouts start with a 24-byte header shaped like mtty's; it and what follows are the
+device's own format, opaque to userspace (`StreamFormat`):
+- `RecordStream` (the default): the header {magic, major, minor, flags, reserved}, then
+  records {kind, length, payload}. PRE_COPY puts a PRE_COPY
   record (a snapshot of the device state) after the header; STOP_COPY appends the FINAL
   record, whose payload is what the destination ends up with. Any state length round-trips.
 - `MttyStream`: samples/vfio-mdev/mtty.c exactly (checked against Linux 6.12 by the
-  real-kernel lab): PRE_COPY offers the header alone, STOP_COPY appends the raw device state,
+  real-kernel lab): the header {magic, major, minor, nr_ports, flags}, which a resume must
+  match (EFAULT), the device state as nr_ports 36-byte port records; PRE_COPY offers the
+  header alone, STOP_COPY appends the raw device state,
   the stop-copy length counts the header, and a resume takes at most the header plus the
   state's length (ENOMEM beyond) and at least all of it (EINVAL on leaving RESUMING).
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from ..uapi import VFIO_MIG_GET_PRECOPY_INFO, VFIO_MIGRATION_PRE_COPY, _Le, vfio_precopy_info
@@ -43,8 +47,21 @@ class record_header(_Le):  # noqa: N801
     _fields_ = [("kind", ctypes.c_uint32), ("length", ctypes.c_uint32)]
 
 
-HEADER_SIZE = ctypes.sizeof(stream_header)
 RECORD_SIZE = ctypes.sizeof(record_header)
+
+
+class mtty_header(_Le):  # noqa: N801 - the head of mtty.c's struct mtty_data
+    _fields_ = [
+        ("magic", ctypes.c_uint64),
+        ("major", ctypes.c_uint32),
+        ("minor", ctypes.c_uint32),
+        ("nr_ports", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+    ]
+
+
+HEADER_SIZE = ctypes.sizeof(stream_header)
+SERIAL_PORT_SIZE = 36  # sizeof(struct serial_port) in mtty.c
 
 
 def encode_header() -> bytes:
@@ -56,7 +73,13 @@ def encode_record(kind: int, payload: bytes) -> bytes:
 
 
 class StreamFormat(Protocol):
-    """What a device puts after the header, and how it reads a resumed stream back."""
+    """A device's stream: its header, what follows, and how it reads a resumed one back."""
+
+    def header(self, state: bytes) -> bytes:
+        """The HEADER_SIZE bytes every saving stream starts with."""
+
+    def header_ok(self, header: bytes, state: bytes) -> bool:
+        """Whether a resumed stream's header is one this device takes (else EFAULT)."""
 
     def precopy_body(self, state: bytes) -> bytes:
         """What PRE_COPY offers after the header."""
@@ -75,6 +98,13 @@ class StreamFormat(Protocol):
 
 
 class RecordStream:
+    def header(self, state: bytes) -> bytes:
+        return encode_header()
+
+    def header_ok(self, header: bytes, state: bytes) -> bool:
+        h = stream_header.from_buffer_copy(header)
+        return (h.magic, h.major, h.minor) == (STREAM_MAGIC, STREAM_MAJOR, STREAM_MINOR)
+
     def precopy_body(self, state: bytes) -> bytes:
         return encode_record(REC_PRECOPY, state)
 
@@ -108,6 +138,12 @@ class RecordStream:
 class MttyStream:
     """The device state is fixed-size (mtty: nr_ports serial port records), so its current
     length is the length every stream carries."""
+
+    def header(self, state: bytes) -> bytes:
+        return bytes(mtty_header(STREAM_MAGIC, STREAM_MAJOR, STREAM_MINOR, len(state) // SERIAL_PORT_SIZE, 0))
+
+    def header_ok(self, header: bytes, state: bytes) -> bool:
+        return header == self.header(state)  # mtty_resume_write: magic, versions, flags, nr_ports
 
     def precopy_body(self, state: bytes) -> bytes:
         return b""
@@ -184,10 +220,11 @@ class SaveFile:
 class ResumeFile:
     """The resuming fd: write-only; validated when the device leaves RESUMING."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, header_ok: Callable[[bytes], bool]) -> None:
         self.buf = bytearray()
         self.capacity = capacity
         self.disabled = False
+        self._header_ok = header_ok
 
     def read(self, n: int) -> bytes:
         raise kernel_error(errno.EBADF)
@@ -199,7 +236,7 @@ class ResumeFile:
             raise kernel_error(errno.ENOMEM)
         had_header = len(self.buf) >= HEADER_SIZE
         self.buf += data
-        if not had_header and len(self.buf) >= HEADER_SIZE and not self._header_ok():
+        if not had_header and len(self.buf) >= HEADER_SIZE and not self._header_ok(bytes(self.buf[:HEADER_SIZE])):
             del self.buf[-len(data) :]
             raise kernel_error(errno.EFAULT)
         return len(data)
@@ -209,10 +246,6 @@ class ResumeFile:
 
     def release(self) -> None:
         """As for SaveFile."""
-
-    def _header_ok(self) -> bool:
-        h = stream_header.unpack(self.buf)
-        return (h.magic, h.major, h.minor) == (STREAM_MAGIC, STREAM_MAJOR, STREAM_MINOR)
 
     def body(self) -> bytes:
         """What followed the header; EINVAL if the header never arrived."""

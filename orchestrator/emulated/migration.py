@@ -20,7 +20,7 @@ from ..uapi import (
 )
 from .errors import kernel_error
 from .faults import FaultState
-from .mig_stream import ResumeFile, SaveFile, StreamFormat, encode_header
+from .mig_stream import ResumeFile, SaveFile, StreamFormat
 
 S = vfio_device_mig_state
 _ER, _ST, _RU, _SC, _RE, _RP, _PC, _PP = (
@@ -162,7 +162,7 @@ class MigrationDriver:
             self.saving = self.resuming = None
 
     def _new_save_file(self, body: bytes) -> SaveFile:
-        self.saving = SaveFile(self, encode_header() + body, self._eos_errno)
+        self.saving = SaveFile(self, self._stream.header(self._get_data()) + body, self._eos_errno)
         return self.saving
 
     def _step(self, cur: int, nxt: int) -> DataFile | None:
@@ -181,7 +181,11 @@ class MigrationDriver:
             self.disable_files()
             return None
         if (cur, nxt) == (_ST, _RE):
-            self.resuming = ResumeFile(self._stream.resume_capacity(self._get_data(), self._max_data_size))
+            state = self._get_data()
+            self.resuming = ResumeFile(
+                self._stream.resume_capacity(state, self._max_data_size),
+                lambda header: self._stream.header_ok(header, state),
+            )
             return self.resuming
         if (cur, nxt) == (_RE, _ST) and self.resuming is not None:
             self._put_data(self._stream.load(self.resuming.body(), self._get_data()))

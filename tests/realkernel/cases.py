@@ -45,7 +45,7 @@ from tests.emulated.util import (
     report_arg,
 )
 
-from .lab import Caps, Device, HwptRig, Kind, Lab, map_user
+from .lab import Caps, Device, HwptRig, Kind, Lab, Model, map_user
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 PAGE = 4096
@@ -611,6 +611,56 @@ def fault_sticky_eio_until_a_new_tracker(lab):
     return failed + [report_bits(lab, dev, 0, 64 * PAGE)]
 
 
+# -- the pds-like tracker ------------------------------------------------------------------
+
+PDS = Caps(model=Model.PDS)
+
+
+@case([(0, PAGE), (errno.EINVAL, 0), (errno.EINVAL, 0), (0, 4 * MIB)])
+def pds_start_regions_of_64_pages_and_the_page_size_kept(lab):
+    """Every running sum of bitmap bytes (pages / 8) must be a multiple of 8; the page size
+    is not clamped (mlx5's caps would make 4 MiB 2 MiB)."""
+    return [start(lab, lab.device(Kind.DIRTYDEV, PDS), [(0, 64 * PAGE)]),
+            start(lab, lab.device(Kind.DIRTYDEV, PDS), [(0, 32 * PAGE)]),
+            start(lab, lab.device(Kind.DIRTYDEV, PDS), [(0, 64 * PAGE), (MIB, 8 * PAGE)]),
+            start(lab, lab.device(Kind.DIRTYDEV, PDS), [(0, 64 * 4 * MIB)], 4 * MIB)]
+
+
+@case([errno.EINVAL, errno.EINVAL, errno.EINVAL])
+def pds_report_outside_a_region_or_larger_than_it(lab):
+    dev = lab.device(Kind.DIRTYDEV, PDS)
+    start_ok(lab, dev, [(MIB, 64 * PAGE)])
+    mem = UserMem(PAGE)
+    return [report_into(lab, dev, 0, 64 * PAGE, PAGE, mem.addr),
+            report_into(lab, dev, MIB, 128 * PAGE, PAGE, mem.addr),
+            report_into(lab, dev, MIB, 0, PAGE, mem.addr)]
+
+
+@case([[8], [1]])
+def pds_report_off_the_byte_grid_skips_then_overreaches(lab):
+    """From page 1 the driver reads (and acks) its bitmap from byte 1 (page 8) for 64 pages:
+    page 1 stays dirty for a later report; page 70 is read into a bit past the bitmap's last
+    byte, which iova_bitmap drops, so it is lost."""
+    dev = lab.device(Kind.DIRTYDEV, PDS)
+    start_ok(lab, dev, [(0, 128 * PAGE)])
+    for page in (1, 9, 70):
+        dev.dma(page * PAGE, 1)
+    return [report_bits(lab, dev, PAGE, 64 * PAGE), report_bits(lab, dev, 0, 128 * PAGE)]
+
+
+@case([errno.EIO, [], [5]])
+def pds_eio_once_consumes_the_window(lab):
+    dev = lab.device(Kind.DIRTYDEV, PDS)
+    start_ok(lab, dev, [(0, 64 * PAGE)])
+    dev.dma(3 * PAGE, 1)
+    dev.inject(Fault.REPORT_EIO_ONCE)
+    mem = UserMem(PAGE)
+    failed = report_into(lab, dev, 0, 64 * PAGE, PAGE, mem.addr)
+    after = report_bits(lab, dev, 0, 64 * PAGE)
+    dev.dma(5 * PAGE, 1)
+    return [failed, after, report_bits(lab, dev, 0, 64 * PAGE)]
+
+
 # -- migration (mtty) -------------------------------------------------------------------------
 
 
@@ -683,6 +733,23 @@ def mig_stop_copy_and_resume_round_trip(lab):
         written = lab.sys.write(fd, saved)
         loaded = mig_set(lab, dst, S.VFIO_DEVICE_STATE_STOP)
     return [stopped, saved_then, (written, loaded, mig_set(lab, dst, S.VFIO_DEVICE_STATE_RUNNING), mig_get(lab, dst))]
+
+
+def mtty_header(nr_ports: int) -> bytes:
+    """struct mtty_data's head: magic, major 1, minor 0, nr_ports, flags."""
+    return struct.pack("<QIIII", 0x7E9D09898C3E2C4E, 1, 0, nr_ports, 0)
+
+
+@case([mtty_header(2), errno.EFAULT])
+def mig_stream_header_and_a_foreign_one(lab):
+    """The saving stream starts with mtty-2's header; a resume refuses another port count."""
+    src, dst = mtty(lab), mtty(lab)
+    mig_set(lab, src, S.VFIO_DEVICE_STATE_STOP)
+    with data_fd(lab, src, S.VFIO_DEVICE_STATE_STOP_COPY) as fd:
+        header = read_all(lab, fd)[:24]
+    mig_set(lab, dst, S.VFIO_DEVICE_STATE_STOP)
+    with data_fd(lab, dst, S.VFIO_DEVICE_STATE_RESUMING) as fd:
+        return [header, errno_of(lambda: lab.sys.write(fd, mtty_header(1)))]
 
 
 @case([errno.EFAULT, errno.ENOMEM, (errno.EINVAL, -1), S.VFIO_DEVICE_STATE_RESUMING])

@@ -22,10 +22,17 @@ from pathlib import Path
 from typing import Protocol
 
 from orchestrator import uapi
-from orchestrator.emulated import EmulatedKernel, Fault, Mlx5Like, MttySample
+from orchestrator.emulated import EmulatedKernel, Fault, Mlx5Like, MttySample, PdsLike
 from orchestrator.vfio import RealSyscalls, Syscalls
 
 from . import iommufd_test as T
+
+
+class Model(enum.IntEnum):
+    """Which driver's rules dirtydev follows (its debugfs `model`)."""
+
+    MLX5 = 0
+    PDS = 1
 
 
 class Kind(enum.Enum):
@@ -35,8 +42,10 @@ class Kind(enum.Enum):
 
 @dataclass(frozen=True)
 class Caps:
-    """dirtydev's tracker capabilities (mlx5's pg_track_* caps, in bytes)."""
+    """dirtydev's model and tracker capabilities (mlx5's pg_track_* caps, in bytes; pds uses
+    max_ranges as its region count and nothing else)."""
 
+    model: Model = Model.MLX5
     max_ranges: int = 4
     min_page_size: int = 4096
     max_page_size: int = 1 << 21
@@ -137,7 +146,7 @@ class EmulatedDevice:
     iommufd: int
     dev_id: int
     ioas_id: int
-    model: Mlx5Like | MttySample
+    model: Mlx5Like | MttySample | PdsLike
 
     def dma(self, iova: int, length: int, fill: int | None = None) -> None:
         if fill is not None:
@@ -164,9 +173,11 @@ class EmulatedLab:
         return self.sys.open_iommufd()
 
     @staticmethod
-    def _model(kind: Kind, caps: Caps) -> Mlx5Like | MttySample:
+    def _model(kind: Kind, caps: Caps) -> Mlx5Like | MttySample | PdsLike:
         if kind is Kind.MTTY:
             return MttySample(nr_ports=2)
+        if caps.model is Model.PDS:
+            return PdsLike(max_regions=caps.max_ranges, migration_flags=0)
         return Mlx5Like(
             max_ranges=caps.max_ranges,
             min_page_size=caps.min_page_size,
@@ -267,7 +278,7 @@ class RealLab:
         self._cleanup.callback((MDEV_DEVICES / uuid / "remove").write_text, "1")
         if kind is Kind.DIRTYDEV:
             for name, value in vars(caps).items():
-                (DIRTYDEV_DEBUGFS / uuid / name).write_text(str(value))
+                (DIRTYDEV_DEBUGFS / uuid / name).write_text(str(int(value)))
         fd = os.open(_cdev_of(uuid), os.O_RDWR)
         self._cleanup.callback(os.close, fd)
         return uuid, fd

@@ -21,7 +21,7 @@ from orchestrator.trackers import RecoveryPolicy, TrackerSet, TrackerState, Vfio
 from orchestrator.vfio import IovaRange, VfioDevice
 from tests.trackers.test_no_lost_bit import Clock, runs
 
-from .lab import Caps, Device, Kind, Lab
+from .lab import Caps, Device, Kind, Lab, Model
 
 PAGE = 4096
 MIB = 1 << 20
@@ -40,6 +40,7 @@ class Spec:
 EXACT_FLEET = (
     Spec("4k-4ranges", Caps(max_ranges=4, max_page_size=1 << 16)),
     Spec("4k-1range", Caps(max_ranges=1), (IovaRange(2 * MIB, 2 * MIB),)),
+    Spec("pds-2regions", Caps(model=Model.PDS, max_ranges=2)),
 )
 # Granted 2 MiB for a window that is not 2 MiB aligned: reports must be widened, and the
 # harvest has every page of a written unit, so it is no longer exact.

@@ -16,7 +16,7 @@ from typing import Any
 
 from ...uapi import VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY
 from ..iova_bitmap import IovaBitmap
-from ..mig_stream import MttyStream
+from ..mig_stream import SERIAL_PORT_SIZE, MttyStream
 from ..ranges import Node
 from .base import DeviceModel
 
@@ -38,9 +38,6 @@ class MttyLike(DeviceModel):
 
     def _read_and_clear(self, iova: int, length: int, bitmap: IovaBitmap) -> None:
         return None
-
-
-SERIAL_PORT_SIZE = 36  # sizeof(struct serial_port) in mtty.c
 
 
 class MttySample(MttyLike):
