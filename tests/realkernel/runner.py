@@ -104,7 +104,7 @@ def totals(path: Path) -> Totals:
     return Totals(*(int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")))
 
 
-def check(console: str, expected: int) -> Totals:
+def check(console: str, expected: int, junit: Path = JUNIT) -> Totals:
     """The VM's verdict: every way it can fail is an error naming what happened."""
     if "RK up" not in console:
         raise LabError(f"the VM did not come up (no init output); console in {SERIAL}")
@@ -117,9 +117,9 @@ def check(console: str, expected: int) -> Totals:
     kernel = re.findall(r"^RK K (.*)$", console, re.M)
     if kernel:
         raise LabError("the kernel reported problems during the run:\n  " + "\n  ".join(kernel))
-    if not JUNIT.exists():
-        raise LabError(f"pytest in the VM exited {exit_line.group(1)} and wrote no {JUNIT}")
-    got = totals(JUNIT)
+    if not junit.exists():
+        raise LabError(f"pytest in the VM exited {exit_line.group(1)} and wrote no {junit}")
+    got = totals(junit)
     if int(exit_line.group(1)) != 0 or got.failures or got.errors:
         raise LabError(f"realkernel tests failed in the VM: {got}")
     if got.skipped:
