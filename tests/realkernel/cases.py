@@ -6,9 +6,11 @@ Linux 6.12 answers. test_differential.py runs every case against the emulated ke
 host and against the real one inside the lab's VM, with the same assertion.
 
 Devices: mtty (the in-tree sample: the core's checks, no-op log ops, migration with flags
-0x7, 2 ports) and dirtydev (our module: an mlx5-like tracker whose REPORT goes through the
-real iova_bitmap). Expected values for dirtydev's driver-specific answers (clamped page size,
-EOPNOTSUPP, the faults) are those of the mlx5 model, which the module implements.
+0x7, 2 ports) and dirtydev (our module: an mlx5-like or pds-like tracker whose REPORT goes
+through the real iova_bitmap); IOMMU dirty tracking runs on the iommufd selftest's mock
+domain. What the core, iova_bitmap, mtty and iommufd answer is the kernel's; dirtydev's own
+choices (clamped page sizes, EOPNOTSUPP, region rules, the faults) are those of the Mlx5Like
+and PdsLike models, which the module implements, so those cases check the path around them.
 """
 
 from __future__ import annotations
