@@ -1,7 +1,8 @@
 """An open VFIO device fd (vfio_device_fops): ioctl dispatch, cdev binding, release.
 
 A cdev fd (/dev/vfio/devices/vfioN) grants nothing until VFIO_DEVICE_BIND_IOMMUFD succeeds:
-every other ioctl, read and write is EINVAL. A group-obtained fd is usable at once and has no
+every other ioctl, read and write is EINVAL. Only one fd of a device can be bound (the core's
+open_count: a second cdev's BIND is EINVAL), and none while the device's group is open (EBUSY). A group-obtained fd is usable at once and has no
 iommufd ioctls (they fall through to the driver, which does not know them: ENOTTY).
 
 Implemented: VFIO_DEVICE_FEATURE and the cdev BIND/ATTACH/DETACH ioctls. Everything else a real
@@ -90,12 +91,17 @@ class DeviceFile:
             raise kernel_error(errno.EINVAL)
         if not self.cdev or self.idev is not None:
             raise kernel_error(errno.EINVAL)  # group fds never bind; "cannot be bound twice"
+        others = [f for f in self.kernel.device_files(self.model) if f is not self]
+        if any(not f.cdev for f in others):
+            raise kernel_error(errno.EBUSY)  # vfio_device_block_group: the group is open
         if bind.flags & VFIO_DEVICE_BIND_FLAG_TOKEN:
             if bind.argsz < ctypes.sizeof(vfio_device_bind_iommufd):
                 raise kernel_error(errno.EINVAL)
             ptr = int.from_bytes(user.read(vfio_device_bind_iommufd.token_uuid_ptr.offset, 8), "little")
             copy_from_user(ptr, _UUID_SIZE)  # the VF token is read; no VF here checks it
         ictx = self.kernel.iommufd(bind.iommufd)
+        if any(f.access_granted for f in others):
+            raise kernel_error(errno.EINVAL)  # vfio_df_open: a cdev must be the device's only opener
         self.iommufd, self.idev = ictx, ictx.bind(self.model)
         user.write(vfio_device_bind_iommufd.out_devid.offset, self.idev.id.to_bytes(4, "little"))
         return 0

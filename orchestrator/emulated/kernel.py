@@ -86,6 +86,11 @@ class EmulatedKernel:
             raise kernel_error(errno.EBADFD)  # iommufd_ctx_from_fd on a foreign file
         return file
 
+    def device_files(self, model: DeviceModel) -> list[DeviceFile]:
+        """Every open fd of the device, group-obtained or cdev."""
+        with self._lock:
+            return [f for f in self._files.values() if isinstance(f, DeviceFile) and f.model is model]
+
     def device_closed(self, model: DeviceModel) -> None:
         with self._lock:
             left = self._open_count[id(model)] = self._open_count[id(model)] - 1

@@ -215,6 +215,16 @@ def cdev_bind_table(lab):
     ]
 
 
+@case([errno.EINVAL, errno.EINVAL])
+def cdev_a_second_fd_of_a_bound_device_cannot_bind(lab):
+    """vfio_df_open: a cdev must be the device's only opener, so a process that did not bind
+    the device (QEMU did) cannot use a cdev fd of its own: every ioctl on it is EINVAL."""
+    dev = mtty(lab)
+    second = lab.reopen(dev)
+    return [ioctl_errno(lab, second, uapi.VFIO_DEVICE_BIND_IOMMUFD, bind_arg(lab.iommufd())),
+            ioctl_errno(lab, second, FEATURE, feature(PROBE | SET | START))]
+
+
 @case(errno.EBADFD)
 def cdev_bind_to_a_file_that_is_not_an_iommufd(lab):
     fd, other = lab.unbound(Kind.MTTY), lab.unbound(Kind.MTTY)

@@ -96,6 +96,9 @@ class Lab(Protocol):
     def unbound(self, kind: Kind) -> int:
         """A fresh device's cdev fd, not bound to any iommufd."""
 
+    def reopen(self, dev: Device) -> int:
+        """Another cdev fd of the same device, not bound."""
+
     def iommufd(self) -> int: ...
 
 
@@ -189,6 +192,9 @@ class EmulatedLab:
 
     def unbound(self, kind: Kind) -> int:
         return self.sys.open_device(self._model(kind, Caps()), cdev=True)
+
+    def reopen(self, dev: EmulatedDevice) -> int:
+        return self.sys.open_device(dev.model, cdev=True)
 
     def hwpt(self) -> HwptRig:
         model = Mlx5Like(migration_flags=0, iommu_page_size=T.MOCK_IO_PAGE)
@@ -285,6 +291,11 @@ class RealLab:
 
     def unbound(self, kind: Kind) -> int:
         return self._open(kind, Caps())[1]
+
+    def reopen(self, dev: RealDevice) -> int:
+        fd = os.open(_cdev_of(dev.uuid), os.O_RDWR)
+        self._cleanup.callback(os.close, fd)
+        return fd
 
     def hwpt(self) -> HwptRig:
         """The selftest's iommufd_dirty_tracking fixture: a mock device on the IOAS to
