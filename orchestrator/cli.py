@@ -20,7 +20,7 @@ from .output import event_line, round_line, summary, write_json
 from .qemu.errors import QemuError
 from .qemu.qmp import QmpSession
 from .receive import serve
-from .signals import Interrupted, under_signal_policy
+from .signals import Interrupted, settle, under_signal_policy
 from .trackers import QemuWrites, RecoveryPolicy, Tracker, VfioDmaLogTracker, qemu_write_trackers
 from .transport import SinkError
 from .transport.auth import load_token
@@ -177,12 +177,14 @@ async def run_migration(ep: Endpoints, trackers: list[Tracker], uri: str, option
     was finished anyway) is in it."""
     mig = Migration(ep.src, ep.dst, ep.layout, ep.sink, trackers, uri, options, round_line, event_line)
     try:
-        return await mig.run()
+        report = await mig.run()
     except asyncio.CancelledError:
         task = asyncio.current_task()
         if task is not None and task.uncancel() > 0:
             raise
-        return mig.report
+        report = mig.report
+    settle()  # what follows only reports and closes: a signal now must not change the exit status
+    return report
 
 
 def exit_status(report: MigrationReport, *more_ok: bool) -> int:

@@ -5,7 +5,9 @@ migration before `migrate-continue` aborts (devices back to RUNNING, QEMU's migr
 cancelled, the source resumed if it ran), after it finishes the switchover; QEMUs the
 command launched and every file it made are removed. Later signals only say that this is
 under way: a second Ctrl-C or a service manager's repeated TERM must not cut the cleanup
-short and leave a paused guest behind.
+short and leave a paused guest behind. Once a command's outcome is settled (the migration has
+ended and only reporting and closing remain) it says so with `settle()`, and a signal then
+changes nothing: the exit status must tell what happened to the guest.
 """
 
 from __future__ import annotations
@@ -14,12 +16,30 @@ import asyncio
 import signal
 import sys
 from collections.abc import Coroutine
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 _T = TypeVar("_T")
 
 #: What a terminal, an ssh session ending, `kill` and a service manager send.
 TERMINATING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@dataclass
+class _Policy:
+    received: list[signal.Signals] = field(default_factory=list)
+    settled: bool = False
+
+
+_current: ContextVar[_Policy | None] = ContextVar("signal_policy", default=None)
+
+
+def settle() -> None:
+    """The command's outcome is decided: from now on signals are noted, not acted on."""
+    policy = _current.get()
+    if policy is not None:
+        policy.settled = True
 
 
 class Interrupted(Exception):
@@ -37,11 +57,14 @@ async def under_signal_policy(command: Coroutine[Any, Any, _T]) -> _T:
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
-    received: list[signal.Signals] = []
+    policy = _Policy()
+    _current.set(policy)
 
     def on_signal(sig: signal.Signals) -> None:
-        received.append(sig)
-        if len(received) == 1:
+        policy.received.append(sig)
+        if policy.settled:
+            print(f"{sig.name}: the migration has ended, finishing its report", file=sys.stderr, flush=True)
+        elif len(policy.received) == 1:
             print(f"{sig.name}: stopping, putting everything back first", file=sys.stderr, flush=True)
             task.cancel()
         else:
@@ -52,9 +75,9 @@ async def under_signal_policy(command: Coroutine[Any, Any, _T]) -> _T:
     try:
         return await command
     except asyncio.CancelledError:
-        if not received or task.uncancel() > 0:
+        if not policy.received or task.uncancel() > 0:
             raise
-        raise Interrupted(received[0]) from None
+        raise Interrupted(policy.received[0]) from None
     finally:
         for sig in TERMINATING:
             loop.remove_signal_handler(sig)
