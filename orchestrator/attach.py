@@ -65,9 +65,10 @@ def _describe(layout: MemoryLayout) -> str:
     return ", ".join(f"{r.gpa:#x}+{r.length:#x}" for r in layout.regions)
 
 
-async def _validate(src: QmpSession, dst: QmpSession, src_ram: Path) -> tuple[MemoryLayout, RamBackend]:
+async def _validate(src: QmpSession, dst: QmpSession, src_ram: Path, *, dst_here: bool) -> tuple[MemoryLayout, RamBackend]:
     """Everything that can be checked from the source host: the RAM layout to copy and the
-    destination QEMU's RAM backend (its file and size). Raises `LayoutError`/`MigrationError` naming what is wrong;
+    destination QEMU's RAM backend (its file and size; the file itself only when the
+    destination is on this host, `dst_here`). Raises `LayoutError`/`MigrationError` naming what is wrong;
     nothing in either QEMU has been changed when it does."""
     for session in (src, dst):
         await check_capabilities(session)
@@ -82,7 +83,7 @@ async def _validate(src: QmpSession, dst: QmpSession, src_ram: Path) -> tuple[Me
     await check_waiting(dst)
     src_layout, dst_layout = await discover_layout(src), await discover_layout(dst)
     check_migratable(src_layout)
-    check_migratable(dst_layout)
+    check_migratable(dst_layout, on_this_host=dst_here)
     layout, dst_shape = to_memory_layout(src_layout), to_memory_layout(dst_layout)
     if [(r.gpa, r.length, r.offset) for r in layout.regions] != [(r.gpa, r.length, r.offset) for r in dst_shape.regions]:
         raise LayoutError(
@@ -95,7 +96,7 @@ async def _validate(src: QmpSession, dst: QmpSession, src_ram: Path) -> tuple[Me
 
 async def attach(src: QmpSession, dst: QmpSession, src_ram: Path, dst_ram: Path) -> Endpoints:
     """Validate both sides and open a local page sink (both RAM files on this host)."""
-    layout, dst_backend = await _validate(src, dst, src_ram)
+    layout, dst_backend = await _validate(src, dst, src_ram, dst_here=True)
     _same_file(dst_ram, dst_backend.mem_path, "destination")
     if os.path.samefile(src_ram, dst_ram):
         raise LayoutError(f"source and destination RAM are the same file ({src_ram})")
@@ -110,7 +111,7 @@ async def attach_remote(
     anything changes in either QEMU, the receiver proves it serves the destination QEMU's RAM
     file: the mem-path QEMU reports, opened on the receiver's host, is the file (device and
     inode) the receiver has mapped, of the backend's size (`ExpectedFile`)."""
-    layout, dst_backend = await _validate(src, dst, src_ram)
+    layout, dst_backend = await _validate(src, dst, src_ram, dst_here=False)
     expect = ExpectedFile(dst_backend.mem_path, dst_backend.size)
     sink = await TcpSink.connect(layout, str(src_ram), receiver, token, options, expect)
     return Endpoints(src, dst, layout, sink)

@@ -80,17 +80,18 @@ async def discover_layout(session: QmpSession) -> GuestLayout:
     return GuestLayout(backends, ram_regions(view, backends))
 
 
-def check_migratable(layout: GuestLayout) -> None:
+def check_migratable(layout: GuestLayout, *, on_this_host: bool = True) -> None:
     """Raise `LayoutError` unless every backend the guest sees is a shared file whose size on
     disk is the size QEMU uses: only then can the orchestrator map it and have QEMU skip it
-    (x-ignore-shared)."""
+    (x-ignore-shared). A QEMU on another host (`on_this_host=False`) names a file this host
+    cannot see: only what QEMU says of it is checked here, the file by whoever serves it."""
     if not layout.regions:
         raise LayoutError(
             f"no guest RAM comes from a memory backend: {_NEEDS} "
             "(-object memory-backend-file,...,share=on and -machine memory-backend=ID)"
         )
     for backend in {r.backend.id: r.backend for r in layout.regions}.values():
-        _check_backend(backend)
+        _check_backend(backend, on_this_host)
 
 
 async def _query_backends(session: QmpSession) -> tuple[RamBackend, ...]:
@@ -143,12 +144,14 @@ def ram_regions(view: FlatView, backends: tuple[RamBackend, ...]) -> tuple[RamRe
     return tuple(regions)
 
 
-def _check_backend(backend: RamBackend) -> None:
+def _check_backend(backend: RamBackend, on_this_host: bool) -> None:
     name = f"RAM backend '{backend.id}'"
     if backend.type != FILE_BACKEND or backend.mem_path is None:
         raise LayoutError(f"{name} is {backend.type}, not {FILE_BACKEND}: {_NEEDS}")
     if not backend.share:
         raise LayoutError(f"{name} is not shared (share=off): {_NEEDS}")
+    if not on_this_host:
+        return
     path = backend.mem_path
     try:
         st = os.stat(path)

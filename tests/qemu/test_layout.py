@@ -51,6 +51,14 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
         check_migratable(layout_with(file_backend(tmp_path / "gone")))
 
 
+def test_a_file_on_another_host_is_not_looked_for_here(tmp_path: Path) -> None:
+    """The destination of a cross-host migration names a file of its own host: its type and
+    sharing are checked here, the file itself by the receiver that serves it."""
+    check_migratable(layout_with(file_backend(tmp_path / "gone")), on_this_host=False)
+    with pytest.raises(LayoutError, match="is not shared"):
+        check_migratable(layout_with(file_backend(tmp_path / "gone", share=False)), on_this_host=False)
+
+
 def test_wrong_file_size_is_named(tmp_path: Path) -> None:
     ram = tmp_path / "ram"
     ram.write_bytes(b"\0" * M)
