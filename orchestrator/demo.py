@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import builds
 from .attach import Endpoints, attach, attach_remote
 from .devices.fleet import FaultPlan, Fleet, device_names
 from .driver import Migration, MigrationOptions, MigrationReport
@@ -21,10 +22,10 @@ from .receive import loopback_receiver
 from .trackers import QemuWrites, Tracker, qemu_write_trackers
 from .transport.auth import load_token
 from .transport.endpoint import Endpoint
-from .vcpulog import PLUGIN, VcpuDirtyLog, log_pages
+from .vcpulog import VcpuDirtyLog, log_pages
 from .guests import linux
 from .guests.linux import LinuxWorkload
-from .workload import GUEST_ELF, WORKLOADS, Progress, dma_window, guest_errors, parse_progress, qemu_args
+from .workload import GUEST_ELF, WORKLOADS, Progress, dma_window, guest_errors, needs_fwcfg, parse_progress, qemu_args
 
 _SIZE = re.compile(r"^(\d+)([KMG]?)$", re.I)
 
@@ -78,12 +79,22 @@ def check_accel(accel: str, tracker: QemuWrites) -> None:
 
 
 def check_fixtures(tracker: QemuWrites, workload: str = "light") -> None:
-    need = [GUEST_ELF] + ([PLUGIN] if tracker is QemuWrites.VCPU else [])
-    missing = [str(p) for p in need if not p.exists()]
-    if missing:
-        raise FileNotFoundError(f"fixtures not built ({', '.join(missing)}): run `make fixtures`")
+    """Have what the demo runs: the fixture guest, the fw_cfg data file of its `fwcfg=`
+    workloads and the vCPU plugin are built into the per-user cache on first use (a
+    `builds.BuildError` names what the host lacks). The Linux guest is downloaded, not
+    built, so only a source checkout makes it."""
     if workload == LINUX:
-        linux.check_built()
+        try:
+            linux.check_built()
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{exc} in a source checkout (it downloads about 100 MB of Debian packages); "
+                                    "an installed package runs the fixture guest's workloads only") from None
+    else:
+        builds.ensure(builds.GUEST)
+        if needs_fwcfg(WORKLOADS[workload]):
+            builds.ensure(builds.FWCFG)
+    if tracker is QemuWrites.VCPU:
+        builds.ensure(builds.PLUGIN)
 
 
 #: The demo workload that boots the Linux guest (Debian's 6.12 rewriting its memory and

@@ -1,4 +1,4 @@
-"""Reader of the vCPU dirty log that the TCG plugin (fixtures/plugin) writes.
+"""Reader of the vCPU dirty log that the TCG plugin (csrc/plugin, built by `builds`) writes.
 
 The log is a shared-memory file: a header and two bitmaps in the kernel's
 layout (little-endian u64 words, bit k = page k, LSB first). Each vCPU store
@@ -33,13 +33,15 @@ from pathlib import Path
 
 import numpy as np
 
+from orchestrator import builds
 from orchestrator.bits import set_bit_range, words_for
 
 MAGIC = 0x474F4C5954524944  # b"DIRTYLOG"
 VERSION = 2
 HEADER_SIZE = 320
 BITMAP_OFFSET = 4096
-PLUGIN = Path(__file__).resolve().parent.parent / "fixtures" / "plugin" / "libdirtylog.so"
+#: The plugin in the per-user cache; `plugin_args()` builds it there on first use.
+PLUGIN = builds.location(builds.PLUGIN)
 
 _HEADER = struct.Struct("<QIIQQQII")  # magic .. spare (offsets 0..47)
 _U64_UNRESOLVED = 48 // 8
@@ -140,11 +142,12 @@ class VcpuDirtyLog:
         finally:
             os.close(fd)
 
-    def plugin_args(self, plugin: str | Path = PLUGIN, addresses: Addresses | None = None) -> str:
-        """The value of QEMU's ``-plugin`` option that logs into this file. The plugin infers
-        what QEMU's addresses are from its plugin API; ``addresses`` overrides that, which
-        QEMU 8.2 needs (``Addresses.PHYSICAL``)."""
-        args = f"{plugin},shm={self.path},pages={self.npages}"
+    def plugin_args(self, plugin: str | Path | None = None, addresses: Addresses | None = None) -> str:
+        """The value of QEMU's ``-plugin`` option that logs into this file, with ``plugin``
+        or else ``PLUGIN`` (built first if the cache lacks it). The plugin infers what QEMU's
+        addresses are from its plugin API; ``addresses`` overrides that, which QEMU 8.2
+        needs (``Addresses.PHYSICAL``)."""
+        args = f"{plugin or builds.ensure(builds.PLUGIN)},shm={self.path},pages={self.npages}"
         return args if addresses is None else f"{args},addr={_ADDR_ARG[addresses]}"
 
     @property

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-GUEST_ELF = REPO / "fixtures" / "guest" / "guest.elf"
-#: What `fwcfg=` guests have QEMU's fw_cfg device copy into their RAM (built by `make fixtures`).
-FWCFG_FILE = REPO / "build" / "fwcfg.bin"
+from . import builds
+
+#: The guest kernel in the per-user cache (`builds.ensure(builds.GUEST)` builds it there).
+GUEST_ELF = builds.location(builds.GUEST)
+#: What `fwcfg=` guests have QEMU's fw_cfg device copy into their RAM (`builds.FWCFG`).
+FWCFG_FILE = builds.location(builds.FWCFG)
 FWCFG_NAME = "opt/orchestrator/dma"
 
 # name -> guest command line (see fixtures/README.md for the keys)
@@ -30,13 +31,19 @@ _ANNOUNCE = re.compile(r"^A (.*)$", re.M)
 _SPAN = re.compile(r"^(0x[0-9a-f]+)-(0x[0-9a-f]+)$", re.I)
 
 
+def needs_fwcfg(append: str) -> bool:
+    """Whether a guest command line has QEMU's fw_cfg device copy the data file (`fwcfg=`)."""
+    return any(word.startswith("fwcfg=") for word in append.split())
+
+
 def qemu_args(append: str) -> tuple[str, ...]:
     """Extra QEMU arguments for a guest command line: the fw_cfg data file when it has
     `fwcfg=`. Source and destination both need them: fw_cfg items are not migrated."""
-    if not any(word.startswith("fwcfg=") for word in append.split()):
+    if not needs_fwcfg(append):
         return ()
     if not FWCFG_FILE.exists():
-        raise FileNotFoundError(f"fixtures not built ({FWCFG_FILE}): run `make fixtures`")
+        raise FileNotFoundError(f"fw_cfg data file not built ({FWCFG_FILE}): the demo builds it on first use, "
+                                "`make fixtures` (or `python -m orchestrator.builds`) builds it now")
     # QEMU's option syntax escapes a comma by doubling it.
     return ("-fw_cfg", f"name={FWCFG_NAME},file={str(FWCFG_FILE).replace(',', ',,')}")
 
