@@ -43,17 +43,17 @@ def distinct_sockets(src: Path, dst: Path) -> None:
         raise ValueError(f"--src-qmp and --dst-qmp are the same socket ({src}): give the destination QEMU's")
 
 
-def private_ram(path: Path, side: str, qemu_uid: int) -> None:
+def private_ram(path: Path, side: str, qemu_uid: int | None) -> None:
     """Guest memory is secret: its file must be readable by no other local user. Refused:
     permission bits for 'other', and an owner that is neither this process's user nor the
-    user QEMU runs as (that owner can read it, and chmod it)."""
+    user QEMU runs as (that owner can read it, and chmod it) — when QEMU's is known."""
     st = os.stat(path)
     if st.st_mode & stat.S_IRWXO:
         raise ValueError(
             f"{side} RAM file {path} is open to every local user (mode {stat.S_IMODE(st.st_mode):04o}), and it holds "
             f"the guest's memory: chmod o-rwx {path}"
         )
-    if st.st_uid not in (os.geteuid(), qemu_uid):
+    if qemu_uid is not None and st.st_uid not in (os.geteuid(), qemu_uid):
         raise ValueError(
             f"{side} RAM file {path} belongs to uid {st.st_uid}, neither this user ({os.geteuid()}) nor QEMU's "
             f"({qemu_uid}), who can read the guest's memory: chown it to QEMU's user"

@@ -280,6 +280,7 @@ async def vcpu_log_command(args: argparse.Namespace) -> int:
 async def receive_command(args: argparse.Namespace) -> int:
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ValueError("--tls-cert and --tls-key go together")
+    private_ram(args.ram, "destination", None)  # QEMU's user is not known here: the mode bits are
     return await serve(args.ram, args.listen, args.token_file, args.tls_cert, args.tls_key, args.once)
 
 

@@ -102,3 +102,15 @@ def test_the_same_qmp_socket_twice_is_named(tmp_path, capsys):
                      "--src-ram", "/nope", "--dst-ram", "/nope-dst"])
     assert code == EXIT_BAD_INPUT
     assert "--src-qmp and --dst-qmp are the same socket" in capsys.readouterr().err
+
+
+def test_receive_refuses_a_world_readable_ram_file(tmp_path, capsys):
+    ram = tmp_path / "ram"
+    ram.write_bytes(bytes(4096))
+    ram.chmod(0o644)
+    token = tmp_path / "token"
+    token.write_bytes(b"x" * 32)
+    token.chmod(0o600)
+    code = main(["receive", "--listen", "127.0.0.1:0", "--ram", str(ram), "--token-file", str(token)])
+    assert code == EXIT_BAD_INPUT
+    assert f"destination RAM file {ram} is open to every local user (mode 0644)" in capsys.readouterr().err

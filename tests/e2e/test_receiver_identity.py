@@ -34,6 +34,7 @@ async def test_receiver_on_the_wrong_file_is_refused_and_nothing_changes(tmp_pat
     wrong = Path("/dev/shm") / f"orchestrator-test-wrong-{tmp_path.name}.ram"
     content = np.random.default_rng(3).integers(0, 256, 128 << 20, dtype=np.uint8)
     content.tofile(wrong)
+    wrong.chmod(0o600)
     token = tmp_path / "token"
     write_token(token)
     try:

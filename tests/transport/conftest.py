@@ -25,7 +25,9 @@ FAST = TcpOptions(streams=2, reconnect=Reconnect(attempts=3, first_delay_s=0.01,
 
 
 def ram(path: Path, data: np.ndarray | None = None) -> Path:
+    """A RAM file as a careful user makes one: readable by its owner only."""
     (np.zeros(NPAGES * PAGE, np.uint8) if data is None else data).tofile(path)
+    path.chmod(0o600)
     return path
 
 
