@@ -15,7 +15,7 @@ from .memory import MemoryLayout, RamRegion
 from .qemu.errors import LayoutError, MigrationError
 from .qemu.layout import GuestLayout, RamBackend, check_migratable, discover_layout
 from .qemu.migration import check_capabilities, check_waiting
-from .qemu.qmp import QmpSession
+from .qemu.peer import QmpPeer
 from .transport import LocalSink, PageSink
 from .transport.endpoint import Endpoint
 from .transport.tcp import ExpectedFile, TcpOptions, TcpSink
@@ -23,8 +23,8 @@ from .transport.tcp import ExpectedFile, TcpOptions, TcpSink
 
 @dataclass
 class Endpoints:
-    src: QmpSession
-    dst: QmpSession
+    src: QmpPeer
+    dst: QmpPeer
     layout: MemoryLayout
     sink: PageSink
 
@@ -65,7 +65,7 @@ def _describe(layout: MemoryLayout) -> str:
     return ", ".join(f"{r.gpa:#x}+{r.length:#x}" for r in layout.regions)
 
 
-async def _validate(src: QmpSession, dst: QmpSession, src_ram: Path, *, dst_here: bool) -> tuple[MemoryLayout, RamBackend]:
+async def _validate(src: QmpPeer, dst: QmpPeer, src_ram: Path, *, dst_here: bool) -> tuple[MemoryLayout, RamBackend]:
     """Everything that can be checked from the source host: the RAM layout to copy and the
     destination QEMU's RAM backend (its file and size; the file itself only when the
     destination is on this host, `dst_here`). Raises `LayoutError`/`MigrationError` naming what is wrong;
@@ -94,7 +94,7 @@ async def _validate(src: QmpSession, dst: QmpSession, src_ram: Path, *, dst_here
     return layout, dst_backend
 
 
-async def attach(src: QmpSession, dst: QmpSession, src_ram: Path, dst_ram: Path) -> Endpoints:
+async def attach(src: QmpPeer, dst: QmpPeer, src_ram: Path, dst_ram: Path) -> Endpoints:
     """Validate both sides and open a local page sink (both RAM files on this host)."""
     layout, dst_backend = await _validate(src, dst, src_ram, dst_here=True)
     _same_file(dst_ram, dst_backend.mem_path, "destination")
@@ -105,7 +105,7 @@ async def attach(src: QmpSession, dst: QmpSession, src_ram: Path, dst_ram: Path)
 
 
 async def attach_remote(
-    src: QmpSession, dst: QmpSession, src_ram: Path, receiver: Endpoint, token: bytes, options: TcpOptions = TcpOptions()
+    src: QmpPeer, dst: QmpPeer, src_ram: Path, receiver: Endpoint, token: bytes, options: TcpOptions = TcpOptions()
 ) -> Endpoints:
     """Validate both sides and stream pages to a receiver on the destination host. Before
     anything changes in either QEMU, the receiver proves it serves the destination QEMU's RAM

@@ -30,7 +30,7 @@ from .engine import Decision, DowntimePolicy, PrecopyEngine, RoundRecord
 from .memory import MemoryLayout
 from .qemu import migration as choreography
 from .qemu.errors import QemuError
-from .qemu.qmp import QmpSession
+from .qemu.peer import QmpPeer
 from .trackers import RecoveryPolicy, Tracker, TrackerEvent, TrackerSet
 from .transport import PageSink
 
@@ -95,8 +95,8 @@ class MigrationReport:
 class Migration:
     def __init__(
         self,
-        src: QmpSession,
-        dst: QmpSession,
+        src: QmpPeer,
+        dst: QmpPeer,
         layout: MemoryLayout,
         sink: PageSink,
         trackers: Sequence[Tracker],

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import LayoutError
 from .mtree import FlatView, parse_flat_mtree, system_view
-from .qmp import QmpSession
+from .peer import QmpPeer
 
 FILE_BACKEND = "memory-backend-file"
 _NEEDS = "the orchestrator needs share=on file-backed RAM"
@@ -69,7 +69,7 @@ class GuestLayout:
         raise LayoutError(f"guest-physical address {gpa:#x} is not backed by a RAM backend")
 
 
-async def discover_layout(session: QmpSession) -> GuestLayout:
+async def discover_layout(session: QmpPeer) -> GuestLayout:
     """Ask QEMU for its RAM backends and where the guest sees them.
 
     The flat view changes while firmware runs (e.g. read-only shadowing of the BIOS area), but
@@ -94,7 +94,7 @@ def check_migratable(layout: GuestLayout, *, on_this_host: bool = True) -> None:
         _check_backend(backend, on_this_host)
 
 
-async def _query_backends(session: QmpSession) -> tuple[RamBackend, ...]:
+async def _query_backends(session: QmpPeer) -> tuple[RamBackend, ...]:
     types = {
         child["name"]: child["type"].removeprefix("child<").removesuffix(">")
         for child in await session.execute("qom-list", path="/objects")

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import MigrationError
-from .qmp import QmpEvent, QmpSession
+from .peer import QmpPeer
+from .qmp import QmpEvent
 
 #: Capabilities set on both sides. x-ignore-shared must match on source and destination;
 #: events gives MIGRATION / MIGRATION_PASS; pause-before-switchover only matters on the source.
@@ -57,14 +58,14 @@ class SavedCapabilities:
     """The states the choreography's capabilities had on one QEMU before `prepare` set them,
     so an abandoned migration leaves that QEMU configured as it found it."""
 
-    session: QmpSession
+    session: QmpPeer
     states: Mapping[str, bool]
 
     async def restore(self) -> None:
         await _set_capabilities(self.session, self.states)
 
 
-async def prepare(src: QmpSession, dst: QmpSession) -> tuple[SavedCapabilities, SavedCapabilities]:
+async def prepare(src: QmpPeer, dst: QmpPeer) -> tuple[SavedCapabilities, SavedCapabilities]:
     """Set the capabilities on both sides; returns what they were, source first. The
     destination is not made to listen yet (`listen`, at switchover): a destination that
     never received a stream stays usable for another attempt."""
@@ -74,12 +75,12 @@ async def prepare(src: QmpSession, dst: QmpSession) -> tuple[SavedCapabilities, 
     return saved[0], saved[1]
 
 
-async def listen(dst: QmpSession, dst_uri: str) -> None:
+async def listen(dst: QmpPeer, dst_uri: str) -> None:
     """Make the destination accept QEMU's state stream on `dst_uri`."""
     await dst.execute("migrate-incoming", uri=dst_uri)
 
 
-async def start(src: QmpSession, uri: str) -> int:
+async def start(src: QmpPeer, uri: str) -> int:
     """Start QEMU's migration; returns the event-log position from before it, for
     `wait_pre_switchover(after=...)`."""
     mark = src.mark()
@@ -87,7 +88,7 @@ async def start(src: QmpSession, uri: str) -> int:
     return mark
 
 
-async def wait_pre_switchover(src: QmpSession, timeout: float = 60.0, *, after: int = 0) -> QmpEvent:
+async def wait_pre_switchover(src: QmpPeer, timeout: float = 60.0, *, after: int = 0) -> QmpEvent:
     """Wait until the source pauses before switchover, with its vCPUs stopped.
 
     Both facts come from the event stream, which QEMU writes in order (STOP, then MIGRATION
@@ -112,12 +113,12 @@ async def wait_pre_switchover(src: QmpSession, timeout: float = 60.0, *, after: 
     return event
 
 
-async def continue_(src: QmpSession) -> None:
+async def continue_(src: QmpPeer) -> None:
     """Let the source send device state and hand the guest to the destination."""
     await src.execute("migrate-continue", state="pre-switchover")
 
 
-async def wait_completed(src: QmpSession, dst: QmpSession, timeout: float = 60.0, *, resumes: bool = True, after: int = 0) -> Switchover:
+async def wait_completed(src: QmpPeer, dst: QmpPeer, timeout: float = 60.0, *, resumes: bool = True, after: int = 0) -> Switchover:
     """Wait until the source reports completed and the destination runs (RESUME received at
     log position >= `after`). A guest its user had paused (`resumes=False`) stays paused on
     the destination: then the destination's own status `completed` is waited for."""
@@ -140,7 +141,7 @@ async def wait_completed(src: QmpSession, dst: QmpSession, timeout: float = 60.0
     return Switchover(stop, resume, info, src_status["status"])
 
 
-async def cancel(src: QmpSession, timeout: float = 30.0, *, resume: bool = True) -> str:
+async def cancel(src: QmpPeer, timeout: float = 30.0, *, resume: bool = True) -> str:
     """Abandon the migration; with `resume` make sure the source guest runs (pass False for
     a source its user had paused: it stays paused). Returns the final status.
 
@@ -162,7 +163,7 @@ async def cancel(src: QmpSession, timeout: float = 30.0, *, resume: bool = True)
     return status
 
 
-async def check_waiting(dst: QmpSession) -> None:
+async def check_waiting(dst: QmpPeer) -> None:
     """Raise `MigrationError` unless the destination waits for a migration with no listener
     yet: one started with `-incoming URI` (or given `migrate-incoming` already) listens on
     its own terms, and its stream cannot be redirected."""
@@ -181,7 +182,7 @@ def _address(addr: Mapping[str, Any]) -> str:
     return f"{addr.get('type')}:{addr.get('host')}:{addr.get('port')}"
 
 
-async def check_capabilities(session: QmpSession) -> dict[str, bool]:
+async def check_capabilities(session: QmpPeer) -> dict[str, bool]:
     """Raise `MigrationError` naming what is missing unless this QEMU offers every
     capability the choreography needs; changes nothing. Returns their current states."""
     states = {c["capability"]: c["state"] for c in await session.execute("query-migrate-capabilities")}
@@ -194,13 +195,13 @@ async def check_capabilities(session: QmpSession) -> dict[str, bool]:
     return {name: states[name] for name in CAPABILITIES}
 
 
-async def _enable_capabilities(session: QmpSession) -> SavedCapabilities:
+async def _enable_capabilities(session: QmpPeer) -> SavedCapabilities:
     saved = SavedCapabilities(session, await check_capabilities(session))
     await _set_capabilities(session, dict.fromkeys(CAPABILITIES, True))
     return saved
 
 
-async def _set_capabilities(session: QmpSession, states: Mapping[str, bool]) -> None:
+async def _set_capabilities(session: QmpPeer, states: Mapping[str, bool]) -> None:
     await session.execute(
         "migrate-set-capabilities",
         capabilities=[{"capability": name, "state": state} for name, state in states.items()],
