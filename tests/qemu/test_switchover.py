@@ -13,6 +13,7 @@ from orchestrator.qemu import migration
 from orchestrator.qemu.launcher import QemuVm, Role, VmConfig, launch
 from orchestrator.qemu.layout import check_migratable, discover_layout
 
+from . import recorded
 from .conftest import wait_serial
 
 pytestmark = pytest.mark.slow
@@ -74,10 +75,27 @@ async def test_switchover_with_ram_copied_by_the_orchestrator(halting_guest: VmC
         ram = done.source_info["ram"]
         assert ram["total"] < 1 << 20
         assert ram["transferred"] < 1 << 20 < src.ram_size
-        assert statuses(src) == ["setup", "active", "pre-switchover", "device", "completed"]
-        assert statuses(dst) == ["setup", "active", "completed"]
-        assert names(src) == ["MIGRATION", "MIGRATION", "STOP", "MIGRATION", "MIGRATION", "MIGRATION"]
-        assert names(dst) == ["MIGRATION", "MIGRATION", "RESUME", "MIGRATION"]
+        assert statuses(src) == recorded.SOURCE_STATUSES
+        assert statuses(dst) == recorded.DESTINATION_STATUSES
+        assert names(src) == recorded.SOURCE_EVENTS
+        assert names(dst) == recorded.DESTINATION_EVENTS
+
+
+async def test_a_paused_guest_migrates_paused(halting_guest: VmConfig) -> None:
+    async with launch(halting_guest) as src, launch(destination(halting_guest)) as dst:
+        await wait_serial(src, "ready")
+        await src.qmp.execute("stop")
+        np.copyto(ram_of(dst), ram_of(src))
+        mark = src.qmp.mark()
+        await _reach("pre-switchover", src, dst)
+        await migration.continue_(src.qmp)
+        done = await migration.wait_completed(src.qmp, dst.qmp, resumes=False)
+        assert done.downtime_ns is None and done.source_runstate == "postmigrate"
+        assert (await dst.qmp.execute("query-status"))["status"] == "paused"
+        assert statuses(src) == recorded.SOURCE_STATUSES
+        assert statuses(dst) == recorded.DESTINATION_STATUSES
+        assert [e.name for e in src.qmp.events[mark:] if e.name != "MIGRATION_PASS"] == recorded.PAUSED_SOURCE_EVENTS
+        assert names(dst) == recorded.PAUSED_DESTINATION_EVENTS
 
 
 async def test_switchover_timing_without_ram_copy(halting_guest: VmConfig) -> None:
@@ -132,9 +150,9 @@ async def test_cancel_leaves_the_source_running(halting_guest: VmConfig, phase: 
         assert await migration.cancel(src.qmp) == "cancelled"
 
         assert (await src.qmp.execute("query-status"))["status"] == "running"
-        assert statuses(src)[-2:] == ["cancelling", "cancelled"]
+        assert statuses(src)[-2:] == recorded.CANCEL_STATUSES
         if phase == "pre-switchover":
-            assert names(src)[-3:] == ["MIGRATION", "RESUME", "MIGRATION"]
+            assert names(src)[-3:] == recorded.CANCEL_EVENTS
         # QEMU 7.2's destination gives up on the broken stream by exiting.
         assert await dst.wait_exit(10) != 0
 
@@ -163,5 +181,9 @@ async def test_cancel_of_a_source_that_was_paused_before(halting_guest: VmConfig
     async with launch(halting_guest) as src, launch(destination(halting_guest)) as dst:
         await src.qmp.execute("stop")
         await _reach("pre-switchover", src, dst)
+        assert await migration.cancel(src.qmp, resume=False) == "cancelled"
+        assert statuses(src)[-2:] == recorded.CANCEL_STATUSES
+        assert names(src)[-3:] == recorded.PAUSED_CANCEL_EVENTS
+        assert (await src.qmp.execute("query-status"))["status"] == "postmigrate"
         assert await migration.cancel(src.qmp, resume=resume) == "cancelled"
         assert (await src.qmp.execute("query-status"))["running"] is resume
