@@ -51,10 +51,13 @@ from .runs import U64_MAX
 
 
 class IoPageTable:
-    """io_pagetable: the IOVA areas an IOAS maps, sorted and disjoint."""
+    """io_pagetable: the IOVA areas an IOAS maps, sorted and disjoint. `iova_alignment` is
+    the kernel's PAGE_SIZE here (the IOAS's minimum); `max_alloc_alignment` caps the alignment
+    of IOVAs the kernel chooses: HPAGE_SIZE with CONFIG_TRANSPARENT_HUGEPAGE, else PAGE_SIZE."""
 
-    def __init__(self, iova_alignment: int) -> None:
+    def __init__(self, iova_alignment: int, max_alloc_alignment: int) -> None:
         self.iova_alignment = iova_alignment
+        self.max_alloc_alignment = max_alloc_alignment
         self._starts: list[int] = []
         self._areas: list[tuple[int, int]] = []  # (iova, last)
 
@@ -63,7 +66,7 @@ class IoPageTable:
         if length == 0 or (length | uptr | (iova or 0)) & mask:
             raise kernel_error(errno.EINVAL)
         if iova is None:
-            iova = self._first_fit(length)
+            iova = self._first_fit(length, uptr)
         elif iova + length - 1 > U64_MAX:
             raise kernel_error(errno.EOVERFLOW)
         if any(True for _ in self.mapped_parts(iova, iova + length - 1)):
@@ -73,13 +76,26 @@ class IoPageTable:
         self._areas.insert(i, (iova, iova + length - 1))
         return iova
 
-    def _first_fit(self, length: int) -> int:
-        candidate = 0
+    def _first_fit(self, length: int, uptr: int) -> int:
+        """iopt_alloc_iova: the lowest hole at or above PAGE_SIZE (an IOVA of 0 is never
+        chosen), aligned to the smallest of the length's power of two, the user address's
+        lowest set bit (to keep huge pages mappable) and `max_alloc_alignment`."""
+        if length >= U64_MAX // 2:
+            raise kernel_error(errno.EOVERFLOW)
+        align = 1 << (length - 1).bit_length()  # roundup_pow_of_two
+        if uptr:
+            align = min(align, uptr & -uptr)
+        align = min(align, self.max_alloc_alignment)
+        if align < self.iova_alignment:
+            raise kernel_error(errno.EINVAL)
+        candidate = self.iova_alignment
         for start, last in self._areas:
+            candidate = -(-candidate // align) * align
             if candidate + length - 1 < start:
                 break
-            candidate = (last + self.iova_alignment) & ~(self.iova_alignment - 1)
-        if candidate + length - 1 > U64_MAX:
+            candidate = max(candidate, last + 1)
+        candidate = -(-candidate // align) * align
+        if candidate + length - 1 > U64_MAX - self.iova_alignment:
             raise kernel_error(errno.ENOSPC)
         return candidate
 
@@ -176,8 +192,9 @@ class _Op:
 class Iommufd:
     """One open /dev/iommu: its object table and ioctls."""
 
-    def __init__(self, iova_alignment: int) -> None:
+    def __init__(self, iova_alignment: int, max_alloc_alignment: int) -> None:
         self.iova_alignment = iova_alignment
+        self.max_alloc_alignment = max_alloc_alignment
         self._objects: dict[int, object] = {}
         self._next_id = 1
 
@@ -254,7 +271,7 @@ class Iommufd:
     def _ioas_alloc(self, cmd: iommu_ioas_alloc) -> None:
         if cmd.flags:
             raise kernel_error(errno.EOPNOTSUPP)
-        cmd.out_ioas_id = self._add(lambda i: Ioas(i, IoPageTable(self.iova_alignment))).id
+        cmd.out_ioas_id = self._add(lambda i: Ioas(i, IoPageTable(self.iova_alignment, self.max_alloc_alignment))).id
 
     def _ioas_map(self, cmd: iommu_ioas_map) -> None:
         known = IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_WRITEABLE | IOMMU_IOAS_MAP_READABLE

@@ -36,11 +36,16 @@ class EmulatedKernel:
 
     `cdev_flags`: the cdev BIND/ATTACH/DETACH ioctls know their flags (BIND_FLAG_TOKEN,
     ATTACH/DETACH_PASID), as recent kernels do. False is Linux 6.12 (the real-kernel lab's),
-    where each of them requires flags == 0 and any flag is EINVAL."""
+    where each of them requires flags == 0 and any flag is EINVAL.
 
-    def __init__(self, page_size: int = 4096, cdev_flags: bool = True) -> None:
+    `hugepage_size`: HPAGE_SIZE of a kernel with transparent huge pages (distribution
+    kernels), which caps the alignment of IOVAs IOAS_MAP chooses; None for a kernel without
+    (the lab's), where the cap is `page_size`."""
+
+    def __init__(self, page_size: int = 4096, cdev_flags: bool = True, hugepage_size: int | None = 2 << 20) -> None:
         self.page_size = page_size
         self.cdev_flags = cdev_flags
+        self.hugepage_size = hugepage_size
         self.log_max_ranges = log_max_ranges(page_size)
         self._files: dict[int, KernelFile] = {}
         self._open_count: dict[int, int] = {}  # id(model) -> open device fds
@@ -63,7 +68,7 @@ class EmulatedKernel:
         return self.install(DeviceFile(self, model, cdev))
 
     def open_iommufd(self) -> int:
-        return self.install(Iommufd(iova_alignment=self.page_size))
+        return self.install(Iommufd(self.page_size, self.hugepage_size or self.page_size))
 
     # -- lookups ------------------------------------------------------------------------------
 

@@ -80,6 +80,7 @@ class HwptRig:
 
     iommufd: int
     ioas_id: int
+    dev_id: int  # the device the HWPTs were allocated for
     hwpt_id: int
     plain_hwpt_id: int
     dirty: Callable[[int, int], object]
@@ -167,10 +168,11 @@ class EmulatedDevice:
 
 
 class EmulatedLab:
-    """Linux 6.12 as the emulation models it: a 4 KiB page, no cdev flags, mtty as shipped."""
+    """The lab's Linux 6.12 as the emulation models it: a 4 KiB page, no cdev flags, no
+    transparent huge pages, mtty as shipped."""
 
     def __init__(self) -> None:
-        self.sys = EmulatedKernel(4096, cdev_flags=False)
+        self.sys = EmulatedKernel(4096, cdev_flags=False, hugepage_size=None)
 
     def iommufd(self) -> int:
         return self.sys.open_iommufd()
@@ -204,7 +206,7 @@ class EmulatedLab:
         hwpt_id = hwpt_alloc(self.sys, iommufd, dev_id, ioas_id, dirty=True)
         plain = hwpt_alloc(self.sys, iommufd, dev_id, ioas_id, dirty=False)
         attach(self.sys, fd, hwpt_id)
-        return HwptRig(iommufd, ioas_id, hwpt_id, plain, model.dma_write)
+        return HwptRig(iommufd, ioas_id, dev_id, hwpt_id, plain, model.dma_write)
 
     def device(self, kind: Kind, caps: Caps = Caps()) -> EmulatedDevice:
         model = self._model(kind, caps)
@@ -306,7 +308,8 @@ class RealLab:
         hwpt_id = hwpt_alloc(self.sys, iommufd, idev_id, ioas_id, dirty=True)
         plain = hwpt_alloc(self.sys, iommufd, idev_id, ioas_id, dirty=False)
         T.mock_domain(self.sys, iommufd, hwpt_id)
-        return HwptRig(iommufd, ioas_id, hwpt_id, plain, lambda iova, length: T.set_dirty(self.sys, iommufd, hwpt_id, iova, length))
+        return HwptRig(iommufd, ioas_id, idev_id, hwpt_id, plain,
+                       lambda iova, length: T.set_dirty(self.sys, iommufd, hwpt_id, iova, length))
 
     def device(self, kind: Kind, caps: Caps = Caps()) -> RealDevice:
         uuid, fd = self._open(kind, caps)
