@@ -9,11 +9,13 @@ with `cancel`, which leaves the source running.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import MigrationError
+from .errors import MigrationError, QemuError
 from .peer import QmpPeer
 from .qmp import QmpEvent
 
@@ -68,11 +70,15 @@ class SavedCapabilities:
 async def prepare(src: QmpPeer, dst: QmpPeer) -> tuple[SavedCapabilities, SavedCapabilities]:
     """Set the capabilities on both sides; returns what they were, source first. The
     destination is not made to listen yet (`listen`, at switchover): a destination that
-    never received a stream stays usable for another attempt."""
-    saved = []
-    for session in (src, dst):
-        saved.append(await _enable_capabilities(session))
-    return saved[0], saved[1]
+    never received a stream stays usable for another attempt. All or nothing: when the
+    destination cannot be set up, the source is set back before the error is raised."""
+    saved = await _enable_capabilities(src)
+    try:
+        return saved, await _enable_capabilities(dst)
+    except BaseException:
+        with contextlib.suppress(QemuError):
+            await asyncio.shield(saved.restore())
+        raise
 
 
 async def listen(dst: QmpPeer, dst_uri: str) -> None:
