@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from .bitmap import DirtyBitmap
@@ -33,6 +33,17 @@ from .qemu.errors import QemuError
 from .qemu.peer import QmpPeer
 from .trackers import RecoveryPolicy, Tracker, TrackerEvent, TrackerSet
 from .transport import PageSink
+
+
+async def _to_the_end(work: Awaitable[None]) -> None:
+    """Await `work` to its end even when the caller cancels meanwhile, then let the cancel go
+    on: a guest half handed over, or an abort cut short, could leave it running nowhere."""
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
 
 
 class VerificationFailed(RuntimeError):
@@ -162,7 +173,7 @@ class Migration:
                 await self._precopy()
                 if self.engine.verdict.decision == Decision.CANCEL:
                     rep.status, rep.decision = "cancelled", self.engine.verdict.reason
-                    await self._abort()
+                    await _to_the_end(self._abort())
                     return rep
                 await self._switchover()
             rep.status, rep.guest = "completed", GuestHome.DESTINATION
@@ -171,19 +182,19 @@ class Migration:
                 rep.interrupted = "after migrate-continue" if self._continued else "before migrate-continue"
                 if rep.status != "completed":
                     rep.status, rep.error = "cancelled", "cancelled by the caller"
-                    await asyncio.shield(self._abort())
+                    await _to_the_end(self._abort())
                 raise
             asyncio.current_task().uncancel()  # ours, from the peer watch: a failure like any
             rep.status, rep.error = "failed", self._death
-            await asyncio.shield(self._abort())
+            await _to_the_end(self._abort())
         except VerificationFailed as exc:
             rep.status, rep.error, rep.verified = "failed", str(exc), False
             rep.mismatched_pages = exc.pages
             rep.decision = f"{rep.decision}; {exc}: cancelled, source {'running' if self._src_was_running else 'stays paused'}"
-            await self._abort()
+            await _to_the_end(self._abort())
         except Exception as exc:  # noqa: BLE001 - every failure must end with the source running
             rep.status, rep.error = "failed", f"{type(exc).__name__}: {exc}"
-            await self._abort()
+            await _to_the_end(self._abort())
         finally:
             watch.cancel()
             self._finish()
@@ -238,12 +249,7 @@ class Migration:
             self.report.verified, self.report.mismatched_pages = True, []
         await self._each(lambda d: d.resume())
         self._cancellable = False  # the guest is being handed over: see it through
-        finish = asyncio.ensure_future(self._finish_switchover())
-        try:
-            await asyncio.shield(finish)
-        except asyncio.CancelledError:
-            await finish  # the guest is being handed over: finish, then let the cancel go on
-            raise
+        await _to_the_end(self._finish_switchover())
 
     async def _finish_switchover(self) -> None:
         self._resume_mark = self.dst.mark()
