@@ -46,6 +46,10 @@ async def _to_the_end(work: Awaitable[None]) -> None:
         raise
 
 
+def _gone(session: QmpPeer) -> bool:
+    return session.lost or session.last_event("SHUTDOWN") is not None
+
+
 class VerificationFailed(RuntimeError):
     def __init__(self, pages: list[int]) -> None:
         self.pages = pages
@@ -261,6 +265,8 @@ class Migration:
             )
         except Exception:
             await self._resume_source_if_unclaimed()
+            if self.report.guest is GuestHome.DESTINATION:
+                await self._each(lambda d: d.run_destination())  # the guest runs there: its devices too
             raise
         self.report.status, self.report.guest = "completed", GuestHome.DESTINATION
         self.report.downtime_ms = None if sw.downtime_ns is None else sw.downtime_ns / 1e6
@@ -271,31 +277,37 @@ class Migration:
         provably never ran it: it is gone without a RESUME (QEMU sends RESUME before running
         the guest, and the socket delivers it before the close), or its incoming migration
         failed. Then the paused source still holds the guest's latest state: run it again
-        if it ran before. A destination still loading is left alone (NOWHERE: look first)."""
+        if it ran before, with its capabilities as they were. A destination still loading is
+        left alone, and one that ran the guest and is gone took it along (NOWHERE: look first)."""
         rep = self.report
         if self.dst.last_event("RESUME", after=self._resume_mark) is not None:
-            rep.guest = GuestHome.DESTINATION
+            rep.guest = GuestHome.NOWHERE if _gone(self.dst) else GuestHome.DESTINATION
             return
         try:
             if (await self.dst.execute("query-status"))["running"]:
                 rep.guest = GuestHome.DESTINATION
                 return
-            unclaimed = (await self.dst.query_migrate()).get("status") == "failed"
+            status = (await self.dst.query_migrate()).get("status")
         except QemuError:
-            unclaimed = True
-        if not unclaimed:
-            rep.guest = GuestHome.NOWHERE
+            status = "failed"
+        if status != "failed":
+            rep.guest = GuestHome.DESTINATION if status == "completed" else GuestHome.NOWHERE
             return
         await self._each(lambda d: d.abort())
         note = "the destination never ran the guest"
         try:
             if self._src_was_running and not (await self.src.execute("query-status"))["running"]:
                 await self.src.execute("cont")
-            rep.guest = GuestHome.SOURCE
-            rep.decision = f"{rep.decision}; {note}: the source {'runs again' if self._src_was_running else 'stays paused'}"
         except QemuError as exc:
             rep.guest = GuestHome.NOWHERE
             rep.decision = f"{rep.decision}; {note}, and resuming the source failed: {exc}"
+            return
+        rep.guest = GuestHome.SOURCE
+        rep.decision = f"{rep.decision}; {note}: the source {'runs again' if self._src_was_running else 'stays paused'}"
+        try:
+            await self._saved[0].restore()
+        except QemuError as exc:
+            rep.decision = f"{rep.decision}; setting its capabilities back failed: {exc}"
 
     async def _each(self, step) -> list:
         return await each_device(self.devices, step)
