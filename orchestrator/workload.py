@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from . import builds
 
-#: The guest kernel in the per-user cache (`builds.ensure(builds.GUEST)` builds it there).
+#: The guest kernel in the per-user cache that is current when this module is imported
+#: (`builds.ensure(builds.GUEST)` builds it there).
 GUEST_ELF = builds.location(builds.GUEST)
 #: What `fwcfg=` guests have QEMU's fw_cfg device copy into their RAM (`builds.FWCFG`).
 FWCFG_FILE = builds.location(builds.FWCFG)
