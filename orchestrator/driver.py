@@ -136,7 +136,7 @@ class Migration:
         self._listening = False  # the destination was given migrate-incoming
         self._cancellable = True  # false once finishing the switchover or aborting
         self._saved: tuple[choreography.SavedCapabilities, ...] = ()
-        self._src_was_running = True
+        self._src_was_running = False  # until QEMU says: an abort before then must not run a paused guest
         self._death: str | None = None  # which QEMU died or shut down, and how
         self._watch_cancelled = False  # the peer watch, not the caller, cancelled the run
         self._resume_mark = 0
