@@ -296,7 +296,8 @@ class Migration:
         await self._each(lambda d: d.abort())
         note = "the destination never ran the guest"
         try:
-            if self._src_was_running and not (await self.src.execute("query-status"))["running"]:
+            running = (await self.src.execute("query-status"))["running"]  # asked also to stay paused: is it there?
+            if self._src_was_running and not running:
                 await self.src.execute("cont")
         except QemuError as exc:
             rep.guest = GuestHome.NOWHERE
