@@ -22,6 +22,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.builds import cache_root
+
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "build" / "realkernel" / "results"
 JUNIT = RESULTS / "junit.xml"
@@ -66,7 +68,8 @@ def qemu_command(kernel: Path, initrd: Path, args: list[str], memory: str, cpus:
     """-cpu max: the host's Python and numpy need its instruction set under TCG."""
     if any("," in a or " " in a for a in args):
         raise LabError(f"pytest arguments cannot contain ',' or ' ' (the kernel command line): {args}")
-    cmdline = f"console=ttyS0 quiet panic=-1 rk.project={ROOT} rk.args={','.join(args)}"
+    cache = cache_root().parent  # the native builds (fixture guest, plugin), read in place
+    cmdline = f"console=ttyS0 quiet panic=-1 rk.project={ROOT} rk.cache={cache} rk.args={','.join(args)}"
     return [
         "qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-smp", str(cpus), "-m", memory,
         "-nodefaults", "-display", "none", "-no-reboot", "-serial", "stdio",
