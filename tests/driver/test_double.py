@@ -15,9 +15,8 @@ from orchestrator.qemu.errors import (
 )
 from tests.fakes.faults import Act, Fault
 from tests.fakes.qemu import FakeHost, FakeQemu, RunState
+from tests.fakes.rig import URI
 from tests.qemu import recorded
-
-from .conftest import URI
 
 
 def pair(paused: bool = False, **faults: list[Fault]) -> tuple[FakeQemu, FakeQemu]:

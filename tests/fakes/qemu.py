@@ -107,8 +107,8 @@ class FakeQemu:
         self._changed = asyncio.Event()
         self._continue = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
-        if incoming is not None:  # started with -incoming URI: listening on its own terms
-            self._listen(incoming)
+        if incoming is not None:  # started with -incoming URI: it listened before we connected
+            self.listening, self.incoming, host.listeners[incoming] = incoming, "setup", self
 
     # -- QmpPeer -------------------------------------------------------------------------------
     async def execute(self, command: str, /, **arguments: Any) -> Any:
@@ -124,7 +124,7 @@ class FakeQemu:
         self._check_connected(command)
         handler = getattr(self, "_" + command.replace("-", "_"))
         try:
-            reply = handler(**arguments)
+            reply = handler(**{name.replace("-", "_"): value for name, value in arguments.items()})
         except _Ended:  # the command's own event ended the process
             self._check_connected(command)
             raise
@@ -329,8 +329,8 @@ class FakeQemu:
             return
         self._set_outgoing("device")
         await turn()
-        self.runstate = RunState.POSTMIGRATE
         self._set_outgoing("completed")
+        self.runstate = RunState.POSTMIGRATE
         dst._spawn(dst._load(self.vm_was_running))
 
     async def _load(self, guest_ran: bool) -> None:
@@ -352,6 +352,8 @@ class FakeQemu:
 
     def _fail(self, desc: str) -> None:
         self.error_desc = desc
+        if self.peer is not None:  # the stream closes
+            self.peer._spawn(self.peer._peer_gone())
         self._back_from_finish_migrate()
         self._set_outgoing("failed")
 
@@ -365,6 +367,8 @@ class FakeQemu:
     async def _peer_gone(self) -> None:
         """The other end of the stream went away: QEMU 7.2's destination gives up by exiting,
         a source still sending fails (one waiting in pre-switchover notices at continue)."""
+        if self._lost:
+            return
         if self.incoming == "active":
             await self._exit_failed()
         elif self.outgoing in ("setup", "active"):
@@ -403,7 +407,7 @@ class FakeQemu:
         if fault is not None and fault.act is not Act.DIE_AFTER:
             if fault.act is not Act.FAIL:
                 self._end_now(fault.act)
-            elif self.incoming == "active":
+            elif self.incoming != "none":
                 self._spawn(self._exit_failed())
             else:
                 self._fail(f"injected failure at {step}")
@@ -459,15 +463,14 @@ class FakeQemu:
         self._changed = asyncio.Event()
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        async def guarded() -> None:
-            try:
-                await work
-            except _Ended:
-                pass
-
-        task = asyncio.ensure_future(guarded())
+        task = asyncio.ensure_future(work)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._settled)
+
+    def _settled(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and not isinstance(task.exception(), _Ended):
+            raise task.exception()  # a bug of the double: the loop's handler reports it
 
     def _check_connected(self, command: str) -> None:
         if self._lost:
