@@ -44,10 +44,6 @@ class Switchover:
         return downtime_ns(self.source_stop, self.destination_resume)
 
 
-def downtime_ns(self) -> int:
-        return downtime_ns(self.source_stop, self.destination_resume)
-
-
 def downtime_ns(source_stop: QmpEvent, destination_resume: QmpEvent) -> int:
     """Guest downtime: source STOP to destination RESUME, both stamped on receipt."""
     if destination_resume.received_ns < source_stop.received_ns:
