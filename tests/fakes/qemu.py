@@ -125,9 +125,9 @@ class FakeQemu:
         handler = getattr(self, "_" + command.replace("-", "_"))
         try:
             reply = handler(**{name.replace("-", "_"): value for name, value in arguments.items()})
-        except _Ended:  # the command's own event ended the process
+        except _Ended:  # the command's own event ended this QEMU's work there
             self._check_connected(command)
-            raise
+            raise QmpCommandError(command, "GenericError", f"injected failure during {command}") from None
         if fault is not None:  # DIE_AFTER: the reply arrived, then the process died
             self._die()
         return reply
