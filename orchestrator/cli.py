@@ -33,8 +33,9 @@ from .writewatch import WriteWatchRefused
 
 #: Exit statuses: what happened to the guest. 0 migrated (the destination runs it); 1 not
 #: migrated, the source has it (running, or paused as its user left it); 2 bad input, nothing
-#: changed; 3 the guest runs nowhere (a QEMU died, or the source could not be resumed).
-EXIT_OK, EXIT_MIGRATION_FAILED, EXIT_BAD_INPUT, EXIT_GUEST_LOST = 0, 1, 2, 3
+#: changed; 3 the guest runs nowhere (a QEMU died, or the source could not be resumed); 4 the
+#: destination runs the guest but something failed after the handover (see the report).
+EXIT_OK, EXIT_MIGRATION_FAILED, EXIT_BAD_INPUT, EXIT_GUEST_LOST, EXIT_MIGRATED_WITH_ERRORS = 0, 1, 2, 3, 4
 BAD_INPUT = (QemuError, SinkError, VfioError, VfioUsageError, WriteWatchRefused, ValueError, OSError)
 
 
@@ -190,7 +191,7 @@ async def run_migration(ep: Endpoints, trackers: list[Tracker], uri: str, option
 def exit_status(report: MigrationReport, *more_ok: bool) -> int:
     """The exit status that tells what happened to the guest."""
     if report.guest is GuestHome.DESTINATION:
-        return EXIT_OK if report.ok and all(more_ok) else EXIT_MIGRATION_FAILED
+        return EXIT_OK if report.ok and all(more_ok) else EXIT_MIGRATED_WITH_ERRORS
     return EXIT_MIGRATION_FAILED if report.guest is GuestHome.SOURCE else EXIT_GUEST_LOST
 
 

@@ -134,6 +134,7 @@ class Migration:
         self._t0 = 0.0
         self._continued = False
         self._listening = False  # the destination was given migrate-incoming
+        self._migrating = False  # the source was given migrate (before that its run state is the user's)
         self._cancellable = True  # false once finishing the switchover or aborting
         self._saved: tuple[choreography.SavedCapabilities, ...] = ()
         self._src_was_running = False  # until QEMU says: an abort before then must not run a paused guest
@@ -238,6 +239,7 @@ class Migration:
         opts = self.options
         await choreography.listen(self.dst, self.uri)
         self._listening = True
+        self._migrating = True  # from here QEMU may stop the guest: an abort must give it back
         mark = await choreography.start(self.src, self.uri)
         await choreography.wait_pre_switchover(self.src, opts.qmp_timeout_s, after=mark)
         # QEMU stopped the guest only if it was running then: the truth for what follows.
@@ -322,7 +324,10 @@ class Migration:
             return
         problems = [p for p in await each_device(self.devices, lambda d: d.abort()) if p]
         try:
-            await choreography.cancel(self.src, self.options.qmp_timeout_s, resume=self._src_was_running)
+            # Before QEMU's migration started, nothing of ours touched the run state: a guest its
+            # user paused meanwhile stays paused.
+            resume = self._src_was_running and self._migrating
+            await choreography.cancel(self.src, self.options.qmp_timeout_s, resume=resume)
         except Exception as exc:  # noqa: BLE001 - report every failure
             problems.append(f"cancelling on the source failed too: {exc}")
             self.report.guest = GuestHome.NOWHERE
