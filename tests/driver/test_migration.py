@@ -200,3 +200,17 @@ async def test_the_caller_cancelling_during_an_abort_does_not_cut_it_short(make_
         await task
     assert mig.report.guest is GuestHome.SOURCE
     await rig.check_guest_home(mig.report)
+
+
+async def test_a_guest_its_user_pauses_during_precopy_stays_paused_after_an_abort(make_rig: MakeRig) -> None:
+    """The abort of a migration whose QEMU side never started leaves the run state alone."""
+    rig = make_rig(sink=[Fault("send_pages", Act.FAIL, 2)])
+
+    def user_pauses(rec) -> None:
+        if rec.round == 1:
+            asyncio.get_running_loop().create_task(rig.src.execute("stop"))
+
+    rep = await rig.migration(on_round=user_pauses).run()
+    assert rep.status == "failed" and rep.guest is GuestHome.SOURCE, rep.error
+    assert "src: migrate" not in key_steps(rig)
+    assert not rig.src.running, "the user's pause was undone"
