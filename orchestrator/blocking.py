@@ -43,16 +43,21 @@ def run_blocking(fn: Callable[..., Any], *args: Any, name: str = "tracker-call")
     return fut
 
 
-def _retrieve(fut: asyncio.Future) -> None:
-    if not fut.cancelled():
-        fut.exception()  # a late failure of an abandoned call is expected, not "never retrieved"
-
-
-async def watched(fn: Callable[..., Any], *args: Any, timeout: float, name: str) -> Any:
+async def watched(
+    fn: Callable[..., Any], *args: Any, timeout: float, name: str, on_settled: Callable[[], None] | None = None
+) -> Any:
     """`fn(*args)` in a daemon thread; TimeoutError naming the call if it takes longer than
-    `timeout` seconds (the thread is abandoned, not stopped)."""
+    `timeout` seconds (the thread is abandoned, not stopped). `on_settled` runs when the call
+    really ends, even long after a timeout: until then it may still hold the device."""
     fut = run_blocking(fn, *args, name=name)
-    fut.add_done_callback(_retrieve)
+
+    def settled(f: asyncio.Future) -> None:
+        if not f.cancelled():
+            f.exception()  # a late failure of an abandoned call is expected, not "never retrieved"
+        if on_settled is not None:
+            on_settled()
+
+    fut.add_done_callback(settled)
     try:
         return await asyncio.wait_for(asyncio.shield(fut), timeout)
     except TimeoutError:

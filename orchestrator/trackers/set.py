@@ -1,14 +1,11 @@
 """The tracker set: drives every tracker, merges into one bitmap, and never loses a bit.
 
-Policy (architecture invariants 4, 6, 7, 8, 10):
-- every blocking call runs in a worker thread under a watchdog; a hung call is a failure;
-- on any failure the tracker's whole covered range is marked dirty first; then the tracker is
-  degraded: its covered range is marked dirty every round until a STOP+START succeeds;
-- restarts back off exponentially, are never tried while an earlier call is still running
-  (a hung ioctl holds the device), and after `max_restarts` consecutive failures the tracker
-  stays perma-dirty and the migration goes on;
-- after a successful restart the covered range is marked once more, because writes between
-  the failure and the new START were logged nowhere;
+The I/O half of recovery (architecture invariants 4, 6, 7, 8, 10); its decisions are the
+sans-IO `Recovery` machine's (`recovery.py`):
+- every blocking call runs in a worker thread under a watchdog (`blocking.watched`); a hung
+  call is a failure, and the call it abandoned keeps the tracker busy until it really ends;
+- each round asks the machine what to do with each tracker (collect, restart, only mark),
+  tells it how that went, and marks the tracker's covered range dirty whenever it says so;
 - every tracker is stopped on every exit path, including cancellation.
 """
 
@@ -23,39 +20,35 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..bitmap import DirtyBitmap
-from ..blocking import run_blocking
+from ..blocking import watched
 from ..memory import MemoryLayout
 from ..vfio.ranges import IovaRange
 from .base import SentAware, StartOutcome, Tracker, mark_ranges
 from .events import TrackerEvent, TrackerState, TrackerStats
-
-
-@dataclass(frozen=True)
-class RecoveryPolicy:
-    timeout: float = 5.0  # seconds one tracker call may take before it counts as hung
-    max_restarts: int = 3  # consecutive failed restarts before a tracker stays perma-dirty
-    backoff_initial: float = 0.05
-    backoff_max: float = 2.0
-
-    def backoff(self, failures: int) -> float:
-        return min(self.backoff_initial * (2**failures), self.backoff_max)
+from .recovery import Recovery, RecoveryPolicy, Step, Verdict
 
 
 @dataclass
 class _Slot:
     tracker: Tracker
     covered: list[IovaRange]
-    stats: TrackerStats
-    inflight: asyncio.Future | None = None
-    failures: int = 0
-    next_restart: float = 0.0
+    recovery: Recovery
+    inflight: int = 0  # calls not yet returned, abandoned ones included
     live: bool = False  # a start was issued and no stop since: the device may be logging
+
+    @property
+    def stats(self) -> TrackerStats:
+        return self.recovery.stats
 
 
 def _errno_of(exc: BaseException | None) -> int | None:
     if isinstance(exc, TimeoutError):
         return _errno.ETIMEDOUT
     return getattr(exc, "errno", None)
+
+
+def _retry_note(v: Verdict) -> str:
+    return "" if v.retry_in is None else f"{v.retry_in:.3g}s"
 
 
 class TrackerSet:
@@ -80,7 +73,8 @@ class TrackerSet:
         self._on_event = on_event
         self._clock = clock
         self._slots = [
-            _Slot(t, t.covered(layout), TrackerStats(t.name, t.kind, layout.page_size)) for t in trackers
+            _Slot(t, t.covered(layout), Recovery(TrackerStats(t.name, t.kind, layout.page_size), policy))
+            for t in trackers
         ]
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -122,17 +116,13 @@ class TrackerSet:
 
     # -- one tracker ------------------------------------------------------------------------
     async def _call(self, slot: _Slot, fn, *args):
-        fut = run_blocking(fn, *args, name=f"{slot.tracker.name}:{fn.__name__}")
-        slot.inflight = fut
+        slot.inflight += 1
 
-        def settled(f: asyncio.Future) -> None:
-            if slot.inflight is f:
-                slot.inflight = None
-            if not f.cancelled():
-                f.exception()  # retrieved: a late failure of an abandoned call is expected
+        def settled() -> None:
+            slot.inflight -= 1
 
-        fut.add_done_callback(settled)
-        return await asyncio.wait_for(asyncio.shield(fut), self.policy.timeout)
+        name = f"{slot.tracker.name}:{fn.__name__}"
+        return await watched(fn, *args, timeout=self.policy.timeout, name=name, on_settled=settled)
 
     def _emit(self, slot: _Slot, round_: int, kind: str, exc: BaseException | None, action: str) -> None:
         detail = "" if exc is None else (str(exc) or type(exc).__name__)
@@ -141,18 +131,14 @@ class TrackerSet:
         if self._on_event:
             self._on_event(ev)
 
-    def _mark_covered(self, slot: _Slot) -> None:
-        mark_ranges(self.bitmap, slot.covered)
-        slot.stats.fallbacks += 1
+    def _apply(self, slot: _Slot, verdict: Verdict) -> None:
+        if verdict.mark:
+            mark_ranges(self.bitmap, slot.covered)
 
-    def _fail(self, slot: _Slot, round_: int, kind: str, exc: BaseException) -> None:
-        """Invariant 4: assume the log is corrupted; everything it covers is dirty, first."""
-        slot.stats.errors += 1
-        self._mark_covered(slot)
-        slot.stats.state = TrackerState.DEGRADED
-        delay = self.policy.backoff(slot.failures)
-        slot.next_restart = self._clock() + delay
-        self._emit(slot, round_, kind, exc, f"covered range marked dirty; restart in {delay:.3g}s")
+    def _failed(self, slot: _Slot, round_: int, kind: str, exc: BaseException, verdict: Verdict) -> None:
+        """Invariant 4: the machine says the log may be corrupted; everything it covers is dirty."""
+        self._apply(slot, verdict)
+        self._emit(slot, round_, kind, exc, f"covered range marked dirty; restart in {_retry_note(verdict)}")
 
     def _started(self, slot: _Slot, round_: int, outcome: StartOutcome) -> None:
         slot.stats.page_size = outcome.page_size
@@ -161,10 +147,8 @@ class TrackerSet:
                 err = OSError(a.errno, _errno.errorcode.get(a.errno, str(a.errno)))
                 self._emit(slot, round_, "start-fallback", err, f"{a.step} ({a.ranges} ranges) refused")
         if not outcome.tracked:
-            slot.stats.state = TrackerState.PERMA_DIRTY
             self._emit(slot, round_, "perma-dirty", None, "nothing can be logged: covered range dirty every round")
             return
-        slot.stats.state = TrackerState.RUNNING
         untracked = sum(r.length for r in outcome.untracked)
         note = f"; {untracked} reachable bytes untracked, dirty every round" if untracked else ""
         self._emit(
@@ -177,29 +161,27 @@ class TrackerSet:
         try:
             outcome = await self._call(slot, slot.tracker.start, self.layout)
         except (Exception, TimeoutError) as exc:
-            self._fail(slot, 0, "start-error", exc)
+            self._failed(slot, 0, "start-error", exc, slot.recovery.start_failed(self._clock()))
             return
+        self._apply(slot, slot.recovery.started(bool(outcome.tracked)))
         self._started(slot, 0, outcome)
 
     async def _collect_one(self, slot: _Slot, round_: int, final: bool) -> None:
-        state = slot.stats.state
-        if state == TrackerState.RUNNING:
+        step = slot.recovery.plan(self._clock(), final, busy=slot.inflight > 0)
+        if step is Step.COLLECT:
             fn = getattr(slot.tracker, "collect_final", None) if final else None
             try:
                 await self._call(slot, fn or slot.tracker.collect, self.bitmap)
             except TimeoutError as exc:
-                self._fail(slot, round_, "timeout", exc)
+                self._failed(slot, round_, "timeout", exc, slot.recovery.collect_failed(self._clock()))
             except Exception as exc:
-                self._fail(slot, round_, "report-error", exc)
+                self._failed(slot, round_, "report-error", exc, slot.recovery.collect_failed(self._clock()))
             else:
-                slot.stats.reports += 1
-            return
-        if state == TrackerState.DEGRADED and not final and slot.inflight is None and self._clock() >= slot.next_restart:
+                slot.recovery.collected()
+        elif step is Step.RESTART:
             await self._restart(slot, round_)
-        if state in (TrackerState.DEGRADED, TrackerState.PERMA_DIRTY):
-            # After the restart attempt: a successful START logs from now on, and this mark
-            # covers everything written before it.
-            self._mark_covered(slot)
+        else:
+            mark_ranges(self.bitmap, slot.covered)
 
     async def _restart(self, slot: _Slot, round_: int) -> None:
         try:
@@ -209,18 +191,15 @@ class TrackerSet:
         try:
             outcome = await self._call(slot, slot.tracker.start, self.layout)
         except (Exception, TimeoutError) as exc:
-            slot.failures += 1
-            slot.stats.errors += 1
-            if slot.failures > self.policy.max_restarts:
-                slot.stats.state = TrackerState.PERMA_DIRTY
-                self._emit(slot, round_, "perma-dirty", exc, f"gave up after {slot.failures} failed restarts")
+            verdict = slot.recovery.restart_failed(self._clock())
+            self._apply(slot, verdict)
+            if verdict.state is TrackerState.PERMA_DIRTY:
+                self._emit(slot, round_, "perma-dirty", exc, f"gave up after {slot.recovery.failures} failed restarts")
             else:
-                delay = self.policy.backoff(slot.failures)
-                slot.next_restart = self._clock() + delay
-                self._emit(slot, round_, "restart-failed", exc, f"next attempt in {delay:.3g}s")
+                self._emit(slot, round_, "restart-failed", exc, f"next attempt in {_retry_note(verdict)}")
             return
-        slot.failures = 0
-        slot.stats.restarts += 1
+        # A successful START logs from now on; the machine's mark covers everything before it.
+        self._apply(slot, slot.recovery.restarted(bool(outcome.tracked)))
         self._emit(slot, round_, "restart", None, "STOP+START succeeded")
         self._started(slot, round_, outcome)
 
@@ -234,4 +213,4 @@ class TrackerSet:
             self._emit(slot, -1, "stop-error", exc, "tracker may still be logging")
         else:
             self._emit(slot, -1, "stop", None, "stopped")
-        slot.stats.state = TrackerState.STOPPED
+        slot.recovery.stopped()

@@ -148,7 +148,7 @@ async def test_hang_is_a_timeout_and_no_restart_while_inflight():
         t.release.set()
         for _ in range(100):
             await asyncio.sleep(0.01)
-            if ts._slots[0].inflight is None:
+            if ts._slots[0].inflight == 0:
                 break
         await ts.collect(3)
         assert t.calls.count("start") == 2 and ts.stats()[0].state == TrackerState.RUNNING
