@@ -6,7 +6,7 @@ means a report with the bitmap's page size and a 64-page-aligned base ORs in wor
 
 Trackers never hand the shared words to the kernel: a REPORT sets bits with plain
 read-modify-writes, so it would race with other merges. Each tracker reports into its own zeroed
-scratch buffer (`DirtyBitmap.scratch`) and merges that under the bitmap's lock.
+buffer (`trackers.base.ReportBuffer`) and merges that under the bitmap's lock.
 
 Byte-level views (`view(np.uint8)` + `bitorder="little"`) assume a little-endian host, as the
 kernel ABI on x86_64 and arm64 does.
@@ -22,6 +22,7 @@ from functools import cache
 import numpy as np
 
 from orchestrator.bits import page_words, report_words, set_bit_range, words_for
+from orchestrator.ranges import page_runs
 
 _ONES = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
 
@@ -177,11 +178,9 @@ class DirtyBitmap:
     @staticmethod
     def scratch(npages: int) -> np.ndarray:
         """A zeroed report buffer for `npages` report pages, as large as a kernel report may
-        write (`bits.report_words`: bits past the queried length reach the pinned pages' end).
-
-        A tracker allocates it once and reuses it every round: `buf.fill(0)`, REPORT into it (the
-        kernel only sets bits), then `merge_report` of the whole buffer. The kernel never
-        touches the shared words.
+        write (`bits.report_words`: bits past the queried length reach the pinned pages' end),
+        for building a report by hand. Trackers use `ReportBuffer`, which keeps one per tracker
+        and replaces it after a restart.
         """
         return report_words(npages)
 
@@ -329,27 +328,21 @@ class DirtyBitmap:
     def runs(pages_or_words: np.ndarray) -> np.ndarray:
         """(start_page, npages) rows of the maximal dirty runs, as an (n, 2) int64 array.
 
-        Takes sorted unique page numbers (a signed integer array, as from `harvest`) or kernel
-        layout words (uint64, as from `harvest_words`). Words are never expanded bit by bit: a
-        run boundary is a bit that differs from the one below it, and only nonzero words and
-        their successors can hold one.
+        Takes sorted unique page numbers (a signed integer array, as from `harvest`: see
+        `ranges.page_runs`) or kernel layout words (uint64, as from `harvest_words`). Words are
+        never expanded bit by bit: a run boundary is a bit that differs from the one below it,
+        and only nonzero words and their successors can hold one.
         """
         data = np.asarray(pages_or_words)
-        if data.dtype == np.uint64:
-            near = data != 0
-            near[1:] |= near[:-1]
-            index = np.flatnonzero(near)
-            words = data[index]
-            below = np.where(index > 0, data[index - 1], 0) >> np.uint64(63)
-            bounds = _positions(index, words ^ ((words << np.uint64(1)) | below))
-            if bounds.size % 2:  # a run reaching the last bit has no closing edge
-                bounds = np.append(bounds, data.size * 64)
-            starts, stops = bounds[0::2], bounds[1::2]
-        elif data.size:
-            pages = data.astype(np.int64, copy=False)
-            breaks = np.flatnonzero(np.diff(pages) != 1) + 1
-            starts = pages[np.r_[0, breaks]]
-            stops = pages[np.r_[breaks - 1, pages.size - 1]] + 1
-        else:
-            starts = stops = np.empty(0, dtype=np.int64)
+        if data.dtype != np.uint64:
+            return page_runs(data)
+        near = data != 0
+        near[1:] |= near[:-1]
+        index = np.flatnonzero(near)
+        words = data[index]
+        below = np.where(index > 0, data[index - 1], 0) >> np.uint64(63)
+        bounds = _positions(index, words ^ ((words << np.uint64(1)) | below))
+        if bounds.size % 2:  # a run reaching the last bit has no closing edge
+            bounds = np.append(bounds, data.size * 64)
+        starts, stops = bounds[0::2], bounds[1::2]
         return np.column_stack((starts, stops - starts))

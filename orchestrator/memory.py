@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .vfio.ranges import IovaRange, normalize
+from .ranges import IovaRange, normalize
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class MemoryLayout:
         if not self.regions:
             raise ValueError("a memory layout needs at least one RAM region")
         for r in self.regions:
-            if r.length <= 0 or r.gpa % self.page_size or r.length % self.page_size:
+            if r.gpa < 0 or r.length <= 0 or r.gpa % self.page_size or r.length % self.page_size:
                 raise ValueError(
                     f"RAM region {r.gpa:#x}+{r.length:#x} is not a non-empty multiple of the {self.page_size:#x} page"
                 )
@@ -50,4 +50,4 @@ class MemoryLayout:
         return max(r.end for r in self.regions) // self.page_size
 
     def ranges(self) -> list[IovaRange]:
-        return normalize([(r.gpa, r.length) for r in self.regions], self.page_size)
+        return normalize([IovaRange(r.gpa, r.length) for r in self.regions], self.page_size)

@@ -16,7 +16,8 @@ import numpy as np
 from ..bitmap import DirtyBitmap
 from ..bits import page_words, report_span, report_words
 from ..memory import MemoryLayout
-from ..vfio.ranges import IovaRange, normalize
+from ..ranges import IovaRange, intersect
+from ..vfio.ranges import normalize
 
 
 @dataclass
@@ -65,41 +66,15 @@ class SentAware(Protocol):
 
 
 def reach_within(reach: list[IovaRange] | None, layout: MemoryLayout) -> list[IovaRange]:
-    """The RAM a device can reach: all of it, or its window clipped to RAM."""
+    """The RAM a device can reach: all of it, or its window clipped to RAM. The window is
+    checked as the VFIO client checks every range, before anything is asked of a device."""
     ram = layout.ranges()
-    return clip(normalize(reach, layout.page_size), ram) if reach else ram
+    return intersect(normalize(reach, layout.page_size), ram) if reach else ram
 
 
 def mark_ranges(bitmap: DirtyBitmap, ranges: list[IovaRange]) -> None:
     for r in ranges:
         bitmap.mark(r.iova, r.length)
-
-
-def clip(ranges: list[IovaRange], to: list[IovaRange]) -> list[IovaRange]:
-    """Intersection of two sorted, disjoint range lists."""
-    out: list[IovaRange] = []
-    for a in ranges:
-        for b in to:
-            lo, hi = max(a.iova, b.iova), min(a.end, b.end)
-            if lo < hi:
-                out.append(IovaRange(lo, hi - lo))
-    return out
-
-
-def subtract(ranges: list[IovaRange], minus: list[IovaRange]) -> list[IovaRange]:
-    """Parts of `ranges` not covered by `minus` (both sorted, disjoint)."""
-    out: list[IovaRange] = []
-    for a in ranges:
-        cur = a.iova
-        for b in minus:
-            if b.end <= cur or b.iova >= a.end:
-                continue
-            if b.iova > cur:
-                out.append(IovaRange(cur, b.iova - cur))
-            cur = max(cur, b.end)
-        if cur < a.end:
-            out.append(IovaRange(cur, a.end - cur))
-    return out
 
 
 # A kernel query: (iova, length, page size, zeroed words) -> the words ORed with its report.
@@ -112,7 +87,8 @@ REPORT_CHUNK = 64 << 30
 
 class ReportBuffer:
     """A private scratch bitmap that reports are written into before the locked OR-merge
-    (invariant 2: the kernel sets bits non-atomically, so it never writes the shared bitmap).
+    (the architecture's invariant that reports land in a private zeroed buffer: the kernel
+    sets bits non-atomically, so it never writes the shared bitmap).
 
     Whole pages, merged whole: a dirty unit that straddles a query's end is reported (and
     cleared in the device) in full, its bits past the length included, so those bits are

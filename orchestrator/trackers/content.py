@@ -13,7 +13,7 @@ import numpy as np
 from ..bitmap import DirtyBitmap
 from ..memory import MemoryLayout
 from ..pagehash import page_hashes
-from ..vfio.ranges import IovaRange
+from ..ranges import IovaRange
 from .base import StartOutcome
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from ..bitmap import DirtyBitmap
 from ..memory import MemoryLayout
+from ..ranges import IovaRange, subtract
 from ..vfio import IommufdHwpt
-from ..vfio.ranges import IovaRange
-from .base import ReportBuffer, StartOutcome, mark_ranges, reach_within, subtract
+from .base import ReportBuffer, StartOutcome, mark_ranges, reach_within
 
 
 class IommufdHwptTracker:

@@ -19,8 +19,8 @@ import numpy as np
 from ..bitmap import DirtyBitmap
 from ..bits import words_for
 from ..memory import MemoryLayout
+from ..ranges import IovaRange
 from ..vcpulog import Addresses, VcpuDirtyLog
-from ..vfio.ranges import IovaRange
 from .base import StartOutcome
 
 

@@ -7,9 +7,10 @@ import errno
 from .. import uapi as U
 from ..bitmap import DirtyBitmap
 from ..memory import MemoryLayout
+from ..ranges import IovaRange, subtract, widen
 from ..vfio import VfioDevice, VfioError
-from ..vfio.ranges import IovaRange, start_ladder
-from .base import ReportBuffer, StartAttempt, StartOutcome, mark_ranges, reach_within, subtract
+from ..vfio.ranges import start_ladder
+from .base import ReportBuffer, StartAttempt, StartOutcome, mark_ranges, reach_within
 
 # errnos after which a coarser plan may still be accepted; anything else ends the ladder.
 # Ranges start on a grid of this many pages: one u64 of report bitmap per step, the offset
@@ -75,7 +76,7 @@ class VfioDmaLogTracker:
             self.page_size = granted
             tracked = list(plan.ranges)
             self.untracked = subtract(self.reach, tracked)
-            self.windows = [self._widen(r, granted) for r in tracked]
+            self.windows = [widen(r, granted) for r in tracked]
             self._buffer = ReportBuffer()
             return StartOutcome(granted, tracked, self.untracked, attempts)
         return self._give_up(attempts)
@@ -86,12 +87,6 @@ class VfioDmaLogTracker:
         self.windows = []
         self.untracked = list(self.reach)
         return StartOutcome(self.page_size, [], self.untracked, attempts)
-
-    @staticmethod
-    def _widen(r: IovaRange, granule: int) -> IovaRange:
-        lo = r.iova - r.iova % granule
-        hi = -(-r.end // granule) * granule
-        return IovaRange(lo, hi - lo)
 
     def collect(self, bitmap: DirtyBitmap) -> None:
         self._buffer.collect(bitmap, self.windows, self.device.report_dma_log)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ..bitmap import DirtyBitmap
 from ..memory import MemoryLayout
-from ..vfio.ranges import IovaRange
+from ..ranges import IovaRange
 from ..writewatch import WriteWatch
 from .base import StartOutcome
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..bitmap import DirtyBitmap
 from ..memory import MemoryLayout, RamRegion
+from ..ranges import page_runs, union_runs
 from .base import OnSent, page_numbers
-from .ramfile import clear_file, data_runs, map_ram, nonzero_pages, release, union_runs
+from .ramfile import clear_file, data_runs, map_ram, nonzero_pages, release
 
 # Scattered pages per gather/scatter. Measured with `python -m bench` (micro.copy): a 512 KiB
 # gather is still in L2 when it is scattered, nearly twice the bandwidth of a 32 MiB batch.
@@ -113,7 +113,7 @@ class LocalSink:
         `on_sent` sees the destination's rows for a run (what it now holds, no extra copy) and
         the gathered snapshot for scattered pages.
         """
-        runs = DirtyBitmap.runs(local)
+        runs = page_runs(local)
         lengths = runs[:, 1]
         long = lengths >= RUN_PAGES
         at = np.cumsum(lengths) - lengths  # where each run starts in `local`

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..bitmap import DirtyBitmap
+from ..ranges import page_runs
 from .inbound import Inbound
 
 MAGIC = b"OP"
@@ -244,7 +244,7 @@ def _head_and_tail(seq: int, index: np.ndarray, is_data: np.ndarray, page_size: 
     if k == index.size:
         tail, nruns = index.astype(U64).tobytes(), 0
     else:
-        runs = DirtyBitmap.runs(index[~is_data])
+        runs = page_runs(index[~is_data])
         tail, nruns = np.concatenate((index[is_data], runs.ravel())).astype(U64).tobytes(), len(runs)
     length = COUNTS.size + k * page_size + len(tail)
     return header(Kind.PAGES, seq, length) + COUNTS.pack(k, nruns), tail
@@ -280,13 +280,13 @@ def plan_pages(seq: int, rows: np.ndarray, local: np.ndarray, index: np.ndarray,
     n, page_size = local.size, rows.shape[1]
     _check_batch(n)
     first, last = int(local[0]), int(local[-1])
-    spans = np.array([[first, n]]) if last - first == n - 1 else DirtyBitmap.runs(local)  # sorted: one run
+    spans = np.array([[first, n]]) if last - first == n - 1 else page_runs(local)  # sorted: one run
     if len(spans) > MAX_PLANNED_RUNS:
         return None
     is_data = np.ones(n, bool)
     if find_zero:  # run by run on the source rows: a fancy index would copy them
         is_data = np.concatenate([np.bitwise_or.reduce(rows[f : f + c].view(U64), axis=1) != 0 for f, c in spans.tolist()])
-        spans = DirtyBitmap.runs(local[is_data])
+        spans = page_runs(local[is_data])
         if len(spans) > MAX_PLANNED_RUNS:
             return None
     head, tail = _head_and_tail(seq, index, is_data, page_size)

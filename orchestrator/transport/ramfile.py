@@ -128,18 +128,6 @@ def _data_spans(fd: int, pos: int, end: int) -> Iterator[tuple[int, int]]:
         yield data, pos
 
 
-def union_runs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Page runs covering every page of either run list."""
-    spans = sorted(map(tuple, np.concatenate([a, b]).tolist()))
-    out: list[list[int]] = []
-    for first, n in spans:
-        if out and first <= out[-1][0] + out[-1][1]:
-            out[-1][1] = max(out[-1][1], first + n - out[-1][0])
-        else:
-            out.append([first, n])
-    return np.array(out, np.int64).reshape(-1, 2)
-
-
 SCAN_PAGES = 8192  # round 0 looks for zero pages 32 MiB at a time
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..pagehash import page_hashes
+from ..ranges import page_runs
 from .auth import NonceLedger, client_proof, same, server_proof
 from .inbound import Inbound
 from .protocol import (
@@ -279,15 +280,14 @@ class Receiver:
         """Write a checked batch (`decode_pages` bounded every index by the file). A batch of
         a few runs of consecutive pages is written run by run, as plain copies: faster than
         an indexed write."""
-        index, n = batch.index, batch.index.size
-        starts = np.flatnonzero(np.diff(index) != 1) + 1
-        if starts.size < MAX_PLANNED_RUNS:
-            bounds = [0, *starts.tolist(), n] if n else [0]
-            for a, b in zip(bounds, bounds[1:]):
-                first = int(index[a])
-                self.pages[first : first + b - a] = batch.data[a:b]
+        runs = page_runs(batch.index)
+        if len(runs) <= MAX_PLANNED_RUNS:
+            at = 0
+            for first, n in runs.tolist():
+                self.pages[first : first + n] = batch.data[at : at + n]
+                at += n
         else:
-            self.pages[index] = batch.data
+            self.pages[batch.index] = batch.data
         if batch.zero.size:
             self.pages[batch.zero] = 0
 

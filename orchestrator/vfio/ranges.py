@@ -1,4 +1,6 @@
-"""IOVA ranges for DMA_LOGGING_START: normalisation and the fallback ladder.
+"""IOVA ranges for DMA_LOGGING_START: the uAPI's checks and the fallback ladder.
+
+The range type and its set operations are `orchestrator.ranges`; this module adds what VFIO asks.
 
 A device may refuse a range set (too many ranges, firmware limits, address-space caps), and the
 uAPI says userspace should "try higher values but give up if the above can't be achieved".
@@ -11,26 +13,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from .. import ranges as _ranges
+from ..ranges import IovaRange
 from .errors import VfioUsageError
 
 U64_LIMIT = 1 << 64
 FOUR_GIB = 1 << 32
-
-
-@dataclass(frozen=True, order=True)
-class IovaRange:
-    iova: int
-    length: int
-
-    @property
-    def end(self) -> int:
-        """One past the last byte."""
-        return self.iova + self.length
-
-    @property
-    def last(self) -> int:
-        """The last byte (inclusive), as the kernel's interval tree keeps it."""
-        return self.iova + self.length - 1
 
 
 @dataclass(frozen=True)
@@ -50,22 +38,17 @@ def as_ranges(ranges: Iterable[IovaRange | tuple[int, int]]) -> list[IovaRange]:
 
 
 def normalize(ranges: Iterable[IovaRange | tuple[int, int]], page_size: int) -> list[IovaRange]:
-    """Sort, align outward to page_size, and merge overlapping or touching ranges."""
+    """Check the ranges as the uAPI needs them (non-empty, inside the 64-bit IOVA space), then
+    sort, align outward to page_size, and merge overlapping or touching ones."""
     if not is_pow2(page_size):
         raise VfioUsageError(f"page size {page_size:#x} is not a power of two")
-    mask = page_size - 1
-    spans: list[tuple[int, int]] = []
-    for r in sorted(as_ranges(ranges)):
+    checked = sorted(as_ranges(ranges))
+    for r in checked:
         if r.length <= 0:
             raise VfioUsageError(f"range at {r.iova:#x} has length {r.length}: ranges must be non-empty")
         if r.iova < 0 or r.end > U64_LIMIT:
             raise VfioUsageError(f"range {r.iova:#x}+{r.length:#x} is outside the 64-bit IOVA space")
-        start, end = r.iova & ~mask, min((r.end + mask) & ~mask, U64_LIMIT)
-        if spans and start <= spans[-1][1]:
-            spans[-1] = (spans[-1][0], max(spans[-1][1], end))
-        else:
-            spans.append((start, end))
-    return [IovaRange(s, e - s) for s, e in spans]
+    return _ranges.normalize(checked, page_size)
 
 
 def combine_smallest_gap(ranges: list[IovaRange], limit: int) -> list[IovaRange]:
