@@ -3,8 +3,9 @@
 QEMU moves only vCPU and device-model state: `x-ignore-shared` makes it skip the shared-file
 RAM the orchestrator copies itself, and `pause-before-switchover` makes the source stop its
 vCPUs and wait in status `pre-switchover` until told to continue, which is the window for the
-final RAM copy. The engine calls these in order; any failure before `continue_` is answered
-with `cancel`, which leaves the source running.
+final RAM copy. The driver (`driver.Migration`) calls these in order; any failure before
+`continue_` is answered with `cancel`, which leaves the guest on the source, running again if
+it ran before.
 """
 
 from __future__ import annotations

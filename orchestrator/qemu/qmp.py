@@ -1,6 +1,6 @@
 """One QMP connection to one QEMU process, with typed errors and a timestamped event log.
 
-The migration engine needs three things from QMP beyond plain commands: to know exactly when
+The migration driver needs three things from QMP beyond plain commands: to know exactly when
 an event arrived (downtime is measured from the source's STOP to the destination's RESUME,
 both stamped with the same monotonic clock on receipt), to wait for an event without missing
 one that arrived before the wait began (hence a log plus positions, not a queue), and to stop
