@@ -1,6 +1,28 @@
-"""Sans-IO precopy engine and convergence policies."""
+"""Sans-IO precopy engine, convergence policies and the migration's sequence."""
 
 from .policy import Decision, DowntimePolicy, Observation, Policy, Verdict
 from .precopy import PrecopyEngine, RoundRecord
+from .sequence import (
+    EngineError,
+    GuestHome,
+    MigrationSequence,
+    Outcome,
+    OutOfOrder,
+    Phase,
+)
 
-__all__ = ["Decision", "DowntimePolicy", "Observation", "Policy", "PrecopyEngine", "RoundRecord", "Verdict"]
+__all__ = [
+    "Decision",
+    "DowntimePolicy",
+    "EngineError",
+    "GuestHome",
+    "MigrationSequence",
+    "Observation",
+    "OutOfOrder",
+    "Outcome",
+    "Phase",
+    "Policy",
+    "PrecopyEngine",
+    "RoundRecord",
+    "Verdict",
+]

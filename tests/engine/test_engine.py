@@ -2,7 +2,51 @@
 
 import pytest
 
-from orchestrator.engine import Decision, DowntimePolicy, Observation, PrecopyEngine
+from orchestrator.engine import (
+    Decision,
+    DowntimePolicy,
+    Observation,
+    Phase,
+    PrecopyEngine,
+)
+from orchestrator.engine.sequence import (
+    AwaitCompletion,
+    Cancel,
+    Cancelled,
+    Collect,
+    Collected,
+    Completed,
+    Continue,
+    Continued,
+    DevicesLoaded,
+    DevicesRunning,
+    DevicesStopCopy,
+    DevicesStopped,
+    Listen,
+    Listening,
+    LoadDevices,
+    Migrate,
+    MigrationSequence,
+    Prepare,
+    Prepared,
+    PreSwitchover,
+    RunDestinationDevices,
+    SendPages,
+    SendRound0,
+    Sent,
+    Started,
+    StartTrackers,
+    StopTrackers,
+    TrackersStopped,
+)
+
+#: How a simulated QEMU, its devices and trackers answer every other action: at once, successfully.
+ANSWER = {
+    Prepare: Prepared(src_running=True), StartTrackers: Started(), Listen: Listening(), Migrate: PreSwitchover(True),
+    DevicesStopCopy: DevicesStopped(), LoadDevices: DevicesLoaded(), Continue: Continued(),
+    AwaitCompletion: Completed(downtime_ms=1.0), RunDestinationDevices: DevicesRunning(), Cancel: Cancelled(),
+    StopTrackers: TrackersStopped(),
+}
 
 PAGE = 4096
 
@@ -54,22 +98,29 @@ def test_ewma_bandwidth():
 
 
 def simulate(dirty_rate_pps, bw_bps, total_pages, policy):
-    """A guest dirtying pages at a constant rate, a link of fixed bandwidth."""
+    """A guest dirtying pages at a constant rate, a link of fixed bandwidth, driven through
+    the same `MigrationSequence` as a real migration: every action answered on virtual time."""
     e = PrecopyEngine(page_size=PAGE, policy=policy)
+    m = MigrationSequence(e, total_pages, total_pages * PAGE)
     t, pending = 0.0, total_pages
-    while True:
-        dur = pending * PAGE / bw_bps
-        e.record_round(pending, pending, pending * PAGE, dur)
-        t += dur
-        pending = min(total_pages, int(dirty_rate_pps * dur))
-        v = e.next_step(pending, 0, t)
-        if v.decision != Decision.CONTINUE:
-            return e, v
+    while (action := m.next_action()) is not None:
+        match action:
+            case SendRound0() | SendPages():
+                dur = pending * PAGE / bw_bps
+                t += dur
+                m.send(Sent(pending, pending * PAGE, dur))
+                pending = min(total_pages, int(dirty_rate_pps * dur))
+            case Collect():
+                m.send(Collected(pending, 0, 0.0, t))
+            case _:
+                m.send(ANSWER[type(action)])
+    return e, e.verdict, m
 
 
 def test_converging_guest_switches_over():
-    e, v = simulate(dirty_rate_pps=20_000, bw_bps=1e9, total_pages=262_144, policy=DowntimePolicy())
+    e, v, m = simulate(dirty_rate_pps=20_000, bw_bps=1e9, total_pages=262_144, policy=DowntimePolicy())
     assert v.decision == Decision.SWITCHOVER and e.converged
+    assert m.phase is Phase.DONE and m.outcome.status == "completed"
     assert len(e.rounds) <= 5
     counts = [r.dirty_pages for r in e.rounds]
     assert counts == sorted(counts, reverse=True)
@@ -77,10 +128,11 @@ def test_converging_guest_switches_over():
 
 def test_non_converging_guest_is_cancelled_or_forced():
     pol = DowntimePolicy(downtime_limit_s=0.001, max_rounds=8)
-    e, v = simulate(dirty_rate_pps=400_000, bw_bps=1e9, total_pages=262_144, policy=pol)
+    e, v, m = simulate(dirty_rate_pps=400_000, bw_bps=1e9, total_pages=262_144, policy=pol)
     assert v.decision == Decision.CANCEL and not e.converged and len(e.rounds) == 8
+    assert m.phase is Phase.ABORTED and m.outcome.status == "cancelled"
     pol = DowntimePolicy(downtime_limit_s=0.001, max_rounds=8, on_limit="force")
-    e, v = simulate(dirty_rate_pps=400_000, bw_bps=1e9, total_pages=262_144, policy=pol)
+    e, v, _ = simulate(dirty_rate_pps=400_000, bw_bps=1e9, total_pages=262_144, policy=pol)
     assert v.decision == Decision.SWITCHOVER and not e.converged
 
 
