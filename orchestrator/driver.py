@@ -1,32 +1,32 @@
-"""One live migration: trackers, the precopy engine, the page sink and QEMU's switchover.
+"""One live migration: the I/O of every step the engine's `MigrationSequence` asks for.
 
-The order is the whole point (architecture: "How a migration runs"):
-1. prepare both QEMUs (x-ignore-shared, pause-before-switchover), start every tracker;
-2. devices enter PRE_COPY; round 0 copies every non-zero page; each later round collects
-   every tracker into the one bitmap, asks the engine (RAM plus device bytes still to move),
-   and either harvests and sends or stops iterating;
-3. switchover: `migrate` (QEMU moves only CPU/device-model state and stops the vCPUs in
-   pre-switchover) -> devices to STOP_COPY, their final state read (no DMA after this) ->
-   final collect -> final copy -> optional bit-exact verification -> destination devices
-   loaded -> `migrate-continue` -> the destination runs, then its devices;
-4. any failure or cancellation before `migrate-continue` cancels QEMU's migration, resumes
-   the source's devices, and the source itself if it ran before, and sets both QEMUs'
-   capabilities back; a QEMU that dies or shuts down meanwhile fails the migration at once.
-   After `migrate-continue` the switchover is finished even when the caller cancels; if the
-   destination never ran the guest, the source resumes. Trackers are stopped on every path.
+The order (architecture: "How a migration runs") is the sequence machine's: prepare both
+QEMUs, start trackers, round 0, collect/send rounds as the policy says, the switchover steps,
+and the rule that aborts before `migrate-continue` and sees the handover through after it.
+`Migration` performs each action it is given (QEMU, devices, trackers, the page sink, the
+clock) and answers with what it saw; it decides nothing about the order itself. Signals
+(the caller cancelling) and a QEMU that dies or shuts down become events like any failure;
+actions the machine marks uncancellable (the handover, an abort) run to their end first.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
 
 from .bitmap import DirtyBitmap
 from .devices.state import DeviceMigration, each_device
-from .engine import Decision, DowntimePolicy, PrecopyEngine, RoundRecord
+from .engine import (
+    DowntimePolicy,
+    GuestHome,
+    MigrationSequence,
+    Outcome,
+    PrecopyEngine,
+    RoundRecord,
+)
+from .engine import sequence as seq
 from .memory import MemoryLayout
 from .qemu import migration as choreography
 from .qemu.errors import QemuError
@@ -35,25 +35,8 @@ from .trackers import RecoveryPolicy, Tracker, TrackerEvent, TrackerSet
 from .transport import PageSink
 
 
-async def _to_the_end(work: Awaitable[None]) -> None:
-    """Await `work` to its end even when the caller cancels meanwhile, then let the cancel go
-    on: a guest half handed over, or an abort cut short, could leave it running nowhere."""
-    task = asyncio.ensure_future(work)
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await task
-        raise
-
-
 def _gone(session: QmpPeer) -> bool:
     return session.lost or session.last_event("SHUTDOWN") is not None
-
-
-class VerificationFailed(RuntimeError):
-    def __init__(self, pages: list[int]) -> None:
-        self.pages = pages
-        super().__init__(f"verification found {len(pages)} mismatched pages (first: {pages[:8]})")
 
 
 @dataclass(frozen=True)
@@ -70,14 +53,6 @@ class MigrationOptions:
 
     def policy(self) -> DowntimePolicy:
         return DowntimePolicy(self.downtime_limit_ms / 1e3, self.max_rounds, self.max_time_s, self.on_limit)
-
-
-class GuestHome(str, enum.Enum):
-    """Where the guest runs once the migration has ended: what a caller must know first."""
-
-    DESTINATION = "destination"  # migrated
-    SOURCE = "source"  # not migrated: the source has it, running (or paused, as it was)
-    NOWHERE = "nowhere"  # a QEMU died or could not be resumed: an operator must look
 
 
 @dataclass
@@ -130,14 +105,12 @@ class Migration:
         for d in self.devices:
             d.timeout_s = options.device_timeout_s
         self.report = MigrationReport()
+        self.sequence = MigrationSequence(
+            self.engine, layout.npages, sum(r.length for r in layout.regions), options.verify
+        )
         self._on_round = on_round
         self._t0 = 0.0
-        self._continued = False
-        self._listening = False  # the destination was given migrate-incoming
-        self._migrating = False  # the source was given migrate (before that its run state is the user's)
-        self._cancellable = True  # false once finishing the switchover or aborting
         self._saved: tuple[choreography.SavedCapabilities, ...] = ()
-        self._src_was_running = False  # until QEMU says: an abort before then must not run a paused guest
         self._death: str | None = None  # which QEMU died or shut down, and how
         self._watch_cancelled = False  # the peer watch, not the caller, cancelled the run
         self._resume_mark = 0
@@ -145,65 +118,50 @@ class Migration:
     def _elapsed(self) -> float:
         return time.monotonic() - self._t0
 
-    async def _send(self, pages=None, dirty: int | None = None) -> RoundRecord:
-        """One round's copy. `dirty` is what the round found dirty when that differs from
-        what it sends."""
-        t = time.monotonic()
-        if pages is None:
-            n, nbytes = await self.sink.send_round0(self.trackers.on_sent)
-            dirty = self.layout.npages
-            work = sum(r.length for r in self.layout.regions)
-        else:
-            nbytes = await self.sink.send_pages(pages, self.trackers.on_sent)
-            n = len(pages)
-            dirty = n if dirty is None else dirty
-            work = None
-        rec = self.engine.record_round(dirty, n, nbytes, time.monotonic() - t, work)
-        if self._on_round:
-            self._on_round(rec)
-        return rec
-
     async def run(self) -> MigrationReport:
         """Migrate, and return the report. A cancellation by the caller (the CLI's signals)
         aborts like a failure before `migrate-continue` and is raised again afterwards; once
         past it the switchover is finished first. Either way `report` tells the outcome."""
         self._t0 = time.monotonic()
-        rep = self.report
         watch = asyncio.ensure_future(self._watch_peers(asyncio.current_task()))
         try:
-            self._src_was_running = (await self.src.execute("query-status"))["running"]
-            self._saved = await choreography.prepare(self.src, self.dst)
-            async with self.trackers:
-                await self._each(lambda d: d.start_precopy())
-                await self._precopy()
-                if self.engine.verdict.decision == Decision.CANCEL:
-                    rep.status, rep.decision = "cancelled", self.engine.verdict.reason
-                    await _to_the_end(self._abort())
-                    return rep
-                await self._switchover()
-            rep.status, rep.guest = "completed", GuestHome.DESTINATION
-        except asyncio.CancelledError:
-            if not self._watch_cancelled:  # the caller's cancellation
-                rep.interrupted = "after migrate-continue" if self._continued else "before migrate-continue"
-                if rep.status != "completed":
-                    rep.status, rep.error = "cancelled", "cancelled by the caller"
-                    await _to_the_end(self._abort())
-                raise
-            asyncio.current_task().uncancel()  # ours, from the peer watch: a failure like any
-            rep.status, rep.error = "failed", self._death
-            await _to_the_end(self._abort())
-        except VerificationFailed as exc:
-            rep.status, rep.error, rep.verified = "failed", str(exc), False
-            rep.mismatched_pages = exc.pages
-            rep.decision = f"{rep.decision}; {exc}: cancelled, source {'running' if self._src_was_running else 'stays paused'}"
-            await _to_the_end(self._abort())
-        except Exception as exc:  # noqa: BLE001 - every failure must end with the source running
-            rep.status, rep.error = "failed", f"{type(exc).__name__}: {exc}"
-            await _to_the_end(self._abort())
+            while (action := self.sequence.next_action()) is not None:
+                rec = self.sequence.send(await self._step(action))
+                if rec is not None and self._on_round:
+                    self._on_round(rec)
         finally:
             watch.cancel()
             self._finish()
-        return rep
+        if self.sequence.caller_cancelled:
+            raise asyncio.CancelledError
+        return self.report
+
+    async def _step(self, action: seq.Action) -> seq.Event:
+        """Perform one action; a failure, the caller's cancellation or a lost QEMU is the event."""
+        if not self.sequence.cancellable:
+            return await self._to_the_end(action)
+        try:
+            return await self._perform(action)
+        except asyncio.CancelledError:
+            if not self._watch_cancelled:
+                return seq.CallerCancelled()
+            asyncio.current_task().uncancel()  # ours, from the peer watch: a failure like any
+            return seq.PeerGone(self._death or "a QEMU is gone")
+        except Exception as exc:  # noqa: BLE001 - every failure is an event: the machine decides
+            return seq.Failed(f"{type(exc).__name__}: {exc}")
+
+    async def _to_the_end(self, action: seq.Action) -> seq.Event:
+        """Perform `action` to its end even when the caller cancels meanwhile (the machine is
+        told, and the cancellation raised once the migration has ended): a guest half handed
+        over, or an abort cut short, could leave it running nowhere."""
+        task = asyncio.ensure_future(self._perform(action))
+        while True:
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                self.sequence.send(seq.CallerCancelled())
+            except Exception as exc:  # noqa: BLE001
+                return seq.Failed(f"{type(exc).__name__}: {exc}")
 
     async def _watch_peers(self, run: asyncio.Task) -> None:
         """The first QEMU to die or shut down fails the migration at once (cancelling `run`)
@@ -218,136 +176,139 @@ class Migration:
         first = next(iter(done))
         name, session = sides[first]
         self._death = f"the {name} QEMU ({session.socket_path}) {first.result()}"
-        if self._cancellable:
+        if self.sequence.cancellable:
             self._watch_cancelled = True
             run.cancel()
 
-    async def _precopy(self) -> None:
-        await self._send()  # round 0
-        while True:
-            t = time.monotonic()
-            await self.trackers.collect(len(self.engine.rounds))
-            collect_s = time.monotonic() - t
-            device_bytes = sum(await self._each(lambda d: d.pending_bytes()))
-            verdict = self.engine.next_step(self.bitmap.count(), device_bytes, self._elapsed(), collect_s)
-            if verdict.decision != Decision.CONTINUE:
-                self.report.decision = verdict.reason
-                return
-            await self._send(self.bitmap.harvest())
-
-    async def _switchover(self) -> None:
+    async def _perform(self, action: seq.Action) -> seq.Event:
         opts = self.options
-        await choreography.listen(self.dst, self.uri)
-        self._listening = True
-        self._migrating = True  # from here QEMU may stop the guest: an abort must give it back
-        mark = await choreography.start(self.src, self.uri)
-        await choreography.wait_pre_switchover(self.src, opts.qmp_timeout_s, after=mark)
-        # QEMU stopped the guest only if it was running then: the truth for what follows.
-        self._src_was_running = self.src.last_event("STOP", after=mark) is not None
-        await self._each(lambda d: d.stop_copy())  # devices quiesced: no DMA after this
-        await self.trackers.collect(len(self.engine.rounds), final=True)
-        final = self.bitmap.harvest()
-        await self._send(final[:0] if opts.skip_final_copy else final, dirty=len(final))
-        if opts.verify:
-            bad = await self.sink.verify()
-            if bad.size:
-                raise VerificationFailed(bad.tolist())
-            self.report.verified, self.report.mismatched_pages = True, []
-        await self._each(lambda d: d.resume())
-        self._cancellable = False  # the guest is being handed over: see it through
-        await _to_the_end(self._finish_switchover())
+        match action:
+            case seq.Prepare():
+                running = (await self.src.execute("query-status"))["running"]
+                self._saved = await choreography.prepare(self.src, self.dst)
+                return seq.Prepared(running)
+            case seq.StartTrackers():
+                await self.trackers.start()
+                await self._each(lambda d: d.start_precopy())
+                return seq.Started()
+            case seq.SendRound0():
+                t = time.monotonic()
+                n, nbytes = await self.sink.send_round0(self.trackers.on_sent)
+                return seq.Sent(n, nbytes, time.monotonic() - t)
+            case seq.Collect(round=round_, final=final):
+                t = time.monotonic()
+                await self.trackers.collect(round_, final=final)
+                collect_s = time.monotonic() - t
+                device_bytes = 0 if final else sum(await self._each(lambda d: d.pending_bytes()))
+                return seq.Collected(self.bitmap.count(), device_bytes, collect_s, self._elapsed())
+            case seq.SendPages(final=final):
+                pages = self.bitmap.harvest()
+                sent = pages[:0] if final and opts.skip_final_copy else pages
+                t = time.monotonic()
+                nbytes = await self.sink.send_pages(sent, self.trackers.on_sent)
+                return seq.Sent(len(sent), nbytes, time.monotonic() - t, dirty_pages=len(pages))
+            case seq.Listen():
+                await choreography.listen(self.dst, self.uri)
+                return seq.Listening()
+            case seq.Migrate():
+                mark = await choreography.start(self.src, self.uri)
+                await choreography.wait_pre_switchover(self.src, opts.qmp_timeout_s, after=mark)
+                # QEMU stopped the guest only if it was running then: the truth for what follows.
+                return seq.PreSwitchover(self.src.last_event("STOP", after=mark) is not None)
+            case seq.DevicesStopCopy():
+                await self._each(lambda d: d.stop_copy())  # devices quiesced: no DMA after this
+                return seq.DevicesStopped()
+            case seq.Verify():
+                bad = await self.sink.verify()
+                return seq.Verified(not bad.size, tuple(bad.tolist()))
+            case seq.LoadDevices():
+                await self._each(lambda d: d.resume())
+                return seq.DevicesLoaded()
+            case seq.Continue():
+                self._resume_mark = self.dst.mark()
+                await choreography.continue_(self.src)
+                return seq.Continued()
+            case seq.AwaitCompletion(resumes=resumes):
+                sw = await choreography.wait_completed(
+                    self.src, self.dst, opts.qmp_timeout_s, resumes=resumes, after=self._resume_mark
+                )
+                return seq.Completed(None if sw.downtime_ns is None else sw.downtime_ns / 1e6)
+            case seq.GiveBack(resume_source=resume):
+                return await self._give_back(resume)
+            case seq.RunDestinationDevices():
+                await self._each(lambda d: d.run_destination())
+                return seq.DevicesRunning()
+            case seq.Cancel(resume_source=resume, dst_listening=listening):
+                return await self._cancel(resume, listening)
+            case seq.StopTrackers():
+                await self.trackers.stop()
+                return seq.TrackersStopped()
+        raise TypeError(f"no such action: {action!r}")
 
-    async def _finish_switchover(self) -> None:
-        self._resume_mark = self.dst.mark()
-        await choreography.continue_(self.src)
-        self._continued = True
-        try:
-            sw = await choreography.wait_completed(
-                self.src, self.dst, self.options.qmp_timeout_s, resumes=self._src_was_running, after=self._resume_mark
-            )
-        except Exception:
-            await self._resume_source_if_unclaimed()
-            if self.report.guest is GuestHome.DESTINATION:
-                await self._each(lambda d: d.run_destination())  # the guest runs there: its devices too
-            raise
-        self.report.status, self.report.guest = "completed", GuestHome.DESTINATION
-        self.report.downtime_ms = None if sw.downtime_ns is None else sw.downtime_ns / 1e6
-        await self._each(lambda d: d.run_destination())
-
-    async def _resume_source_if_unclaimed(self) -> None:
+    async def _give_back(self, resume: bool) -> seq.GivenBack:
         """After `migrate-continue` the guest is the destination's, unless the destination
         provably never ran it: it is gone without a RESUME (QEMU sends RESUME before running
         the guest, and the socket delivers it before the close), or its incoming migration
         failed. Then the paused source still holds the guest's latest state: run it again
         if it ran before, with its capabilities as they were. A destination still loading is
         left alone, and one that ran the guest and is gone took it along (NOWHERE: look first)."""
-        rep = self.report
         if self.dst.last_event("RESUME", after=self._resume_mark) is not None:
-            rep.guest = GuestHome.NOWHERE if _gone(self.dst) else GuestHome.DESTINATION
-            return
+            return seq.GivenBack(GuestHome.NOWHERE if _gone(self.dst) else GuestHome.DESTINATION)
         try:
             if (await self.dst.execute("query-status"))["running"]:
-                rep.guest = GuestHome.DESTINATION
-                return
+                return seq.GivenBack(GuestHome.DESTINATION)
             status = (await self.dst.query_migrate()).get("status")
         except QemuError:
             status = "failed"
         if status != "failed":
-            rep.guest = GuestHome.DESTINATION if status == "completed" else GuestHome.NOWHERE
-            return
+            return seq.GivenBack(GuestHome.DESTINATION if status == "completed" else GuestHome.NOWHERE)
         await self._each(lambda d: d.abort())
         note = "the destination never ran the guest"
         try:
             running = (await self.src.execute("query-status"))["running"]  # asked also to stay paused: is it there?
-            if self._src_was_running and not running:
+            if resume and not running:
                 await self.src.execute("cont")
         except QemuError as exc:
-            rep.guest = GuestHome.NOWHERE
-            rep.decision = f"{rep.decision}; {note}, and resuming the source failed: {exc}"
-            return
-        rep.guest = GuestHome.SOURCE
-        rep.decision = f"{rep.decision}; {note}: the source {'runs again' if self._src_was_running else 'stays paused'}"
+            return seq.GivenBack(GuestHome.NOWHERE, f"{note}, and resuming the source failed: {exc}")
+        note = f"{note}: the source {'runs again' if resume else 'stays paused'}"
         try:
             await self._saved[0].restore()
         except QemuError as exc:
-            rep.decision = f"{rep.decision}; setting its capabilities back failed: {exc}"
+            note = f"{note}; setting its capabilities back failed: {exc}"
+        return seq.GivenBack(GuestHome.SOURCE, note)
 
     async def _each(self, step) -> list:
         return await each_device(self.devices, step)
 
-    async def _abort(self) -> None:
+    async def _cancel(self, resume: bool, dst_listening: bool) -> seq.Cancelled:
         """Before migrate-continue the source still owns the guest: make sure it runs (or
         stays paused, as its user left it), and its devices with it; set both QEMUs'
-        capabilities back."""
-        self._cancellable = False
-        if self._continued:
-            return
+        capabilities back. Every step is tried; what failed is reported, not raised."""
         problems = [p for p in await each_device(self.devices, lambda d: d.abort()) if p]
+        lost = False
         try:
-            # Before QEMU's migration started, nothing of ours touched the run state: a guest its
-            # user paused meanwhile stays paused.
-            resume = self._src_was_running and self._migrating
             await choreography.cancel(self.src, self.options.qmp_timeout_s, resume=resume)
         except Exception as exc:  # noqa: BLE001 - report every failure
             problems.append(f"cancelling on the source failed too: {exc}")
-            self.report.guest = GuestHome.NOWHERE
+            lost = True
         for saved in self._saved:
-            if saved.session.lost or (saved.session is self.dst and self._listening):
+            if saved.session.lost or (saved.session is self.dst and dst_listening):
                 continue  # gone, or told where to listen: QEMU cannot take that back
             try:
                 await saved.restore()
             except Exception as exc:  # noqa: BLE001
                 problems.append(f"setting {saved.session.socket_path}'s capabilities back failed: {exc}")
-        if self._listening:
+        if dst_listening:
             problems.append(
                 f"the destination {self.dst.socket_path} was already listening for QEMU's stream, and a QEMU "
                 "whose incoming migration broke off exits: start a new destination (-incoming defer) to retry"
             )
-        if problems:
-            self.report.error = "; ".join([self.report.error or "abort", *problems])
+        return seq.Cancelled(tuple(problems), lost)
 
     def _finish(self) -> None:
         rep = self.report
+        for f in fields(Outcome):
+            setattr(rep, f.name, getattr(self.sequence.outcome, f.name))
         rep.total_ms = self._elapsed() * 1e3
         rep.rounds = [r.as_dict() for r in self.engine.rounds]
         rep.pages_sent = sum(r.sent_pages for r in self.engine.rounds)
