@@ -55,9 +55,9 @@ def to_memory_layout(layout: GuestLayout, page_size: int = 4096) -> MemoryLayout
     for r in layout.regions:
         prev = regions[-1] if regions else None
         if prev is not None and prev.path == str(r.path) and prev.gpa - prev.offset == r.gpa - r.offset:
-            regions[-1] = RamRegion(prev.gpa, r.gpa + r.size - prev.gpa, prev.path, prev.offset)
+            regions[-1] = RamRegion(prev.gpa, r.end - prev.gpa, prev.path, prev.offset)
         else:
-            regions.append(RamRegion(r.gpa, r.size, str(r.path), r.offset))
+            regions.append(RamRegion(r.gpa, r.length, str(r.path), r.offset))
     return MemoryLayout(tuple(regions), page_size)
 
 

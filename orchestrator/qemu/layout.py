@@ -36,11 +36,13 @@ class RamBackend:
 
 
 @dataclass(frozen=True)
-class RamRegion:
-    """Guest-physical [gpa, gpa+size) is backend bytes [offset, offset+size)."""
+class BackendRegion:
+    """Guest-physical [gpa, gpa+length) is backend bytes [offset, offset+length): what QEMU
+    says, before anyone knows the backend is a file the data path can map. `attach` turns
+    the checked ones into the data path's `memory.RamRegion`s (same field names)."""
 
     gpa: int
-    size: int
+    length: int
     backend: RamBackend
     #: Offset into the backend, which for a file backend is the offset into its file.
     offset: int
@@ -50,8 +52,8 @@ class RamRegion:
         return self.backend.mem_path
 
     @property
-    def gpa_end(self) -> int:
-        return self.gpa + self.size
+    def end(self) -> int:
+        return self.gpa + self.length
 
 
 @dataclass(frozen=True)
@@ -59,12 +61,12 @@ class GuestLayout:
     #: Every memory backend QEMU has, mapped or not.
     backends: tuple[RamBackend, ...]
     #: Backend-backed guest-physical ranges, sorted by gpa, adjacent pieces merged.
-    regions: tuple[RamRegion, ...]
+    regions: tuple[BackendRegion, ...]
 
     def locate(self, gpa: int) -> tuple[RamBackend, int]:
         """The backend and backend offset holding guest-physical address `gpa`."""
         for region in self.regions:
-            if region.gpa <= gpa < region.gpa_end:
+            if region.gpa <= gpa < region.end:
                 return region.backend, region.offset + gpa - region.gpa
         raise LayoutError(f"guest-physical address {gpa:#x} is not backed by a RAM backend")
 
@@ -117,13 +119,13 @@ async def _query_backends(session: QmpPeer) -> tuple[RamBackend, ...]:
     return tuple(backends)
 
 
-def ram_regions(view: FlatView, backends: tuple[RamBackend, ...]) -> tuple[RamRegion, ...]:
+def ram_regions(view: FlatView, backends: tuple[RamBackend, ...]) -> tuple[BackendRegion, ...]:
     """The ranges of `view` that hit a backend, merged where both the guest-physical addresses
     and the backend offsets continue (pieces that differ only in being read-only, like the
     shadowed BIOS area, are the same bytes of the same file)."""
     # A backend's memory region is named after the backend id (QEMU 7.2 default).
     by_id = {b.id: b for b in backends}
-    regions: list[RamRegion] = []
+    regions: list[BackendRegion] = []
     for r in sorted((r for r in view.ranges if r.region in by_id), key=lambda r: r.start):
         backend = by_id[r.region]
         if r.offset + r.size > backend.size:
@@ -135,12 +137,12 @@ def ram_regions(view: FlatView, backends: tuple[RamBackend, ...]) -> tuple[RamRe
         if (
             prev is not None
             and prev.backend is backend
-            and prev.gpa_end == r.start
-            and prev.offset + prev.size == r.offset
+            and prev.end == r.start
+            and prev.offset + prev.length == r.offset
         ):
-            regions[-1] = RamRegion(prev.gpa, prev.size + r.size, backend, prev.offset)
+            regions[-1] = BackendRegion(prev.gpa, prev.length + r.size, backend, prev.offset)
         else:
-            regions.append(RamRegion(r.start, r.size, backend, r.offset))
+            regions.append(BackendRegion(r.start, r.size, backend, r.offset))
     return tuple(regions)
 
 

@@ -10,9 +10,9 @@ import pytest
 from orchestrator.qemu.errors import LayoutError
 from orchestrator.qemu.launcher import VmConfig, launch
 from orchestrator.qemu.layout import (
+    BackendRegion,
     GuestLayout,
     RamBackend,
-    RamRegion,
     check_migratable,
     discover_layout,
 )
@@ -23,7 +23,7 @@ G, M = 1 << 30, 1 << 20
 
 
 def layout_with(backend: RamBackend) -> GuestLayout:
-    return GuestLayout((backend,), (RamRegion(0, backend.size, backend, 0),))
+    return GuestLayout((backend,), (BackendRegion(0, backend.size, backend, 0),))
 
 
 def file_backend(path: Path, size: int = 2 * M, share: bool = True) -> RamBackend:
@@ -81,7 +81,7 @@ def test_a_guest_without_backend_ram_is_refused() -> None:
 
 def test_locate_translates_above_the_split() -> None:
     b = file_backend(Path("/dev/shm/ram"), size=256 * M)
-    layout = GuestLayout((b,), (RamRegion(0, 128 * M, b, 0), RamRegion(4 * G, 128 * M, b, 128 * M)))
+    layout = GuestLayout((b,), (BackendRegion(0, 128 * M, b, 0), BackendRegion(4 * G, 128 * M, b, 128 * M)))
     assert layout.locate(4 * G + 5) == (b, 128 * M + 5)
     with pytest.raises(LayoutError, match="0x8000000 is not backed"):
         layout.locate(128 * M)
@@ -107,7 +107,7 @@ async def test_discovery_on_real_qemu(
         layout = await discover_layout(vm.qmp)
         (backend,) = layout.backends
         assert backend == RamBackend("ram0", "memory-backend-file", ram_mib * M, True, vm.ram_path)
-        assert [(r.gpa, r.size, r.offset) for r in layout.regions] == expected
+        assert [(r.gpa, r.length, r.offset) for r in layout.regions] == expected
         assert all(r.path == vm.ram_path for r in layout.regions)
         check_migratable(layout)
 

@@ -21,7 +21,7 @@ def backend(size: int) -> RamBackend:
 
 def regions_of(capture: str, size: int) -> list[tuple[int, int, int]]:
     view = system_view(parse_flat_mtree((DATA / capture).read_text()))
-    return [(r.gpa, r.size, r.offset) for r in ram_regions(view, (backend(size),))]
+    return [(r.gpa, r.length, r.offset) for r in ram_regions(view, (backend(size),))]
 
 
 def test_views_and_address_spaces() -> None:
