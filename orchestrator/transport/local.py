@@ -18,7 +18,7 @@ import numpy as np
 from ..memory import MemoryLayout, RamRegion
 from ..ranges import page_runs, union_runs
 from .base import OnSent, page_numbers
-from .ramfile import clear_file, data_runs, map_ram, nonzero_pages, release
+from .ramfile import MappedRegion, clear_file, data_runs, map_ram, nonzero_pages, region_rows, release, split_pages
 
 # Scattered pages per gather/scatter. Measured with `python -m bench` (micro.copy): a 512 KiB
 # gather is still in L2 when it is scattered, nearly twice the bandwidth of a 32 MiB batch.
@@ -28,17 +28,15 @@ RUN_PAGES = 64
 
 
 @dataclass
-class _Region:
-    first_page: int  # guest-physical page number of the region's first page
-    npages: int
-    src: np.ndarray  # (npages, page_size) views into the mapped files
-    dst: np.ndarray
-    src_path: str
-    dst_path: str
-    offset: int  # of the region in both files
+class _Region(MappedRegion):
+    """Both sides of a region: the destination file holds it at the same offset."""
 
-    def data_runs(self, page_size: int, path: str | None = None) -> np.ndarray:
-        return data_runs(path or self.src_path, self.offset, self.npages * page_size, page_size)
+    dst: np.ndarray
+    dst_path: str
+
+    def data_runs(self, path: str | None = None) -> np.ndarray:
+        """Where the region's bytes in `path` (default: the source file) hold data."""
+        return data_runs(path or self.src_path, self.offset, self.nbytes, self.page_size)
 
 
 class LocalSink:
@@ -73,12 +71,8 @@ class LocalSink:
         self._maps.append(smm)
         dmm, d = map_ram(dst_paths[key], size, writable=True)
         self._maps.append(dmm)
-        shape = (r.length // self.page_size, self.page_size)
-        view = slice(r.offset, r.offset + r.length)
-        return _Region(
-            r.gpa // self.page_size, shape[0], s[view].reshape(shape), d[view].reshape(shape),
-            src_paths[key], dst_paths[key], r.offset,
-        )
+        dst = region_rows(d, r, self.page_size)
+        return _Region.of(r, self.page_size, s, src_paths[key], dst=dst, dst_path=dst_paths[key])
 
     def close(self) -> None:
         for region in self.regions:
@@ -92,18 +86,10 @@ class LocalSink:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _split(self, pages: np.ndarray):
-        """Yield (region, local page indices, the guest page numbers) for sorted `pages`."""
-        for reg in self.regions:
-            lo, hi = np.searchsorted(pages, [reg.first_page, reg.first_page + reg.npages])
-            if hi > lo:
-                gp = pages[lo:hi]
-                yield reg, gp - reg.first_page, gp
-
     def send(self, pages: np.ndarray, on_sent: OnSent | None = None) -> int:
         """Copy these guest pages (sorted page numbers); returns bytes moved."""
         moved = 0
-        for reg, local, gp in self._split(page_numbers(pages)):
+        for reg, local, gp in split_pages(self.regions, page_numbers(pages)):
             moved += self._copy(reg, local, gp, on_sent)
         return moved * self.page_size
 
@@ -138,8 +124,8 @@ class LocalSink:
         Returns (pages, bytes) moved."""
         total = 0
         for reg in self.regions:
-            clear_file(reg.dst_path, reg.offset, reg.npages * self.page_size)
-            for nz in nonzero_pages(reg.src, reg.data_runs(self.page_size)):
+            clear_file(reg.dst_path, reg.offset, reg.nbytes)
+            for nz in nonzero_pages(reg.src, reg.data_runs()):
                 total += self._copy(reg, nz, nz + reg.first_page, on_sent)
         return total, total * self.page_size
 
@@ -158,7 +144,7 @@ class LocalSink:
         that are holes in both are zeros in both."""
         bad: list[np.ndarray] = []
         for reg in self.regions:
-            runs = union_runs(reg.data_runs(self.page_size), reg.data_runs(self.page_size, reg.dst_path))
+            runs = union_runs(reg.data_runs(), reg.data_runs(reg.dst_path))
             for first, n in runs.tolist():
                 for lo in range(first, first + n, BATCH_PAGES):
                     hi = min(lo + BATCH_PAGES, first + n)

@@ -13,10 +13,13 @@ import ctypes
 import errno
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Self, TypeVar
 
 import numpy as np
 
+from ..memory import RamRegion
 from .base import SinkError
 
 # <linux/falloc.h>
@@ -126,6 +129,52 @@ def _data_spans(fd: int, pos: int, end: int) -> Iterator[tuple[int, int]]:
             return
         pos = min(os.lseek(fd, data, os.SEEK_HOLE), end)
         yield data, pos
+
+
+def region_rows(file_bytes: np.ndarray, r: RamRegion, page_size: int) -> np.ndarray:
+    """The bytes of `r` in a mapped file (from its start), one page per row."""
+    return file_bytes[r.offset : r.offset + r.length].reshape(-1, page_size)
+
+
+@dataclass
+class MappedRegion:
+    """A RAM region as a sink sees it, in pages: guest pages [first_page, first_page + npages)
+    are the rows of `src`, the source file's bytes from `offset` on."""
+
+    first_page: int
+    npages: int
+    offset: int
+    page_size: int
+    src: np.ndarray  # (npages, page_size) view into the mapped source file
+    src_path: str
+
+    @classmethod
+    def of(cls, r: RamRegion, page_size: int, src: np.ndarray, src_path: str, **more) -> Self:
+        """The region `r` of the mapped file bytes `src`; `more` are a subclass's fields."""
+        rows = region_rows(src, r, page_size)
+        return cls(r.gpa // page_size, len(rows), r.offset, page_size, rows, src_path, **more)
+
+    @property
+    def file_first(self) -> int:
+        """The page number of the region's first page in its file."""
+        return self.offset // self.page_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.npages * self.page_size
+
+
+Region = TypeVar("Region", bound=MappedRegion)
+
+
+def split_pages(regions: Iterable[Region], pages: np.ndarray) -> Iterator[tuple[Region, np.ndarray, np.ndarray]]:
+    """(region, indices within it, guest page numbers) of the sorted guest `pages`, for every
+    region holding any of them."""
+    for reg in regions:
+        lo, hi = np.searchsorted(pages, [reg.first_page, reg.first_page + reg.npages])
+        if hi > lo:
+            guest = pages[lo:hi]
+            yield reg, guest - reg.first_page, guest
 
 
 SCAN_PAGES = 8192  # round 0 looks for zero pages 32 MiB at a time

@@ -70,7 +70,7 @@ from .protocol import (
     plan_pages,
     read_frame,
 )
-from .ramfile import data_runs, map_ram, nonzero_pages, release
+from .ramfile import MappedRegion, data_runs, map_ram, nonzero_pages, release, split_pages
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -144,15 +144,8 @@ class TcpOptions:
 
 
 @dataclass
-class _Region:
-    first_page: int  # guest page number of the region's first page
-    file_first: int  # its page number in the RAM file (the same on both sides)
-    rows: np.ndarray  # (npages, page size) view of the source file
-
-
-@dataclass
 class _Batch:
-    region: _Region
+    region: MappedRegion  # its file page numbers are the same on both sides
     local: np.ndarray  # page indices within the region
     find_zero: bool = True  # look for zero pages to send as runs
 
@@ -218,15 +211,10 @@ class TcpSink:
         self._need = max(r.offset + r.length for r in layout.regions)
         self._bucket = TokenBucket(options.max_bandwidth) if options.max_bandwidth else None
         self._lanes = [_Lane(i) for i in range(options.streams)]
-        self._src_path = src_path
         mm, view = map_ram(src_path, self._need, writable=False)
         self._maps = [mm]
-        rows = view.reshape(-1, self.page_size)
-        self._rows = rows
-        self.regions = [
-            _Region(r.gpa // self.page_size, r.offset // self.page_size, rows[r.offset // self.page_size :][: r.length // self.page_size])
-            for r in layout.regions
-        ]
+        self._rows = view.reshape(-1, self.page_size)
+        self.regions = [MappedRegion.of(r, self.page_size, view, src_path) for r in layout.regions]
 
     @classmethod
     async def connect(
@@ -358,11 +346,11 @@ class TcpSink:
         has to copy them to encrypt anyway, or the batch is too scattered."""
         index = batch.local + batch.region.file_first
         if not copy and self.options.ssl is None:
-            planned = plan_pages(lane.seq, batch.region.rows, batch.local, index, batch.find_zero)
+            planned = plan_pages(lane.seq, batch.region.src, batch.local, index, batch.find_zero)
             if planned is not None:
                 return planned
         buf = lane.buffers.pop() if lane.buffers else bytearray(frame_bytes(self.page_size))
-        return encode_pages(lane.seq, batch.region.rows, batch.local, index, buf, batch.find_zero)
+        return encode_pages(lane.seq, batch.region.src, batch.local, index, buf, batch.find_zero)
 
     def _delivered(self, sent: _Sent, on_sent: OnSent | None) -> None:
         n = sent.batch.local.size
@@ -390,9 +378,7 @@ class TcpSink:
         return pages
 
     def _batches(self, pages: np.ndarray) -> Iterator[_Batch]:
-        for reg in self.regions:
-            lo, hi = np.searchsorted(pages, [reg.first_page, reg.first_page + len(reg.rows)])
-            local = pages[lo:hi] - reg.first_page
+        for reg, local, _ in split_pages(self.regions, pages):
             for i in range(0, local.size, MAX_BATCH_PAGES):
                 yield _Batch(reg, local[i : i + MAX_BATCH_PAGES])
 
@@ -402,7 +388,7 @@ class TcpSink:
         is, not a dropped connection to retry. Each batch's pages are scanned just before they
         are sent, so the send reads them from cache."""
         for reg, reg_runs in zip(self.regions, runs):
-            for nz in nonzero_pages(reg.rows, reg_runs, MAX_BATCH_PAGES):
+            for nz in nonzero_pages(reg.src, reg_runs, MAX_BATCH_PAGES):
                 yield _Batch(reg, nz, find_zero=False)
 
     async def send_round0(self, on_sent: OnSent | None = None) -> tuple[int, int]:
@@ -418,8 +404,7 @@ class TcpSink:
         return n, n * self.page_size
 
     def _data_runs(self) -> list[np.ndarray]:
-        size = self.page_size
-        return [data_runs(self._src_path, r.file_first * size, len(r.rows) * size, size) for r in self.regions]
+        return [data_runs(r.src_path, r.offset, r.nbytes, self.page_size) for r in self.regions]
 
     async def send_pages(self, pages: np.ndarray, on_sent: OnSent | None = None) -> int:
         return await self._stream(self._batches(page_numbers(pages)), on_sent) * self.page_size
@@ -427,7 +412,7 @@ class TcpSink:
     # --- verification --------------------------------------------------------------------
 
     def _file_ranges(self) -> np.ndarray:
-        return np.array([(r.file_first, len(r.rows)) for r in self.regions], np.int64)
+        return np.array([(r.file_first, r.npages) for r in self.regions], np.int64)
 
     async def _request(self, conn: _Conn, frame: bytes) -> None:
         """Send a frame and wait for its ACK (a resend after a reconnect is harmless: CLEAR
@@ -464,7 +449,7 @@ class TcpSink:
 
     def _to_guest(self, file_pages: np.ndarray) -> np.ndarray:
         out = [
-            file_pages[(file_pages >= r.file_first) & (file_pages < r.file_first + len(r.rows))] - r.file_first + r.first_page
+            file_pages[(file_pages >= r.file_first) & (file_pages < r.file_first + r.npages)] - r.file_first + r.first_page
             for r in self.regions
         ]
         return np.sort(np.concatenate(out)).astype(np.int64)
@@ -477,7 +462,7 @@ class TcpSink:
                 lane.conn.writer.close()
                 lane.conn = None
         for r in self.regions:
-            r.rows = np.empty((0, self.page_size), np.uint8)
+            r.src = np.empty((0, self.page_size), np.uint8)
         self._rows = np.empty((0, self.page_size), np.uint8)
         release(self._maps)
 
