@@ -16,7 +16,7 @@ import enum
 import itertools
 import os
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -99,6 +99,9 @@ class Lab(Protocol):
 
     def reopen(self, dev: Device) -> int:
         """Another cdev fd of the same device, not bound."""
+
+    def scope(self) -> AbstractContextManager[None]:
+        """Devices and fds made inside are released on leaving it (mtty has 24 ports)."""
 
     def iommufd(self) -> int: ...
 
@@ -197,6 +200,9 @@ class EmulatedLab:
 
     def reopen(self, dev: EmulatedDevice) -> int:
         return self.sys.open_device(dev.model, cdev=True)
+
+    def scope(self) -> AbstractContextManager[None]:
+        return nullcontext()
 
     def hwpt(self) -> HwptRig:
         model = Mlx5Like(migration_flags=0, iommu_page_size=T.MOCK_IO_PAGE)
@@ -298,6 +304,15 @@ class RealLab:
         fd = os.open(_cdev_of(dev.uuid), os.O_RDWR)
         self._cleanup.callback(os.close, fd)
         return fd
+
+    @contextmanager
+    def scope(self) -> Iterator[None]:
+        outer, self._cleanup = self._cleanup, ExitStack()
+        try:
+            yield
+        finally:
+            inner, self._cleanup = self._cleanup, outer
+            inner.close()
 
     def hwpt(self) -> HwptRig:
         """The selftest's iommufd_dirty_tracking fixture: a mock device on the IOAS to

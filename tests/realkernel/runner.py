@@ -83,7 +83,7 @@ def boot(command: list[str], timeout: float) -> str:
     """Run the VM to power-off, echoing its console; returns the console output."""
     lines: list[str] = []
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          errors="replace") as vm, SERIAL.open("w") as log:
+                          errors="replace") as vm, SERIAL.open("w", buffering=1) as log:
         watchdog = threading.Timer(timeout, vm.kill)
         watchdog.start()
         try:
