@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from orchestrator.attach import attach
 from orchestrator.demo import GuestPair
 from orchestrator.driver import MigrationOptions
+from orchestrator.engine import MigrationStatus
 from orchestrator.qemu import migration as choreography
 from orchestrator.qemu.errors import QmpTimeoutError
 from orchestrator.qemu.launcher import QemuVm
@@ -149,14 +150,14 @@ async def orchestrated(pair: GuestPair, limits: Limits) -> Sample:
     finally:
         ep.sink.close()
     total_ms = (time.monotonic() - start) * 1e3
-    if report.status == "failed":
+    if report.status is MigrationStatus.FAILED:
         raise RuntimeError(f"orchestrated migration failed: {report.error}")
     return Sample(
         total_ms=total_ms,
         downtime_ms=report.downtime_ms,
         bytes_sent=report.bytes_sent,
         rounds=len(report.rounds),
-        converged=report.status == "completed",
+        converged=report.status is MigrationStatus.COMPLETED,
         guest_rate=clock.rate_during(),
         guest_rate_before=clock.rate_before(),
         detail={"attach_ms": attach_ms, "migration_ms": report.total_ms, "decision": report.decision},

@@ -16,6 +16,7 @@ from .demo import DEMO_WORKLOADS, parse_size, run_demo
 from .devices.fleet import FAULTS, KINDS, FaultPlan
 from .checks import distinct_sockets, positive, private_ram, process_uid, writable_target
 from .driver import GuestHome, Migration, MigrationOptions, MigrationReport
+from .engine import OnLimit
 from .output import event_line, round_line, summary, write_json
 from .qemu.errors import QemuError
 from .qemu.qmp import QmpSession
@@ -40,10 +41,11 @@ BAD_INPUT = (QemuError, SinkError, VfioError, VfioUsageError, WriteWatchRefused,
 
 
 def add_policy_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--downtime-limit", type=float, default=300.0, metavar="MS", help="switch over once the expected downtime fits (default 300)")
-    p.add_argument("--max-rounds", type=int, default=30, metavar="N", help="cap on precopy rounds, round 0 included (default 30)")
-    p.add_argument("--max-time", type=float, default=300.0, metavar="S", help="time cap in seconds (default 300)")
-    p.add_argument("--on-limit", choices=("cancel", "force"), default="cancel", help="when a cap is hit: cancel (source keeps running) or force the switchover")
+    d = MigrationOptions
+    p.add_argument("--downtime-limit", type=float, default=d.downtime_limit_ms, metavar="MS", help=f"switch over once the expected downtime fits (default {d.downtime_limit_ms:g})")
+    p.add_argument("--max-rounds", type=int, default=d.max_rounds, metavar="N", help=f"cap on precopy rounds, round 0 included (default {d.max_rounds})")
+    p.add_argument("--max-time", type=float, default=d.max_time_s, metavar="S", help=f"time cap in seconds (default {d.max_time_s:g})")
+    p.add_argument("--on-limit", type=OnLimit, choices=tuple(OnLimit), default=d.on_limit, help="when a cap is hit: cancel (source keeps running) or force the switchover")
     p.add_argument("--json", metavar="PATH|-", help="write the JSON report there ('-' for stdout)")
 
 

@@ -17,6 +17,7 @@ from . import builds
 from .attach import Endpoints, attach, attach_remote
 from .devices.fleet import FaultPlan, Fleet, device_names
 from .driver import Migration, MigrationOptions, MigrationReport
+from .engine import MigrationStatus
 from .qemu.launcher import QemuVm, Role, VmConfig, default_qemu, launch
 from .receive import loopback_receiver
 from .trackers import QemuWrites, Tracker, qemu_write_trackers
@@ -245,7 +246,7 @@ async def run_demo(
         report = await pair.migration(options, on_round=on_round, on_event=on_event).run()
         src_lines = parse_progress(pair.src.read_serial())
         result = DemoResult(report, src_lines, [])
-        if report.status == "completed":
+        if report.status is MigrationStatus.COMPLETED:
             before = len(parse_progress(pair.dst.read_serial()))
             result.dst_progress = (await wait_progress(pair.dst, before + DESTINATION_LINES, 30))[before:]
             result.guest_errors = guest_errors(pair.dst.read_serial())

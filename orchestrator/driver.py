@@ -22,6 +22,8 @@ from .engine import (
     DowntimePolicy,
     GuestHome,
     MigrationSequence,
+    MigrationStatus,
+    OnLimit,
     Outcome,
     PrecopyEngine,
     RoundRecord,
@@ -41,10 +43,12 @@ def _gone(session: QmpPeer) -> bool:
 
 @dataclass(frozen=True)
 class MigrationOptions:
-    downtime_limit_ms: float = 300.0
-    max_rounds: int = 30
-    max_time_s: float = 300.0
-    on_limit: str = "cancel"  # what a migration that hits a cap does: cancel | force
+    """What a caller can set; the policy's defaults are `DowntimePolicy`'s, in one place."""
+
+    downtime_limit_ms: float = DowntimePolicy.downtime_limit_s * 1e3
+    max_rounds: int = DowntimePolicy.max_rounds
+    max_time_s: float = DowntimePolicy.max_time_s
+    on_limit: OnLimit = DowntimePolicy.on_limit
     verify: bool = False
     recovery: RecoveryPolicy = RecoveryPolicy()
     qmp_timeout_s: float = 60.0
@@ -57,7 +61,7 @@ class MigrationOptions:
 
 @dataclass
 class MigrationReport:
-    status: str = "failed"  # completed | cancelled | failed
+    status: MigrationStatus = MigrationStatus.FAILED
     guest: GuestHome = GuestHome.SOURCE
     verified: bool | None = None
     total_ms: float = 0.0
@@ -75,11 +79,11 @@ class MigrationReport:
     interrupted: str | None = None
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "guest": self.guest.value}
+        return {**asdict(self), "status": self.status.value, "guest": self.guest.value}
 
     @property
     def ok(self) -> bool:
-        return self.status == "completed" and self.verified is not False
+        return self.status is MigrationStatus.COMPLETED and self.verified is not False
 
 
 class Migration:

@@ -1,11 +1,12 @@
 """Sans-IO precopy engine, convergence policies and the migration's sequence."""
 
-from .policy import Decision, DowntimePolicy, Observation, Policy, Verdict
+from .policy import Decision, DowntimePolicy, Observation, OnLimit, Policy, Verdict
 from .precopy import PrecopyEngine, RoundRecord
 from .sequence import (
     EngineError,
     GuestHome,
     MigrationSequence,
+    MigrationStatus,
     Outcome,
     OutOfOrder,
     Phase,
@@ -17,7 +18,9 @@ __all__ = [
     "EngineError",
     "GuestHome",
     "MigrationSequence",
+    "MigrationStatus",
     "Observation",
+    "OnLimit",
     "OutOfOrder",
     "Outcome",
     "Phase",

@@ -48,6 +48,13 @@ class Verdict:
     converged: bool = False  # the expected downtime fit the limit (not forced by a cap)
 
 
+class OnLimit(enum.StrEnum):
+    """What a migration that hits a round or time cap does."""
+
+    CANCEL = "cancel"  # the source keeps the guest
+    FORCE = "force"  # switch over anyway, with a longer downtime
+
+
 class Policy(Protocol):
     def decide(self, obs: Observation) -> Verdict: ...
 
@@ -61,11 +68,12 @@ class DowntimePolicy:
     downtime_limit_s: float = 0.3
     max_rounds: int = 30
     max_time_s: float = 300.0
-    on_limit: str = "cancel"
+    on_limit: OnLimit = OnLimit.CANCEL
 
     def __post_init__(self) -> None:
-        if self.on_limit not in ("cancel", "force"):
-            raise ValueError(f"on_limit must be 'cancel' or 'force', got {self.on_limit!r}")
+        if self.on_limit not in tuple(OnLimit):
+            raise ValueError(f"on_limit must be one of {[m.value for m in OnLimit]}, got {self.on_limit!r}")
+        object.__setattr__(self, "on_limit", OnLimit(self.on_limit))
         if not (0 < self.downtime_limit_s < math.inf and self.max_rounds >= 1 and 0 < self.max_time_s < math.inf):
             raise ValueError("downtime limit, round cap and time cap must be finite and positive")
 
@@ -84,6 +92,6 @@ class DowntimePolicy:
             cap = f"time cap {self.max_time_s:g} s reached"
         if cap is None:
             return Verdict(Decision.CONTINUE, f"expected downtime {dt_ms:.1f} ms > limit")
-        if self.on_limit == "force":
+        if self.on_limit is OnLimit.FORCE:
             return Verdict(Decision.SWITCHOVER, f"{cap}; forcing switchover (expected downtime {dt_ms:.1f} ms)")
         return Verdict(Decision.CANCEL, f"{cap} without converging (expected downtime {dt_ms:.1f} ms); cancelled")

@@ -269,11 +269,19 @@ ANSWERS: dict[type, type] = {
 }
 
 
+class MigrationStatus(enum.StrEnum):
+    """How a migration ended (where the guest is, is `GuestHome`)."""
+
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"  # by a cap with on_limit cancel, or by the caller
+    FAILED = "failed"
+
+
 @dataclass
 class Outcome:
     """What the report says about the ending, decided here so every driver says the same."""
 
-    status: str = "failed"  # completed | cancelled | failed
+    status: MigrationStatus = MigrationStatus.FAILED
     guest: GuestHome = GuestHome.SOURCE
     decision: str = ""
     error: str | None = None
@@ -348,7 +356,7 @@ class MigrationSequence:
     def _where(self) -> str:
         return "after migrate-continue" if self._continued else "before migrate-continue"
 
-    def _abort(self, status: str) -> None:
+    def _abort(self, status: MigrationStatus) -> None:
         self.phase, self.outcome.status = Phase.ABORTING, status
         self._next = Cancel(self._src_running and self._migrating, self._listening)
 
@@ -369,7 +377,7 @@ class MigrationSequence:
             self.caller_cancelled = True
             o.interrupted = self._where()
             o.error = "cancelled by the caller"
-            self._abort("cancelled")
+            self._abort(MigrationStatus.CANCELLED)
             return
         why = event.why
         if isinstance(pending, StopTrackers):
@@ -378,14 +386,14 @@ class MigrationSequence:
         elif isinstance(pending, Cancel):  # the abort goes on: say what failed in it
             self._answered(pending, Cancelled((why,)))
         elif self.phase is Phase.HANDED_OVER:
-            o.status, o.error = "failed", why
+            o.status, o.error = MigrationStatus.FAILED, why
             if isinstance(pending, AwaitCompletion):
                 self._next = GiveBack(self._src_running)
             else:
                 self._stop_trackers_then(Phase.DONE)
         else:
             o.error = why
-            self._abort("failed")
+            self._abort(MigrationStatus.FAILED)
 
     def _answered(self, pending: Action, event: Event) -> RoundRecord | None:
         o = self.outcome
@@ -423,13 +431,13 @@ class MigrationSequence:
                 o.error = f"verification found {len(pages)} mismatched pages (first: {list(pages[:8])})"
                 source = "running" if self._src_running else "stays paused"
                 o.decision = f"{o.decision}; {o.error}: cancelled, source {source}"
-                self._abort("failed")
+                self._abort(MigrationStatus.FAILED)
             case LoadDevices(), DevicesLoaded():
                 self._next = Continue()
             case Continue(), Continued():
                 self._continued, self.phase, self._next = True, Phase.HANDED_OVER, AwaitCompletion(self._src_running)
             case AwaitCompletion(), Completed(downtime_ms=downtime):
-                o.status, o.guest, o.downtime_ms = "completed", GuestHome.DESTINATION, downtime
+                o.status, o.guest, o.downtime_ms = MigrationStatus.COMPLETED, GuestHome.DESTINATION, downtime
                 self._next = RunDestinationDevices()
             case GiveBack(), GivenBack(guest=guest, note=note):
                 o.guest = guest
@@ -462,4 +470,4 @@ class MigrationSequence:
         if verdict.decision is Decision.SWITCHOVER:
             self.phase, self._next = Phase.SWITCHING, Listen()
         else:
-            self._abort("cancelled")
+            self._abort(MigrationStatus.CANCELLED)
