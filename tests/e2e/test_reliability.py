@@ -74,8 +74,12 @@ class Cli:
         return sorted(str(p) for p in self.tmp.iterdir())
 
 
+#: What the demo puts in /dev/shm: both guests' RAM files and the vCPU plugin's log.
+DEMO_SHM = ("orchestrator-src-", "orchestrator-dst-", "orchestrator-vcpu-")
+
+
 def shm_ours() -> set[str]:
-    return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith("orchestrator-")}
+    return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(DEMO_SHM)}
 
 
 async def capability_states(session) -> dict[str, bool]:
