@@ -168,8 +168,9 @@ def vfio_trackers(paths: list[Path], fds: list[int]) -> list[Tracker]:
         device = VfioDevice(fds[-1], sys_, name=path.name)
         if not device.probe_dma_logging():
             raise VfioUsageError(
-                f"--vfio-device {path} offers no VFIO DMA logging (its DMA_LOGGING_START probe fails): give the "
-                "device's VFIO fd (/dev/vfio/devices/vfioN), of a driver with dirty tracking"
+                f"--vfio-device {path} offers no VFIO DMA logging (its DMA_LOGGING_START probe fails): it is not a "
+                "VFIO device, its driver has no dirty tracking, or it is a device cdev this process has not bound "
+                "(the kernel lets one fd bind a device, and QEMU's holds it)"
             )
         trackers.append(VfioDmaLogTracker(device))
     return trackers
