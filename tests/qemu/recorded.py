@@ -16,5 +16,7 @@ PAUSED_DESTINATION_EVENTS = ["MIGRATION"] * 3
 CANCEL_STATUSES = ["cancelling", "cancelled"]
 #: The end of its events after a cancel in pre-switchover: a guest that ran runs again ...
 CANCEL_EVENTS = ["MIGRATION", "RESUME", "MIGRATION"]
-#: ... and one its user had paused does not (its run state is then postmigrate).
+#: ... and one its user had paused does not: it stays paused.
 PAUSED_CANCEL_EVENTS = ["MIGRATION", "MIGRATION", "MIGRATION"]
+#: Its run state then: QEMU 7.2 leaves postmigrate, 10.0 restores the state it had (paused).
+PAUSED_AFTER_CANCEL = ("postmigrate", "paused")
