@@ -2,7 +2,9 @@
 
 Methods are blocking (they issue ioctls or scan memory) and are run in worker threads by
 `TrackerSet`; a tracker never touches the shared bitmap except through `DirtyBitmap`'s
-locked merge/mark operations.
+locked merge/mark operations. A tracker whose final collect is short work that cannot wait
+on a device says so with `Bounded`: the set then runs that collect on the event loop's own
+thread, since inside the downtime a thread handoff costs more than such a collect.
 """
 
 from __future__ import annotations
@@ -55,6 +57,14 @@ class Tracker(Protocol):
     def covered(self, layout: MemoryLayout) -> list[IovaRange]:
         """Every range this tracker is responsible for: what a failure marks dirty. Known
         before `start`, so a tracker that never started is still covered."""
+
+
+@runtime_checkable
+class Bounded(Protocol):
+    """A tracker whose `collect` never blocks on anything but its own CPU work, done in about
+    a millisecond per GiB (a page-table walk, not a device ioctl): no watchdog needed."""
+
+    bounded_collect: bool
 
 
 @runtime_checkable

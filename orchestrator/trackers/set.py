@@ -4,6 +4,8 @@ The I/O half of recovery (architecture invariants 4, 6, 7, 8, 10); its decisions
 sans-IO `Recovery` machine's (`recovery.py`):
 - every blocking call runs in a worker thread under a watchdog (`blocking.watched`); a hung
   call is a failure, and the call it abandoned keeps the tracker busy until it really ends;
+  only a `Bounded` tracker's final collect runs on the loop's thread, after every other
+  tracker's call has been started, so it overlaps them and costs no handoff in the downtime;
 - each round asks the machine what to do with each tracker (collect, restart, only mark),
   tells it how that went, and marks the tracker's covered range dirty whenever it says so;
 - every tracker is stopped on every exit path, including cancellation.
@@ -23,7 +25,7 @@ from ..bitmap import DirtyBitmap
 from ..blocking import watched
 from ..memory import MemoryLayout
 from ..vfio.ranges import IovaRange
-from .base import SentAware, StartOutcome, Tracker, mark_ranges
+from .base import Bounded, SentAware, StartOutcome, Tracker, mark_ranges
 from .events import TrackerEvent, TrackerState, TrackerStats
 from .recovery import Recovery, RecoveryPolicy, Step, Verdict
 
@@ -49,6 +51,10 @@ def _errno_of(exc: BaseException | None) -> int | None:
 
 def _retry_note(v: Verdict) -> str:
     return "" if v.retry_in is None else f"{v.retry_in:.3g}s"
+
+
+def _bounded(tracker: Tracker) -> bool:
+    return isinstance(tracker, Bounded) and tracker.bounded_collect
 
 
 class TrackerSet:
@@ -97,7 +103,9 @@ class TrackerSet:
 
     async def collect(self, round_: int, final: bool = False) -> None:
         """One round: every tracker ORs what it saw into the shared bitmap, or falls back."""
-        await asyncio.gather(*(self._collect_one(s, round_, final) for s in self._slots))
+        inline = [final and _bounded(s.tracker) for s in self._slots]
+        order = sorted(range(len(self._slots)), key=inline.__getitem__)  # threads first
+        await asyncio.gather(*(self._collect_one(self._slots[i], round_, final, inline[i]) for i in order))
 
     def record_sent(self, pages: np.ndarray, data: np.ndarray) -> None:
         """Tell content-aware trackers what the destination now holds for these pages."""
@@ -115,7 +123,9 @@ class TrackerSet:
         return [s.stats for s in self._slots]
 
     # -- one tracker ------------------------------------------------------------------------
-    async def _call(self, slot: _Slot, fn, *args):
+    async def _call(self, slot: _Slot, fn, *args, inline: bool = False):
+        if inline:  # the tasks gathered before this one have started their threads already
+            return fn(*args)
         slot.inflight += 1
 
         def settled() -> None:
@@ -166,12 +176,12 @@ class TrackerSet:
         self._apply(slot, slot.recovery.started(bool(outcome.tracked)))
         self._started(slot, 0, outcome)
 
-    async def _collect_one(self, slot: _Slot, round_: int, final: bool) -> None:
+    async def _collect_one(self, slot: _Slot, round_: int, final: bool, inline: bool = False) -> None:
         step = slot.recovery.plan(self._clock(), final, busy=slot.inflight > 0)
         if step is Step.COLLECT:
             fn = getattr(slot.tracker, "collect_final", None) if final else None
             try:
-                await self._call(slot, fn or slot.tracker.collect, self.bitmap)
+                await self._call(slot, fn or slot.tracker.collect, self.bitmap, inline=inline)
             except TimeoutError as exc:
                 self._failed(slot, round_, "timeout", exc, slot.recovery.collect_failed(self._clock()))
             except Exception as exc:

@@ -18,6 +18,8 @@ from .base import StartOutcome
 
 class WriteWatchTracker:
     kind = "write-watch"
+    #: A harvest is a walk of QEMU's page tables: it cannot hang on a device (`Bounded`).
+    bounded_collect = True
 
     def __init__(self, watch: WriteWatch, name: str = "write-watch") -> None:
         self.watch = watch

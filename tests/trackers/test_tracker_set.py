@@ -274,3 +274,63 @@ def test_on_sent_only_when_a_tracker_needs_the_bytes_sent():
     _, ts = make_set(Scripted("a"), hashing)
     ts.on_sent(np.array([3, 4]), np.zeros((2, PAGE), np.uint8))
     assert hashing.seen == [[3, 4]]
+
+
+class BoundedScripted(Scripted):
+    """A `Bounded` tracker: records the thread each collect ran on."""
+
+    bounded_collect = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.threads = []
+
+    def collect(self, bitmap):
+        self.threads.append(threading.get_ident())
+        super().collect(bitmap)
+
+
+async def test_a_bounded_final_collect_runs_on_the_loop_thread_after_the_others_started():
+    """Precopy collects of a bounded tracker run in a worker; the final one on the loop's own
+    thread, once the threaded trackers' calls are under way: the bounded final collect waits
+    for the slow tracker's call to begin, which it could not if that thread were started
+    after it (the loop is blocked meanwhile)."""
+    slow = Scripted("slow", (8, 16), collect=["ok", "hang"], dirty=[9])
+    bounded = BoundedScripted("bounded", (0, 8), dirty=[1])
+    slow_began = threading.Event()
+    real_slow, real_bounded = slow.collect, bounded.collect
+
+    def slow_collect(bitmap):
+        slow_began.set()
+        return real_slow(bitmap)
+
+    def bounded_collect(bitmap):
+        if len(bounded.threads) == 1:
+            assert slow_began.wait(2), "the threaded tracker was not started first"
+        return real_bounded(bitmap)
+
+    slow.collect, bounded.collect = slow_collect, bounded_collect
+    bm, ts = make_set(bounded, slow, timeout=0.3)
+    loop_thread = threading.get_ident()
+    await ts.start()
+    await ts.collect(1)
+    assert bounded.threads[-1] != loop_thread
+    slow_began.clear()
+    await ts.collect(2, final=True)
+    slow.release.set()
+    assert bounded.threads[-1] == loop_thread
+    assert kinds(ts, "bounded")[-1] == "start" and kinds(ts, "slow")[-1] == "timeout"
+    assert set(bm.harvest().tolist()) == {1, *range(8, 16)}
+    await ts.stop()
+
+
+async def test_a_bounded_final_collect_that_fails_falls_back_to_all_dirty():
+    bounded = BoundedScripted("bounded", (0, 8), collect=["ok", errno.ESRCH])
+    bm, ts = make_set(bounded)
+    await ts.start()
+    await ts.collect(1)
+    bm.harvest()
+    await ts.collect(2, final=True)
+    assert kinds(ts, "bounded")[-1] == "report-error"
+    assert bm.harvest().tolist() == list(range(8))
+    await ts.stop()

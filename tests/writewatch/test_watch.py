@@ -10,6 +10,7 @@ from orchestrator.bitmap import DirtyBitmap
 from orchestrator.memory import MemoryLayout, RamRegion
 from orchestrator.trackers import WriteWatchTracker
 from orchestrator.writewatch import WriteWatch
+from orchestrator.writewatch import watch as watch_module
 
 from .children import BY_COMMAND, RANDOM_WRITER, command, spawn, spawned
 from .conftest import collect, flat
@@ -104,5 +105,22 @@ def test_hugetlbfs_is_watched_at_its_page_size(hugetlb_file):
             watch.scan(None)
             command(child, [1024 + 3])  # file page 1027: the huge page at file offset 4 MiB
             assert collect(watch).tolist() == list(range(768, 768 + 512))  # guest = file - 1 MiB
+        finally:
+            watch.close()
+
+
+def test_a_span_split_across_lanes_reports_exactly(shared_file, monkeypatch):
+    """Spans of LANE_BYTES or more are scanned in parallel lanes (here 4 MiB stands in for
+    the GiB of real use): pages on both sides of the cut come back, exactly once."""
+    monkeypatch.setattr(watch_module, "LANE_BYTES", 4 << 20)
+    with spawned(BY_COMMAND, shared_file) as child:
+        watch = WriteWatch.open(child.pid, flat(shared_file))
+        try:
+            assert len(watch._lanes) == watch_module.SCAN_LANES
+            watch.scan(None)
+            pages = [0, PAGES // 2 - 1, PAGES // 2, PAGES - 1]
+            command(child, pages)
+            assert collect(watch).tolist() == pages
+            assert collect(watch).size == 0
         finally:
             watch.close()
