@@ -30,8 +30,8 @@ from bench.migrate import (
     Sample,
     fresh_destination,
 )
-from orchestrator.demo import guest_pair, wait_progress
-from orchestrator.qemu.launcher import default_qemu, qemu_version
+from orchestrator.lab.demo import guest_pair, wait_progress
+from orchestrator.lab.launcher import default_qemu, qemu_version
 
 LIMITS = Limits()
 METRICS = ("total_ms", "downtime_ms", "bytes_sent", "rounds", "guest_rate", "guest_rate_before")
@@ -40,7 +40,7 @@ METRICS = ("total_ms", "downtime_ms", "bytes_sent", "rounds", "guest_rate", "gue
 @dataclass(frozen=True)
 class Row:
     name: str
-    workload: str  # a preset of orchestrator.workload.WORKLOADS
+    workload: str  # a preset of orchestrator.lab.workload.WORKLOADS
     pair: Mapping[str, object] = field(default_factory=dict)  # more guest_pair keywords
     mem_mib: int | None = None  # guest RAM, if not the run's (`--mem`)
 

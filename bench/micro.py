@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from bench import Case, Options, Result, gbps, median_seconds, ms, suite
-from orchestrator.bitmap import DirtyBitmap
-from orchestrator.bits import words_for
+from orchestrator.dirty.bitmap import DirtyBitmap
+from orchestrator.dirty.bits import words_for
 
 PAGE = 4096
 NPAGES = 1 << 28  # 1 TiB / 4 KiB

@@ -27,15 +27,15 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
-from orchestrator.attach import attach
-from orchestrator.demo import GuestPair
-from orchestrator.driver import MigrationOptions
-from orchestrator.engine import MigrationStatus
-from orchestrator.qemu import migration as choreography
+from orchestrator.migration.attach import attach
+from orchestrator.lab.demo import GuestPair
+from orchestrator.migration.driver import MigrationOptions
+from orchestrator.migration.engine import MigrationStatus
+from orchestrator.qemu import choreography
 from orchestrator.qemu.errors import QmpTimeoutError
-from orchestrator.qemu.launcher import QemuVm
+from orchestrator.lab.launcher import QemuVm
 from orchestrator.trackers import QemuWrites
-from orchestrator.workload import guest_rate, parse_progress
+from orchestrator.lab.workload import guest_rate, parse_progress
 
 #: QEMU rejects more than SIZE_MAX; this is far above any memory bandwidth.
 UNLIMITED_BPS = 1 << 40

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import Case, Options, Result, gbps, median_seconds, ms, suite
-from orchestrator.memory import MemoryLayout
+from orchestrator.dirty.memory import MemoryLayout
 from orchestrator.transport import LocalSink
 
 PAGE = 4096

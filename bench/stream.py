@@ -29,7 +29,7 @@ import numpy as np
 
 from bench import Options, Result, suite
 
-from orchestrator.memory import MemoryLayout
+from orchestrator.dirty.memory import MemoryLayout
 from orchestrator.trackers import content_trackers
 from orchestrator.transport.endpoint import Endpoint
 from orchestrator.transport.receiver import Receiver

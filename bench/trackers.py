@@ -16,9 +16,9 @@ import asyncio
 import numpy as np
 
 from bench import Case, Options, Result, median_seconds, ms, suite
-from orchestrator.bitmap import DirtyBitmap
+from orchestrator.dirty.bitmap import DirtyBitmap
 from orchestrator.emulated import EmulatedKernel, Mlx5Like
-from orchestrator.memory import MemoryLayout
+from orchestrator.dirty.memory import MemoryLayout
 from orchestrator.trackers import TrackerSet, VfioDmaLogTracker
 from orchestrator.vfio import VfioDevice
 

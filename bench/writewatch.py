@@ -24,9 +24,9 @@ import numpy as np
 
 from bench import Case, Options, median_seconds, ms, suite
 from bench.migrate import ORCHESTRATOR, SETTLE_LINES, Limits, fresh_destination
-from orchestrator.bitmap import DirtyBitmap
-from orchestrator.demo import guest_pair, wait_progress
-from orchestrator.memory import MemoryLayout
+from orchestrator.dirty.bitmap import DirtyBitmap
+from orchestrator.lab.demo import guest_pair, wait_progress
+from orchestrator.dirty.memory import MemoryLayout
 from orchestrator.writewatch import WriteWatch
 
 GIB = 1 << 30

@@ -7,8 +7,8 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from orchestrator.guests import linux
-from orchestrator.qemu.launcher import QemuVm
+from orchestrator.lab import linux
+from orchestrator.lab.launcher import QemuVm
 
 
 async def wait_until(vm: QemuVm, done: Callable[[str], bool], timeout: float, what: str) -> str:

@@ -12,7 +12,7 @@ import pytest
 
 from bench.__main__ import main
 from bench.e2e import ROWS
-from orchestrator.qemu.launcher import default_qemu, qemu_version
+from orchestrator.lab.launcher import default_qemu, qemu_version
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.bitmap import DirtyBitmap, _popcount_table, popcount
-from orchestrator.bits import words_for
+from orchestrator.dirty.bitmap import DirtyBitmap, _popcount_table, popcount
+from orchestrator.dirty.bits import words_for
 
 PAGE = 4096
 

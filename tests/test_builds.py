@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import builds
-from orchestrator.builds import Artifact, BuildError
+from orchestrator.native import builds
+from orchestrator.native.builds import Artifact, BuildError
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed (make fixtures installs it)")
@@ -81,7 +81,7 @@ def test_an_edited_source_builds_a_new_entry(package: Path) -> None:
 @needs_gcc
 def test_two_processes_build_it_once(tmp_path: Path) -> None:
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
-    procs = [subprocess.Popen([sys.executable, "-m", "orchestrator.builds", "guest.elf"], cwd=ROOT, env=env,
+    procs = [subprocess.Popen([sys.executable, "-m", "orchestrator.native.builds", "guest.elf"], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
@@ -107,7 +107,7 @@ def test_a_failed_command_reports_its_errors_and_leaves_nothing(package: Path) -
 
 
 def test_the_command_names_unknown_artifacts() -> None:
-    run = subprocess.run([sys.executable, "-m", "orchestrator.builds", "kernel.bin"], cwd=ROOT,
+    run = subprocess.run([sys.executable, "-m", "orchestrator.native.builds", "kernel.bin"], cwd=ROOT,
                          capture_output=True, text=True)
     assert run.returncode == 2
     assert "unknown artifact kernel.bin; choose from guest.elf, libdirtylog.so, fwcfg.bin" in run.stderr

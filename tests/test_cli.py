@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from orchestrator.cli import EXIT_BAD_INPUT, main
+from orchestrator.app.cli import EXIT_BAD_INPUT, main
 
 
 @pytest.mark.parametrize(
@@ -41,7 +41,7 @@ def test_demo_rejects_unknown_device_and_fault(capsys):
 
 
 def test_demo_input_errors_launch_nothing(monkeypatch, capsys):
-    import orchestrator.demo as demo
+    import orchestrator.lab.demo as demo
 
     def no_launch(*a, **k):
         raise AssertionError("a QEMU was launched despite bad input")
@@ -52,8 +52,8 @@ def test_demo_input_errors_launch_nothing(monkeypatch, capsys):
 
 
 def test_demo_runs_both_vms_on_the_qemu_it_is_given(monkeypatch, capsys):
-    import orchestrator.demo as demo
-    from orchestrator.qemu.launcher import Role
+    import orchestrator.lab.demo as demo
+    from orchestrator.lab.launcher import Role
 
     binaries = []
 

@@ -14,7 +14,7 @@ import pytest
 from fixtures.guest.pattern import (FWCFG_COPY, PAGE_SIZE, check_guest_ram, fwcfg_file, fwcfg_held,
                                     fwcfg_offset, fwcfg_words)
 from fixtures.guest.vm import GuestVM, qemu_binary
-from orchestrator.workload import fwcfg_buffer, guest_rate
+from orchestrator.lab.workload import fwcfg_buffer, guest_rate
 
 BUFFER = (0xEE00000, FWCFG_COPY)        # the MiB below the default 256M guest's DMA window
 

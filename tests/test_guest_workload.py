@@ -13,8 +13,8 @@ import pytest
 from fixtures.guest import pattern
 from fixtures.guest.pattern import (FWCFG_COPY, FWCFG_OFFSETS, FWCFG_SIZE, PAGE_SIZE, STATUS_ADDR,
                                     check_guest_ram, fwcfg_file, fwcfg_held, fwcfg_offset, fwcfg_words)
-from orchestrator import workload
-from orchestrator.workload import FWCFG_NAME, dma_window, fwcfg_buffer, qemu_args
+from orchestrator.lab import workload
+from orchestrator.lab.workload import FWCFG_NAME, dma_window, fwcfg_buffer, qemu_args
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20

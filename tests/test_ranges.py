@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.ranges import (
+from orchestrator.dirty.ranges import (
     IovaRange,
     intersect,
     merge_inclusive,

@@ -16,9 +16,9 @@ import pytest
 
 from fixtures.guest.vm import GuestVM, qemu_binary
 from orchestrator.qemu.errors import QemuExitedError
-from orchestrator.bits import words_for
-from orchestrator.qemu.launcher import qemu_version
-from orchestrator.vcpulog import BITMAP_OFFSET, MAGIC, PLUGIN, Addresses, DrainTimeout, VcpuDirtyLog
+from orchestrator.dirty.bits import words_for
+from orchestrator.lab.launcher import qemu_version
+from orchestrator.trackers.vcpulog import BITMAP_OFFSET, MAGIC, PLUGIN, Addresses, DrainTimeout, VcpuDirtyLog
 
 ROOT = Path(__file__).resolve().parent.parent
 HAMMER = ROOT / "fixtures" / "plugin" / "hammer.elf"

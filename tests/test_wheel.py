@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import builds
-from orchestrator.cli import EXIT_BAD_INPUT
+from orchestrator.native import builds
+from orchestrator.app.cli import EXIT_BAD_INPUT
 
 pytestmark = [
     pytest.mark.slow,

@@ -2,10 +2,10 @@
 emulated in-process behind the same byte-level syscall seam the client uses on real fds.
 """
 
-from .faults import Fault
-from .kernel import EmulatedKernel
-from .models import DeviceModel, Mlx5Like, MttyLike, MttySample, NoDmaLogging, PdsLike
-from .ranges import combine_iova_ranges
+from orchestrator.emulated.faults import Fault
+from orchestrator.emulated.kernel import EmulatedKernel
+from orchestrator.emulated.models import DeviceModel, Mlx5Like, MttyLike, MttySample, NoDmaLogging, PdsLike
+from orchestrator.emulated.ranges import combine_iova_ranges
 
 __all__ = [
     "DeviceModel",

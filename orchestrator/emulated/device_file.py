@@ -16,7 +16,7 @@ import ctypes
 import errno
 from typing import TYPE_CHECKING
 
-from ..uapi import (
+from orchestrator.uapi import (
     VFIO_DEVICE_ATTACH_IOMMUFD_PT,
     VFIO_DEVICE_ATTACH_PASID,
     VFIO_DEVICE_BIND_FLAG_TOKEN,
@@ -28,15 +28,15 @@ from ..uapi import (
     vfio_device_bind_iommufd,
     vfio_device_detach_iommufd_pt,
 )
-from .core import FeatureContext, device_feature
-from .errors import kernel_error
-from .ioctl_arg import IoctlArg, offsetofend
-from .iommufd import Iommufd, IommufdDevice
-from .models.base import DeviceModel
-from .usermem import copy_from_user
+from orchestrator.emulated.core import FeatureContext, device_feature
+from orchestrator.emulated.errors import kernel_error
+from orchestrator.emulated.ioctl_arg import IoctlArg, offsetofend
+from orchestrator.emulated.iommufd import Iommufd, IommufdDevice
+from orchestrator.emulated.models.base import DeviceModel
+from orchestrator.emulated.usermem import copy_from_user
 
 if TYPE_CHECKING:
-    from .kernel import EmulatedKernel
+    from orchestrator.emulated.kernel import EmulatedKernel
 
 _UUID_SIZE = 16
 

@@ -10,7 +10,7 @@ import threading
 
 import numpy as np
 
-from .runs import merge_runs
+from orchestrator.emulated.runs import merge_runs
 
 _EMPTY = np.empty(0, dtype=np.uint64)
 

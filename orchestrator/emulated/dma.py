@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .models.base import DeviceModel
+from orchestrator.emulated.models.base import DeviceModel
 
 PAGE = 4096
 TAG = 0x5BD1E9955BD1E995  # mixed into each record so a stale or misplaced page shows

@@ -17,7 +17,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
-from .errors import kernel_error
+from orchestrator.emulated.errors import kernel_error
 
 
 class Fault(enum.Enum):

@@ -13,7 +13,7 @@ import ctypes
 import errno
 from typing import TypeVar
 
-from .errors import kernel_error
+from orchestrator.emulated.errors import kernel_error
 
 S = TypeVar("S", bound=ctypes.Structure)
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..uapi import (
+from orchestrator.uapi import (
     IOMMU_GET_HW_INFO,
     IOMMU_HW_CAP_DIRTY_TRACKING,
     IOMMU_HW_INFO_TYPE_NONE,
@@ -42,12 +42,12 @@ from ..uapi import (
     iommu_ioas_alloc,
     iommu_ioas_map,
 )
-from .dirtylog import UnitLog
-from .errors import kernel_error
-from .ioctl_arg import IoctlArg, offsetofend
-from .iova_bitmap import IovaBitmap
-from .models.base import DeviceModel
-from .runs import U64_MAX
+from orchestrator.emulated.dirtylog import UnitLog
+from orchestrator.emulated.errors import kernel_error
+from orchestrator.emulated.ioctl_arg import IoctlArg, offsetofend
+from orchestrator.emulated.iova_bitmap import IovaBitmap
+from orchestrator.emulated.models.base import DeviceModel
+from orchestrator.emulated.runs import U64_MAX
 
 
 class IoPageTable:

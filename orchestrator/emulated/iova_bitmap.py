@@ -23,9 +23,9 @@ import errno
 
 import numpy as np
 
-from ..bits import set_bit_range
-from .runs import U64_MAX, merge_runs
-from .usermem import copy_from_user, copy_to_user
+from orchestrator.dirty.bits import set_bit_range
+from orchestrator.emulated.runs import U64_MAX, merge_runs
+from orchestrator.emulated.usermem import copy_from_user, copy_to_user
 
 USER_PAGE = 4096
 # iova_bitmap_get pins at most one page of `struct page *`: 512 pages (2 MiB of bitmap) a window.

@@ -21,12 +21,12 @@ import errno
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from ..uapi import VFIO_MIG_GET_PRECOPY_INFO, VFIO_MIGRATION_PRE_COPY, _Le, vfio_precopy_info
-from .errors import kernel_error
-from .ioctl_arg import IoctlArg
+from orchestrator.uapi import VFIO_MIG_GET_PRECOPY_INFO, VFIO_MIGRATION_PRE_COPY, _Le, vfio_precopy_info
+from orchestrator.emulated.errors import kernel_error
+from orchestrator.emulated.ioctl_arg import IoctlArg
 
 if TYPE_CHECKING:
-    from .migration import MigrationDriver
+    from orchestrator.emulated.migration import MigrationDriver
 
 STREAM_MAGIC = 0x7E9D09898C3E2C4E  # mtty's MTTY_MAGIC
 STREAM_MAJOR, STREAM_MINOR = 1, 0

@@ -12,15 +12,15 @@ import threading
 from collections.abc import Callable
 from typing import Union
 
-from ..uapi import (
+from orchestrator.uapi import (
     VFIO_MIGRATION_P2P,
     VFIO_MIGRATION_PRE_COPY,
     VFIO_MIGRATION_STOP_COPY,
     vfio_device_mig_state,
 )
-from .errors import kernel_error
-from .faults import FaultState
-from .mig_stream import ResumeFile, SaveFile, StreamFormat
+from orchestrator.emulated.errors import kernel_error
+from orchestrator.emulated.faults import FaultState
+from orchestrator.emulated.mig_stream import ResumeFile, SaveFile, StreamFormat
 
 S = vfio_device_mig_state
 _ER, _ST, _RU, _SC, _RE, _RP, _PC, _PP = (

@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 
-from .runs import U64_MAX
+from orchestrator.emulated.runs import U64_MAX
 
 Node = tuple[int, int]
 

@@ -2,12 +2,12 @@
 
 Device logs, IOMMU domains and bitmap writes all deal in runs of pages; merging them first
 turns "every page dirty" into one run instead of a page-by-page loop. The merge is the
-shared one of `orchestrator.ranges`.
+shared one of `orchestrator.dirty.ranges`.
 """
 
 from __future__ import annotations
 
-from ..ranges import merge_inclusive as merge_runs
+from orchestrator.dirty.ranges import merge_inclusive as merge_runs
 
 __all__ = ["U64_MAX", "merge_runs"]
 

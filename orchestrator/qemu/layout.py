@@ -14,9 +14,9 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import LayoutError
-from .mtree import FlatView, parse_flat_mtree, system_view
-from .peer import QmpPeer
+from orchestrator.qemu.errors import LayoutError
+from orchestrator.qemu.mtree import FlatView, parse_flat_mtree, system_view
+from orchestrator.qemu.peer import QmpPeer
 
 FILE_BACKEND = "memory-backend-file"
 _NEEDS = "the orchestrator needs share=on file-backed RAM"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import LayoutError
+from orchestrator.qemu.errors import LayoutError
 
 _VIEW = re.compile(r"^FlatView #\d+$")
 _AS = re.compile(r'^ AS "(?P<name>[^"]*)", root: (?P<root>.*)$')

@@ -11,7 +11,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Protocol
 
-from .qmp import EventPredicate, QmpEvent
+from orchestrator.qemu.qmp import EventPredicate, QmpEvent
 
 
 class QmpPeer(Protocol):

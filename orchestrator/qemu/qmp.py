@@ -25,7 +25,7 @@ from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 from qemu.qmp.protocol import ConnectError, Runstate
 from qemu.qmp.qmp_client import GreetingError, NegotiationError
 
-from .errors import (
+from orchestrator.qemu.errors import (
     MigrationError,
     QmpCommandError,
     QmpConnectError,

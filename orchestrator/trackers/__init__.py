@@ -1,15 +1,15 @@
 """Dirty-page trackers and the set that drives them into one shared bitmap."""
 
-from .base import SentAware, StartAttempt, StartOutcome, Tracker
-from .content import ContentTracker, content_trackers
-from .events import TrackerEvent, TrackerState, TrackerStats
-from .iommufd_hwpt import IommufdHwptTracker
-from .qemu_writes import QemuWrites, qemu_write_trackers
-from .recovery import Recovery, RecoveryPolicy, Step, Verdict
-from .set import TrackerSet
-from .vcpu import VcpuTracker
-from .vfio_dma import VfioDmaLogTracker
-from .writewatch import WriteWatchTracker
+from orchestrator.trackers.base import SentAware, StartAttempt, StartOutcome, Tracker
+from orchestrator.trackers.content import ContentTracker, content_trackers
+from orchestrator.trackers.events import TrackerEvent, TrackerState, TrackerStats
+from orchestrator.trackers.iommufd_hwpt import IommufdHwptTracker
+from orchestrator.trackers.qemu_writes import QemuWrites, qemu_write_trackers
+from orchestrator.trackers.recovery import Recovery, RecoveryPolicy, Step, Verdict
+from orchestrator.trackers.set import TrackerSet
+from orchestrator.trackers.vcpu import VcpuTracker
+from orchestrator.trackers.vfio_dma import VfioDmaLogTracker
+from orchestrator.trackers.writewatch import WriteWatchTracker
 
 __all__ = [
     "ContentTracker",

@@ -15,11 +15,11 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from ..bitmap import DirtyBitmap
-from ..bits import page_words, report_span, report_words
-from ..memory import MemoryLayout
-from ..ranges import IovaRange, intersect
-from ..vfio.ranges import normalize
+from orchestrator.dirty.bitmap import DirtyBitmap
+from orchestrator.dirty.bits import page_words, report_span, report_words
+from orchestrator.dirty.memory import MemoryLayout
+from orchestrator.dirty.ranges import IovaRange, intersect
+from orchestrator.vfio.ranges import normalize
 
 
 @dataclass

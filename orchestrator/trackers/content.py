@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..bitmap import DirtyBitmap
-from ..memory import MemoryLayout
-from ..pagehash import page_hashes
-from ..ranges import IovaRange
-from .base import StartOutcome
+from orchestrator.dirty.bitmap import DirtyBitmap
+from orchestrator.dirty.memory import MemoryLayout
+from orchestrator.dirty.pagehash import page_hashes
+from orchestrator.dirty.ranges import IovaRange
+from orchestrator.trackers.base import StartOutcome
 
 
 class ContentTracker:

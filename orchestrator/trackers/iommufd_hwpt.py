@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from ..bitmap import DirtyBitmap
-from ..memory import MemoryLayout
-from ..ranges import IovaRange, subtract
-from ..vfio import IommufdHwpt
-from .base import ReportBuffer, StartOutcome, mark_ranges, reach_within
+from orchestrator.dirty.bitmap import DirtyBitmap
+from orchestrator.dirty.memory import MemoryLayout
+from orchestrator.dirty.ranges import IovaRange, subtract
+from orchestrator.vfio import IommufdHwpt
+from orchestrator.trackers.base import ReportBuffer, StartOutcome, mark_ranges, reach_within
 
 
 class IommufdHwptTracker:

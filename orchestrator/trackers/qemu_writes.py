@@ -8,13 +8,13 @@ import enum
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from ..memory import MemoryLayout
-from ..vcpulog import VcpuDirtyLog
-from ..writewatch import WriteWatch, WriteWatchRefused
-from .base import Tracker
-from .content import content_trackers
-from .vcpu import VcpuTracker
-from .writewatch import WriteWatchTracker
+from orchestrator.dirty.memory import MemoryLayout
+from orchestrator.trackers.vcpulog import VcpuDirtyLog
+from orchestrator.writewatch import WriteWatch, WriteWatchRefused
+from orchestrator.trackers.base import Tracker
+from orchestrator.trackers.content import content_trackers
+from orchestrator.trackers.vcpu import VcpuTracker
+from orchestrator.trackers.writewatch import WriteWatchTracker
 
 
 class QemuWrites(enum.Enum):

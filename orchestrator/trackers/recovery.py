@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from .events import TrackerState, TrackerStats
+from orchestrator.trackers.events import TrackerState, TrackerStats
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..bitmap import DirtyBitmap
-from ..blocking import watched
-from ..memory import MemoryLayout
-from ..vfio.ranges import IovaRange
-from .base import Bounded, SentAware, StartOutcome, Tracker, mark_ranges
-from .events import TrackerEvent, TrackerState, TrackerStats
-from .recovery import Recovery, RecoveryPolicy, Step, Verdict
+from orchestrator.dirty.bitmap import DirtyBitmap
+from orchestrator.trackers.watchdog import watched
+from orchestrator.dirty.memory import MemoryLayout
+from orchestrator.vfio.ranges import IovaRange
+from orchestrator.trackers.base import Bounded, SentAware, StartOutcome, Tracker, mark_ranges
+from orchestrator.trackers.events import TrackerEvent, TrackerState, TrackerStats
+from orchestrator.trackers.recovery import Recovery, RecoveryPolicy, Step, Verdict
 
 
 @dataclass

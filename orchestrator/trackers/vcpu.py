@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..bitmap import DirtyBitmap
-from ..bits import words_for
-from ..memory import MemoryLayout
-from ..ranges import IovaRange
-from ..vcpulog import Addresses, VcpuDirtyLog
-from .base import StartOutcome
+from orchestrator.dirty.bitmap import DirtyBitmap
+from orchestrator.dirty.bits import words_for
+from orchestrator.dirty.memory import MemoryLayout
+from orchestrator.dirty.ranges import IovaRange
+from orchestrator.trackers.vcpulog import Addresses, VcpuDirtyLog
+from orchestrator.trackers.base import StartOutcome
 
 
 @dataclass(frozen=True)

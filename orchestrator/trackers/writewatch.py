@@ -9,11 +9,11 @@ those.
 
 from __future__ import annotations
 
-from ..bitmap import DirtyBitmap
-from ..memory import MemoryLayout
-from ..ranges import IovaRange
-from ..writewatch import WriteWatch
-from .base import StartOutcome
+from orchestrator.dirty.bitmap import DirtyBitmap
+from orchestrator.dirty.memory import MemoryLayout
+from orchestrator.dirty.ranges import IovaRange
+from orchestrator.writewatch import WriteWatch
+from orchestrator.trackers.base import StartOutcome
 
 
 class WriteWatchTracker:

@@ -1,6 +1,6 @@
 """Page sinks: where precopy rounds send guest pages."""
 
-from .base import OnSent, PageSink, SinkError
-from .local import LocalSink
+from orchestrator.transport.base import OnSent, PageSink, SinkError
+from orchestrator.transport.local import LocalSink
 
 __all__ = ["LocalSink", "OnSent", "PageSink", "SinkError"]

@@ -42,8 +42,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..ranges import page_runs
-from .inbound import Inbound
+from orchestrator.dirty.ranges import page_runs
+from orchestrator.transport.inbound import Inbound
 
 MAGIC = b"OP"
 VERSION = 2

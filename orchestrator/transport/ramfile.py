@@ -19,8 +19,8 @@ from typing import Self, TypeVar
 
 import numpy as np
 
-from ..memory import RamRegion
-from .base import SinkError
+from orchestrator.dirty.memory import RamRegion
+from orchestrator.transport.base import SinkError
 
 # <linux/falloc.h>
 FALLOC_FL_KEEP_SIZE = 0x01

@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..pagehash import page_hashes
-from ..ranges import page_runs
-from .auth import NonceLedger, client_proof, same, server_proof
-from .inbound import Inbound
-from .protocol import (
+from orchestrator.dirty.pagehash import page_hashes
+from orchestrator.dirty.ranges import page_runs
+from orchestrator.transport.auth import NonceLedger, client_proof, same, server_proof
+from orchestrator.transport.inbound import Inbound
+from orchestrator.transport.protocol import (
     HEADER,
     HELLO,
     MAX_PATH_BYTES,
@@ -59,7 +59,7 @@ from .protocol import (
     pages_limit,
     read_frame,
 )
-from .ramfile import clear, map_fd, open_ram, release
+from orchestrator.transport.ramfile import clear, map_fd, open_ram, release
 
 log = logging.getLogger(__name__)
 

@@ -39,13 +39,13 @@ from typing import TypeVar
 
 import numpy as np
 
-from ..memory import MemoryLayout
-from ..pagehash import page_hashes
-from .auth import client_proof, same, server_proof
-from .base import OnSent, SinkError, page_numbers
-from .bucket import TokenBucket
-from .endpoint import Endpoint
-from .protocol import (
+from orchestrator.dirty.memory import MemoryLayout
+from orchestrator.dirty.pagehash import page_hashes
+from orchestrator.transport.auth import client_proof, same, server_proof
+from orchestrator.transport.base import OnSent, SinkError, page_numbers
+from orchestrator.transport.bucket import TokenBucket
+from orchestrator.transport.endpoint import Endpoint
+from orchestrator.transport.protocol import (
     DIGEST_CHUNK,
     HELLO,
     MAX_BATCH_PAGES,
@@ -70,7 +70,7 @@ from .protocol import (
     plan_pages,
     read_frame,
 )
-from .ramfile import MappedRegion, data_runs, map_ram, nonzero_pages, release, split_pages
+from orchestrator.transport.ramfile import MappedRegion, data_runs, map_ram, nonzero_pages, release, split_pages
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import ctypes
 
-from .ioctl import _IO
-from .vfio import _Le, c_u32, c_u64
+from orchestrator.uapi.ioctl import _IO
+from orchestrator.uapi.vfio import _Le, c_u32, c_u64
 
 IOMMUFD_TYPE = ord(";")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ctypes
 
-from .vfio import c_u32, c_u64
+from orchestrator.uapi.vfio import c_u32, c_u64
 
 PTRACE_PEEKDATA = 2
 PTRACE_CONT = 7

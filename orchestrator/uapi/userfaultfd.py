@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import ctypes
 
-from .ioctl import _IOR, _IOWR
-from .vfio import c_u64
+from orchestrator.uapi.ioctl import _IOR, _IOWR
+from orchestrator.uapi.vfio import c_u64
 
 UFFD_API = 0xAA
 UFFDIO = 0xAA

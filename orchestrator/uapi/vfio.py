@@ -9,7 +9,7 @@ from __future__ import annotations
 import ctypes
 import enum
 
-from .ioctl import _IO
+from orchestrator.uapi.ioctl import _IO
 
 c_u32 = ctypes.c_uint32
 c_s32 = ctypes.c_int32

@@ -1,7 +1,7 @@
 """Typed client of the VFIO / IOMMUFD uAPI over a byte-level syscall seam."""
 
-from .device import State, VfioDevice
-from .errors import (
+from orchestrator.vfio.device import State, VfioDevice
+from orchestrator.vfio.errors import (
     AlreadyExists,
     EndOfStream,
     InvalidArgument,
@@ -12,9 +12,9 @@ from .errors import (
     VfioError,
     VfioUsageError,
 )
-from .iommufd import IommufdHwpt
-from .ranges import IovaRange, StartPlan, combine_smallest_gap, normalize, start_ladder
-from .syscalls import RealSyscalls, Syscalls
+from orchestrator.vfio.iommufd import IommufdHwpt
+from orchestrator.vfio.ranges import IovaRange, StartPlan, combine_smallest_gap, normalize, start_ladder
+from orchestrator.vfio.syscalls import RealSyscalls, Syscalls
 
 __all__ = [
     "AlreadyExists",

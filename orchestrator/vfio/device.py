@@ -13,11 +13,11 @@ import mmap
 
 import numpy as np
 
-from .. import uapi as U
-from ..bits import report_span
-from .errors import VfioError, VfioUsageError, from_oserror
-from .ranges import U64_LIMIT, IovaRange, as_ranges, is_pow2
-from .syscalls import Syscalls
+from orchestrator import uapi as U
+from orchestrator.dirty.bits import report_span
+from orchestrator.vfio.errors import VfioError, VfioUsageError, from_oserror
+from orchestrator.vfio.ranges import U64_LIMIT, IovaRange, as_ranges, is_pow2
+from orchestrator.vfio.syscalls import Syscalls
 
 State = U.vfio_device_mig_state
 MIN_REPORT_PAGE = 4096
@@ -48,12 +48,12 @@ def check_out_bitmap(out: np.ndarray, nbits: int, what: str) -> None:
     if out.size < need:
         raise VfioUsageError(
             f"{what}: bitmap holds {out.size} words, a report of {nbits} bits may write {need} "
-            "(whole pages and one more); allocate it with orchestrator.bits.report_words"
+            "(whole pages and one more); allocate it with orchestrator.dirty.bits.report_words"
         )
     if (out.ctypes.data + out.nbytes) % mmap.PAGESIZE:
         raise VfioUsageError(
             f"{what}: bitmap must end on a page boundary (the kernel sets bits up to the end of "
-            "the pages it pinned); allocate it with orchestrator.bits.report_words"
+            "the pages it pinned); allocate it with orchestrator.dirty.bits.report_words"
         )
 
 

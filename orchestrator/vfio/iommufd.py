@@ -6,11 +6,11 @@ import ctypes
 
 import numpy as np
 
-from .. import uapi as U
-from .device import check_out_bitmap, check_span
-from .errors import VfioUsageError, from_oserror
-from .ranges import is_pow2
-from .syscalls import Syscalls
+from orchestrator import uapi as U
+from orchestrator.vfio.device import check_out_bitmap, check_span
+from orchestrator.vfio.errors import VfioUsageError, from_oserror
+from orchestrator.vfio.ranges import is_pow2
+from orchestrator.vfio.syscalls import Syscalls
 
 IOVA_ALIGNMENT = 4096  # the IOAS minimum on 4 KiB hosts; some hosts use 16 or 64 KiB
 

@@ -1,6 +1,6 @@
 """IOVA ranges for DMA_LOGGING_START: the uAPI's checks and the fallback ladder.
 
-The range type and its set operations are `orchestrator.ranges`; this module adds what VFIO asks.
+The range type and its set operations are `orchestrator.dirty.ranges`; this module adds what VFIO asks.
 
 A device may refuse a range set (too many ranges, firmware limits, address-space caps), and the
 uAPI says userspace should "try higher values but give up if the above can't be achieved".
@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from .. import ranges as _ranges
-from ..ranges import IovaRange
-from .errors import VfioUsageError
+from orchestrator.dirty import ranges as _ranges
+from orchestrator.dirty.ranges import IovaRange
+from orchestrator.vfio.errors import VfioUsageError
 
 U64_LIMIT = 1 << 64
 FOUR_GIB = 1 << 32

@@ -1,7 +1,7 @@
 """Tracking another process's writes: a ptrace syscall injector, a seccomp verdict, and the
 userfaultfd write-watch built on them."""
 
-from .errors import Refusal, WriteWatchRefused
-from .watch import WriteWatch
+from orchestrator.writewatch.errors import Refusal, WriteWatchRefused
+from orchestrator.writewatch.watch import WriteWatch
 
 __all__ = ["Refusal", "WriteWatch", "WriteWatchRefused"]

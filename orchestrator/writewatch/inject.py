@@ -20,8 +20,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from ..uapi import ptrace as P
-from .errors import Refusal, WriteWatchRefused
+from orchestrator.uapi import ptrace as P
+from orchestrator.writewatch.errors import Refusal, WriteWatchRefused
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ptrace.restype = ctypes.c_long

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .errors import Refusal, WriteWatchRefused
+from orchestrator.writewatch.errors import Refusal, WriteWatchRefused
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ import errno
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..uapi import ptrace as P
-from .errors import Refusal, WriteWatchRefused
-from .inject import Injector, ptrace
+from orchestrator.uapi import ptrace as P
+from orchestrator.writewatch.errors import Refusal, WriteWatchRefused
+from orchestrator.writewatch.inject import Injector, ptrace
 
 Program = Sequence[tuple[int, int, int, int]]  # (code, jt, jf, k) per instruction
 

@@ -19,13 +19,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..memory import MemoryLayout
-from ..uapi import ptrace as P
-from ..uapi import userfaultfd as U
-from .errors import Refusal, WriteWatchRefused
-from .inject import check_arch, seized, syscall
-from .maps import mappings_of
-from .seccomp import Call, SeccompCheck
+from orchestrator.dirty.memory import MemoryLayout
+from orchestrator.uapi import ptrace as P
+from orchestrator.uapi import userfaultfd as U
+from orchestrator.writewatch.errors import Refusal, WriteWatchRefused
+from orchestrator.writewatch.inject import check_arch, seized, syscall
+from orchestrator.writewatch.maps import mappings_of
+from orchestrator.writewatch.seccomp import Call, SeccompCheck
 
 #: What the watch asks of the kernel: async write-protection that needs no fault handler,
 #: covers pages never populated, and works on shmem/hugetlbfs (guest RAM files).

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from orchestrator import uapi as U
-from orchestrator.devices.state import DeviceMigration
+from orchestrator.migration.devices import DeviceMigration
 from orchestrator.emulated import EmulatedKernel, Mlx5Like
 from orchestrator.vfio import State, TrackerLost, VfioDevice
 
@@ -91,7 +91,7 @@ async def test_failed_precopy_read_surfaces_before_switchover():
 
 async def test_a_failing_device_step_waits_for_its_siblings():
     """The first failure is raised only after every device's step has settled."""
-    from orchestrator.devices.state import each_device
+    from orchestrator.migration.devices import each_device
 
     finished = []
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.attach import attach
+from orchestrator.migration.attach import attach
 from orchestrator.qemu.errors import LayoutError, MigrationError
 from tests.fakes.qemu import FakeHost, FakeQemu, RunState, changes
 

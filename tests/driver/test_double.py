@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from orchestrator.qemu import migration
+from orchestrator.qemu import choreography
 from orchestrator.qemu.errors import (
     MigrationError,
     QmpCommandError,
@@ -26,9 +26,9 @@ def pair(paused: bool = False, **faults: list[Fault]) -> tuple[FakeQemu, FakeQem
 
 
 async def to_pre_switchover(src: FakeQemu, dst: FakeQemu) -> None:
-    await migration.prepare(src, dst)
-    await migration.listen(dst, URI)
-    await migration.wait_pre_switchover(src, after=await migration.start(src, URI))
+    await choreography.prepare(src, dst)
+    await choreography.listen(dst, URI)
+    await choreography.wait_pre_switchover(src, after=await choreography.start(src, URI))
 
 
 @pytest.mark.parametrize("paused", [False, True], ids=["running", "paused"])
@@ -36,8 +36,8 @@ async def test_a_switchover_sends_what_qemu_sends(paused: bool) -> None:
     src, dst = pair(paused)
     await to_pre_switchover(src, dst)
     assert (src.runstate, dst.runstate) == (RunState.FINISH_MIGRATE, RunState.INMIGRATE)
-    await migration.continue_(src)
-    done = await migration.wait_completed(src, dst, resumes=not paused)
+    await choreography.continue_(src)
+    done = await choreography.wait_completed(src, dst, resumes=not paused)
     assert done.source_runstate == "postmigrate"
     assert dst.runstate is (RunState.PAUSED if paused else RunState.RUNNING)
     assert src.statuses() == recorded.SOURCE_STATUSES
@@ -51,7 +51,7 @@ async def test_a_switchover_sends_what_qemu_sends(paused: bool) -> None:
 async def test_a_cancel_in_pre_switchover_is_what_qemu_does(paused: bool) -> None:
     src, dst = pair(paused)
     await to_pre_switchover(src, dst)
-    assert await migration.cancel(src, resume=False) == "cancelled"
+    assert await choreography.cancel(src, resume=False) == "cancelled"
     assert src.statuses()[-2:] == recorded.CANCEL_STATUSES
     assert src.names()[-3:] == (recorded.PAUSED_CANCEL_EVENTS if paused else recorded.CANCEL_EVENTS)
     assert src.runstate is (RunState.POSTMIGRATE if paused else RunState.RUNNING)
@@ -62,37 +62,37 @@ async def test_a_cancel_in_pre_switchover_is_what_qemu_does(paused: bool) -> Non
 async def test_what_qemu_refuses() -> None:
     src, dst = pair()
     with pytest.raises(QmpCommandError, match="not in expected state: none"):
-        await migration.continue_(src)
+        await choreography.continue_(src)
     await to_pre_switchover(src, dst)
     with pytest.raises(QmpCommandError, match="already been started"):
-        await migration.listen(dst, URI)
+        await choreography.listen(dst, URI)
     with pytest.raises(QmpCommandError, match="migration process in progress"):
         await src.execute("migrate-set-capabilities", capabilities=[{"capability": "events", "state": False}])
     with pytest.raises(QmpCommandError, match="not finalized yet"):
         await src.execute("cont")
     with pytest.raises(QmpCommandError, match="migration process in progress"):
-        await migration.start(src, URI)
-    assert await migration.cancel(src) == "cancelled"
+        await choreography.start(src, URI)
+    assert await choreography.cancel(src) == "cancelled"
     await src.execute("migrate-set-capabilities", capabilities=[{"capability": "events", "state": False}])
-    assert await migration.cancel(src) == "cancelled"  # nothing left to cancel
+    assert await choreography.cancel(src) == "cancelled"  # nothing left to cancel
 
 
 async def test_a_destination_that_dies_fails_a_source_still_sending() -> None:
     src, dst = pair(dst=[Fault("MIGRATION:active", Act.DIE_AFTER)])
-    await migration.prepare(src, dst)
-    await migration.listen(dst, URI)
-    mark = await migration.start(src, URI)
+    await choreography.prepare(src, dst)
+    await choreography.listen(dst, URI)
+    mark = await choreography.start(src, URI)
     with pytest.raises(MigrationError, match="failed before switchover: Unable to write"):
-        await migration.wait_pre_switchover(src, after=mark)
+        await choreography.wait_pre_switchover(src, after=mark)
     assert src.running
 
 
 async def test_a_source_that_dies_mid_stream_makes_the_destination_exit() -> None:
     src, dst = pair(src=[Fault("STOP", Act.DIE)])
-    await migration.prepare(src, dst)
-    await migration.listen(dst, URI)
+    await choreography.prepare(src, dst)
+    await choreography.listen(dst, URI)
     with pytest.raises(QmpDisconnectedError):
-        await migration.wait_pre_switchover(src, after=await migration.start(src, URI))
+        await choreography.wait_pre_switchover(src, after=await choreography.start(src, URI))
     await dst.wait_gone()
     assert dst.statuses()[-1] == "failed"
 
@@ -108,8 +108,8 @@ async def test_a_shutdown_is_seen_before_the_connection_closes() -> None:
 async def test_a_destination_whose_load_fails_exits_without_running_the_guest() -> None:
     src, dst = pair(dst=[Fault("RESUME", Act.FAIL)])
     await to_pre_switchover(src, dst)
-    await migration.continue_(src)
+    await choreography.continue_(src)
     with pytest.raises(QmpDisconnectedError):
-        await migration.wait_completed(src, dst)
+        await choreography.wait_completed(src, dst)
     assert src.statuses()[-1] == "completed" and dst.statuses()[-1] == "failed"
     assert "RESUME" not in dst.names() and not src.running

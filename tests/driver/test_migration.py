@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import pytest
 
-from orchestrator.driver import GuestHome, Migration
-from orchestrator.qemu.migration import CAPABILITIES
+from orchestrator.migration.driver import GuestHome, Migration
+from orchestrator.qemu.choreography import CAPABILITIES
 from orchestrator.vfio import State
 from tests.fakes.faults import Act, Fault
 from tests.fakes.qemu import changes

@@ -9,7 +9,7 @@ import asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.driver import GuestHome
+from orchestrator.migration.driver import GuestHome
 from tests.fakes.faults import Act, Fault
 from tests.fakes.rig import Rig, clean_journal, qemu_step
 

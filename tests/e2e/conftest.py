@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.qemu.launcher import default_qemu
+from orchestrator.lab.launcher import default_qemu
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 from fixtures.guest.pattern import check_guest_ram, pc_regions
-from orchestrator.attach import attach
-from orchestrator.demo import wait_progress
-from orchestrator.driver import Migration, MigrationOptions
-from orchestrator.qemu.launcher import Role, VmConfig, launch
+from orchestrator.migration.attach import attach
+from orchestrator.lab.demo import wait_progress
+from orchestrator.migration.driver import Migration, MigrationOptions
+from orchestrator.lab.launcher import Role, VmConfig, launch
 from orchestrator.trackers import VcpuTracker
-from orchestrator.vcpulog import VcpuDirtyLog, log_pages
-from orchestrator.workload import GUEST_ELF
+from orchestrator.trackers.vcpulog import VcpuDirtyLog, log_pages
+from orchestrator.lab.workload import GUEST_ELF
 
 pytestmark = pytest.mark.slow
 GIB = 1 << 30

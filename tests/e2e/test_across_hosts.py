@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 
 from fixtures.guest.pattern import check_guest_ram
-from orchestrator.demo import run_demo, wait_progress
-from orchestrator.driver import MigrationOptions
-from orchestrator.qemu.launcher import Role, VmConfig, default_qemu, launch
+from orchestrator.lab.demo import run_demo, wait_progress
+from orchestrator.migration.driver import MigrationOptions
+from orchestrator.lab.launcher import Role, VmConfig, default_qemu, launch
 from orchestrator.transport.auth import write_token
-from orchestrator.workload import GUEST_ELF, WORKLOADS, parse_progress
+from orchestrator.lab.workload import GUEST_ELF, WORKLOADS, parse_progress
 
 from .conftest import REPO
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.demo import wait_progress
-from orchestrator.qemu.launcher import Role, VmConfig, launch
-from orchestrator.workload import GUEST_ELF, WORKLOADS
+from orchestrator.lab.demo import wait_progress
+from orchestrator.lab.launcher import Role, VmConfig, launch
+from orchestrator.lab.workload import GUEST_ELF, WORKLOADS
 
 from .conftest import REPO
 
@@ -165,7 +165,7 @@ async def test_migrate_with_the_vcpu_plugin_log(tmp_path):
 
 
 async def test_write_watch_asked_for_by_name_and_refused_is_an_error(tmp_path):
-    from orchestrator.qemu.launcher import default_qemu
+    from orchestrator.lab.launcher import default_qemu
     from orchestrator.uapi import ptrace as P
     from tests.writewatch.filters import exec_wrapper, on_syscall
 

@@ -15,12 +15,12 @@ import time
 import numpy as np
 import pytest
 
-from orchestrator.demo import device_checks, guest_pair
-from orchestrator.devices.fleet import FaultPlan
-from orchestrator.driver import MigrationOptions
+from orchestrator.lab.demo import device_checks, guest_pair
+from orchestrator.lab.fleet import FaultPlan
+from orchestrator.migration.driver import MigrationOptions
 from orchestrator.trackers import RecoveryPolicy
 from orchestrator.vfio import State
-from orchestrator.workload import dma_window
+from orchestrator.lab.workload import dma_window
 
 from .conftest import REPO
 

@@ -4,7 +4,7 @@ throughout. The source's RAM is a share=on file, but without x-ignore-shared QEM
 page itself.
 
 Live, QEMU before 9.0 (Debian 12's 7.2) loses the guest's writes under TCG (a QEMU bug; see
-`orchestrator.guests.linux`): the destination kernel crashes, which the test expects there.
+`orchestrator.lab.linux`): the destination kernel crashes, which the test expects there.
 The same live migration on QEMU 10.0 (`make test`'s second pass) keeps the guest running, and
 so does 7.2 migrating the guest paused: the bug is the dirty tracking, not the guest.
 """
@@ -16,10 +16,10 @@ import time
 
 import pytest
 
-from orchestrator.guests import linux
-from orchestrator.guests.linux import LinuxWorkload
-from orchestrator.qemu.launcher import QemuVm, Role, VmConfig, launch, qemu_version
-from orchestrator.workload import Progress, parse_progress
+from orchestrator.lab import linux
+from orchestrator.lab.linux import LinuxWorkload
+from orchestrator.lab.launcher import QemuVm, Role, VmConfig, launch, qemu_version
+from orchestrator.lab.workload import Progress, parse_progress
 from tests.linux_serial import wait_until
 
 pytestmark = pytest.mark.slow

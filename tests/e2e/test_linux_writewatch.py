@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.attach import attach
-from orchestrator.driver import Migration, MigrationOptions
-from orchestrator.guests import linux
-from orchestrator.guests.linux import LinuxWorkload
-from orchestrator.qemu.launcher import QemuVm, Role, launch
+from orchestrator.migration.attach import attach
+from orchestrator.migration.driver import Migration, MigrationOptions
+from orchestrator.lab import linux
+from orchestrator.lab.linux import LinuxWorkload
+from orchestrator.lab.launcher import QemuVm, Role, launch
 from orchestrator.trackers import QemuWrites, qemu_write_trackers
-from orchestrator.vcpulog import VcpuDirtyLog, log_pages
-from orchestrator.workload import parse_progress
+from orchestrator.trackers.vcpulog import VcpuDirtyLog, log_pages
+from orchestrator.lab.workload import parse_progress
 from tests.linux_serial import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("linux_guest")]

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from fixtures.guest.pattern import check_guest_ram
-from orchestrator.demo import guest_pair, wait_progress
-from orchestrator.driver import MigrationOptions
-from orchestrator.workload import parse_progress
+from orchestrator.lab.demo import guest_pair, wait_progress
+from orchestrator.migration.driver import MigrationOptions
+from orchestrator.lab.workload import parse_progress
 
 pytestmark = pytest.mark.slow
 MEM = 256 << 20

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cli import EXIT_BAD_INPUT, EXIT_GUEST_LOST, EXIT_MIGRATION_FAILED, EXIT_OK
-from orchestrator.demo import wait_progress
-from orchestrator.qemu.launcher import Role, VmConfig, launch
-from orchestrator.qemu.migration import CAPABILITIES
-from orchestrator.workload import GUEST_ELF, WORKLOADS
+from orchestrator.app.cli import EXIT_BAD_INPUT, EXIT_GUEST_LOST, EXIT_MIGRATION_FAILED, EXIT_OK
+from orchestrator.lab.demo import wait_progress
+from orchestrator.lab.launcher import Role, VmConfig, launch
+from orchestrator.qemu.choreography import CAPABILITIES
+from orchestrator.lab.workload import GUEST_ELF, WORKLOADS
 
 from .conftest import REPO
 from .test_cli_migrate import mgmt, pair

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from fixtures.guest.pattern import check_guest_ram
-from orchestrator.demo import wait_progress
-from orchestrator.qemu.launcher import Role, VmConfig, launch
+from orchestrator.lab.demo import wait_progress
+from orchestrator.lab.launcher import Role, VmConfig, launch
 from orchestrator.transport.auth import write_token
-from orchestrator.workload import GUEST_ELF, WORKLOADS
+from orchestrator.lab.workload import GUEST_ELF, WORKLOADS
 
 from .conftest import REPO
 from .receiving import free_port, receiver

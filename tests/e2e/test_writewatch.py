@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 from fixtures.guest.pattern import check_guest_ram
-from orchestrator.attach import attach
-from orchestrator.demo import guest_pair, wait_progress
-from orchestrator.driver import Migration, MigrationOptions
-from orchestrator.qemu.launcher import Role, VmConfig, default_qemu, launch
+from orchestrator.migration.attach import attach
+from orchestrator.lab.demo import guest_pair, wait_progress
+from orchestrator.migration.driver import Migration, MigrationOptions
+from orchestrator.lab.launcher import Role, VmConfig, default_qemu, launch
 from orchestrator.trackers import QemuWrites, qemu_write_trackers
 from orchestrator.uapi import ptrace as P
-from orchestrator.workload import GUEST_ELF, WORKLOADS, fwcfg_buffer, parse_progress
+from orchestrator.lab.workload import GUEST_ELF, WORKLOADS, fwcfg_buffer, parse_progress
 from orchestrator.writewatch import Refusal, WriteWatchRefused
 from tests.writewatch.filters import exec_wrapper, on_syscall
 

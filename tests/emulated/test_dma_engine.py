@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from orchestrator import uapi as U
-from orchestrator.bits import report_words
+from orchestrator.dirty.bits import report_words
 from orchestrator.emulated import EmulatedKernel, Mlx5Like
 from orchestrator.emulated.dma import PAGE, DmaEngine, EngineState, check_window, expected_writes
 from orchestrator.vfio import VfioDevice

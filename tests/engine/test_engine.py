@@ -2,14 +2,14 @@
 
 import pytest
 
-from orchestrator.engine import (
+from orchestrator.migration.engine import (
     Decision,
     DowntimePolicy,
     Observation,
     Phase,
     PrecopyEngine,
 )
-from orchestrator.engine.sequence import (
+from orchestrator.migration.engine.sequence import (
     AwaitCompletion,
     Cancel,
     Cancelled,

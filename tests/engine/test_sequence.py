@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.engine import (
+from orchestrator.migration.engine import (
     DowntimePolicy,
     GuestHome,
     MigrationSequence,
@@ -13,7 +13,7 @@ from orchestrator.engine import (
     Phase,
     PrecopyEngine,
 )
-from orchestrator.engine import sequence as s
+from orchestrator.migration.engine import sequence as s
 
 PAGE = 4096
 CLEAN = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from orchestrator.devices.state import DeviceMigration
+from orchestrator.migration.devices import DeviceMigration
 from orchestrator.emulated import EmulatedKernel, Mlx5Like
 from orchestrator.vfio import State, VfioDevice
 

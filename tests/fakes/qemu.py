@@ -30,7 +30,7 @@ from orchestrator.qemu.errors import (
     QmpDisconnectedError,
     QmpTimeoutError,
 )
-from orchestrator.qemu.migration import CAPABILITIES
+from orchestrator.qemu.choreography import CAPABILITIES
 from orchestrator.qemu.qmp import TERMINAL_STATUSES, EventPredicate, QmpEvent
 
 from .faults import Act, Fault, Faults

@@ -8,9 +8,9 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from functools import cache
 
-from orchestrator.driver import GuestHome, Migration, MigrationOptions, MigrationReport
-from orchestrator.engine import RoundRecord
-from orchestrator.memory import MemoryLayout
+from orchestrator.migration.driver import GuestHome, Migration, MigrationOptions, MigrationReport
+from orchestrator.migration.engine import RoundRecord
+from orchestrator.dirty.memory import MemoryLayout
 from orchestrator.trackers import RecoveryPolicy
 from orchestrator.vfio import State
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator import workload
-from orchestrator.guests import linux
-from orchestrator.guests.linux import LinuxWorkload
-from orchestrator.qemu.launcher import QemuVm, Role, VmPaths, launch, qemu_argv
-from orchestrator.workload import guest_rate, parse_progress
+from orchestrator.lab import workload
+from orchestrator.lab import linux
+from orchestrator.lab.linux import LinuxWorkload
+from orchestrator.lab.launcher import QemuVm, Role, VmPaths, launch, qemu_argv
+from orchestrator.lab.workload import guest_rate, parse_progress
 
 MEM_TAG = 0x9E3779B97F4A7C15  # workload.c: MEM_TAG
 PAGE = 4096

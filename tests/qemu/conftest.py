@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.qemu.launcher import QemuVm, VmConfig, default_qemu
+from orchestrator.lab.launcher import QemuVm, VmConfig, default_qemu
 
 QEMU = default_qemu()
 READY_LINE = b"ready\n"

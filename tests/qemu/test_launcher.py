@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.qemu.errors import QemuExitedError, QmpDisconnectedError
-from orchestrator.qemu.launcher import (
+from orchestrator.lab.launcher import (
     QEMU_ENV,
     QemuVm,
     Role,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.qemu.errors import LayoutError
-from orchestrator.qemu.launcher import VmConfig, launch
+from orchestrator.lab.launcher import VmConfig, launch
 from orchestrator.qemu.layout import (
     BackendRegion,
     GuestLayout,

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.qemu import migration
+from orchestrator.qemu import choreography
 from orchestrator.qemu.errors import (
     MigrationError,
     QmpCommandError,
     QmpConnectError,
     QmpTimeoutError,
 )
-from orchestrator.qemu.launcher import QemuVm, VmConfig, launch
+from orchestrator.lab.launcher import QemuVm, VmConfig, launch
 from orchestrator.qemu.qmp import QmpSession
 
 
@@ -107,12 +107,12 @@ async def test_events_are_logged_with_receipt_times(vm: QemuVm) -> None:
 @pytest.mark.slow
 async def test_migration_to_nowhere_fails_with_qemus_reason(vm: QemuVm) -> None:
     missing = vm.paths.workdir / "nobody-listens.sock"
-    await migration.start(vm.qmp, f"unix:{missing}")
+    await choreography.start(vm.qmp, f"unix:{missing}")
     failed = r"is 'failed' while waiting for \['completed'\]: .*No such file"
     with pytest.raises(MigrationError, match=failed):
         await vm.qmp.wait_migration_status({"completed"}, timeout=10)
     # Cancelling a failed migration changes nothing and the guest keeps running.
-    assert await migration.cancel(vm.qmp) == "failed"
+    assert await choreography.cancel(vm.qmp) == "failed"
     assert (await vm.qmp.execute("query-status"))["running"]
 
 
@@ -128,7 +128,7 @@ async def test_pre_switchover_wait_names_a_migration_that_failed(vm: QemuVm) -> 
     that fails first ends it at once, with QEMU's reason."""
     caps = [{"capability": c, "state": True} for c in ("events", "pause-before-switchover")]
     await vm.qmp.execute("migrate-set-capabilities", capabilities=caps)
-    mark = await migration.start(vm.qmp, f"unix:{vm.paths.workdir / 'nobody-listens.sock'}")
+    mark = await choreography.start(vm.qmp, f"unix:{vm.paths.workdir / 'nobody-listens.sock'}")
     with pytest.raises(MigrationError, match=r"migration failed before switchover: .*No such file"):
-        await migration.wait_pre_switchover(vm.qmp, timeout=10, after=mark)
+        await choreography.wait_pre_switchover(vm.qmp, timeout=10, after=mark)
     assert (await vm.qmp.execute("query-status"))["running"]

@@ -9,8 +9,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from orchestrator.qemu import migration
-from orchestrator.qemu.launcher import QemuVm, Role, VmConfig, launch
+from orchestrator.qemu import choreography
+from orchestrator.lab.launcher import QemuVm, Role, VmConfig, launch
 from orchestrator.qemu.layout import check_migratable, discover_layout
 
 from . import recorded
@@ -50,10 +50,10 @@ async def test_switchover_with_ram_copied_by_the_orchestrator(halting_guest: VmC
         # If QEMU sent guest RAM after all, this page would reach the destination as 0xA5.
         src_ram[marker_page] = 0xA5
 
-        await migration.prepare(src.qmp, dst.qmp)
-        await migration.listen(dst.qmp, dst.migration_uri())
-        mark = await migration.start(src.qmp, dst.migration_uri())
-        await migration.wait_pre_switchover(src.qmp, after=mark)
+        await choreography.prepare(src.qmp, dst.qmp)
+        await choreography.listen(dst.qmp, dst.migration_uri())
+        mark = await choreography.start(src.qmp, dst.migration_uri())
+        await choreography.wait_pre_switchover(src.qmp, after=mark)
         assert (await dst.qmp.execute("query-status"))["status"] == "inmigrate"
 
         np.copyto(dst_ram, src_ram)
@@ -61,8 +61,8 @@ async def test_switchover_with_ram_copied_by_the_orchestrator(halting_guest: VmC
         expected = np.array(dst_ram)
 
         continued_ns = time.monotonic_ns()
-        await migration.continue_(src.qmp)
-        done = await migration.wait_completed(src.qmp, dst.qmp)
+        await choreography.continue_(src.qmp)
+        done = await choreography.wait_completed(src.qmp, dst.qmp)
 
         assert done.source_runstate == "postmigrate"
         assert (await dst.qmp.execute("query-status"))["status"] == "running"
@@ -88,8 +88,8 @@ async def test_a_paused_guest_migrates_paused(halting_guest: VmConfig) -> None:
         np.copyto(ram_of(dst), ram_of(src))
         mark = src.qmp.mark()
         await _reach("pre-switchover", src, dst)
-        await migration.continue_(src.qmp)
-        done = await migration.wait_completed(src.qmp, dst.qmp, resumes=False)
+        await choreography.continue_(src.qmp)
+        done = await choreography.wait_completed(src.qmp, dst.qmp, resumes=False)
         assert done.downtime_ns is None and done.source_runstate == "postmigrate"
         assert (await dst.qmp.execute("query-status"))["status"] == "paused"
         assert statuses(src) == recorded.SOURCE_STATUSES
@@ -110,13 +110,13 @@ async def test_switchover_timing_without_ram_copy(halting_guest: VmConfig) -> No
         async with launch(halting_guest) as src, launch(destination(halting_guest, f"dst{i}")) as dst:
             await wait_serial(src, "ready")
             np.copyto(ram_of(dst), ram_of(src))
-            await migration.prepare(src.qmp, dst.qmp)
-            await migration.listen(dst.qmp, dst.migration_uri())
-            mark = await migration.start(src.qmp, dst.migration_uri())
-            await migration.wait_pre_switchover(src.qmp, after=mark)
+            await choreography.prepare(src.qmp, dst.qmp)
+            await choreography.listen(dst.qmp, dst.migration_uri())
+            mark = await choreography.start(src.qmp, dst.migration_uri())
+            await choreography.wait_pre_switchover(src.qmp, after=mark)
             continued_ns = time.monotonic_ns()
-            await migration.continue_(src.qmp)
-            done = await migration.wait_completed(src.qmp, dst.qmp)
+            await choreography.continue_(src.qmp)
+            done = await choreography.wait_completed(src.qmp, dst.qmp)
             runs.append((done.destination_resume.received_ns - continued_ns, done.downtime_ns))
     ms = np.array(runs) / 1e6
     print(
@@ -129,16 +129,16 @@ async def test_switchover_timing_without_ram_copy(halting_guest: VmConfig) -> No
 
 
 async def _reach(phase: str, src: QemuVm, dst: QemuVm) -> None:
-    await migration.prepare(src.qmp, dst.qmp)
-    await migration.listen(dst.qmp, dst.migration_uri())
+    await choreography.prepare(src.qmp, dst.qmp)
+    await choreography.listen(dst.qmp, dst.migration_uri())
     if phase == "active":
         # ~100 bytes per 100 ms: the ROM blocks alone keep the migration active for minutes.
         await src.qmp.execute("migrate-set-parameters", **{"max-bandwidth": 1000})
-    mark = await migration.start(src.qmp, dst.migration_uri())
+    mark = await choreography.start(src.qmp, dst.migration_uri())
     if phase == "active":
         await src.qmp.wait_migration_status({"active"})
     else:
-        await migration.wait_pre_switchover(src.qmp, after=mark)
+        await choreography.wait_pre_switchover(src.qmp, after=mark)
 
 
 @pytest.mark.parametrize("phase", ["active", "pre-switchover"])
@@ -147,7 +147,7 @@ async def test_cancel_leaves_the_source_running(halting_guest: VmConfig, phase: 
         await wait_serial(src, "ready")
         await _reach(phase, src, dst)
 
-        assert await migration.cancel(src.qmp) == "cancelled"
+        assert await choreography.cancel(src.qmp) == "cancelled"
 
         assert (await src.qmp.execute("query-status"))["status"] == "running"
         assert statuses(src)[-2:] == recorded.CANCEL_STATUSES
@@ -158,19 +158,19 @@ async def test_cancel_leaves_the_source_running(halting_guest: VmConfig, phase: 
 
         # The source is intact: a second migration to a fresh destination completes.
         async with launch(destination(halting_guest, "dst2")) as dst2:
-            await migration.prepare(src.qmp, dst2.qmp)
-            await migration.listen(dst2.qmp, dst2.migration_uri())
-            mark = await migration.start(src.qmp, dst2.migration_uri())
-            await migration.wait_pre_switchover(src.qmp, after=mark)
+            await choreography.prepare(src.qmp, dst2.qmp)
+            await choreography.listen(dst2.qmp, dst2.migration_uri())
+            mark = await choreography.start(src.qmp, dst2.migration_uri())
+            await choreography.wait_pre_switchover(src.qmp, after=mark)
             np.copyto(ram_of(dst2), ram_of(src))
-            await migration.continue_(src.qmp)
-            done = await migration.wait_completed(src.qmp, dst2.qmp)
+            await choreography.continue_(src.qmp)
+            done = await choreography.wait_completed(src.qmp, dst2.qmp)
             assert done.source_runstate == "postmigrate"
 
 
 async def test_cancel_without_a_migration_is_harmless(halting_guest: VmConfig) -> None:
     async with launch(halting_guest) as src:
-        assert await migration.cancel(src.qmp) == "none"
+        assert await choreography.cancel(src.qmp) == "none"
         assert (await src.qmp.execute("query-status"))["running"]
 
 
@@ -181,10 +181,10 @@ async def test_cancel_of_a_source_that_was_paused_before(halting_guest: VmConfig
     async with launch(halting_guest) as src, launch(destination(halting_guest)) as dst:
         await src.qmp.execute("stop")
         await _reach("pre-switchover", src, dst)
-        assert await migration.cancel(src.qmp, resume=False) == "cancelled"
+        assert await choreography.cancel(src.qmp, resume=False) == "cancelled"
         assert statuses(src)[-2:] == recorded.CANCEL_STATUSES
         assert names(src)[-3:] == recorded.PAUSED_CANCEL_EVENTS
         # Paused either way: QEMU 7.2 leaves it in postmigrate, 10.0 puts back the state it had.
         assert (await src.qmp.execute("query-status"))["status"] in recorded.PAUSED_AFTER_CANCEL
-        assert await migration.cancel(src.qmp, resume=resume) == "cancelled"
+        assert await choreography.cancel(src.qmp, resume=resume) == "cancelled"
         assert (await src.qmp.execute("query-status"))["running"] is resume

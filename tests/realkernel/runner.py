@@ -22,7 +22,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.builds import cache_root
+from orchestrator.native.builds import cache_root
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "build" / "realkernel" / "results"

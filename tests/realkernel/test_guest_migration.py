@@ -16,13 +16,13 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from orchestrator.bitmap import DirtyBitmap
-from orchestrator.demo import guest_pair
-from orchestrator.driver import MigrationOptions
-from orchestrator.memory import MemoryLayout
+from orchestrator.dirty.bitmap import DirtyBitmap
+from orchestrator.lab.demo import guest_pair
+from orchestrator.migration.driver import MigrationOptions
+from orchestrator.dirty.memory import MemoryLayout
 from orchestrator.trackers import QemuWrites, StartOutcome, VfioDmaLogTracker
 from orchestrator.vfio import IovaRange, VfioDevice
-from orchestrator.workload import dma_window
+from orchestrator.lab.workload import dma_window
 
 from .lab import Device, Kind, RealLab, map_user
 

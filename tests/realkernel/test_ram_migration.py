@@ -17,8 +17,8 @@ import random
 import numpy as np
 import pytest
 
-from orchestrator.bitmap import DirtyBitmap
-from orchestrator.memory import MemoryLayout, RamRegion
+from orchestrator.dirty.bitmap import DirtyBitmap
+from orchestrator.dirty.memory import MemoryLayout, RamRegion
 from orchestrator.trackers import TrackerSet, VfioDmaLogTracker
 from orchestrator.vfio import VfioDevice
 

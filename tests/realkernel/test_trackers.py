@@ -14,9 +14,9 @@ from functools import partial
 
 import pytest
 
-from orchestrator.bitmap import DirtyBitmap
+from orchestrator.dirty.bitmap import DirtyBitmap
 from orchestrator.emulated import Fault
-from orchestrator.memory import MemoryLayout, RamRegion
+from orchestrator.dirty.memory import MemoryLayout, RamRegion
 from orchestrator.trackers import RecoveryPolicy, TrackerSet, TrackerState, VfioDmaLogTracker
 from orchestrator.vfio import IovaRange, VfioDevice
 from tests.trackers.test_no_lost_bit import Clock, runs

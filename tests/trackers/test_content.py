@@ -4,9 +4,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.bitmap import DirtyBitmap
-from orchestrator.memory import MemoryLayout
-from orchestrator.pagehash import page_hashes
+from orchestrator.dirty.bitmap import DirtyBitmap
+from orchestrator.dirty.memory import MemoryLayout
+from orchestrator.dirty.pagehash import page_hashes
 from orchestrator.trackers import ContentTracker
 
 PAGE = 4096
@@ -74,7 +74,7 @@ def test_destination_converges(ops):
 
 def test_regions_are_tracked_at_their_guest_addresses(tmp_path):
     """RAM above a PCI hole: guest pages 100.. live right after the low RAM in the file."""
-    from orchestrator.memory import RamRegion
+    from orchestrator.dirty.memory import RamRegion
     from orchestrator.trackers import content_trackers
 
     path = tmp_path / "ram"

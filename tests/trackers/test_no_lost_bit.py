@@ -16,9 +16,9 @@ import numpy as np
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.bitmap import DirtyBitmap
+from orchestrator.dirty.bitmap import DirtyBitmap
 from orchestrator.emulated import EmulatedKernel, Fault, Mlx5Like, NoDmaLogging, PdsLike
-from orchestrator.memory import MemoryLayout, RamRegion
+from orchestrator.dirty.memory import MemoryLayout, RamRegion
 from orchestrator.trackers import RecoveryPolicy, TrackerSet, VfioDmaLogTracker
 from orchestrator.vfio import IovaRange, VfioDevice
 

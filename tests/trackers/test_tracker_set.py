@@ -8,8 +8,8 @@ import threading
 import numpy as np
 import pytest
 
-from orchestrator.bitmap import DirtyBitmap
-from orchestrator.memory import MemoryLayout
+from orchestrator.dirty.bitmap import DirtyBitmap
+from orchestrator.dirty.memory import MemoryLayout
 from orchestrator.trackers import RecoveryPolicy, StartOutcome, TrackerSet, TrackerState
 from orchestrator.vfio.ranges import IovaRange
 

@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.bitmap import DirtyBitmap
-from orchestrator.memory import MemoryLayout, RamRegion
+from orchestrator.dirty.bitmap import DirtyBitmap
+from orchestrator.dirty.memory import MemoryLayout, RamRegion
 from orchestrator.trackers import VcpuTracker
-from orchestrator.vcpulog import BITMAP_OFFSET, Addresses, VcpuDirtyLog, log_pages
+from orchestrator.trackers.vcpulog import BITMAP_OFFSET, Addresses, VcpuDirtyLog, log_pages
 
 GIB, PAGE = 1 << 30, 4096
 RAM = "/dev/shm/guest.ram"

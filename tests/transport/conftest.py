@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator.memory import MemoryLayout
+from orchestrator.dirty.memory import MemoryLayout
 from orchestrator.transport.auth import client_proof
 from orchestrator.transport.endpoint import Endpoint
 from orchestrator.transport.protocol import HELLO, MAX_PATH_BYTES, NONCE_BYTES, PROOF_BYTES, WELCOME, Kind, encode, exact, read_frame

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from orchestrator.memory import MemoryLayout, RamRegion
+from orchestrator.dirty.memory import MemoryLayout, RamRegion
 from orchestrator.transport import LocalSink, SinkError
 
 PAGE = 4096

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator.memory import MemoryLayout
+from orchestrator.dirty.memory import MemoryLayout
 from orchestrator.transport.auth import load_token, write_token
 from orchestrator.transport.endpoint import parse_endpoint
 from orchestrator.transport.protocol import HEADER, VERSION, Kind

@@ -10,7 +10,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from orchestrator.memory import MemoryLayout, RamRegion
+from orchestrator.dirty.memory import MemoryLayout, RamRegion
 from orchestrator.transport.auth import load_token, write_token
 from orchestrator.transport.bucket import TokenBucket
 from orchestrator.transport.endpoint import Endpoint, client_context, parse_endpoint, server_context

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from orchestrator import uapi as U
-from orchestrator.bits import page_words, report_words
+from orchestrator.dirty.bits import page_words, report_words
 from orchestrator.vfio import IommufdHwpt, State, VfioDevice, VfioUsageError
 
 

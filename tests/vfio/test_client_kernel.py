@@ -8,10 +8,10 @@ import errno
 import numpy as np
 import pytest
 
-from orchestrator.bitmap import DirtyBitmap
-from orchestrator.bits import report_words
+from orchestrator.dirty.bitmap import DirtyBitmap
+from orchestrator.dirty.bits import report_words
 from orchestrator.emulated import EmulatedKernel, Fault, Mlx5Like, MttyLike, NoDmaLogging, PdsLike
-from orchestrator.memory import MemoryLayout, RamRegion
+from orchestrator.dirty.memory import MemoryLayout, RamRegion
 from orchestrator.trackers import IommufdHwptTracker
 from orchestrator.vfio import (
     AlreadyExists,

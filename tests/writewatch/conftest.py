@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator.memory import MemoryLayout
+from orchestrator.dirty.memory import MemoryLayout
 from orchestrator.writewatch import WriteWatch, WriteWatchRefused
 from orchestrator.writewatch.watch import kernel_features
 
@@ -45,7 +45,7 @@ def collect(watch: WriteWatch) -> np.ndarray:
 
 
 def flat(path: Path, gpa: int = 0) -> MemoryLayout:
-    from orchestrator.memory import RamRegion
+    from orchestrator.dirty.memory import RamRegion
 
     return MemoryLayout((RamRegion(gpa, path.stat().st_size, str(path)),))
 

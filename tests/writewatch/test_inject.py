@@ -135,7 +135,7 @@ def test_an_unprivileged_caller_is_refused_with_the_cause(shared_file):
         probe = subprocess.run(
             [sys.executable, "-c",
              "import os, sys\n"
-             "from orchestrator.memory import MemoryLayout\n"
+             "from orchestrator.dirty.memory import MemoryLayout\n"
              "from orchestrator.writewatch import WriteWatch, WriteWatchRefused\n"
              "os.setgid(65534); os.setuid(65534)\n"
              "try: WriteWatch.open(int(sys.argv[1]), MemoryLayout.flat(16 << 20, path=sys.argv[2]))\n"

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.bitmap import DirtyBitmap
-from orchestrator.memory import MemoryLayout, RamRegion
+from orchestrator.dirty.bitmap import DirtyBitmap
+from orchestrator.dirty.memory import MemoryLayout, RamRegion
 from orchestrator.trackers import WriteWatchTracker
 from orchestrator.writewatch import WriteWatch
 from orchestrator.writewatch import watch as watch_module

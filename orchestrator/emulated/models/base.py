@@ -17,23 +17,23 @@ from collections.abc import Callable
 from errno import EINVAL, EIO
 from typing import TYPE_CHECKING
 
-from ...uapi import (
+from orchestrator.uapi import (
     VFIO_DEVICE_STATE_PRE_COPY,
     VFIO_DEVICE_STATE_RUNNING,
     VFIO_MIGRATION_P2P,
     VFIO_MIGRATION_STOP_COPY,
 )
-from ..dirtylog import UnitLog
-from ..errors import kernel_error
-from ..faults import Fault, FaultState
-from ..iova_bitmap import DiscardedBitmap, IovaBitmap
-from ..mig_stream import RecordStream, StreamFormat
-from ..migration import MigrationDriver
-from ..ranges import Node
-from ..runs import U64_MAX
+from orchestrator.emulated.dirtylog import UnitLog
+from orchestrator.emulated.errors import kernel_error
+from orchestrator.emulated.faults import Fault, FaultState
+from orchestrator.emulated.iova_bitmap import DiscardedBitmap, IovaBitmap
+from orchestrator.emulated.mig_stream import RecordStream, StreamFormat
+from orchestrator.emulated.migration import MigrationDriver
+from orchestrator.emulated.ranges import Node
+from orchestrator.emulated.runs import U64_MAX
 
 if TYPE_CHECKING:
-    from ..iommufd import Hwpt
+    from orchestrator.emulated.iommufd import Hwpt
 
 DEFAULT_MAX_DATA_SIZE = 1 << 20
 DMA_STATES = (VFIO_DEVICE_STATE_RUNNING, VFIO_DEVICE_STATE_PRE_COPY)

@@ -6,7 +6,7 @@ to IOMMU dirty tracking.
 
 from __future__ import annotations
 
-from .base import DeviceModel
+from orchestrator.emulated.models.base import DeviceModel
 
 
 class NoDmaLogging(DeviceModel):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .policy import DowntimePolicy, Observation, Policy, Verdict
+from orchestrator.migration.engine.policy import DowntimePolicy, Observation, Policy, Verdict
 
 
 @dataclass(frozen=True)

@@ -13,20 +13,20 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import builds
-from .attach import Endpoints, attach, attach_remote
-from .devices.fleet import FaultPlan, Fleet, device_names
-from .driver import Migration, MigrationOptions, MigrationReport
-from .engine import MigrationStatus
-from .qemu.launcher import QemuVm, Role, VmConfig, default_qemu, launch
-from .receive import loopback_receiver
-from .trackers import QemuWrites, Tracker, qemu_write_trackers
-from .transport.auth import load_token
-from .transport.endpoint import Endpoint
-from .vcpulog import VcpuDirtyLog, log_pages
-from .guests import linux
-from .guests.linux import LinuxWorkload
-from .workload import GUEST_ELF, WORKLOADS, Progress, dma_window, guest_errors, needs_fwcfg, parse_progress, qemu_args
+from orchestrator.native import builds
+from orchestrator.migration.attach import Endpoints, attach, attach_remote
+from orchestrator.lab.fleet import FaultPlan, Fleet, device_names
+from orchestrator.migration.driver import Migration, MigrationOptions, MigrationReport
+from orchestrator.migration.engine import MigrationStatus
+from orchestrator.lab.launcher import QemuVm, Role, VmConfig, default_qemu, launch
+from orchestrator.lab.loopback import loopback_receiver
+from orchestrator.trackers import QemuWrites, Tracker, qemu_write_trackers
+from orchestrator.transport.auth import load_token
+from orchestrator.transport.endpoint import Endpoint
+from orchestrator.trackers.vcpulog import VcpuDirtyLog, log_pages
+from orchestrator.lab import linux
+from orchestrator.lab.linux import LinuxWorkload
+from orchestrator.lab.workload import GUEST_ELF, WORKLOADS, Progress, dma_window, guest_errors, needs_fwcfg, parse_progress, qemu_args
 
 _SIZE = re.compile(r"^(\d+)([KMG]?)$", re.I)
 

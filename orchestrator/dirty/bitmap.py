@@ -21,8 +21,8 @@ from functools import cache
 
 import numpy as np
 
-from orchestrator.bits import page_words, report_words, set_bit_range, words_for
-from orchestrator.ranges import page_runs
+from orchestrator.dirty.bits import page_words, report_words, set_bit_range, words_for
+from orchestrator.dirty.ranges import page_runs
 
 _ONES = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
 

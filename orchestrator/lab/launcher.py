@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import QemuExitedError, QmpConnectError, QmpDisconnectedError, QmpTimeoutError
-from .qmp import QmpSession
+from orchestrator.qemu.errors import QemuExitedError, QmpConnectError, QmpDisconnectedError, QmpTimeoutError
+from orchestrator.qemu.qmp import QmpSession
 
 RAM_BACKEND_ID = "ram0"
 #: The QEMU that VMs run unless their config names one: how tests, the demo and the bench are

@@ -14,9 +14,9 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 from dataclasses import dataclass, field
 
-from .. import uapi as U
-from ..blocking import watched
-from ..vfio import EndOfStream, State, VfioDevice, VfioError
+from orchestrator import uapi as U
+from orchestrator.trackers.watchdog import watched
+from orchestrator.vfio import EndOfStream, State, VfioDevice, VfioError
 
 _T = TypeVar("_T")
 CHUNK = 1 << 20

@@ -1,7 +1,7 @@
 """The data file a `fwcfg=` fixture guest has QEMU's fw_cfg device copy into its RAM.
 
 Its content is a formula so that the guest, and `fixtures.guest.pattern` on the host, can
-tell from a page's words which copy it came from. `orchestrator.builds` writes the file
+tell from a page's words which copy it came from. `orchestrator.native.builds` writes the file
 into the per-user cache with `write_fwcfg()`.
 """
 

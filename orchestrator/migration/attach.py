@@ -11,14 +11,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .memory import MemoryLayout, RamRegion
-from .qemu.errors import LayoutError, MigrationError
-from .qemu.layout import GuestLayout, RamBackend, check_migratable, discover_layout
-from .qemu.migration import check_capabilities, check_waiting
-from .qemu.peer import QmpPeer
-from .transport import LocalSink, PageSink
-from .transport.endpoint import Endpoint
-from .transport.tcp import ExpectedFile, TcpOptions, TcpSink
+from orchestrator.dirty.memory import MemoryLayout, RamRegion
+from orchestrator.qemu.errors import LayoutError, MigrationError
+from orchestrator.qemu.layout import GuestLayout, RamBackend, check_migratable, discover_layout
+from orchestrator.qemu.choreography import check_capabilities, check_waiting
+from orchestrator.qemu.peer import QmpPeer
+from orchestrator.transport import LocalSink, PageSink
+from orchestrator.transport.endpoint import Endpoint
+from orchestrator.transport.tcp import ExpectedFile, TcpOptions, TcpSink
 
 
 @dataclass

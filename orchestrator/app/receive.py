@@ -1,5 +1,5 @@
-"""Running a page-stream receiver: the `receive` command on the destination host, and a
-loopback receiver for the demo (same code path, a generated token in a private file)."""
+"""The `receive` command: a page-stream receiver on the destination host until a signal (or,
+with `--once`, until its first session ends)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,11 @@ import asyncio
 import logging
 import signal
 import sys
-import tempfile
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
-from .transport.auth import load_token, write_token
-from .transport.endpoint import Endpoint, parse_endpoint, server_context
-from .transport.receiver import Receiver
+from orchestrator.transport.auth import load_token
+from orchestrator.transport.endpoint import Endpoint, parse_endpoint, server_context
+from orchestrator.transport.receiver import Receiver
 
 
 async def serve(ram: Path, listen: str, token_file: Path, tls_cert: Path | None, tls_key: Path | None, once: bool) -> int:
@@ -39,15 +36,3 @@ async def serve(ram: Path, listen: str, token_file: Path, tls_cert: Path | None,
             for w in waits:
                 w.cancel()
     return 0
-
-
-@asynccontextmanager
-async def loopback_receiver(ram: Path) -> AsyncIterator[tuple[Endpoint, Path]]:
-    """A receiver on 127.0.0.1 writing into `ram`; yields its address and a token file
-    (mode 0600 in a private directory) for the sender. Everything goes on exit."""
-    with tempfile.TemporaryDirectory(prefix="orchestrator-token-") as tmp:
-        token_file = Path(tmp) / "token"
-        write_token(token_file)
-        async with Receiver(str(ram), load_token(token_file)) as receiver:
-            host, port = await receiver.start("127.0.0.1", 0)
-            yield Endpoint(host, port), token_file

@@ -16,9 +16,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import MigrationError, QemuError
-from .peer import QmpPeer
-from .qmp import QmpEvent
+from orchestrator.qemu.errors import MigrationError, QemuError
+from orchestrator.qemu.peer import QmpPeer
+from orchestrator.qemu.qmp import QmpEvent
 
 #: Capabilities set on both sides. x-ignore-shared must match on source and destination;
 #: events gives MIGRATION / MIGRATION_PASS; pause-before-switchover only matters on the source.

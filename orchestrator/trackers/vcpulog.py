@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator import builds
-from orchestrator.bits import set_bit_range, words_for
+from orchestrator.native import builds
+from orchestrator.dirty.bits import set_bit_range, words_for
 
 MAGIC = 0x474F4C5954524944  # b"DIRTYLOG"
 VERSION = 2

@@ -17,8 +17,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from .policy import Decision
-from .precopy import PrecopyEngine, RoundRecord
+from orchestrator.migration.engine.policy import Decision
+from orchestrator.migration.engine.precopy import PrecopyEngine, RoundRecord
 
 
 class EngineError(Exception):

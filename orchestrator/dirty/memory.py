@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .ranges import IovaRange, normalize
+from orchestrator.dirty.ranges import IovaRange, normalize
 
 
 @dataclass(frozen=True)

@@ -11,26 +11,26 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .attach import Endpoints, attach, attach_remote
-from .demo import DEMO_WORKLOADS, parse_size, run_demo
-from .devices.fleet import FAULTS, KINDS, FaultPlan
-from .checks import distinct_sockets, positive, private_ram, process_uid, writable_target
-from .driver import GuestHome, Migration, MigrationOptions, MigrationReport
-from .engine import OnLimit
-from .output import event_line, round_line, summary, write_json
-from .qemu.errors import QemuError
-from .qemu.qmp import QmpSession
-from .receive import serve
-from .signals import Interrupted, settle, under_signal_policy
-from .trackers import QemuWrites, RecoveryPolicy, Tracker, VfioDmaLogTracker, qemu_write_trackers
-from .transport import SinkError
-from .transport.auth import load_token
-from .transport.endpoint import client_context, parse_endpoint
-from .transport.tcp import TcpOptions
-from .vcpulog import VcpuDirtyLog, log_pages
-from .vfio import RealSyscalls, VfioDevice, VfioError, VfioUsageError
-from .workload import guest_rate
-from .writewatch import WriteWatchRefused
+from orchestrator.migration.attach import Endpoints, attach, attach_remote
+from orchestrator.lab.demo import DEMO_WORKLOADS, parse_size, run_demo
+from orchestrator.lab.fleet import FAULTS, KINDS, FaultPlan
+from orchestrator.app.checks import distinct_sockets, positive, private_ram, process_uid, writable_target
+from orchestrator.migration.driver import GuestHome, Migration, MigrationOptions, MigrationReport
+from orchestrator.migration.engine import OnLimit
+from orchestrator.app.output import event_line, round_line, summary, write_json
+from orchestrator.qemu.errors import QemuError
+from orchestrator.qemu.qmp import QmpSession
+from orchestrator.app.receive import serve
+from orchestrator.app.signals import Interrupted, settle, under_signal_policy
+from orchestrator.trackers import QemuWrites, RecoveryPolicy, Tracker, VfioDmaLogTracker, qemu_write_trackers
+from orchestrator.transport import SinkError
+from orchestrator.transport.auth import load_token
+from orchestrator.transport.endpoint import client_context, parse_endpoint
+from orchestrator.transport.tcp import TcpOptions
+from orchestrator.trackers.vcpulog import VcpuDirtyLog, log_pages
+from orchestrator.vfio import RealSyscalls, VfioDevice, VfioError, VfioUsageError
+from orchestrator.lab.workload import guest_rate
+from orchestrator.writewatch import WriteWatchRefused
 
 #: Exit statuses: what happened to the guest. 0 migrated (the destination runs it); 1 not
 #: migrated, the source has it (running, or paused as its user left it); 2 bad input, nothing

@@ -7,7 +7,7 @@ a hash of its recipe and of the bytes of its sources: an edited source builds a 
 instead of reusing a stale one, and a checkout and an installed wheel of the same sources
 share one. A lock file in the entry keeps two processes from building it at once, and the
 artifact appears by rename, so it is either whole or absent. `make fixtures` builds them
-all through `python -m orchestrator.builds`, the same recipe an installed package uses.
+all through `python -m orchestrator.native.builds`, the same recipe an installed package uses.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .fwcfg import write_fwcfg
+from orchestrator.native.fwcfg import write_fwcfg
 
 PACKAGE = Path(__file__).resolve().parent
 
@@ -144,7 +144,7 @@ def _build(artifact: Artifact, out: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """`python -m orchestrator.builds [NAME...]`: build the named artifacts (all without
+    """`python -m orchestrator.native.builds [NAME...]`: build the named artifacts (all without
     names) and print where each is."""
     unknown = sorted(set(argv) - ARTIFACTS.keys())
     if unknown:

@@ -6,7 +6,7 @@ page by page and reads the virtio disk with O_DIRECT (the device writes guest RA
 checking both: a page a migration lost or left stale, and a disk block that did not land,
 print an `E` line on the console. The check runs in the guest because the host cannot tell
 where in guest RAM the workload's pages are. Progress lines are the fixture guest's, so
-`orchestrator.workload.parse_progress` reads them.
+`orchestrator.lab.workload.parse_progress` reads them.
 
 Both QEMUs of a migration open the same disk image read-only (shared storage): QEMU migrates
 the device, not the disk.
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..qemu.launcher import Role, VmConfig
-from ..workload import guest_errors as errors  # noqa: F401 - the guest's E lines, as the fixture guest's
+from orchestrator.lab.launcher import Role, VmConfig
+from orchestrator.lab.workload import guest_errors as errors  # noqa: F401 - the guest's E lines, as the fixture guest's
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD = REPO / "build" / "linux"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from . import builds
+from orchestrator.native import builds
 
 #: The guest kernel in the per-user cache that is current when this module is imported
 #: (`builds.ensure(builds.GUEST)` builds it there).
@@ -44,7 +44,7 @@ def qemu_args(append: str) -> tuple[str, ...]:
         return ()
     if not FWCFG_FILE.exists():
         raise FileNotFoundError(f"fw_cfg data file not built ({FWCFG_FILE}): the demo builds it on first use, "
-                                "`make fixtures` (or `python -m orchestrator.builds`) builds it now")
+                                "`make fixtures` (or `python -m orchestrator.native.builds`) builds it now")
     # QEMU's option syntax escapes a comma by doubling it.
     return ("-fw_cfg", f"name={FWCFG_NAME},file={str(FWCFG_FILE).replace(',', ',,')}")
 

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from .driver import MigrationReport
-from .engine import RoundRecord
-from .trackers import TrackerEvent
+from orchestrator.migration.driver import MigrationReport
+from orchestrator.migration.engine import RoundRecord
+from orchestrator.trackers import TrackerEvent
 
 
 def _mib(n: float) -> str:

@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 
-from .bitmap import DirtyBitmap
-from .devices.state import DeviceMigration, each_device
-from .engine import (
+from orchestrator.dirty.bitmap import DirtyBitmap
+from orchestrator.migration.devices import DeviceMigration, each_device
+from orchestrator.migration.engine import (
     DowntimePolicy,
     GuestHome,
     MigrationSequence,
@@ -28,13 +28,13 @@ from .engine import (
     PrecopyEngine,
     RoundRecord,
 )
-from .engine import sequence as seq
-from .memory import MemoryLayout
-from .qemu import migration as choreography
-from .qemu.errors import QemuError
-from .qemu.peer import QmpPeer
-from .trackers import RecoveryPolicy, Tracker, TrackerEvent, TrackerSet
-from .transport import PageSink
+from orchestrator.migration.engine import sequence as seq
+from orchestrator.dirty.memory import MemoryLayout
+from orchestrator.qemu import choreography
+from orchestrator.qemu.errors import QemuError
+from orchestrator.qemu.peer import QmpPeer
+from orchestrator.trackers import RecoveryPolicy, Tracker, TrackerEvent, TrackerSet
+from orchestrator.transport import PageSink
 
 
 def _gone(session: QmpPeer) -> bool:

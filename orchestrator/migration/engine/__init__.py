@@ -1,8 +1,8 @@
 """Sans-IO precopy engine, convergence policies and the migration's sequence."""
 
-from .policy import Decision, DowntimePolicy, Observation, OnLimit, Policy, Verdict
-from .precopy import PrecopyEngine, RoundRecord
-from .sequence import (
+from orchestrator.migration.engine.policy import Decision, DowntimePolicy, Observation, OnLimit, Policy, Verdict
+from orchestrator.migration.engine.precopy import PrecopyEngine, RoundRecord
+from orchestrator.migration.engine.sequence import (
     EngineError,
     GuestHome,
     MigrationSequence,

@@ -13,13 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..emulated import EmulatedKernel, Fault, Mlx5Like, NoDmaLogging, PdsLike
-from ..emulated.dma import PAGE, DmaEngine
-from ..emulated.models.base import DeviceModel
-from ..engine import RoundRecord
-from ..trackers import Tracker, VfioDmaLogTracker
-from ..vfio import IovaRange, State, VfioDevice
-from .state import DeviceMigration
+from orchestrator.emulated import EmulatedKernel, Fault, Mlx5Like, NoDmaLogging, PdsLike
+from orchestrator.emulated.dma import PAGE, DmaEngine
+from orchestrator.emulated.models.base import DeviceModel
+from orchestrator.migration.engine import RoundRecord
+from orchestrator.trackers import Tracker, VfioDmaLogTracker
+from orchestrator.vfio import IovaRange, State, VfioDevice
+from orchestrator.migration.devices import DeviceMigration
 
 MiB = 1 << 20
 NOLOG_WINDOW = MiB  # a device without DMA logging reaches only a small window

@@ -1,0 +1,1 @@
+"""The command line: argument handling, input checks, signals, exit statuses and output."""

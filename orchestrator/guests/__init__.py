@@ -1,1 +1,0 @@
-"""Guests beyond the fixture kernel that tests and the demo can run under the launcher."""
