@@ -7,8 +7,8 @@ import argparse
 import importlib
 import json
 import os
-import platform
 import pkgutil
+import platform
 import sys
 import time
 from pathlib import Path
@@ -33,16 +33,30 @@ def main(argv: list[str] | None = None) -> int:
     load_suites()
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions, one migration per contender")
-    parser.add_argument("--only", action="append", metavar="SUITE",
-                        choices=sorted({s.section for s in SUITES} | {s.key for s in SUITES}),
-                        help="run just this section or section.suite (repeatable)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="SUITE",
+        choices=sorted({s.section for s in SUITES} | {s.key for s in SUITES}),
+        help="run just this section or section.suite (repeatable)",
+    )
     parser.add_argument("--reps", type=int, metavar="N", help="end-to-end migrations per contender and row")
     parser.add_argument("--mem", type=int, default=256, metavar="MIB", help="end-to-end guest RAM (default 256)")
-    parser.add_argument("--qemu", action="append", default=[], metavar="PATH",
-                        help="run the end-to-end rows on this QEMU binary (repeatable; default: $ORCHESTRATOR_QEMU, "
-                        "else qemu-system-x86_64)")
-    parser.add_argument("--output", type=Path, default=HERE, metavar="DIR",
-                        help="where results.json and results.md go (default: the bench package)")
+    parser.add_argument(
+        "--qemu",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="run the end-to-end rows on this QEMU binary (repeatable; default: $ORCHESTRATOR_QEMU, "
+        "else qemu-system-x86_64)",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=HERE,
+        metavar="DIR",
+        help="where results.json and results.md go (default: the bench package)",
+    )
     args = parser.parse_args(argv)
 
     options = Options(quick=args.quick, reps=args.reps, mem_mib=args.mem, qemus=tuple(args.qemu))

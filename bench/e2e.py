@@ -81,9 +81,7 @@ def summarise(samples: list[Sample]) -> dict:
 
 
 def ratios(ours: dict, theirs: dict) -> dict[str, float | None]:
-    return {
-        m: round(ours[m] / theirs[m], 3) if ours[m] is not None and theirs[m] else None for m in METRICS
-    }
+    return {m: round(ours[m] / theirs[m], 3) if ours[m] is not None and theirs[m] else None for m in METRICS}
 
 
 @suite("e2e")

@@ -26,8 +26,7 @@ def _words(npages: int) -> np.ndarray:
 def _report(dirty_pages: np.ndarray) -> np.ndarray:
     """A report buffer (bitmap page size, base 0) with the given pages set."""
     words = _words(NPAGES)
-    np.bitwise_or.at(words, dirty_pages >> 6,
-                     np.left_shift(np.uint64(1), (dirty_pages & 63).astype(np.uint64)))
+    np.bitwise_or.at(words, dirty_pages >> 6, np.left_shift(np.uint64(1), (dirty_pages & 63).astype(np.uint64)))
     return words
 
 
@@ -74,8 +73,7 @@ def harvest(options: Options) -> Result:
             "sparse": Case(bitmap.harvest, lambda: bitmap.merge_report(0, PAGE, sparse)),
             "dense": Case(bitmap.harvest, lambda: bitmap.merge_report(0, PAGE, dense)),
             "count": Case(bitmap.count, lambda: bitmap.merge_report(0, PAGE, dense)),
-            "words": Case(lambda: bitmap.harvest_words(words),
-                          lambda: bitmap.merge_report(0, PAGE, sparse)),
+            "words": Case(lambda: bitmap.harvest_words(words), lambda: bitmap.merge_report(0, PAGE, sparse)),
             "runs": Case(lambda: DirtyBitmap.runs(words), lambda: np.copyto(words, sparse)),
         },
         options.repeat,

@@ -27,15 +27,15 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
-from orchestrator.migration.attach import attach
 from orchestrator.lab.demo import GuestPair
+from orchestrator.lab.launcher import QemuVm
+from orchestrator.lab.workload import guest_rate, parse_progress
+from orchestrator.migration.attach import attach
 from orchestrator.migration.driver import MigrationOptions
 from orchestrator.migration.engine import MigrationStatus
 from orchestrator.qemu import choreography
 from orchestrator.qemu.errors import QmpTimeoutError
-from orchestrator.lab.launcher import QemuVm
 from orchestrator.trackers import QemuWrites
-from orchestrator.lab.workload import guest_rate, parse_progress
 
 #: QEMU rejects more than SIZE_MAX; this is far above any memory bandwidth.
 UNLIMITED_BPS = 1 << 40
@@ -100,7 +100,9 @@ async def qemu_precopy(pair: GuestPair, limits: Limits) -> Sample:
     src, dst, uri = pair.src.qmp, pair.dst.qmp, pair.dst.migration_uri()
     for session in (src, dst):
         await session.execute("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
-    await src.execute("migrate-set-parameters", **{"max-bandwidth": UNLIMITED_BPS, "downtime-limit": limits.downtime_ms})
+    await src.execute(
+        "migrate-set-parameters", **{"max-bandwidth": UNLIMITED_BPS, "downtime-limit": limits.downtime_ms}
+    )
     await dst.execute("migrate-incoming", uri=uri)
     clock = GuestClock(pair.src)
     start = time.monotonic()

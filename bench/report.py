@@ -47,20 +47,53 @@ def _e2e(rows: list[dict]) -> list[str]:
     for row in rows:
         for key in _contenders(row):
             c = row[key]
-            table.append([_name(row), key, c["total_ms"], c["downtime_ms"],
-                          None if c["bytes_sent"] is None else c["bytes_sent"] / 2**20, c["rounds"],
-                          c["converged"], c["guest_rate"], c["guest_rate_before"]])
-    out += _table(["workload", "contender", "total ms", "downtime ms", "MiB sent", "rounds", "converged",
-                   "guest pages/s during", "guest pages/s before"], table)
+            table.append(
+                [
+                    _name(row),
+                    key,
+                    c["total_ms"],
+                    c["downtime_ms"],
+                    None if c["bytes_sent"] is None else c["bytes_sent"] / 2**20,
+                    c["rounds"],
+                    c["converged"],
+                    c["guest_rate"],
+                    c["guest_rate_before"],
+                ]
+            )
+    out += _table(
+        [
+            "workload",
+            "contender",
+            "total ms",
+            "downtime ms",
+            "MiB sent",
+            "rounds",
+            "converged",
+            "guest pages/s during",
+            "guest pages/s before",
+        ],
+        table,
+    )
     out += ["Ratios, orchestrator / QEMU:", ""]
     ratio_rows = []
     for row in rows:
         for key in ("ratio", "ratio_vcpu", "ratio_content"):
             r = row[key]
-            ratio_rows.append([_name(row), key, r["total_ms"], r["downtime_ms"], r["bytes_sent"],
-                               r["rounds"], r["guest_rate"], r["guest_rate_before"]])
-    return out + _table(["workload", "", "total", "downtime", "bytes", "rounds", "guest rate during",
-                         "guest rate before"], ratio_rows)
+            ratio_rows.append(
+                [
+                    _name(row),
+                    key,
+                    r["total_ms"],
+                    r["downtime_ms"],
+                    r["bytes_sent"],
+                    r["rounds"],
+                    r["guest_rate"],
+                    r["guest_rate_before"],
+                ]
+            )
+    return out + _table(
+        ["workload", "", "total", "downtime", "bytes", "rounds", "guest rate during", "guest rate before"], ratio_rows
+    )
 
 
 def _targets(results: dict) -> list[str]:
@@ -69,43 +102,88 @@ def _targets(results: dict) -> list[str]:
         total, down = row["ratio"]["total_ms"], row["ratio"]["downtime_ms"]
         rate = row["ratio"]["guest_rate"]
         limit, ours = row.get("downtime_limit_ms"), row["orchestrator"]["downtime_ms"]
-        checks.append((f"{_name(row)}: total <= {TOTAL_TARGET_RATIO}x QEMU", total,
-                       None if total is None else total <= TOTAL_TARGET_RATIO))
+        checks.append(
+            (
+                f"{_name(row)}: total <= {TOTAL_TARGET_RATIO}x QEMU",
+                total,
+                None if total is None else total <= TOTAL_TARGET_RATIO,
+            )
+        )
         checks.append((f"{_name(row)}: downtime <= QEMU", down, None if down is None else down <= 1))
         if limit is not None:
-            checks.append((f"{_name(row)}: downtime <= the {limit} ms limit", ours,
-                           None if ours is None else ours <= limit))
-        checks.append((f"{_name(row)}: guest rate >= {GUEST_RATE_TARGET_RATIO}x under QEMU", rate,
-                       None if rate is None else rate >= GUEST_RATE_TARGET_RATIO))
+            checks.append(
+                (f"{_name(row)}: downtime <= the {limit} ms limit", ours, None if ours is None else ours <= limit)
+            )
+        checks.append(
+            (
+                f"{_name(row)}: guest rate >= {GUEST_RATE_TARGET_RATIO}x under QEMU",
+                rate,
+                None if rate is None else rate >= GUEST_RATE_TARGET_RATIO,
+            )
+        )
     for row in results.get("scaling", []):
-        checks.append((f"write-watch downtime {row['from_mib']} -> {row['to_mib']} MiB <= {SCALING_TARGET_RATIO}x",
-                       row["downtime_ratio"], None if row["downtime_ratio"] is None else row["downtime_ratio"] < SCALING_TARGET_RATIO))
+        checks.append(
+            (
+                f"write-watch downtime {row['from_mib']} -> {row['to_mib']} MiB <= {SCALING_TARGET_RATIO}x",
+                row["downtime_ratio"],
+                None if row["downtime_ratio"] is None else row["downtime_ratio"] < SCALING_TARGET_RATIO,
+            )
+        )
     micro = results.get("micro", {})
     if "copy_gbps" in micro:
-        checks.append((f"local copy >= {COPY_TARGET_GBPS} GB/s (scattered pages)", micro["copy_gbps"],
-                       micro["copy_gbps"] >= COPY_TARGET_GBPS))
+        checks.append(
+            (
+                f"local copy >= {COPY_TARGET_GBPS} GB/s (scattered pages)",
+                micro["copy_gbps"],
+                micro["copy_gbps"] >= COPY_TARGET_GBPS,
+            )
+        )
     if "merge_ratio" in micro:
-        checks.append((f"merge >= {MERGE_TARGET_RATIO} x memcpy", micro["merge_ratio"],
-                       micro["merge_ratio"] >= MERGE_TARGET_RATIO))
+        checks.append(
+            (
+                f"merge >= {MERGE_TARGET_RATIO} x memcpy",
+                micro["merge_ratio"],
+                micro["merge_ratio"] >= MERGE_TARGET_RATIO,
+            )
+        )
     if "harvest_1tib_ms" in micro:
-        checks.append((f"sparse 1 TiB harvest <= {HARVEST_TARGET_MS:g} ms", micro["harvest_1tib_ms"],
-                       micro["harvest_1tib_ms"] <= HARVEST_TARGET_MS))
+        checks.append(
+            (
+                f"sparse 1 TiB harvest <= {HARVEST_TARGET_MS:g} ms",
+                micro["harvest_1tib_ms"],
+                micro["harvest_1tib_ms"] <= HARVEST_TARGET_MS,
+            )
+        )
     if "writewatch_harvest_ms_per_gib" in micro:
         v = micro["writewatch_harvest_ms_per_gib"]
-        checks.append((f"write-watch harvest <= {WRITEWATCH_HARVEST_TARGET_MS_PER_GIB:g} ms per GiB touched", v,
-                       v <= WRITEWATCH_HARVEST_TARGET_MS_PER_GIB))
+        checks.append(
+            (
+                f"write-watch harvest <= {WRITEWATCH_HARVEST_TARGET_MS_PER_GIB:g} ms per GiB touched",
+                v,
+                v <= WRITEWATCH_HARVEST_TARGET_MS_PER_GIB,
+            )
+        )
     if "stream_ratio" in micro:
-        checks.append((f"loopback stream >= {STREAM_TARGET_RATIO} x raw socket", micro["stream_ratio"],
-                       micro["stream_ratio"] >= STREAM_TARGET_RATIO))
+        checks.append(
+            (
+                f"loopback stream >= {STREAM_TARGET_RATIO} x raw socket",
+                micro["stream_ratio"],
+                micro["stream_ratio"] >= STREAM_TARGET_RATIO,
+            )
+        )
     return ["## Targets", ""] + _table(["target", "measured", "met"], checks)
 
 
 def markdown(results: dict) -> str:
     meta = results.get("meta", {})
-    lines = ["# Benchmark results", "",
-             f"{meta.get('cpus')} CPUs, Python {meta.get('python')}, numpy {meta.get('numpy')}; "
-             f"quick={meta.get('quick')}, micro repeat={meta.get('repeat')}, "
-             f"migrations per contender={meta.get('e2e_reps')}, wall {meta.get('wall_s')} s.", ""]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"{meta.get('cpus')} CPUs, Python {meta.get('python')}, numpy {meta.get('numpy')}; "
+        f"quick={meta.get('quick')}, micro repeat={meta.get('repeat')}, "
+        f"migrations per contender={meta.get('e2e_reps')}, wall {meta.get('wall_s')} s.",
+        "",
+    ]
     if results.get("e2e"):
         lines += _e2e(results["e2e"])
     if results.get("micro"):

@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 
 from bench import Options, Result, suite
-
 from orchestrator.dirty.memory import MemoryLayout
 from orchestrator.trackers import content_trackers
 from orchestrator.transport.endpoint import Endpoint
@@ -82,7 +81,9 @@ class _Sender:
     def __init__(self, port: int, layout: MemoryLayout, src: str, streams: int, content: bool) -> None:
         self.loop = asyncio.new_event_loop()
         options = TcpOptions(streams=streams)
-        self.sink = self.loop.run_until_complete(TcpSink.connect(layout, src, Endpoint("127.0.0.1", port), TOKEN, options))
+        self.sink = self.loop.run_until_complete(
+            TcpSink.connect(layout, src, Endpoint("127.0.0.1", port), TOKEN, options)
+        )
         self.on_sent = None
         if content:
             (tracker,) = content_trackers(layout, src)
@@ -166,7 +167,11 @@ def stream_throughput(quick: bool = False, size_mib: int | None = None, streams:
         return nbytes / statistics.median(times[name][1:]) / 1e9
 
     raw = gbps("raw")
-    out: dict[str, float | int] = {"stream_size_mib": size >> 20, "stream_streams": streams, "raw_socket_gbps": round(raw, 2)}
+    out: dict[str, float | int] = {
+        "stream_size_mib": size >> 20,
+        "stream_streams": streams,
+        "raw_socket_gbps": round(raw, 2),
+    }
     for name, (_, _, pages) in figures.items():
         figure = gbps(name, size if pages is None else pages.size * PAGE)
         out[f"{name}_gbps"] = round(figure, 2)

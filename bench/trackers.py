@@ -17,8 +17,8 @@ import numpy as np
 
 from bench import Case, Options, Result, median_seconds, ms, suite
 from orchestrator.dirty.bitmap import DirtyBitmap
-from orchestrator.emulated import EmulatedKernel, Mlx5Like
 from orchestrator.dirty.memory import MemoryLayout
+from orchestrator.emulated import EmulatedKernel, Mlx5Like
 from orchestrator.trackers import TrackerSet, VfioDmaLogTracker
 from orchestrator.vfio import VfioDevice
 

@@ -25,8 +25,8 @@ import numpy as np
 from bench import Case, Options, median_seconds, ms, suite
 from bench.migrate import ORCHESTRATOR, SETTLE_LINES, Limits, fresh_destination
 from orchestrator.dirty.bitmap import DirtyBitmap
-from orchestrator.lab.demo import guest_pair, wait_progress
 from orchestrator.dirty.memory import MemoryLayout
+from orchestrator.lab.demo import guest_pair, wait_progress
 from orchestrator.writewatch import WriteWatch
 
 GIB = 1 << 30
@@ -50,7 +50,9 @@ def writewatch_harvest(options: Options) -> dict[str, float]:
     path = Path("/dev/shm") / f"orchestrator-bench-{uuid.uuid4().hex}"
     with open(path, "wb") as f:
         f.truncate(GIB)
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert child.stdout.readline().strip() == "ready"
         t = time.perf_counter()
@@ -110,8 +112,14 @@ def writewatch_scaling(options: Options) -> list[dict]:
                 samples[mem].append(down)
     med = {m: statistics.median(v) if v else None for m, v in samples.items()}
     lo, hi = med[sizes[0]], med[sizes[-1]]
-    return [{
-        "workload": "light", "tracker": "write-watch", "from_mib": sizes[0], "to_mib": sizes[-1],
-        "downtime_ms": {str(m): v for m, v in med.items()}, "samples": {str(m): v for m, v in samples.items()},
-        "downtime_ratio": round(hi / lo, 3) if lo and hi else None,
-    }]
+    return [
+        {
+            "workload": "light",
+            "tracker": "write-watch",
+            "from_mib": sizes[0],
+            "to_mib": sizes[-1],
+            "downtime_ms": {str(m): v for m, v in med.items()},
+            "samples": {str(m): v for m, v in samples.items()},
+            "downtime_ratio": round(hi / lo, 3) if lo and hi else None,
+        }
+    ]

@@ -14,8 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from orchestrator.attach import attach
-from orchestrator.driver import Migration, MigrationOptions, MigrationReport
+from orchestrator.migration.attach import attach
+from orchestrator.migration.driver import Migration, MigrationOptions, MigrationReport
 from orchestrator.qemu.qmp import QmpSession
 from orchestrator.trackers import QemuWrites, qemu_write_trackers
 
@@ -28,9 +28,12 @@ async def migrate(src_qmp: Path, dst_qmp: Path, src_ram: Path, dst_ram: Path) ->
             # Any accelerator: write-watch on the source QEMU's process (content hashing if it
             # is refused, with the reason printed). Add VfioDmaLogTracker(VfioDevice(fd,
             # RealSyscalls())) per device.
-            with qemu_write_trackers(
-                QemuWrites.WRITEWATCH, ep.layout, src.peer_pid(), explicit=False, src_ram=str(src_ram)
-            ) as trackers, tempfile.TemporaryDirectory() as tmp:
+            with (
+                qemu_write_trackers(
+                    QemuWrites.WRITEWATCH, ep.layout, src.peer_pid(), explicit=False, src_ram=str(src_ram)
+                ) as trackers,
+                tempfile.TemporaryDirectory() as tmp,
+            ):
                 uri = f"unix:{tmp}/migrate.sock"
                 options = MigrationOptions(downtime_limit_ms=300, verify=True)
                 return await Migration(src, dst, ep.layout, ep.sink, trackers, uri, options).run()

@@ -31,9 +31,7 @@ def touched(iova: int, length: int, page_size: int, npages: int) -> set[int]:
 
 
 def report_pages(iova: int, page_size: int, bits, bitmap_page: int, npages: int) -> set[int]:
-    return set().union(
-        *(touched(iova + k * page_size, page_size, bitmap_page, npages) for k in bits)
-    )
+    return set().union(*(touched(iova + k * page_size, page_size, bitmap_page, npages) for k in bits))
 
 
 # --- the bit layout (architecture invariant 1) ----------------------------------------------
@@ -281,8 +279,7 @@ def test_concurrent_merges_lose_no_bit_across_harvests() -> None:
     lows = [0, quarter] + [0] * (writers - 2)
     highs = [quarter, 2 * quarter] + [npages] * (writers - 2)
     plans = [
-        [(int(rng.integers(low, high - report_pages_n)), rng.integers(0, report_pages_n, 200))
-         for _ in range(rounds)]
+        [(int(rng.integers(low, high - report_pages_n)), rng.integers(0, report_pages_n, 200)) for _ in range(rounds)]
         for low, high in zip(lows, highs)
     ]
     merged = [set() for _ in range(writers)]
@@ -304,8 +301,7 @@ def test_concurrent_merges_lose_no_bit_across_harvests() -> None:
     def harvest() -> None:
         while not done.is_set():
             harvested.append(bitmap.harvest())
-            harvested.append(np.flatnonzero(np.unpackbits(
-                bitmap.harvest_words().view(np.uint8), bitorder="little")))
+            harvested.append(np.flatnonzero(np.unpackbits(bitmap.harvest_words().view(np.uint8), bitorder="little")))
             if len(harvested) >= 10:
                 harvesting_started.set()
 

@@ -17,8 +17,9 @@ from orchestrator.native.builds import Artifact, BuildError
 ROOT = Path(__file__).resolve().parent.parent
 needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed (make fixtures installs it)")
 
-OBJECT = Artifact("probe.o", ("probe.c",), (("gcc", "-c", "{pkg}/probe.c", "-o", "{out}"),),
-                  tools=("gcc",), packages=("gcc",))
+OBJECT = Artifact(
+    "probe.o", ("probe.c",), (("gcc", "-c", "{pkg}/probe.c", "-o", "{out}"),), tools=("gcc",), packages=("gcc",)
+)
 
 
 @pytest.fixture
@@ -47,10 +48,14 @@ def test_key_changes_with_a_source_and_with_the_commands(package: Path) -> None:
     (package / "probe.c").write_text("int probe(void) { return 2; }\n")
     edited = OBJECT.key()
     assert edited != before
-    assert Artifact(OBJECT.name, OBJECT.sources, (("gcc", "-O2", "-c", "{pkg}/probe.c", "-o", "{out}"),)).key() != edited
+    assert (
+        Artifact(OBJECT.name, OBJECT.sources, (("gcc", "-O2", "-c", "{pkg}/probe.c", "-o", "{out}"),)).key() != edited
+    )
 
 
-def test_key_is_the_same_for_the_same_sources_anywhere(package: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_key_is_the_same_for_the_same_sources_anywhere(
+    package: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     here = OBJECT.key()
     elsewhere = tmp_path / "elsewhere"
     shutil.copytree(package, elsewhere)
@@ -81,8 +86,17 @@ def test_an_edited_source_builds_a_new_entry(package: Path) -> None:
 @needs_gcc
 def test_two_processes_build_it_once(tmp_path: Path) -> None:
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
-    procs = [subprocess.Popen([sys.executable, "-m", "orchestrator.native.builds", "guest.elf"], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.native.builds", "guest.elf"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     assert sum(err.count("building guest.elf") for _, err in outputs) == 1
@@ -107,7 +121,8 @@ def test_a_failed_command_reports_its_errors_and_leaves_nothing(package: Path) -
 
 
 def test_the_command_names_unknown_artifacts() -> None:
-    run = subprocess.run([sys.executable, "-m", "orchestrator.native.builds", "kernel.bin"], cwd=ROOT,
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "orchestrator.native.builds", "kernel.bin"], cwd=ROOT, capture_output=True, text=True
+    )
     assert run.returncode == 2
     assert "unknown artifact kernel.bin; choose from guest.elf, libdirtylog.so, fwcfg.bin" in run.stderr

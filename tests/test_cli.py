@@ -15,12 +15,30 @@ from orchestrator.app.cli import EXIT_BAD_INPUT, main
     "extra,needle",
     [
         (["--dst-receiver", "127.0.0.1:1"], "--dst-receiver needs --token-file"),
-        (["--dst-ram", "/nope-dst", "--max-rounds", "0"], "--max-rounds must be a finite number of rounds above 0, not 0"),
-        (["--dst-ram", "/nope-dst", "--on-limit", "cancel", "--downtime-limit", "-1"], "--downtime-limit must be a finite number of milliseconds above 0"),
-        (["--dst-ram", "/nope-dst", "--downtime-limit", "nan"], "--downtime-limit must be a finite number of milliseconds above 0, not nan"),
-        (["--dst-ram", "/nope-dst", "--downtime-limit", "inf"], "--downtime-limit must be a finite number of milliseconds above 0, not inf"),
-        (["--dst-ram", "/nope-dst", "--max-time", "nan"], "--max-time must be a finite number of seconds above 0, not nan"),
-        (["--dst-ram", "/nope-dst", "--json", "/nope-dir/report.json"], "--json /nope-dir/report.json cannot be written (No such file"),
+        (
+            ["--dst-ram", "/nope-dst", "--max-rounds", "0"],
+            "--max-rounds must be a finite number of rounds above 0, not 0",
+        ),
+        (
+            ["--dst-ram", "/nope-dst", "--on-limit", "cancel", "--downtime-limit", "-1"],
+            "--downtime-limit must be a finite number of milliseconds above 0",
+        ),
+        (
+            ["--dst-ram", "/nope-dst", "--downtime-limit", "nan"],
+            "--downtime-limit must be a finite number of milliseconds above 0, not nan",
+        ),
+        (
+            ["--dst-ram", "/nope-dst", "--downtime-limit", "inf"],
+            "--downtime-limit must be a finite number of milliseconds above 0, not inf",
+        ),
+        (
+            ["--dst-ram", "/nope-dst", "--max-time", "nan"],
+            "--max-time must be a finite number of seconds above 0, not nan",
+        ),
+        (
+            ["--dst-ram", "/nope-dst", "--json", "/nope-dir/report.json"],
+            "--json /nope-dir/report.json cannot be written (No such file",
+        ),
         (["--dst-ram", "/nope-dst", "--json", "/"], "--json / is a directory"),
     ],
 )
@@ -85,8 +103,21 @@ def test_unwritable_json_is_refused_first(tmp_path, capsys):
     locked.mkdir()
     lock(locked, True)
     try:
-        code = main(["migrate", "--src-qmp", "/nope-src.sock", "--dst-qmp", "/nope-dst.sock", "--src-ram", "/nope",
-                     "--dst-ram", "/nope-dst", "--json", str(locked / "r.json")])
+        code = main(
+            [
+                "migrate",
+                "--src-qmp",
+                "/nope-src.sock",
+                "--dst-qmp",
+                "/nope-dst.sock",
+                "--src-ram",
+                "/nope",
+                "--dst-ram",
+                "/nope-dst",
+                "--json",
+                str(locked / "r.json"),
+            ]
+        )
     finally:
         lock(locked, False)
     assert code == EXIT_BAD_INPUT
@@ -98,8 +129,19 @@ def test_the_same_qmp_socket_twice_is_named(tmp_path, capsys):
     sock = tmp_path / "qmp.sock"
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(str(sock))
-        code = main(["migrate", "--src-qmp", str(sock), "--dst-qmp", str(tmp_path / "." / "qmp.sock"),
-                     "--src-ram", "/nope", "--dst-ram", "/nope-dst"])
+        code = main(
+            [
+                "migrate",
+                "--src-qmp",
+                str(sock),
+                "--dst-qmp",
+                str(tmp_path / "." / "qmp.sock"),
+                "--src-ram",
+                "/nope",
+                "--dst-ram",
+                "/nope-dst",
+            ]
+        )
     assert code == EXIT_BAD_INPUT
     assert "--src-qmp and --dst-qmp are the same socket" in capsys.readouterr().err
 

@@ -20,8 +20,6 @@ pytestmark = [
 ]
 
 
-
-
 def page_view(ram: np.ndarray) -> np.ndarray:
     return ram.reshape(-1, PAGE_SIZE)
 
@@ -33,7 +31,7 @@ async def test_guest_boots_and_reports_progress_several_times_a_second() -> None
         info = vm.announce()
         assert info["pattern"] == "sweep" and info["base"] == "0x00200000"
         assert info["pages"] == str(16 * MiB // PAGE_SIZE)
-        assert info["dma"] == "0x0ef00000-0x0ff00000"   # last 16 MiB of usable RAM
+        assert info["dma"] == "0x0ef00000-0x0ff00000"  # last 16 MiB of usable RAM
         assert int(info["tsc_khz"]) > 0
         assert last.pages > first.pages and last.sweeps > first.sweeps
         # 10 lines at the default 100 ms period: at least several per second.
@@ -41,7 +39,7 @@ async def test_guest_boots_and_reports_progress_several_times_a_second() -> None
 
 
 async def test_rate_limit_holds_in_guest_and_host_time() -> None:
-    async with GuestVM("pattern=sweep wss=16M rate=8M") as vm:     # 2048 pages/s
+    async with GuestVM("pattern=sweep wss=16M rate=8M") as vm:  # 2048 pages/s
         first = await vm.wait_progress(2)
         wall = time.monotonic()
         last = await vm.wait_progress(15)
@@ -84,8 +82,8 @@ async def test_each_pattern_writes_its_working_set_only(pattern: str) -> None:
         assert written.mean() > 0.99
     # Nothing between the kernel and the working set, nothing after it, and
     # nothing in the DMA window.
-    assert not pages[2 * MiB // PAGE_SIZE:first].any()
-    assert not pages[end:status.dma_end // PAGE_SIZE].any()
+    assert not pages[2 * MiB // PAGE_SIZE : first].any()
+    assert not pages[end : status.dma_end // PAGE_SIZE].any()
     assert result.verified_pages >= 0.9 * status.npages
 
 
@@ -109,8 +107,9 @@ async def test_checker_rejects_a_page_reverted_to_an_older_copy(pattern: str) ->
     assert check_guest_ram(older).ok and check_guest_ram(newer).ok
     status = GuestStatus.from_ram(newer)
     first = status.base // PAGE_SIZE
-    changed = np.flatnonzero((page_view(older)[first:first + status.npages]
-                              != page_view(newer)[first:first + status.npages]).any(axis=1))
+    changed = np.flatnonzero(
+        (page_view(older)[first : first + status.npages] != page_view(newer)[first : first + status.npages]).any(axis=1)
+    )
     assert changed.size > 10
     for index in (changed[0], changed[changed.size // 2], changed[-1]):
         stale = newer.copy()

@@ -11,12 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fixtures.guest.pattern import (FWCFG_COPY, PAGE_SIZE, check_guest_ram, fwcfg_file, fwcfg_held,
-                                    fwcfg_offset, fwcfg_words)
+from fixtures.guest.pattern import (
+    FWCFG_COPY,
+    PAGE_SIZE,
+    check_guest_ram,
+    fwcfg_file,
+    fwcfg_held,
+    fwcfg_offset,
+    fwcfg_words,
+)
 from fixtures.guest.vm import GuestVM, qemu_binary
 from orchestrator.lab.workload import fwcfg_buffer, guest_rate
 
-BUFFER = (0xEE00000, FWCFG_COPY)        # the MiB below the default 256M guest's DMA window
+BUFFER = (0xEE00000, FWCFG_COPY)  # the MiB below the default 256M guest's DMA window
 
 pytestmark = [
     pytest.mark.slow,
@@ -25,20 +32,23 @@ pytestmark = [
 ]
 
 
-
-
 def offset_held(ram: np.ndarray) -> int | None:
     """The file offset whose MiB the buffer holds exactly, or None."""
     start, length = BUFFER
-    return fwcfg_held(ram[start:start + length])
+    return fwcfg_held(ram[start : start + length])
 
 
-@pytest.mark.parametrize("append, vcpu_pages_per_s", [
-    ("pattern=idle fwcfg=64M", 0),
-    ("pattern=sweep wss=16M rate=16M fwcfg=64M", 4096),
-])
-async def test_buffer_holds_one_copy_and_different_offsets_appear_across_stops(append: str, vcpu_pages_per_s: int) -> None:
-    async with GuestVM(append) as vm:                           # 64 DMA reads a second
+@pytest.mark.parametrize(
+    "append, vcpu_pages_per_s",
+    [
+        ("pattern=idle fwcfg=64M", 0),
+        ("pattern=sweep wss=16M rate=16M fwcfg=64M", 4096),
+    ],
+)
+async def test_buffer_holds_one_copy_and_different_offsets_appear_across_stops(
+    append: str, vcpu_pages_per_s: int
+) -> None:
+    async with GuestVM(append) as vm:  # 64 DMA reads a second
         first = await vm.wait_progress(2)
         last = await vm.wait_progress(5)
         assert fwcfg_buffer(vm.serial()) == BUFFER
@@ -59,11 +69,11 @@ async def test_buffer_holds_one_copy_and_different_offsets_appear_across_stops(a
             if len(set(seen)) >= 4:
                 break
             await vm.cont()
-            await asyncio.sleep(0.003 * (attempt + 1))          # stop at another point of the cycle
+            await asyncio.sleep(0.003 * (attempt + 1))  # stop at another point of the cycle
         assert len(set(seen)) >= 4, seen
         # Offsets only move on: they wrap after 3841 copies, a minute of this guest's time.
         assert seen == sorted(seen) and seen[0] > 0, seen
-        vm.progress()                                           # raises on an E line
+        vm.progress()  # raises on an E line
     # A DMA read counts as the 256 pages it wrote.
     assert guest_rate([first, last]) == pytest.approx(64 * FWCFG_COPY // PAGE_SIZE + vcpu_pages_per_s, rel=0.15)
     # Negative controls: one page as the previous copy (4 KiB back) left it, which is the
@@ -71,7 +81,7 @@ async def test_buffer_holds_one_copy_and_different_offsets_appear_across_stops(a
     for page, other in ((5, offset - PAGE_SIZE), (77, fwcfg_offset(offset // PAGE_SIZE + 1920))):
         at = BUFFER[0] + page * PAGE_SIZE
         stale = ram.copy()
-        stale[at:at + PAGE_SIZE] = fwcfg_words(other + page * PAGE_SIZE, PAGE_SIZE)
+        stale[at : at + PAGE_SIZE] = fwcfg_words(other + page * PAGE_SIZE, PAGE_SIZE)
         result = check_guest_ram(stale)
         assert not result.ok and result.errors[0].startswith("1 page(s) of the fw_cfg buffer"), result.errors
         assert f"{at:#x}" in result.errors[0]
@@ -91,12 +101,12 @@ async def test_guest_halts_on_a_copy_that_differs_from_the_file(tmp_path: Path) 
     async with vm:
         await vm.wait_serial("\nE fw_cfg buffer holds")
         assert f" at {BUFFER[0] + FWCFG_COPY - PAGE_SIZE + 4 * word:#010x} " in vm.serial()
-        assert "A pattern=idle" in vm.serial()                  # the first copy went through
+        assert "A pattern=idle" in vm.serial()  # the first copy went through
 
 
 async def test_guest_with_a_file_of_another_size_reports_it(tmp_path: Path) -> None:
     short = tmp_path / "short.bin"
-    fwcfg_file()[:2 * FWCFG_COPY].tofile(short)
+    fwcfg_file()[: 2 * FWCFG_COPY].tofile(short)
     vm = GuestVM("pattern=idle fwcfg=8M")
     vm.config = replace(vm.config, extra_args=("-fw_cfg", f"name=opt/orchestrator/dma,file={short}"))
     async with vm:

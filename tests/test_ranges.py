@@ -92,7 +92,9 @@ def test_union_runs_is_set_union(a: list[tuple[int, int]], b: list[tuple[int, in
 
 
 @checked
-@given(st.lists(st.tuples(st.integers(0, SPACE), st.integers(0, 40)), max_size=12), st.sampled_from([np.int64, np.uint64]))
+@given(
+    st.lists(st.tuples(st.integers(0, SPACE), st.integers(0, 40)), max_size=12), st.sampled_from([np.int64, np.uint64])
+)
 def test_merge_inclusive_is_set_union(rows: list[tuple[int, int]], dtype: type) -> None:
     first = np.array([f for f, _ in rows], dtype)
     last = np.array([f + n for f, n in rows], dtype)

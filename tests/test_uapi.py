@@ -60,16 +60,37 @@ LAYOUTS = {
     "vfio_iommu_type1_dirty_bitmap_get": (40, {"iova": 0, "size": 8, "bitmap": 16}),
     "iommu_hwpt_alloc": (
         48,
-        {"size": 0, "flags": 4, "dev_id": 8, "pt_id": 12, "out_hwpt_id": 16, "__reserved": 20,
-         "data_type": 24, "data_len": 28, "data_uptr": 32, "fault_id": 40, "__reserved2": 44},
+        {
+            "size": 0,
+            "flags": 4,
+            "dev_id": 8,
+            "pt_id": 12,
+            "out_hwpt_id": 16,
+            "__reserved": 20,
+            "data_type": 24,
+            "data_len": 28,
+            "data_uptr": 32,
+            "fault_id": 40,
+            "__reserved2": 44,
+        },
     ),
-    "iommu_hw_info": (40, {"size": 0, "flags": 4, "dev_id": 8, "data_len": 12, "data_uptr": 16,
-                           "out_data_type": 24, "out_max_pasid_log2": 28, "out_capabilities": 32}),
+    "iommu_hw_info": (
+        40,
+        {
+            "size": 0,
+            "flags": 4,
+            "dev_id": 8,
+            "data_len": 12,
+            "data_uptr": 16,
+            "out_data_type": 24,
+            "out_max_pasid_log2": 28,
+            "out_capabilities": 32,
+        },
+    ),
     "iommu_hwpt_set_dirty_tracking": (16, {"size": 0, "flags": 4, "hwpt_id": 8, "__reserved": 12}),
     "iommu_hwpt_get_dirty_bitmap": (
         48,
-        {"size": 0, "hwpt_id": 4, "flags": 8, "__reserved": 12, "iova": 16, "length": 24,
-         "page_size": 32, "data": 40},
+        {"size": 0, "hwpt_id": 4, "flags": 8, "__reserved": 12, "iova": 16, "length": 24, "page_size": 32, "data": 40},
     ),
 }
 
@@ -96,9 +117,14 @@ def test_argsz_totals():
 def test_feature_flags_and_ids():
     assert (U.VFIO_DEVICE_FEATURE_MASK, U.VFIO_DEVICE_FEATURE_GET) == (0xFFFF, 0x10000)
     assert (U.VFIO_DEVICE_FEATURE_SET, U.VFIO_DEVICE_FEATURE_PROBE) == (0x20000, 0x40000)
-    ids = [U.VFIO_DEVICE_FEATURE_MIGRATION, U.VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
-           U.VFIO_DEVICE_FEATURE_DMA_LOGGING_START, U.VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP,
-           U.VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT, U.VFIO_DEVICE_FEATURE_MIG_DATA_SIZE]
+    ids = [
+        U.VFIO_DEVICE_FEATURE_MIGRATION,
+        U.VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
+        U.VFIO_DEVICE_FEATURE_DMA_LOGGING_START,
+        U.VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP,
+        U.VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT,
+        U.VFIO_DEVICE_FEATURE_MIG_DATA_SIZE,
+    ]
     assert ids == [1, 2, 6, 7, 8, 9]
     assert (U.VFIO_MIGRATION_STOP_COPY, U.VFIO_MIGRATION_P2P, U.VFIO_MIGRATION_PRE_COPY) == (1, 2, 4)
 
@@ -110,8 +136,11 @@ def test_states_and_iommufd_flags():
     assert U.IOMMU_HW_CAP_DIRTY_TRACKING == 1
     assert U.IOMMU_HWPT_DIRTY_TRACKING_ENABLE == 1
     assert U.IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR == 1
-    assert (U.VFIO_IOMMU_DIRTY_PAGES_FLAG_START, U.VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP,
-            U.VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP) == (1, 2, 4)
+    assert (
+        U.VFIO_IOMMU_DIRTY_PAGES_FLAG_START,
+        U.VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP,
+        U.VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP,
+    ) == (1, 2, 4)
 
 
 def test_log_max_ranges_is_one_kernel_page():
@@ -121,4 +150,4 @@ def test_log_max_ranges_is_one_kernel_page():
 
 def test_little_endian_bytes():
     c = U.vfio_device_feature_dma_logging_control(page_size=0x1000, num_ranges=3, ranges=0x1122334455667788)
-    assert c.pack() == bytes.fromhex("0010000000000000" "03000000" "00000000" "8877665544332211")
+    assert c.pack() == bytes.fromhex("001000000000000003000000000000008877665544332211")

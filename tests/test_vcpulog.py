@@ -15,16 +15,14 @@ import numpy as np
 import pytest
 
 from fixtures.guest.vm import GuestVM, qemu_binary
-from orchestrator.qemu.errors import QemuExitedError
 from orchestrator.dirty.bits import words_for
 from orchestrator.lab.launcher import qemu_version
+from orchestrator.qemu.errors import QemuExitedError
 from orchestrator.trackers.vcpulog import BITMAP_OFFSET, MAGIC, PLUGIN, Addresses, DrainTimeout, VcpuDirtyLog
 
 ROOT = Path(__file__).resolve().parent.parent
 HAMMER = ROOT / "fixtures" / "plugin" / "hammer.elf"
 needs_qemu = pytest.mark.skipif(qemu_binary() is None, reason="qemu-system-x86_64 is not installed")
-
-
 
 
 @pytest.fixture
@@ -49,7 +47,7 @@ def writer_mark(mem: np.ndarray, page: int) -> None:
     """What a writer does when it finds no harvest in progress."""
     epoch = int(mem[64:68].view("<u4")[0])
     stride = int(mem[32:40].view("<u8")[0])
-    words = mem[BITMAP_OFFSET + (epoch & 1) * stride:].view("<u8")
+    words = mem[BITMAP_OFFSET + (epoch & 1) * stride :].view("<u8")
     words[page >> 6] |= np.uint64(1 << (page & 63))
 
 
@@ -63,10 +61,8 @@ def test_create_writes_header_and_bitmaps(shm_path: Path) -> None:
         assert stat.S_IMODE(st.st_mode) == 0o600
         stride = -(-words_for(70000) * 8 // 4096) * 4096
         assert st.st_size == BITMAP_OFFSET + 2 * stride
-        magic, version, shift, npages, offset, got_stride = struct.unpack_from(
-            "<QIIQQQ", shm_path.read_bytes())
-        assert (magic, version, shift, npages, offset, got_stride) == (
-            MAGIC, 2, 13, 70000, BITMAP_OFFSET, stride)
+        magic, version, shift, npages, offset, got_stride = struct.unpack_from("<QIIQQQ", shm_path.read_bytes())
+        assert (magic, version, shift, npages, offset, got_stride) == (MAGIC, 2, 13, 70000, BITMAP_OFFSET, stride)
         assert log.plugin_args() == f"{PLUGIN},shm={shm_path},pages=70000"
         assert log.plugin_args(addresses=Addresses.PHYSICAL) == f"{PLUGIN},shm={shm_path},pages=70000,addr=gpa"
         assert log.attached == 0
@@ -91,48 +87,47 @@ def test_harvest_flips_and_ors_only_the_old_bitmap(log: VcpuDirtyLog, shm_path: 
     for page in (0, 63, 64, 999):
         writer_mark(mem, page)
     out = np.zeros(words_for(1000), np.uint64)
-    out[0] = np.uint64(1 << 5)                          # the caller's bits survive (OR)
+    out[0] = np.uint64(1 << 5)  # the caller's bits survive (OR)
     assert log.harvest(out) == 4
     assert list(pages_of(out, 1000)) == [0, 5, 63, 64, 999]
-    assert int(mem[64:68].view("<u4")[0]) == 1          # epoch flipped
+    assert int(mem[64:68].view("<u4")[0]) == 1  # epoch flipped
 
-    writer_mark(mem, 7)                                 # lands in the new bitmap
+    writer_mark(mem, 7)  # lands in the new bitmap
     again = np.zeros_like(out)
     assert log.harvest(again) == 1
     assert list(pages_of(again, 1000)) == [7]
-    assert log.harvest(again) == 0                      # both bitmaps were zeroed
+    assert log.harvest(again) == 0  # both bitmaps were zeroed
     assert not mem[BITMAP_OFFSET:].any()
 
 
 def test_harvest_final_reads_both_bitmaps(log: VcpuDirtyLog, shm_path: Path) -> None:
     mem = raw(shm_path)
     writer_mark(mem, 1)
-    log.harvest(np.zeros(words_for(1000), np.uint64))   # 1 harvested, epoch now 1
-    writer_mark(mem, 2)                                 # bitmap 1
+    log.harvest(np.zeros(words_for(1000), np.uint64))  # 1 harvested, epoch now 1
+    writer_mark(mem, 2)  # bitmap 1
     stride = int(mem[32:40].view("<u8")[0])
-    mem[BITMAP_OFFSET:].view("<u8")[0] |= np.uint64(1 << 3)   # a straggler in bitmap 0
+    mem[BITMAP_OFFSET:].view("<u8")[0] |= np.uint64(1 << 3)  # a straggler in bitmap 0
     out = np.zeros(words_for(1000), np.uint64)
     assert log.harvest_final(out) == 2
     assert list(pages_of(out, 1000)) == [2, 3]
-    assert not mem[BITMAP_OFFSET:BITMAP_OFFSET + 2 * stride].any()
+    assert not mem[BITMAP_OFFSET : BITMAP_OFFSET + 2 * stride].any()
 
 
-def test_a_hung_writer_fails_the_harvest_in_bounded_time(log: VcpuDirtyLog,
-                                                         shm_path: Path) -> None:
+def test_a_hung_writer_fails_the_harvest_in_bounded_time(log: VcpuDirtyLog, shm_path: Path) -> None:
     mem = raw(shm_path)
-    mem[128:132].view("<u4")[0] = 1                     # a writer stuck in bitmap 0
+    mem[128:132].view("<u4")[0] = 1  # a writer stuck in bitmap 0
     start = time.monotonic()
     with pytest.raises(DrainTimeout, match="inflight=1"):
         log.harvest(np.zeros(words_for(1000), np.uint64), timeout=0.2)
     assert 0.2 <= time.monotonic() - start < 2
-    with pytest.raises(DrainTimeout):                   # the log stays failed
+    with pytest.raises(DrainTimeout):  # the log stays failed
         log.harvest(np.zeros(words_for(1000), np.uint64))
 
 
 def test_a_writer_that_leaves_in_time_is_waited_for(log: VcpuDirtyLog, shm_path: Path) -> None:
     mem = raw(shm_path)
     writer_mark(mem, 9)
-    mem[128:132].view("<u4")[0] = 1                     # a writer inside bitmap 0
+    mem[128:132].view("<u4")[0] = 1  # a writer inside bitmap 0
 
     def finish_writer() -> None:
         time.sleep(0.1)
@@ -144,7 +139,7 @@ def test_a_writer_that_leaves_in_time_is_waited_for(log: VcpuDirtyLog, shm_path:
     out = np.zeros(words_for(1000), np.uint64)
     log.harvest(out, timeout=5)
     writer.join()
-    assert list(pages_of(out, 1000)) == [9, 10]          # its late bit is not lost
+    assert list(pages_of(out, 1000)) == [9, 10]  # its late bit is not lost
 
 
 def test_unresolved_stores_make_everything_dirty(log: VcpuDirtyLog, shm_path: Path) -> None:
@@ -152,8 +147,8 @@ def test_unresolved_stores_make_everything_dirty(log: VcpuDirtyLog, shm_path: Pa
     mem[48:56].view("<u8")[0] = 1
     out = np.zeros(words_for(1000) + 1, np.uint64)
     assert log.harvest(out) == 1000
-    assert len(pages_of(out, 64 * out.size)) == 1000    # no bit past npages
-    assert log.harvest(np.zeros_like(out)) == 0         # reported once per increase
+    assert len(pages_of(out, 64 * out.size)) == 1000  # no bit past npages
+    assert log.harvest(np.zeros_like(out)) == 0  # reported once per increase
 
 
 def test_harvest_checks_the_output_bitmap(log: VcpuDirtyLog) -> None:
@@ -217,13 +212,12 @@ async def test_plugin_catches_every_page_the_guest_wrote(built: None, shm_path: 
     """Pages whose bytes changed between a snapshot and `stop` all carry a bit,
     across harvests taken while the guest runs, at their guest-physical page."""
     with VcpuDirtyLog.create(shm_path, GUEST_PAGES) as log:
-        async with GuestVM("pattern=random wss=32M base=4M",
-                           plugin_args=log.plugin_args()) as vm:
+        async with GuestVM("pattern=random wss=32M base=4M", plugin_args=log.plugin_args()) as vm:
             await vm.wait_progress(2)
             assert log.attached == 1
             acc = np.zeros(words_for(GUEST_PAGES), np.uint64)
             log.harvest(acc)
-            acc[:] = 0                                  # boot-time stores are not of interest
+            acc[:] = 0  # boot-time stores are not of interest
             before = vm.ram().reshape(GUEST_PAGES, 4096)
             for _ in range(5):
                 await asyncio.sleep(0.2)
@@ -254,8 +248,9 @@ async def test_the_plugin_loads_and_says_what_its_addresses_are(built: None, shm
         async with GuestVM("pattern=idle", plugin_args=log.plugin_args()) as vm:
             assert (log.attached, log.addresses) == (1, expected)
             blocks = await vm.vm.qmp.hmp("info ramblock")
-            assert any(line.split()[:1] == ["ram0"] and int(line.split()[3], 16) == 0
-                       for line in blocks.splitlines()), blocks
+            assert any(
+                line.split()[:1] == ["ram0"] and int(line.split()[3], 16) == 0 for line in blocks.splitlines()
+            ), blocks
     forced = Addresses.PHYSICAL if expected is Addresses.RAM_BLOCK else Addresses.RAM_BLOCK
     with VcpuDirtyLog.create(shm_path, GUEST_PAGES) as log:
         async with GuestVM("pattern=idle", plugin_args=log.plugin_args(addresses=forced)):
@@ -270,7 +265,7 @@ async def test_an_idle_guest_never_blocks_a_harvest(built: None, shm_path: Path)
             await vm.wait_progress(2)
             out = np.zeros(words_for(GUEST_PAGES), np.uint64)
             log.harvest(out)
-            await vm.stop()                             # stopped vCPU: nothing in flight
+            await vm.stop()  # stopped vCPU: nothing in flight
             for _ in range(3):
                 out[:] = 0
                 start = time.monotonic()

@@ -15,13 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.native import builds
 from orchestrator.app.cli import EXIT_BAD_INPUT
+from orchestrator.native import builds
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None and not os.environ.get("ORCHESTRATOR_QEMU"),
-                       reason="qemu-system-x86_64 is not installed (make fixtures installs it)"),
+    pytest.mark.skipif(
+        shutil.which("qemu-system-x86_64") is None and not os.environ.get("ORCHESTRATOR_QEMU"),
+        reason="qemu-system-x86_64 is not installed (make fixtures installs it)",
+    ),
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,14 +33,17 @@ WHEEL_INPUTS = ("pyproject.toml", "README.md", "orchestrator")
 
 @dataclass(frozen=True)
 class Install:
-    command: Path   # the venv's `orchestrator` console script
-    package: Path   # the installed package directory
+    command: Path  # the venv's `orchestrator` console script
+    package: Path  # the installed package directory
 
 
 def _files(package: Path) -> dict[str, int]:
     """Every file of an installed package but bytecode, with its modification time."""
-    return {str(p.relative_to(package)): p.stat().st_mtime_ns
-            for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    return {
+        str(p.relative_to(package)): p.stat().st_mtime_ns
+        for p in package.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    }
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +56,11 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Install:
             shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(ROOT / name, src / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(work / "dist"), str(src)],
-                   check=True, cwd=work)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(work / "dist"), str(src)],
+        check=True,
+        cwd=work,
+    )
     shutil.rmtree(src)
     [wheel] = (work / "dist").glob("orchestrator-*.whl")
     venv = work / "venv"
@@ -66,21 +74,32 @@ def demo(install: Install, cache: Path, *args: str) -> subprocess.CompletedProce
     """`orchestrator demo ARGS` run from `/` with `cache` as XDG_CACHE_HOME and no Python
     path leading back to the source tree."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    return subprocess.run([str(install.command), "demo", *args], cwd="/", env={**env, "XDG_CACHE_HOME": str(cache)},
-                          capture_output=True, text=True, timeout=240)
+    return subprocess.run(
+        [str(install.command), "demo", *args],
+        cwd="/",
+        env={**env, "XDG_CACHE_HOME": str(cache)},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
 
 
 def built(cache: Path) -> list[str]:
     return sorted(p.name for p in (cache / "orchestrator").glob("*/*") if not p.name.startswith("."))
 
 
-@pytest.mark.parametrize(("args", "artifacts"), [
-    ((), ["guest.elf"]),
-    (("--tracker", "vcpu", "--devices", "none"), ["guest.elf", "libdirtylog.so"]),
-    (("--workload", "fwcfg", "--devices", "none"), ["fwcfg.bin", "guest.elf"]),
-], ids=["default", "vcpu-tracker", "fwcfg-workload"])
-def test_the_installed_demo_builds_what_it_runs_and_verifies(installed: Install, tmp_path: Path,
-                                                             args: tuple[str, ...], artifacts: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("args", "artifacts"),
+    [
+        ((), ["guest.elf"]),
+        (("--tracker", "vcpu", "--devices", "none"), ["guest.elf", "libdirtylog.so"]),
+        (("--workload", "fwcfg", "--devices", "none"), ["fwcfg.bin", "guest.elf"]),
+    ],
+    ids=["default", "vcpu-tracker", "fwcfg-workload"],
+)
+def test_the_installed_demo_builds_what_it_runs_and_verifies(
+    installed: Install, tmp_path: Path, args: tuple[str, ...], artifacts: list[str]
+) -> None:
     before = _files(installed.package)
     run = demo(installed, tmp_path / "cache", *args)
     assert run.returncode == 0, run.stdout + run.stderr

@@ -11,25 +11,25 @@ import sys
 import tempfile
 from pathlib import Path
 
-from orchestrator.migration.attach import Endpoints, attach, attach_remote
-from orchestrator.lab.demo import DEMO_WORKLOADS, parse_size, run_demo
-from orchestrator.lab.fleet import FAULTS, KINDS, FaultPlan
 from orchestrator.app.checks import distinct_sockets, positive, private_ram, process_uid, writable_target
-from orchestrator.migration.driver import GuestHome, Migration, MigrationOptions, MigrationReport
-from orchestrator.migration.engine import OnLimit
 from orchestrator.app.output import event_line, round_line, summary, write_json
-from orchestrator.qemu.errors import QemuError
-from orchestrator.qemu.qmp import QmpSession
 from orchestrator.app.receive import serve
 from orchestrator.app.signals import Interrupted, settle, under_signal_policy
+from orchestrator.lab.demo import DEMO_WORKLOADS, parse_size, run_demo
+from orchestrator.lab.fleet import FAULTS, KINDS, FaultPlan
+from orchestrator.lab.workload import guest_rate
+from orchestrator.migration.attach import Endpoints, attach, attach_remote
+from orchestrator.migration.driver import GuestHome, Migration, MigrationOptions, MigrationReport
+from orchestrator.migration.engine import OnLimit
+from orchestrator.qemu.errors import QemuError
+from orchestrator.qemu.qmp import QmpSession
 from orchestrator.trackers import QemuWrites, RecoveryPolicy, Tracker, VfioDmaLogTracker, qemu_write_trackers
+from orchestrator.trackers.vcpulog import VcpuDirtyLog, log_pages
 from orchestrator.transport import SinkError
 from orchestrator.transport.auth import load_token
 from orchestrator.transport.endpoint import client_context, parse_endpoint
 from orchestrator.transport.tcp import TcpOptions
-from orchestrator.trackers.vcpulog import VcpuDirtyLog, log_pages
 from orchestrator.vfio import RealSyscalls, VfioDevice, VfioError, VfioUsageError
-from orchestrator.lab.workload import guest_rate
 from orchestrator.writewatch import WriteWatchRefused
 
 #: Exit statuses: what happened to the guest. 0 migrated (the destination runs it); 1 not
@@ -42,22 +42,53 @@ BAD_INPUT = (QemuError, SinkError, VfioError, VfioUsageError, WriteWatchRefused,
 
 def add_policy_options(p: argparse.ArgumentParser) -> None:
     d = MigrationOptions
-    p.add_argument("--downtime-limit", type=float, default=d.downtime_limit_ms, metavar="MS", help=f"switch over once the expected downtime fits (default {d.downtime_limit_ms:g})")
-    p.add_argument("--max-rounds", type=int, default=d.max_rounds, metavar="N", help=f"cap on precopy rounds, round 0 included (default {d.max_rounds})")
-    p.add_argument("--max-time", type=float, default=d.max_time_s, metavar="S", help=f"time cap in seconds (default {d.max_time_s:g})")
-    p.add_argument("--on-limit", type=OnLimit, choices=tuple(OnLimit), default=d.on_limit, help="when a cap is hit: cancel (source keeps running) or force the switchover")
+    p.add_argument(
+        "--downtime-limit",
+        type=float,
+        default=d.downtime_limit_ms,
+        metavar="MS",
+        help=f"switch over once the expected downtime fits (default {d.downtime_limit_ms:g})",
+    )
+    p.add_argument(
+        "--max-rounds",
+        type=int,
+        default=d.max_rounds,
+        metavar="N",
+        help=f"cap on precopy rounds, round 0 included (default {d.max_rounds})",
+    )
+    p.add_argument(
+        "--max-time",
+        type=float,
+        default=d.max_time_s,
+        metavar="S",
+        help=f"time cap in seconds (default {d.max_time_s:g})",
+    )
+    p.add_argument(
+        "--on-limit",
+        type=OnLimit,
+        choices=tuple(OnLimit),
+        default=d.on_limit,
+        help="when a cap is hit: cancel (source keeps running) or force the switchover",
+    )
     p.add_argument("--json", metavar="PATH|-", help="write the JSON report there ('-' for stdout)")
 
 
 def add_tracker_options(p: argparse.ArgumentParser, kinds: tuple[QemuWrites, ...]) -> None:
     p.add_argument(
-        "--tracker", choices=[k.value for k in kinds], default=None,
+        "--tracker",
+        choices=[k.value for k in kinds],
+        default=None,
         help="what finds QEMU's own writes to guest RAM: writewatch (the default: every write through QEMU's "
         "page tables, any accelerator; falls back to content hashing with a message when refused, unless "
-        "asked for by name)" + (", vcpu (the TCG plugin: vCPU stores only)" if QemuWrites.VCPU in kinds else "")
+        "asked for by name)"
+        + (", vcpu (the TCG plugin: vCPU stores only)" if QemuWrites.VCPU in kinds else "")
         + " or content (hashes of all RAM every round)",
     )
-    p.add_argument("--trust-seccomp", action="store_true", help="let write-watch inject into a QEMU whose seccomp filter cannot be checked here (never one that is known to deny)")
+    p.add_argument(
+        "--trust-seccomp",
+        action="store_true",
+        help="let write-watch inject into a QEMU whose seccomp filter cannot be checked here (never one that is known to deny)",
+    )
 
 
 def tracker_choice(args: argparse.Namespace) -> tuple[QemuWrites, bool]:
@@ -89,40 +120,101 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
     m = sub.add_parser("migrate", help="migrate between two QEMUs that are already running")
     m.add_argument("--src-qmp", required=True, type=Path, metavar="SOCK")
-    m.add_argument("--dst-qmp", required=True, type=Path, metavar="SOCK", help="destination started with -incoming defer")
+    m.add_argument(
+        "--dst-qmp", required=True, type=Path, metavar="SOCK", help="destination started with -incoming defer"
+    )
     m.add_argument("--src-ram", required=True, type=Path, metavar="FILE", help="the source's share=on RAM file")
     where = m.add_mutually_exclusive_group(required=True)
     where.add_argument("--dst-ram", type=Path, metavar="FILE", help="the destination's RAM file, on this host")
-    where.add_argument("--dst-receiver", metavar="HOST:PORT", help="a `receive` on the destination host (needs --token-file and --uri)")
+    where.add_argument(
+        "--dst-receiver", metavar="HOST:PORT", help="a `receive` on the destination host (needs --token-file and --uri)"
+    )
     m.add_argument("--uri", help="QEMU-to-QEMU state stream, e.g. tcp:HOST:PORT (default: a private unix socket)")
     add_stream_options(m)
-    m.add_argument("--vfio-device", action="append", type=Path, default=[], metavar="PATH", help="a VFIO device fd to track by DMA logging (repeatable)")
+    m.add_argument(
+        "--vfio-device",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="PATH",
+        help="a VFIO device fd to track by DMA logging (repeatable)",
+    )
     m.add_argument("--verify", action="store_true", help="compare source and destination RAM while both are paused")
     add_tracker_options(m, tuple(QemuWrites))
-    m.add_argument("--vcpu-log", type=Path, metavar="FILE", help="with --tracker vcpu: the dirty log made by `vcpu-log` that the source QEMU's plugin writes")
+    m.add_argument(
+        "--vcpu-log",
+        type=Path,
+        metavar="FILE",
+        help="with --tracker vcpu: the dirty log made by `vcpu-log` that the source QEMU's plugin writes",
+    )
     add_policy_options(m)
 
     d = sub.add_parser("demo", help="launch two QEMUs running the fixture guest and migrate it live")
-    d.add_argument("--workload", default="light", choices=sorted(DEMO_WORKLOADS), help="what the guest does while it migrates (default light; linux boots a Linux guest: `make linux-guest` first)")
+    d.add_argument(
+        "--workload",
+        default="light",
+        choices=sorted(DEMO_WORKLOADS),
+        help="what the guest does while it migrates (default light; linux boots a Linux guest: `make linux-guest` first)",
+    )
     d.add_argument("--mem", default="256M", metavar="SIZE", help="guest RAM (default 256M)")
     add_tracker_options(d, tuple(QemuWrites))
-    d.add_argument("--accel", choices=("tcg", "kvm"), default="tcg", help="accelerator (kvm needs /dev/kvm, and a tracker other than vcpu)")
-    d.add_argument("--qemu", metavar="PATH", help="the QEMU binary of both VMs (default: $ORCHESTRATOR_QEMU, else qemu-system-x86_64)")
+    d.add_argument(
+        "--accel",
+        choices=("tcg", "kvm"),
+        default="tcg",
+        help="accelerator (kvm needs /dev/kvm, and a tracker other than vcpu)",
+    )
+    d.add_argument(
+        "--qemu",
+        metavar="PATH",
+        help="the QEMU binary of both VMs (default: $ORCHESTRATOR_QEMU, else qemu-system-x86_64)",
+    )
     d.add_argument("--no-verify", action="store_true", help="skip the bit-exact comparison at switchover")
-    d.add_argument("--transport", choices=("local", "tcp"), default="local", help="how pages move: local copy, or a TCP stream through a receiver on loopback")
-    d.add_argument("--devices", default="mlx5,pds", metavar="KINDS", help=f"emulated DMA devices, comma separated, from {', '.join(KINDS)}; 'none' for none (default mlx5,pds)")
-    d.add_argument("--no-device-tracking", action="store_true", help="devices DMA but nothing tracks them (a negative control: verification must fail)")
-    d.add_argument("--inject", action="append", default=[], metavar="FAULT[@DEVICE][:ROUND]", help=f"inject a device fault before ROUND's collect (repeatable): {', '.join(FAULTS)}")
+    d.add_argument(
+        "--transport",
+        choices=("local", "tcp"),
+        default="local",
+        help="how pages move: local copy, or a TCP stream through a receiver on loopback",
+    )
+    d.add_argument(
+        "--devices",
+        default="mlx5,pds",
+        metavar="KINDS",
+        help=f"emulated DMA devices, comma separated, from {', '.join(KINDS)}; 'none' for none (default mlx5,pds)",
+    )
+    d.add_argument(
+        "--no-device-tracking",
+        action="store_true",
+        help="devices DMA but nothing tracks them (a negative control: verification must fail)",
+    )
+    d.add_argument(
+        "--inject",
+        action="append",
+        default=[],
+        metavar="FAULT[@DEVICE][:ROUND]",
+        help=f"inject a device fault before ROUND's collect (repeatable): {', '.join(FAULTS)}",
+    )
     add_policy_options(d)
 
-    v = sub.add_parser("vcpu-log", help="create a dirty log for the TCG plugin (migrate --tracker vcpu) and print QEMU's -plugin argument")
+    v = sub.add_parser(
+        "vcpu-log",
+        help="create a dirty log for the TCG plugin (migrate --tracker vcpu) and print QEMU's -plugin argument",
+    )
     v.add_argument("path", type=Path, metavar="FILE", help="the log to create, e.g. in /dev/shm (must not exist)")
     v.add_argument("--mem", required=True, type=parse_size, metavar="SIZE", help="the guest's RAM size, e.g. 4G")
 
-    r = sub.add_parser("receive", help="on the destination host: receive guest pages into the destination QEMU's RAM file")
+    r = sub.add_parser(
+        "receive", help="on the destination host: receive guest pages into the destination QEMU's RAM file"
+    )
     r.add_argument("--listen", required=True, metavar="HOST:PORT")
     r.add_argument("--ram", required=True, type=Path, metavar="FILE", help="the destination QEMU's share=on RAM file")
-    r.add_argument("--token-file", required=True, type=Path, metavar="FILE", help="the shared secret (mode 0600), the same file content as the sender's")
+    r.add_argument(
+        "--token-file",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="the shared secret (mode 0600), the same file content as the sender's",
+    )
     r.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve TLS with this certificate (with --tls-key)")
     r.add_argument("--tls-key", type=Path, metavar="PEM")
     r.add_argument("--once", action="store_true", help="exit when the first migration session ends")
@@ -131,10 +223,16 @@ def parser() -> argparse.ArgumentParser:
 
 def add_stream_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-file", type=Path, metavar="FILE", help="shared secret for --dst-receiver (mode 0600)")
-    p.add_argument("--tls-ca", type=Path, metavar="PEM", help="use TLS; the receiver's certificate must chain to this CA")
-    p.add_argument("--tls-server-name", metavar="NAME", help="name the receiver's certificate must carry (default: its host)")
+    p.add_argument(
+        "--tls-ca", type=Path, metavar="PEM", help="use TLS; the receiver's certificate must chain to this CA"
+    )
+    p.add_argument(
+        "--tls-server-name", metavar="NAME", help="name the receiver's certificate must carry (default: its host)"
+    )
     p.add_argument("--streams", type=int, default=4, metavar="N", help="parallel connections (default 4)")
-    p.add_argument("--max-bandwidth", type=parse_size, metavar="BYTES", help="cap on page-stream bytes per second, e.g. 100M")
+    p.add_argument(
+        "--max-bandwidth", type=parse_size, metavar="BYTES", help="cap on page-stream bytes per second, e.g. 100M"
+    )
 
 
 def check_migrate_args(args: argparse.Namespace) -> MigrationOptions:
@@ -153,8 +251,12 @@ async def attach_from(args: argparse.Namespace, src: QmpSession, dst: QmpSession
     if args.dst_ram is not None:
         return await attach(src, dst, args.src_ram, args.dst_ram)
     tls = client_context(args.tls_ca) if args.tls_ca else None
-    options = TcpOptions(streams=args.streams, max_bandwidth=args.max_bandwidth, ssl=tls, server_hostname=args.tls_server_name)
-    return await attach_remote(src, dst, args.src_ram, parse_endpoint(args.dst_receiver), load_token(args.token_file), options)
+    options = TcpOptions(
+        streams=args.streams, max_bandwidth=args.max_bandwidth, ssl=tls, server_hostname=args.tls_server_name
+    )
+    return await attach_remote(
+        src, dst, args.src_ram, parse_endpoint(args.dst_receiver), load_token(args.token_file), options
+    )
 
 
 def vfio_trackers(paths: list[Path], fds: list[int]) -> list[Tracker]:
@@ -227,8 +329,14 @@ async def migrate_command(args: argparse.Namespace) -> int:
         check_ram_files(args, *sessions)
         kind, explicit = tracker_choice(args)
         with qemu_write_trackers(
-            kind, ep.layout, sessions[0].peer_pid(), explicit=explicit, log=log, src_ram=str(args.src_ram),
-            trust_seccomp=args.trust_seccomp, notice=lambda text: print(text, flush=True),
+            kind,
+            ep.layout,
+            sessions[0].peer_pid(),
+            explicit=explicit,
+            log=log,
+            src_ram=str(args.src_ram),
+            trust_seccomp=args.trust_seccomp,
+            notice=lambda text: print(text, flush=True),
         ) as ram:
             trackers = ram + vfio_trackers(args.vfio_device, fds)
             report = await run_migration(ep, trackers, args.uri or f"unix:{workdir / 'migrate.sock'}", options)
@@ -253,22 +361,43 @@ async def demo_command(args: argparse.Namespace) -> int:
     devices = [] if args.devices == "none" else [k.strip() for k in args.devices.split(",") if k.strip()]
     faults = [FaultPlan.parse(f) for f in args.inject]
     kind, explicit = tracker_choice(args)
-    print(f"demo: {args.workload} guest ({DEMO_WORKLOADS[args.workload]}), {args.mem} RAM, tracker {kind.value}, "
-          f"devices {', '.join(devices) or 'none'}{'' if not args.no_device_tracking else ' (untracked)'}", flush=True)
+    print(
+        f"demo: {args.workload} guest ({DEMO_WORKLOADS[args.workload]}), {args.mem} RAM, tracker {kind.value}, "
+        f"devices {', '.join(devices) or 'none'}{'' if not args.no_device_tracking else ' (untracked)'}",
+        flush=True,
+    )
     result = await run_demo(
-        args.workload, mem, kind, options, devices, not args.no_device_tracking, faults, args.accel,
-        round_line, event_line, transport=args.transport, qemu=args.qemu, explicit=explicit, trust_seccomp=args.trust_seccomp,
+        args.workload,
+        mem,
+        kind,
+        options,
+        devices,
+        not args.no_device_tracking,
+        faults,
+        args.accel,
+        round_line,
+        event_line,
+        transport=args.transport,
+        qemu=args.qemu,
+        explicit=explicit,
+        trust_seccomp=args.trust_seccomp,
     )
     rep = result.report
     summary(rep)
     if result.src_progress:
-        print(f"source guest:      last progress {result.src_progress[-1]}, {guest_rate(result.src_progress):.0f} pages/s")
+        print(
+            f"source guest:      last progress {result.src_progress[-1]}, {guest_rate(result.src_progress):.0f} pages/s"
+        )
     if result.dst_progress:
-        print(f"destination guest: running, progress {result.dst_progress[-1]}, "
-              f"{'its own checks pass' if not result.guest_errors else 'FAILED its own checks: ' + result.guest_errors[0]}")
+        print(
+            f"destination guest: running, progress {result.dst_progress[-1]}, "
+            f"{'its own checks pass' if not result.guest_errors else 'FAILED its own checks: ' + result.guest_errors[0]}"
+        )
     for name, check in result.devices.items():
-        print(f"device {name}: state migrated {'yes' if check['state_migrated'] else 'NO'}, "
-              f"destination DMA consistent {'yes' if not check['destination_mismatched_pages'] else 'NO'}")
+        print(
+            f"device {name}: state migrated {'yes' if check['state_migrated'] else 'NO'}, "
+            f"destination DMA consistent {'yes' if not check['destination_mismatched_pages'] else 'NO'}"
+        )
     devices_ok = all(c["state_migrated"] and not c["destination_mismatched_pages"] for c in result.devices.values())
     report_json({**rep.as_dict(), "device_checks": result.devices}, args.json)
     return exit_status(rep, devices_ok, not result.guest_errors)
@@ -291,7 +420,10 @@ async def receive_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     command = {
-        "migrate": migrate_command, "demo": demo_command, "receive": receive_command, "vcpu-log": vcpu_log_command,
+        "migrate": migrate_command,
+        "demo": demo_command,
+        "receive": receive_command,
+        "vcpu-log": vcpu_log_command,
     }[args.command]
     try:
         return asyncio.run(under_signal_policy(command(args)))

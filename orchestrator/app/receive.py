@@ -14,7 +14,9 @@ from orchestrator.transport.endpoint import Endpoint, parse_endpoint, server_con
 from orchestrator.transport.receiver import Receiver
 
 
-async def serve(ram: Path, listen: str, token_file: Path, tls_cert: Path | None, tls_key: Path | None, once: bool) -> int:
+async def serve(
+    ram: Path, listen: str, token_file: Path, tls_cert: Path | None, tls_key: Path | None, once: bool
+) -> int:
     """Serve until SIGINT/SIGTERM, or with `once` until the first session says BYE."""
     logging.basicConfig(level=logging.INFO, format="receiver: %(message)s", stream=sys.stdout)
     token = load_token(token_file)
@@ -26,7 +28,10 @@ async def serve(ram: Path, listen: str, token_file: Path, tls_cert: Path | None,
         loop.add_signal_handler(sig, stop.set)
     async with Receiver(str(ram), token, ssl_context=tls) as receiver:
         host, port = await receiver.start(where.host, where.port)
-        print(f"receiving on {Endpoint(host, port)}{' (TLS)' if tls else ''} into {ram} ({receiver.file_size} bytes)", flush=True)
+        print(
+            f"receiving on {Endpoint(host, port)}{' (TLS)' if tls else ''} into {ram} ({receiver.file_size} bytes)",
+            flush=True,
+        )
         waits = [asyncio.ensure_future(stop.wait())]
         if once:
             waits.append(asyncio.ensure_future(receiver.finished.wait()))

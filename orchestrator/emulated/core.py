@@ -14,6 +14,14 @@ import ctypes
 import errno
 from collections.abc import Callable
 
+from orchestrator.emulated.errors import kernel_error
+from orchestrator.emulated.ioctl_arg import IoctlArg
+from orchestrator.emulated.iova_bitmap import IovaBitmap
+from orchestrator.emulated.migration import DataFile
+from orchestrator.emulated.models.base import DeviceModel
+from orchestrator.emulated.ranges import RangeTree, node_for
+from orchestrator.emulated.runs import U64_MAX
+from orchestrator.emulated.usermem import copy_from_user
 from orchestrator.uapi import (
     VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT,
     VFIO_DEVICE_FEATURE_DMA_LOGGING_START,
@@ -36,14 +44,6 @@ from orchestrator.uapi import (
     vfio_device_feature_mig_state,
     vfio_device_feature_migration,
 )
-from orchestrator.emulated.errors import kernel_error
-from orchestrator.emulated.ioctl_arg import IoctlArg
-from orchestrator.emulated.iova_bitmap import IovaBitmap
-from orchestrator.emulated.migration import DataFile
-from orchestrator.emulated.models.base import DeviceModel
-from orchestrator.emulated.ranges import RangeTree, node_for
-from orchestrator.emulated.runs import U64_MAX
-from orchestrator.emulated.usermem import copy_from_user
 
 DATA = ctypes.sizeof(vfio_device_feature)  # offset of data[] in the ioctl argument
 _RANGE_SIZE = ctypes.sizeof(vfio_device_feature_dma_logging_range)

@@ -16,6 +16,12 @@ import ctypes
 import errno
 from typing import TYPE_CHECKING
 
+from orchestrator.emulated.core import FeatureContext, device_feature
+from orchestrator.emulated.errors import kernel_error
+from orchestrator.emulated.ioctl_arg import IoctlArg, offsetofend
+from orchestrator.emulated.iommufd import Iommufd, IommufdDevice
+from orchestrator.emulated.models.base import DeviceModel
+from orchestrator.emulated.usermem import copy_from_user
 from orchestrator.uapi import (
     VFIO_DEVICE_ATTACH_IOMMUFD_PT,
     VFIO_DEVICE_ATTACH_PASID,
@@ -28,12 +34,6 @@ from orchestrator.uapi import (
     vfio_device_bind_iommufd,
     vfio_device_detach_iommufd_pt,
 )
-from orchestrator.emulated.core import FeatureContext, device_feature
-from orchestrator.emulated.errors import kernel_error
-from orchestrator.emulated.ioctl_arg import IoctlArg, offsetofend
-from orchestrator.emulated.iommufd import Iommufd, IommufdDevice
-from orchestrator.emulated.models.base import DeviceModel
-from orchestrator.emulated.usermem import copy_from_user
 
 if TYPE_CHECKING:
     from orchestrator.emulated.kernel import EmulatedKernel

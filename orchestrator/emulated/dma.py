@@ -63,7 +63,15 @@ def check_window(ram: np.ndarray, state: EngineState) -> list[int]:
 class DmaEngine:
     """Writes `rate` pages per second into the device's window while the device runs."""
 
-    def __init__(self, model: DeviceModel, ram_path: str, window_gpa: int, window_pages: int, rate: int = 4000, tick_s: float = 0.002) -> None:
+    def __init__(
+        self,
+        model: DeviceModel,
+        ram_path: str,
+        window_gpa: int,
+        window_pages: int,
+        rate: int = 4000,
+        tick_s: float = 0.002,
+    ) -> None:
         if window_gpa % PAGE or window_pages <= 0:
             raise ValueError(f"DMA window {window_gpa:#x}+{window_pages} pages is not page-aligned and non-empty")
         self.model = model

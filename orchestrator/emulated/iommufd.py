@@ -18,6 +18,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from orchestrator.emulated.dirtylog import UnitLog
+from orchestrator.emulated.errors import kernel_error
+from orchestrator.emulated.ioctl_arg import IoctlArg, offsetofend
+from orchestrator.emulated.iova_bitmap import IovaBitmap
+from orchestrator.emulated.models.base import DeviceModel
+from orchestrator.emulated.runs import U64_MAX
 from orchestrator.uapi import (
     IOMMU_GET_HW_INFO,
     IOMMU_HW_CAP_DIRTY_TRACKING,
@@ -42,12 +48,6 @@ from orchestrator.uapi import (
     iommu_ioas_alloc,
     iommu_ioas_map,
 )
-from orchestrator.emulated.dirtylog import UnitLog
-from orchestrator.emulated.errors import kernel_error
-from orchestrator.emulated.ioctl_arg import IoctlArg, offsetofend
-from orchestrator.emulated.iova_bitmap import IovaBitmap
-from orchestrator.emulated.models.base import DeviceModel
-from orchestrator.emulated.runs import U64_MAX
 
 
 class IoPageTable:
@@ -336,9 +336,7 @@ class Iommufd:
         if not hwpt.dirty_ops:
             raise kernel_error(errno.EOPNOTSUPP)
         bitmap = IovaBitmap(cmd.iova, cmd.length, cmd.page_size, cmd.data)
-        hwpt.read_and_clear_dirty(
-            cmd.iova, last, bitmap, clear=not cmd.flags & IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR
-        )
+        hwpt.read_and_clear_dirty(cmd.iova, last, bitmap, clear=not cmd.flags & IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR)
 
 
 _OPS: dict[int, _Op] = {

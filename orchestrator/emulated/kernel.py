@@ -17,11 +17,11 @@ import errno
 import threading
 from typing import Protocol
 
-from orchestrator.uapi import log_max_ranges
 from orchestrator.emulated.device_file import DeviceFile
 from orchestrator.emulated.errors import kernel_error
 from orchestrator.emulated.iommufd import Iommufd
 from orchestrator.emulated.models.base import DeviceModel
+from orchestrator.uapi import log_max_ranges
 
 
 class KernelFile(Protocol):

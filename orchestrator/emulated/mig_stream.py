@@ -21,9 +21,9 @@ import errno
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from orchestrator.uapi import VFIO_MIG_GET_PRECOPY_INFO, VFIO_MIGRATION_PRE_COPY, _Le, vfio_precopy_info
 from orchestrator.emulated.errors import kernel_error
 from orchestrator.emulated.ioctl_arg import IoctlArg
+from orchestrator.uapi import VFIO_MIG_GET_PRECOPY_INFO, VFIO_MIGRATION_PRE_COPY, _Le, vfio_precopy_info
 
 if TYPE_CHECKING:
     from orchestrator.emulated.migration import MigrationDriver
@@ -33,7 +33,7 @@ STREAM_MAJOR, STREAM_MINOR = 1, 0
 REC_PRECOPY, REC_FINAL = 1, 2
 
 
-class stream_header(_Le):  # noqa: N801
+class stream_header(_Le):
     _fields_ = [
         ("magic", ctypes.c_uint64),
         ("major", ctypes.c_uint32),
@@ -43,14 +43,14 @@ class stream_header(_Le):  # noqa: N801
     ]
 
 
-class record_header(_Le):  # noqa: N801
+class record_header(_Le):
     _fields_ = [("kind", ctypes.c_uint32), ("length", ctypes.c_uint32)]
 
 
 RECORD_SIZE = ctypes.sizeof(record_header)
 
 
-class mtty_header(_Le):  # noqa: N801 - the head of mtty.c's struct mtty_data
+class mtty_header(_Le):
     _fields_ = [
         ("magic", ctypes.c_uint64),
         ("major", ctypes.c_uint32),

@@ -12,15 +12,15 @@ import threading
 from collections.abc import Callable
 from typing import Union
 
+from orchestrator.emulated.errors import kernel_error
+from orchestrator.emulated.faults import FaultState
+from orchestrator.emulated.mig_stream import ResumeFile, SaveFile, StreamFormat
 from orchestrator.uapi import (
     VFIO_MIGRATION_P2P,
     VFIO_MIGRATION_PRE_COPY,
     VFIO_MIGRATION_STOP_COPY,
     vfio_device_mig_state,
 )
-from orchestrator.emulated.errors import kernel_error
-from orchestrator.emulated.faults import FaultState
-from orchestrator.emulated.mig_stream import ResumeFile, SaveFile, StreamFormat
 
 S = vfio_device_mig_state
 _ER, _ST, _RU, _SC, _RE, _RP, _PC, _PP = (
@@ -85,7 +85,14 @@ DataFile = Union[SaveFile, ResumeFile]
 
 # Arcs that change only whether the device runs or may do P2P: no data moves.
 _QUIET_ARCS = {
-    (_ST, _RU), (_RU, _ST), (_ST, _RP), (_RP, _ST), (_RU, _RP), (_RP, _RU), (_PC, _PP), (_PP, _PC),
+    (_ST, _RU),
+    (_RU, _ST),
+    (_ST, _RP),
+    (_RP, _ST),
+    (_RU, _RP),
+    (_RP, _RU),
+    (_PC, _PP),
+    (_PP, _PC),
 }
 
 

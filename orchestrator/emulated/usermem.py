@@ -16,7 +16,7 @@ _libc.process_vm_readv.restype = ctypes.c_ssize_t
 _libc.process_vm_writev.restype = ctypes.c_ssize_t
 
 
-class _iovec(ctypes.Structure):  # noqa: N801
+class _iovec(ctypes.Structure):
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
 

@@ -13,20 +13,29 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.native import builds
-from orchestrator.migration.attach import Endpoints, attach, attach_remote
+from orchestrator.lab import linux
 from orchestrator.lab.fleet import FaultPlan, Fleet, device_names
+from orchestrator.lab.launcher import QemuVm, Role, VmConfig, default_qemu, launch
+from orchestrator.lab.linux import LinuxWorkload
+from orchestrator.lab.loopback import loopback_receiver
+from orchestrator.lab.workload import (
+    GUEST_ELF,
+    WORKLOADS,
+    Progress,
+    dma_window,
+    guest_errors,
+    needs_fwcfg,
+    parse_progress,
+    qemu_args,
+)
+from orchestrator.migration.attach import Endpoints, attach, attach_remote
 from orchestrator.migration.driver import Migration, MigrationOptions, MigrationReport
 from orchestrator.migration.engine import MigrationStatus
-from orchestrator.lab.launcher import QemuVm, Role, VmConfig, default_qemu, launch
-from orchestrator.lab.loopback import loopback_receiver
+from orchestrator.native import builds
 from orchestrator.trackers import QemuWrites, Tracker, qemu_write_trackers
+from orchestrator.trackers.vcpulog import VcpuDirtyLog, log_pages
 from orchestrator.transport.auth import load_token
 from orchestrator.transport.endpoint import Endpoint
-from orchestrator.trackers.vcpulog import VcpuDirtyLog, log_pages
-from orchestrator.lab import linux
-from orchestrator.lab.linux import LinuxWorkload
-from orchestrator.lab.workload import GUEST_ELF, WORKLOADS, Progress, dma_window, guest_errors, needs_fwcfg, parse_progress, qemu_args
 
 _SIZE = re.compile(r"^(\d+)([KMG]?)$", re.I)
 
@@ -88,8 +97,10 @@ def check_fixtures(tracker: QemuWrites, workload: str = "light") -> None:
         try:
             linux.check_built()
         except FileNotFoundError as exc:
-            raise FileNotFoundError(f"{exc} in a source checkout (it downloads about 100 MB of Debian packages); "
-                                    "an installed package runs the fixture guest's workloads only") from None
+            raise FileNotFoundError(
+                f"{exc} in a source checkout (it downloads about 100 MB of Debian packages); "
+                "an installed package runs the fixture guest's workloads only"
+            ) from None
     else:
         builds.ensure(builds.GUEST)
         if needs_fwcfg(WORKLOADS[workload]):
@@ -109,11 +120,16 @@ def guest_configs(workload: str, mem: int, accel: str, qemu: str, plugin: str | 
     common = {"accel": accel, "qemu_binary": qemu}
     if workload == LINUX:
         job = LinuxWorkload(mem=min(256 << 20, mem // 2), rate=64 << 20)
-        return (linux.vm_config("src", mem >> 20, workload=job, plugin=plugin, **common),
-                linux.vm_config("dst", mem >> 20, Role.DESTINATION, job, **common))
+        return (
+            linux.vm_config("src", mem >> 20, workload=job, plugin=plugin, **common),
+            linux.vm_config("dst", mem >> 20, Role.DESTINATION, job, **common),
+        )
     append = WORKLOADS[workload]
     fixture = {"kernel": GUEST_ELF, "append": append, "extra_args": qemu_args(append), **common}
-    return (VmConfig("src", mem >> 20, plugin=plugin, **fixture), VmConfig("dst", mem >> 20, Role.DESTINATION, **fixture))
+    return (
+        VmConfig("src", mem >> 20, plugin=plugin, **fixture),
+        VmConfig("dst", mem >> 20, Role.DESTINATION, **fixture),
+    )
 
 
 @dataclass
@@ -132,7 +148,9 @@ class GuestPair:
         unless device tracking is off."""
         return self.ram + (self.fleet.trackers() if self.fleet and self.device_tracking else [])
 
-    def migration(self, options: MigrationOptions, trackers: list[Tracker] | None = None, on_round=None, on_event=None) -> Migration:
+    def migration(
+        self, options: MigrationOptions, trackers: list[Tracker] | None = None, on_round=None, on_event=None
+    ) -> Migration:
         ep = self.endpoints
         hooks = [h for h in (self.fleet.on_round if self.fleet else None, on_round) if h]
 
@@ -141,8 +159,15 @@ class GuestPair:
                 hook(rec)
 
         return Migration(
-            ep.src, ep.dst, ep.layout, ep.sink, self.trackers() if trackers is None else trackers,
-            self.dst.migration_uri(), options, each_round, on_event,
+            ep.src,
+            ep.dst,
+            ep.layout,
+            ep.sink,
+            self.trackers() if trackers is None else trackers,
+            self.dst.migration_uri(),
+            options,
+            each_round,
+            on_event,
             devices=self.fleet.migrations() if self.fleet else (),
         )
 
@@ -176,15 +201,26 @@ async def guest_pair(
     check_accel(accel, tracker)
     if devices:
         device_names(devices, faults or [])
-    log = VcpuDirtyLog.create(Path("/dev/shm") / f"orchestrator-vcpu-{uuid.uuid4().hex}", log_pages(mem)) if tracker is QemuWrites.VCPU else None
+    log = (
+        VcpuDirtyLog.create(Path("/dev/shm") / f"orchestrator-vcpu-{uuid.uuid4().hex}", log_pages(mem))
+        if tracker is QemuWrites.VCPU
+        else None
+    )
     try:
-        src_cfg, dst_cfg = guest_configs(workload, mem, accel, qemu or default_qemu(), log.plugin_args() if log else None)
+        src_cfg, dst_cfg = guest_configs(
+            workload, mem, accel, qemu or default_qemu(), log.plugin_args() if log else None
+        )
         async with launch(src_cfg) as src, launch(dst_cfg) as dst, _receiver(dst, transport) as receiver:
             await wait_progress(src, 10 if workload == LINUX else 1, 120)  # Linux: a second of its work
             ep = await _attach(src, dst, receiver)
             fleet = None
             ram = qemu_write_trackers(
-                tracker, ep.layout, src.qmp.peer_pid(), explicit=explicit, log=log, src_ram=str(src.ram_path),
+                tracker,
+                ep.layout,
+                src.qmp.peer_pid(),
+                explicit=explicit,
+                log=log,
+                src_ram=str(src.ram_path),
                 trust_seccomp=trust_seccomp,
             )
             try:
@@ -240,7 +276,16 @@ async def run_demo(
     trust_seccomp: bool = False,
 ) -> DemoResult:
     async with guest_pair(
-        workload, mem, tracker, devices, device_tracking, faults, accel=accel, transport=transport, qemu=qemu, explicit=explicit,
+        workload,
+        mem,
+        tracker,
+        devices,
+        device_tracking,
+        faults,
+        accel=accel,
+        transport=transport,
+        qemu=qemu,
+        explicit=explicit,
         trust_seccomp=trust_seccomp,
     ) as pair:
         report = await pair.migration(options, on_round=on_round, on_event=on_event).run()

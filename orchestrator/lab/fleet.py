@@ -16,10 +16,10 @@ from pathlib import Path
 from orchestrator.emulated import EmulatedKernel, Fault, Mlx5Like, NoDmaLogging, PdsLike
 from orchestrator.emulated.dma import PAGE, DmaEngine
 from orchestrator.emulated.models.base import DeviceModel
+from orchestrator.migration.devices import DeviceMigration
 from orchestrator.migration.engine import RoundRecord
 from orchestrator.trackers import Tracker, VfioDmaLogTracker
 from orchestrator.vfio import IovaRange, State, VfioDevice
-from orchestrator.migration.devices import DeviceMigration
 
 MiB = 1 << 20
 NOLOG_WINDOW = MiB  # a device without DMA logging reaches only a small window
@@ -118,7 +118,11 @@ class Fleet:
             engine = DmaEngine(sm, str(src_ram), window.iova, window.length // PAGE, rate)
             fleet.devices.append(
                 EmulatedDevice(
-                    name, kind, window, sm, dm,
+                    name,
+                    kind,
+                    window,
+                    sm,
+                    dm,
                     VfioDevice(src_k.open_device(sm), src_k, name=name),
                     VfioDevice(dst_k.open_device(dm), dst_k, name=name),
                     engine,
@@ -135,8 +139,7 @@ class Fleet:
         """One DMA-log tracker per device; a device that cannot log is covered for what it
         can reach (its window), which the tracker then marks dirty every round."""
         return [
-            VfioDmaLogTracker(d.src, reach=[d.window] if d.kind == "nolog" else None, name=d.name)
-            for d in self.devices
+            VfioDmaLogTracker(d.src, reach=[d.window] if d.kind == "nolog" else None, name=d.name) for d in self.devices
         ]
 
     def migrations(self) -> list[DeviceMigration]:
@@ -145,7 +148,9 @@ class Fleet:
     def _runner(self, d: EmulatedDevice) -> Callable[[], None]:
         def run() -> None:
             d.resumed_state = d.dst_model.device_data
-            d.dst_engine = DmaEngine(d.dst_model, self.dst_ram, d.window.iova, d.window.length // PAGE, self.rate).start()
+            d.dst_engine = DmaEngine(
+                d.dst_model, self.dst_ram, d.window.iova, d.window.length // PAGE, self.rate
+            ).start()
 
         return run
 

@@ -103,18 +103,24 @@ def qemu_argv(config: VmConfig, paths: VmPaths) -> list[str]:
     share = "on" if config.share else "off"
     argv = [
         config.qemu_binary,
-        "-name", config.name,
+        "-name",
+        config.name,
         "-nodefaults",
         "-nographic",
-        "-machine", f"pc,memory-backend={RAM_BACKEND_ID}",
-        "-m", f"{config.ram_mib}M",
+        "-machine",
+        f"pc,memory-backend={RAM_BACKEND_ID}",
+        "-m",
+        f"{config.ram_mib}M",
         "-object",
-        f"memory-backend-file,id={RAM_BACKEND_ID},size={config.ram_mib}M,"
-        f"mem-path={paths.ram},share={share}",
-        "-accel", config.accel,
-        "-smp", "1",
-        "-qmp", f"unix:{paths.qmp},server=on,wait=off",
-        "-serial", "stdio" if config.serial is SerialMode.PIPE else f"file:{paths.serial}",
+        f"memory-backend-file,id={RAM_BACKEND_ID},size={config.ram_mib}M,mem-path={paths.ram},share={share}",
+        "-accel",
+        config.accel,
+        "-smp",
+        "1",
+        "-qmp",
+        f"unix:{paths.qmp},server=on,wait=off",
+        "-serial",
+        "stdio" if config.serial is SerialMode.PIPE else f"file:{paths.serial}",
     ]
     if config.kernel is not None:
         argv += ["-kernel", str(config.kernel)]
@@ -209,8 +215,7 @@ class QemuVm:
             except QmpConnectError as err:
                 if time.monotonic() > deadline:
                     raise QmpTimeoutError(
-                        f"QEMU '{self.name}' offered no QMP on {self.paths.qmp} within "
-                        f"{timeout:g}s: {err}"
+                        f"QEMU '{self.name}' offered no QMP on {self.paths.qmp} within {timeout:g}s: {err}"
                     ) from err
             await asyncio.sleep(0.02)
 
@@ -256,8 +261,9 @@ async def guarded(awaitable: Awaitable[_T], *vms: QemuVm) -> _T:
 async def launch(config: VmConfig, *, ready_timeout: float = 10.0) -> AsyncIterator[QemuVm]:
     """Start QEMU, connect QMP, yield the VM; on exit kill it and delete its files."""
     workdir = Path(tempfile.mkdtemp(prefix=f"qemu-{config.name}-"))  # mkdtemp: mode 0700
-    fd, ram_name = tempfile.mkstemp(prefix=f"orchestrator-{config.name}-", suffix=".ram",
-                                    dir=config.ram_dir)  # mkstemp: mode 0600
+    fd, ram_name = tempfile.mkstemp(
+        prefix=f"orchestrator-{config.name}-", suffix=".ram", dir=config.ram_dir
+    )  # mkstemp: mode 0600
     paths = VmPaths.inside(workdir, Path(ram_name))
     vm: QemuVm | None = None
     try:
@@ -269,8 +275,7 @@ async def launch(config: VmConfig, *, ready_timeout: float = 10.0) -> AsyncItera
             process = await asyncio.create_subprocess_exec(
                 *qemu_argv(config, paths),
                 stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE if config.serial is SerialMode.PIPE
-                else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE if config.serial is SerialMode.PIPE else asyncio.subprocess.DEVNULL,
                 stderr=stderr,
                 start_new_session=True,  # a terminal's Ctrl-C is ours to handle, not QEMU's
             )

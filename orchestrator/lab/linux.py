@@ -64,9 +64,14 @@ class LinuxWorkload:
     def cmdline(self) -> str:
         return " ".join(
             f"workload.{key}={value}"
-            for key, value in (("mem", self.mem), ("rate", self.rate), ("io", self.io),
-                               ("iorate", self.iorate), ("iobuf", self.iobuf),
-                               ("period", self.period_ms))
+            for key, value in (
+                ("mem", self.mem),
+                ("rate", self.rate),
+                ("io", self.io),
+                ("iorate", self.iorate),
+                ("iobuf", self.iobuf),
+                ("period", self.period_ms),
+            )
         )
 
 
@@ -109,8 +114,7 @@ def kernel_append(ram_mib: int, workload: LinuxWorkload, dma_mib: int | None = 1
 def disk_args(disk: Path = DISK) -> tuple[str, ...]:
     """The disk as a read-only virtio-blk device (QEMU's option syntax doubles commas)."""
     path = str(disk).replace(",", ",,")
-    return ("-drive", f"file={path},format=raw,if=none,id=disk0,readonly=on",
-            "-device", "virtio-blk-pci,drive=disk0")
+    return ("-drive", f"file={path},format=raw,if=none,id=disk0,readonly=on", "-device", "virtio-blk-pci,drive=disk0")
 
 
 def vm_config(
@@ -128,8 +132,16 @@ def vm_config(
     destination the same arguments: the destination needs the same devices and disk."""
     check_built(disk)
     extra = disk_args(disk) + tuple(config.pop("extra_args", ()))
-    return VmConfig(name, ram_mib, role, kernel=KERNEL, initrd=INITRD,
-                    append=kernel_append(ram_mib, workload, dma_mib), extra_args=extra, **config)
+    return VmConfig(
+        name,
+        ram_mib,
+        role,
+        kernel=KERNEL,
+        initrd=INITRD,
+        append=kernel_append(ram_mib, workload, dma_mib),
+        extra_args=extra,
+        **config,
+    )
 
 
 def kernel_died(serial_text: str) -> bool:

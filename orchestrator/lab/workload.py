@@ -43,8 +43,10 @@ def qemu_args(append: str) -> tuple[str, ...]:
     if not needs_fwcfg(append):
         return ()
     if not FWCFG_FILE.exists():
-        raise FileNotFoundError(f"fw_cfg data file not built ({FWCFG_FILE}): the demo builds it on first use, "
-                                "`make fixtures` (or `python -m orchestrator.native.builds`) builds it now")
+        raise FileNotFoundError(
+            f"fw_cfg data file not built ({FWCFG_FILE}): the demo builds it on first use, "
+            "`make fixtures` (or `python -m orchestrator.native.builds`) builds it now"
+        )
     # QEMU's option syntax escapes a comma by doubling it.
     return ("-fw_cfg", f"name={FWCFG_NAME},file={str(FWCFG_FILE).replace(',', ',,')}")
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.dirty.memory import MemoryLayout, RamRegion
+from orchestrator.qemu.choreography import check_capabilities, check_waiting
 from orchestrator.qemu.errors import LayoutError, MigrationError
 from orchestrator.qemu.layout import GuestLayout, RamBackend, check_migratable, discover_layout
-from orchestrator.qemu.choreography import check_capabilities, check_waiting
 from orchestrator.qemu.peer import QmpPeer
 from orchestrator.transport import LocalSink, PageSink
 from orchestrator.transport.endpoint import Endpoint
@@ -85,7 +85,9 @@ async def _validate(src: QmpPeer, dst: QmpPeer, src_ram: Path, *, dst_here: bool
     check_migratable(src_layout)
     check_migratable(dst_layout, on_this_host=dst_here)
     layout, dst_shape = to_memory_layout(src_layout), to_memory_layout(dst_layout)
-    if [(r.gpa, r.length, r.offset) for r in layout.regions] != [(r.gpa, r.length, r.offset) for r in dst_shape.regions]:
+    if [(r.gpa, r.length, r.offset) for r in layout.regions] != [
+        (r.gpa, r.length, r.offset) for r in dst_shape.regions
+    ]:
         raise LayoutError(
             f"source and destination guests have different RAM layouts: {_describe(layout)} vs {_describe(dst_shape)}"
         )

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from orchestrator import uapi as U
 from orchestrator.trackers.watchdog import watched

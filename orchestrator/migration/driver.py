@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 
 from orchestrator.dirty.bitmap import DirtyBitmap
+from orchestrator.dirty.memory import MemoryLayout
 from orchestrator.migration.devices import DeviceMigration, each_device
 from orchestrator.migration.engine import (
     DowntimePolicy,
@@ -29,7 +30,6 @@ from orchestrator.migration.engine import (
     RoundRecord,
 )
 from orchestrator.migration.engine import sequence as seq
-from orchestrator.dirty.memory import MemoryLayout
 from orchestrator.qemu import choreography
 from orchestrator.qemu.errors import QemuError
 from orchestrator.qemu.peer import QmpPeer
@@ -151,7 +151,7 @@ class Migration:
                 return seq.CallerCancelled()
             asyncio.current_task().uncancel()  # ours, from the peer watch: a failure like any
             return seq.PeerGone(self._death or "a QEMU is gone")
-        except Exception as exc:  # noqa: BLE001 - every failure is an event: the machine decides
+        except Exception as exc:
             return seq.Failed(f"{type(exc).__name__}: {exc}")
 
     async def _to_the_end(self, action: seq.Action) -> seq.Event:
@@ -164,14 +164,17 @@ class Migration:
                 return await asyncio.shield(task)
             except asyncio.CancelledError:
                 self.sequence.send(seq.CallerCancelled())
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 return seq.Failed(f"{type(exc).__name__}: {exc}")
 
     async def _watch_peers(self, run: asyncio.Task) -> None:
         """The first QEMU to die or shut down fails the migration at once (cancelling `run`)
         instead of surfacing as a timeout; past `migrate-continue` the switchover's own waits
         see it."""
-        sides = {asyncio.ensure_future(s.wait_gone()): (name, s) for name, s in (("source", self.src), ("destination", self.dst))}
+        sides = {
+            asyncio.ensure_future(s.wait_gone()): (name, s)
+            for name, s in (("source", self.src), ("destination", self.dst))
+        }
         try:
             done, _ = await asyncio.wait(sides, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -292,7 +295,7 @@ class Migration:
         lost = False
         try:
             await choreography.cancel(self.src, self.options.qmp_timeout_s, resume=resume)
-        except Exception as exc:  # noqa: BLE001 - report every failure
+        except Exception as exc:
             problems.append(f"cancelling on the source failed too: {exc}")
             lost = True
         for saved in self._saved:
@@ -300,7 +303,7 @@ class Migration:
                 continue  # gone, or told where to listen: QEMU cannot take that back
             try:
                 await saved.restore()
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 problems.append(f"setting {saved.session.socket_path}'s capabilities back failed: {exc}")
         if dst_listening:
             problems.append(

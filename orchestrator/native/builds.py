@@ -64,8 +64,18 @@ class Artifact:
 
 # The guest is freestanding 32-bit code linked by hand: no libc, no libgcc, so plain
 # gcc/binutils suffice (no multilib).
-GUEST_CFLAGS = ("-m32", "-ffreestanding", "-fno-pic", "-fno-stack-protector",
-                "-fno-asynchronous-unwind-tables", "-O2", "-msse2", "-Wall", "-Wextra", "-Werror")
+GUEST_CFLAGS = (
+    "-m32",
+    "-ffreestanding",
+    "-fno-pic",
+    "-fno-stack-protector",
+    "-fno-asynchronous-unwind-tables",
+    "-O2",
+    "-msse2",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+)
 HOST_CFLAGS = ("-O2", "-Wall", "-Wextra", "-Werror", "-fvisibility=hidden")
 
 GUEST = Artifact(
@@ -74,8 +84,21 @@ GUEST = Artifact(
     (
         ("gcc", "-m32", "-c", "{pkg}/csrc/guest/boot.S", "-o", "boot.o"),
         ("gcc", *GUEST_CFLAGS, "-c", "{pkg}/csrc/guest/guest.c", "-o", "guest.o"),
-        ("ld", "-m", "elf_i386", "-nostdlib", "-z", "noexecstack", "--no-warn-rwx-segments",
-         "-T", "{pkg}/csrc/guest/guest.ld", "-o", "{out}", "boot.o", "guest.o"),
+        (
+            "ld",
+            "-m",
+            "elf_i386",
+            "-nostdlib",
+            "-z",
+            "noexecstack",
+            "--no-warn-rwx-segments",
+            "-T",
+            "{pkg}/csrc/guest/guest.ld",
+            "-o",
+            "{out}",
+            "boot.o",
+            "guest.o",
+        ),
     ),
     tools=("gcc", "as", "ld"),
     packages=C_PACKAGES,
@@ -122,7 +145,9 @@ def ensure(artifact: Artifact) -> Path:
 
 
 def _install_hint(artifact: Artifact) -> str:
-    return f"it needs the Debian packages {', '.join(artifact.packages)} (apt-get install {' '.join(artifact.packages)})"
+    return (
+        f"it needs the Debian packages {', '.join(artifact.packages)} (apt-get install {' '.join(artifact.packages)})"
+    )
 
 
 def _build(artifact: Artifact, out: Path) -> None:
@@ -136,8 +161,10 @@ def _build(artifact: Artifact, out: Path) -> None:
             argv = [word.format(pkg=PACKAGE, out=made) for word in command]
             run = subprocess.run(argv, cwd=scratch, capture_output=True, text=True)
             if run.returncode:
-                raise BuildError(f"cannot build {artifact.name}: `{shlex.join(argv)}` exited with status "
-                                 f"{run.returncode}:\n{run.stderr.strip()}\n{_install_hint(artifact)}")
+                raise BuildError(
+                    f"cannot build {artifact.name}: `{shlex.join(argv)}` exited with status "
+                    f"{run.returncode}:\n{run.stderr.strip()}\n{_install_hint(artifact)}"
+                )
         if artifact.write is not None:
             artifact.write(made)
         os.replace(made, out)

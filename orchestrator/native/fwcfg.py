@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-FWCFG_SIZE = 16 << 20        # the data file
+FWCFG_SIZE = 16 << 20  # the data file
 FWCFG_WORD_MUL = 0x9E3779B1
 
 

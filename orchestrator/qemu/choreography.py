@@ -121,7 +121,9 @@ async def continue_(src: QmpPeer) -> None:
     await src.execute("migrate-continue", state="pre-switchover")
 
 
-async def wait_completed(src: QmpPeer, dst: QmpPeer, timeout: float = 60.0, *, resumes: bool = True, after: int = 0) -> Switchover:
+async def wait_completed(
+    src: QmpPeer, dst: QmpPeer, timeout: float = 60.0, *, resumes: bool = True, after: int = 0
+) -> Switchover:
     """Wait until the source reports completed and the destination runs (RESUME received at
     log position >= `after`). A guest its user had paused (`resumes=False`) stays paused on
     the destination: then the destination's own status `completed` is waited for."""
@@ -155,8 +157,7 @@ async def cancel(src: QmpPeer, timeout: float = 30.0, *, resume: bool = True) ->
     status = (await src.query_migrate()).get("status", "none")
     if status == "completed":
         raise MigrationError(
-            f"cannot cancel on {src.socket_path}: the migration completed and the destination "
-            "owns the guest"
+            f"cannot cancel on {src.socket_path}: the migration completed and the destination owns the guest"
         )
     if status not in ("none", "failed", "cancelled"):
         await src.execute("migrate_cancel")

@@ -110,12 +110,8 @@ async def _query_backends(session: QmpPeer) -> tuple[RamBackend, ...]:
         qom_type = types.get(backend_id, "unknown")
         mem_path = None
         if qom_type == FILE_BACKEND:
-            mem_path = Path(
-                await session.execute("qom-get", path=f"/objects/{backend_id}", property="mem-path")
-            )
-        backends.append(
-            RamBackend(backend_id, qom_type, int(memdev["size"]), bool(memdev["share"]), mem_path)
-        )
+            mem_path = Path(await session.execute("qom-get", path=f"/objects/{backend_id}", property="mem-path"))
+        backends.append(RamBackend(backend_id, qom_type, int(memdev["size"]), bool(memdev["share"]), mem_path))
     return tuple(backends)
 
 
@@ -165,6 +161,4 @@ def _check_backend(backend: RamBackend, on_this_host: bool) -> None:
             "inside it that nobody else can open: give mem-path a file name"
         )
     if st.st_size != backend.size:
-        raise LayoutError(
-            f"RAM file {path} of {name} is {st.st_size} bytes but QEMU reports {backend.size} bytes"
-        )
+        raise LayoutError(f"RAM file {path} of {name} is {st.st_size} bytes but QEMU reports {backend.size} bytes")

@@ -72,8 +72,7 @@ class _Recorder(EventListener):
                     name=event["event"],
                     data=dict(event.get("data", {})),
                     received_ns=received_ns,
-                    qemu_time_us=stamp.get("seconds", 0) * 1_000_000
-                    + stamp.get("microseconds", 0),
+                    qemu_time_us=stamp.get("seconds", 0) * 1_000_000 + stamp.get("microseconds", 0),
                 )
             )
 
@@ -136,9 +135,7 @@ class QmpSession:
         except ExecuteError as err:
             raise QmpCommandError(command, err.error_class, str(err)) from None
         except (QMPError, OSError, EOFError) as err:
-            raise QmpDisconnectedError(
-                f"QMP connection {self.socket_path} broke during '{command}': {err}"
-            ) from err
+            raise QmpDisconnectedError(f"QMP connection {self.socket_path} broke during '{command}': {err}") from err
 
     async def hmp(self, command_line: str) -> str:
         """Run a human-monitor command (for information QMP has no command for)."""
@@ -171,11 +168,7 @@ class QmpSession:
 
         def find() -> QmpEvent | None:
             return next(
-                (
-                    e
-                    for e in self._events[after:]
-                    if e.name == name and (predicate is None or predicate(e))
-                ),
+                (e for e in self._events[after:] if e.name == name and (predicate is None or predicate(e))),
                 None,
             )
 
@@ -228,15 +221,12 @@ class QmpSession:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise QmpTimeoutError(
-                    f"migration on {self.socket_path} still '{status}' after {timeout:g}s; "
-                    f"waited for {sorted(wanted)}"
+                    f"migration on {self.socket_path} still '{status}' after {timeout:g}s; waited for {sorted(wanted)}"
                 )
             with contextlib.suppress(QmpTimeoutError):
                 await self.wait_event("MIGRATION", None, min(poll_interval, remaining), after=mark)
 
-    async def _wait_for(
-        self, find: Callable[[], QmpEvent | None], what: str, timeout: float
-    ) -> QmpEvent:
+    async def _wait_for(self, find: Callable[[], QmpEvent | None], what: str, timeout: float) -> QmpEvent:
         async def until_found() -> QmpEvent:
             async with self._changed:
                 while True:
@@ -244,17 +234,13 @@ class QmpSession:
                     if found is not None:
                         return found
                     if self._lost:
-                        raise QmpDisconnectedError(
-                            f"QMP connection {self.socket_path} closed while waiting for {what}"
-                        )
+                        raise QmpDisconnectedError(f"QMP connection {self.socket_path} closed while waiting for {what}")
                     await self._changed.wait()
 
         try:
             return await asyncio.wait_for(until_found(), timeout)
         except TimeoutError:
-            raise QmpTimeoutError(
-                f"no {what} from {self.socket_path} within {timeout:g}s"
-            ) from None
+            raise QmpTimeoutError(f"no {what} from {self.socket_path} within {timeout:g}s") from None
 
     async def _record(self, event: QmpEvent) -> None:
         async with self._changed:
@@ -281,9 +267,7 @@ def _check_socket_path(path: Path) -> None:
 def _connect_error(path: Path, err: ConnectError) -> QmpConnectError:
     cause = err.exc
     if isinstance(cause, ConnectionRefusedError):
-        return QmpConnectError(
-            f"QMP socket {path} refused the connection: nothing is listening (has QEMU exited?)"
-        )
+        return QmpConnectError(f"QMP socket {path} refused the connection: nothing is listening (has QEMU exited?)")
     if isinstance(cause, (GreetingError, NegotiationError, EOFError)):
         return QmpConnectError(f"QMP socket {path} does not speak QMP: {err}")
     return QmpConnectError(f"cannot connect to QMP socket {path}: {err}")

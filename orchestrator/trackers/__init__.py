@@ -26,10 +26,10 @@ __all__ = [
     "TrackerSet",
     "TrackerState",
     "TrackerStats",
-    "Verdict",
     "VcpuTracker",
-    "content_trackers",
-    "qemu_write_trackers",
+    "Verdict",
     "VfioDmaLogTracker",
     "WriteWatchTracker",
+    "content_trackers",
+    "qemu_write_trackers",
 ]

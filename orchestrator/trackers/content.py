@@ -34,7 +34,9 @@ class ContentTracker:
     def start(self, layout: MemoryLayout) -> StartOutcome:
         self.page_size = layout.page_size
         if self.memory.nbytes % self.page_size or self.gpa % self.page_size:
-            raise ValueError(f"{self.name}: memory view of {self.memory.nbytes} bytes at {self.gpa:#x} is not page-aligned")
+            raise ValueError(
+                f"{self.name}: memory view of {self.memory.nbytes} bytes at {self.gpa:#x} is not page-aligned"
+            )
         # The destination starts zeroed, and the zero page hashes to 0.
         self._sent = np.zeros(self.memory.nbytes // self.page_size, np.uint64)
         return StartOutcome(self.page_size, self.covered())

@@ -5,8 +5,8 @@ from __future__ import annotations
 from orchestrator.dirty.bitmap import DirtyBitmap
 from orchestrator.dirty.memory import MemoryLayout
 from orchestrator.dirty.ranges import IovaRange, subtract
-from orchestrator.vfio import IommufdHwpt
 from orchestrator.trackers.base import ReportBuffer, StartOutcome, mark_ranges, reach_within
+from orchestrator.vfio import IommufdHwpt
 
 
 class IommufdHwptTracker:

@@ -9,12 +9,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from orchestrator.dirty.memory import MemoryLayout
-from orchestrator.trackers.vcpulog import VcpuDirtyLog
-from orchestrator.writewatch import WriteWatch, WriteWatchRefused
 from orchestrator.trackers.base import Tracker
 from orchestrator.trackers.content import content_trackers
 from orchestrator.trackers.vcpu import VcpuTracker
+from orchestrator.trackers.vcpulog import VcpuDirtyLog
 from orchestrator.trackers.writewatch import WriteWatchTracker
+from orchestrator.writewatch import WriteWatch, WriteWatchRefused
 
 
 class QemuWrites(enum.Enum):

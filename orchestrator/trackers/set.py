@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from orchestrator.dirty.bitmap import DirtyBitmap
-from orchestrator.trackers.watchdog import watched
 from orchestrator.dirty.memory import MemoryLayout
-from orchestrator.vfio.ranges import IovaRange
 from orchestrator.trackers.base import Bounded, SentAware, StartOutcome, Tracker, mark_ranges
 from orchestrator.trackers.events import TrackerEvent, TrackerState, TrackerStats
 from orchestrator.trackers.recovery import Recovery, RecoveryPolicy, Step, Verdict
+from orchestrator.trackers.watchdog import watched
+from orchestrator.vfio.ranges import IovaRange
 
 
 @dataclass
@@ -162,7 +162,10 @@ class TrackerSet:
         untracked = sum(r.length for r in outcome.untracked)
         note = f"; {untracked} reachable bytes untracked, dirty every round" if untracked else ""
         self._emit(
-            slot, round_, "start", None,
+            slot,
+            round_,
+            "start",
+            None,
             f"tracking {len(outcome.tracked)} ranges at {outcome.page_size} B pages{note}",
         )
 

@@ -20,8 +20,8 @@ from orchestrator.dirty.bitmap import DirtyBitmap
 from orchestrator.dirty.bits import words_for
 from orchestrator.dirty.memory import MemoryLayout
 from orchestrator.dirty.ranges import IovaRange
-from orchestrator.trackers.vcpulog import Addresses, VcpuDirtyLog
 from orchestrator.trackers.base import StartOutcome
+from orchestrator.trackers.vcpulog import Addresses, VcpuDirtyLog
 
 
 @dataclass(frozen=True)
@@ -41,13 +41,14 @@ def _spans(log: VcpuDirtyLog, layout: MemoryLayout) -> list[_Span]:
         raise ValueError("RAM-block addresses map to a single RAM backend; this layout has several")
     ps = layout.page_size
     spans = [
-        _Span((r.gpa if kind is Addresses.PHYSICAL else r.offset) // ps, r.length // ps, r.gpa)
-        for r in layout.regions
+        _Span((r.gpa if kind is Addresses.PHYSICAL else r.offset) // ps, r.length // ps, r.gpa) for r in layout.regions
     ]
     end = max(s.log_page + s.npages for s in spans)
     if end > log.npages:
-        raise ValueError(f"{log.path} has {log.npages} pages; this layout needs {end} "
-                         f"for {kind.name.lower()} addresses (vcpulog.log_pages sizes a log)")
+        raise ValueError(
+            f"{log.path} has {log.npages} pages; this layout needs {end} "
+            f"for {kind.name.lower()} addresses (vcpulog.log_pages sizes a log)"
+        )
     return spans
 
 

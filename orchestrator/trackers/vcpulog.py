@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator.native import builds
 from orchestrator.dirty.bits import set_bit_range, words_for
+from orchestrator.native import builds
 
 MAGIC = 0x474F4C5954524944  # b"DIRTYLOG"
 VERSION = 2
@@ -101,8 +101,8 @@ class VcpuDirtyLog:
         self._u64 = mem[:HEADER_SIZE].view("<u8")
         nwords = words_for(npages)
         self._bufs = tuple(
-            mem[BITMAP_OFFSET + b * stride:BITMAP_OFFSET + b * stride + 8 * nwords].view("<u8")
-            for b in (0, 1))
+            mem[BITMAP_OFFSET + b * stride : BITMAP_OFFSET + b * stride + 8 * nwords].view("<u8") for b in (0, 1)
+        )
         self._seen_unresolved = int(self._u64[_U64_UNRESOLVED])
         self._broken: str | None = None
 
@@ -116,8 +116,7 @@ class VcpuDirtyLog:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, BITMAP_OFFSET + 2 * stride)
-            header = _HEADER.pack(MAGIC, VERSION, page_size.bit_length() - 1, npages,
-                                  BITMAP_OFFSET, stride, 0, 0)
+            header = _HEADER.pack(MAGIC, VERSION, page_size.bit_length() - 1, npages, BITMAP_OFFSET, stride, 0, 0)
             os.pwrite(fd, header, 0)
             return cls(path, fd, npages, page_size, stride)
         except BaseException:
@@ -199,9 +198,13 @@ class VcpuDirtyLog:
             raise OSError(f"no futex syscall number known for {platform.machine()}")
         ret = _libc.syscall(
             ctypes.c_long(_SYS_FUTEX),
-            ctypes.c_void_p(self._base + 4 * _U32_SPARE), ctypes.c_int(_FUTEX_WAKE_OP),
-            ctypes.c_int(0), ctypes.c_void_p(0),
-            ctypes.c_void_p(self._base + 4 * _U32_EPOCH), ctypes.c_int(_FLIP_OP))
+            ctypes.c_void_p(self._base + 4 * _U32_SPARE),
+            ctypes.c_int(_FUTEX_WAKE_OP),
+            ctypes.c_int(0),
+            ctypes.c_void_p(0),
+            ctypes.c_void_p(self._base + 4 * _U32_EPOCH),
+            ctypes.c_int(_FLIP_OP),
+        )
         if ret < 0:
             err = ctypes.get_errno()
             raise OSError(err, f"flipping the dirty-log epoch: {os.strerror(err)}")
@@ -216,8 +219,10 @@ class VcpuDirtyLog:
                 if spins < _SPINS:
                     continue
                 if time.monotonic() > deadline:
-                    self._broken = (f"dirty-log writer held bitmap {b} of {self.path} for over "
-                                    f"{timeout}s (inflight={held}); is the vCPU thread hung?")
+                    self._broken = (
+                        f"dirty-log writer held bitmap {b} of {self.path} for over "
+                        f"{timeout}s (inflight={held}); is the vCPU thread hung?"
+                    )
                     raise DrainTimeout(self._broken)
                 time.sleep(0.0002)
 

@@ -8,9 +8,9 @@ from orchestrator import uapi as U
 from orchestrator.dirty.bitmap import DirtyBitmap
 from orchestrator.dirty.memory import MemoryLayout
 from orchestrator.dirty.ranges import IovaRange, subtract, widen
+from orchestrator.trackers.base import ReportBuffer, StartAttempt, StartOutcome, mark_ranges, reach_within
 from orchestrator.vfio import VfioDevice, VfioError
 from orchestrator.vfio.ranges import start_ladder
-from orchestrator.trackers.base import ReportBuffer, StartAttempt, StartOutcome, mark_ranges, reach_within
 
 # errnos after which a coarser plan may still be accepted; anything else ends the ladder.
 # Ranges start on a grid of this many pages: one u64 of report bitmap per step, the offset

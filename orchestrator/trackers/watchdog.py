@@ -30,7 +30,7 @@ def run_blocking(fn: Callable[..., Any], *args: Any, name: str = "tracker-call")
     def body() -> None:
         try:
             result = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+        except BaseException as exc:
             ok, value = False, exc
         else:
             ok, value = True, result

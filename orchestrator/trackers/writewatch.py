@@ -12,8 +12,8 @@ from __future__ import annotations
 from orchestrator.dirty.bitmap import DirtyBitmap
 from orchestrator.dirty.memory import MemoryLayout
 from orchestrator.dirty.ranges import IovaRange
-from orchestrator.writewatch import WriteWatch
 from orchestrator.trackers.base import StartOutcome
+from orchestrator.writewatch import WriteWatch
 
 
 class WriteWatchTracker:

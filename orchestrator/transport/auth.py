@@ -37,7 +37,9 @@ def load_token(path: Path) -> bytes:
     except OSError as exc:
         raise TokenError(f"cannot read token file {path}: {exc.strerror}") from None
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise TokenError(f"token file {path} is accessible by group or others (mode {stat.S_IMODE(st.st_mode):o}): chmod 600 it")
+        raise TokenError(
+            f"token file {path} is accessible by group or others (mode {stat.S_IMODE(st.st_mode):o}): chmod 600 it"
+        )
     token = raw.strip()
     if len(token) < MIN_TOKEN_BYTES:
         raise TokenError(f"token in {path} is {len(token)} bytes; use at least {MIN_TOKEN_BYTES}")
@@ -66,7 +68,13 @@ def client_proof(
 
 
 def server_proof(
-    token: bytes, server_nonce: bytes, client_nonce: bytes, session: bytes, lane: int, welcome: bytes, expect: bytes = b""
+    token: bytes,
+    server_nonce: bytes,
+    client_nonce: bytes,
+    session: bytes,
+    lane: int,
+    welcome: bytes,
+    expect: bytes = b"",
 ) -> bytes:
     msg = _LABEL + b"server " + _transcript(server_nonce, client_nonce, session, lane, expect) + bytes(welcome)
     return hmac.new(token, msg, hashlib.sha256).digest()

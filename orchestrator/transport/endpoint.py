@@ -45,7 +45,9 @@ def _certificates(ctx: ssl.SSLContext, path: Path, what: str) -> None:
     try:
         ctx.load_verify_locations(cafile=str(path))
     except ssl.SSLError as exc:
-        raise TlsSetupError(f"TLS {what} file {path} holds no PEM certificate ({exc.reason}): give a '-----BEGIN CERTIFICATE-----' file") from None
+        raise TlsSetupError(
+            f"TLS {what} file {path} holds no PEM certificate ({exc.reason}): give a '-----BEGIN CERTIFICATE-----' file"
+        ) from None
 
 
 def server_context(cert: Path, key: Path) -> ssl.SSLContext:
@@ -63,8 +65,12 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
         ctx.load_cert_chain(cert, key, password=no_password)
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
-            raise TlsSetupError(f"TLS key {key} does not match the certificate in {cert}: give the key the certificate was made for") from None
-        raise TlsSetupError(f"TLS key file {key} holds no usable private key ({exc.reason or exc}): give the certificate's PEM key") from None
+            raise TlsSetupError(
+                f"TLS key {key} does not match the certificate in {cert}: give the key the certificate was made for"
+            ) from None
+        raise TlsSetupError(
+            f"TLS key file {key} holds no usable private key ({exc.reason or exc}): give the certificate's PEM key"
+        ) from None
     return ctx
 
 

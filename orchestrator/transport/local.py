@@ -18,7 +18,16 @@ import numpy as np
 from orchestrator.dirty.memory import MemoryLayout, RamRegion
 from orchestrator.dirty.ranges import page_runs, union_runs
 from orchestrator.transport.base import OnSent, page_numbers
-from orchestrator.transport.ramfile import MappedRegion, clear_file, data_runs, map_ram, nonzero_pages, region_rows, release, split_pages
+from orchestrator.transport.ramfile import (
+    MappedRegion,
+    clear_file,
+    data_runs,
+    map_ram,
+    nonzero_pages,
+    region_rows,
+    release,
+    split_pages,
+)
 
 # Scattered pages per gather/scatter. Measured with `python -m bench` (micro.copy): a 512 KiB
 # gather is still in L2 when it is scattered, nearly twice the bandwidth of a 32 MiB batch.

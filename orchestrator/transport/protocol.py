@@ -119,10 +119,20 @@ class Welcome:
     def encode(self) -> bytes:
         path = self.path.encode(errors="surrogateescape")[:MAX_PATH_BYTES]
         exp = self.expected or FileId(0, 0)
-        return WELCOME.pack(
-            self.epoch, self.file_size, self.page_size, self.file.dev, self.file.ino,
-            self.expected_errno, exp.dev, exp.ino, len(path),
-        ) + path
+        return (
+            WELCOME.pack(
+                self.epoch,
+                self.file_size,
+                self.page_size,
+                self.file.dev,
+                self.file.ino,
+                self.expected_errno,
+                exp.dev,
+                exp.ino,
+                len(path),
+            )
+            + path
+        )
 
     @classmethod
     def decode(cls, body: bytes | memoryview) -> Welcome:
@@ -272,7 +282,9 @@ def encode_pages(
     return EncodedPages(memoryview(buf)[: at + len(tail)], data[:k], is_data)
 
 
-def plan_pages(seq: int, rows: np.ndarray, local: np.ndarray, index: np.ndarray, find_zero: bool = True) -> PlannedPages | None:
+def plan_pages(
+    seq: int, rows: np.ndarray, local: np.ndarray, index: np.ndarray, find_zero: bool = True
+) -> PlannedPages | None:
     """The same frame as `encode_pages` without gathering: the data pages are named as runs of
     consecutive rows (`local` is sorted), for the caller to send from the source itself. There
     is no snapshot, so this is only for when nothing needs the bytes that went out. None when
@@ -285,7 +297,9 @@ def plan_pages(seq: int, rows: np.ndarray, local: np.ndarray, index: np.ndarray,
         return None
     is_data = np.ones(n, bool)
     if find_zero:  # run by run on the source rows: a fancy index would copy them
-        is_data = np.concatenate([np.bitwise_or.reduce(rows[f : f + c].view(U64), axis=1) != 0 for f, c in spans.tolist()])
+        is_data = np.concatenate(
+            [np.bitwise_or.reduce(rows[f : f + c].view(U64), axis=1) != 0 for f, c in spans.tolist()]
+        )
         spans = page_runs(local[is_data])
         if len(spans) > MAX_PLANNED_RUNS:
             return None
@@ -342,7 +356,11 @@ def decode_ranges(payload: bytes | memoryview, file_pages: int) -> np.ndarray:
         raise ProtocolError(f"a payload of {len(payload)} bytes is not 1..{MAX_VERIFY_RANGES} page ranges")
     ranges = np.frombuffer(payload, U64).reshape(-1, 2)
     first, count = ranges[:, 0], ranges[:, 1]
-    if int(first.max()) >= file_pages or bool((count > file_pages - first).any()) or int(count.sum(dtype=np.uint64)) > file_pages:
+    if (
+        int(first.max()) >= file_pages
+        or bool((count > file_pages - first).any())
+        or int(count.sum(dtype=np.uint64)) > file_pages
+    ):
         raise ProtocolError(f"page ranges reach past the RAM file ({file_pages} pages)")
     return ranges.astype(np.int64)
 

@@ -56,8 +56,8 @@ from orchestrator.transport.protocol import (
     WELCOME,
     EncodedPages,
     Kind,
-    PlannedPages,
     PeerError,
+    PlannedPages,
     ProtocolError,
     Welcome,
     decode_digests,
@@ -195,7 +195,12 @@ class TcpSink:
     """Streams guest pages from the source RAM file to a `Receiver`. Open with `connect`."""
 
     def __init__(
-        self, layout: MemoryLayout, src_path: str, endpoint: Endpoint, token: bytes, options: TcpOptions,
+        self,
+        layout: MemoryLayout,
+        src_path: str,
+        endpoint: Endpoint,
+        token: bytes,
+        options: TcpOptions,
         expect: ExpectedFile | None = None,
     ) -> None:
         self.page_size = layout.page_size
@@ -218,13 +223,20 @@ class TcpSink:
 
     @classmethod
     async def connect(
-        cls, layout: MemoryLayout, src_path: str, endpoint: Endpoint, token: bytes, options: TcpOptions = TcpOptions(),
+        cls,
+        layout: MemoryLayout,
+        src_path: str,
+        endpoint: Endpoint,
+        token: bytes,
+        options: TcpOptions = TcpOptions(),
         expect: ExpectedFile | None = None,
     ) -> TcpSink:
         """Map the source, open every stream and authenticate both ways; with `expect`, every
         connection also proves the receiver serves that file, before any page is sent."""
         if options.streams < 1 or options.window < 1:
-            raise ValueError(f"need at least one stream and a window of one frame, not {options.streams}/{options.window}")
+            raise ValueError(
+                f"need at least one stream and a window of one frame, not {options.streams}/{options.window}"
+            )
         sink = cls(layout, src_path, endpoint, token, options, expect)
         try:
             await _first_error([sink._on_lane(lane, _connected) for lane in sink._lanes])
@@ -256,7 +268,9 @@ class TcpSink:
             server_nonce = exact(await read_frame(reader, {Kind.CHALLENGE: NONCE_BYTES}), NONCE_BYTES)
             proof = client_proof(self._token, server_nonce, client_nonce, self.session, lane, expect)
             writer.write(encode(Kind.AUTH, 0, proof + expect))
-            welcome = bytes((await read_frame(reader, {Kind.WELCOME: WELCOME.size + MAX_PATH_BYTES + PROOF_BYTES})).payload)
+            welcome = bytes(
+                (await read_frame(reader, {Kind.WELCOME: WELCOME.size + MAX_PATH_BYTES + PROOF_BYTES})).payload
+            )
             body, proof = welcome[:-PROOF_BYTES], welcome[-PROOF_BYTES:]
             if not same(proof, server_proof(self._token, server_nonce, client_nonce, self.session, lane, body, expect)):
                 raise ReceiverRefused(f"receiver {self.endpoint} could not prove it holds the token")
@@ -308,7 +322,13 @@ class TcpSink:
                     ) from None
                 self.reconnects += 1
                 delay = policy.delay(failures)
-                log.warning("stream %d to %s dropped (%s); reconnecting in %.1fs", lane.number, self.endpoint, exc or type(exc).__name__, delay)
+                log.warning(
+                    "stream %d to %s dropped (%s); reconnecting in %.1fs",
+                    lane.number,
+                    self.endpoint,
+                    exc or type(exc).__name__,
+                    delay,
+                )
                 await asyncio.sleep(delay)
 
     # --- pages ---------------------------------------------------------------------------
@@ -366,9 +386,12 @@ class TcpSink:
         """Send every batch over all lanes; returns the pages delivered."""
         before = self.pages_sent
         try:
-            await _first_error([
-                self._on_lane(lane, lambda conn, lane=lane: self._pump(lane, conn, batches, on_sent)) for lane in self._lanes
-            ])
+            await _first_error(
+                [
+                    self._on_lane(lane, lambda conn, lane=lane: self._pump(lane, conn, batches, on_sent))
+                    for lane in self._lanes
+                ]
+            )
         except (PeerError, ProtocolError) as exc:
             raise ReceiverRefused(f"receiver {self.endpoint}: {exc}") from None
         pages = self.pages_sent - before
@@ -437,7 +460,9 @@ class TcpSink:
         await _send(conn, encode(Kind.VERIFY, 0, encode_ranges(ranges)))
         bad: list[np.ndarray] = []
         for first, count in digest_chunks(ranges):
-            mine = asyncio.ensure_future(asyncio.to_thread(page_hashes, self._rows[first : first + count], self.page_size))
+            mine = asyncio.ensure_future(
+                asyncio.to_thread(page_hashes, self._rows[first : first + count], self.page_size)
+            )
             try:
                 async with asyncio.timeout(self.options.ack_timeout_s):
                     frame = await read_frame(conn.reader, {Kind.DIGESTS: 8 + 8 * DIGEST_CHUNK})
@@ -449,7 +474,9 @@ class TcpSink:
 
     def _to_guest(self, file_pages: np.ndarray) -> np.ndarray:
         out = [
-            file_pages[(file_pages >= r.file_first) & (file_pages < r.file_first + r.npages)] - r.file_first + r.first_page
+            file_pages[(file_pages >= r.file_first) & (file_pages < r.file_first + r.npages)]
+            - r.file_first
+            + r.first_page
             for r in self.regions
         ]
         return np.sort(np.concatenate(out)).astype(np.int64)

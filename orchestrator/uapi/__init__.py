@@ -3,7 +3,7 @@
 `from orchestrator import uapi` gives every name under its kernel spelling.
 """
 
-from orchestrator.uapi.iommufd import *  # noqa: F401,F403
 from orchestrator.uapi.ioctl import _IO  # noqa: F401
-from orchestrator.uapi.vfio import *  # noqa: F401,F403
+from orchestrator.uapi.iommufd import *  # noqa: F403
+from orchestrator.uapi.vfio import *  # noqa: F403
 from orchestrator.uapi.vfio import _Le  # noqa: F401

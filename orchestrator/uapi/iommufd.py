@@ -49,7 +49,7 @@ IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR = 1
 IOMMU_HWPT_DATA_NONE = 0
 
 
-class iommu_hwpt_alloc(_Le):  # noqa: N801
+class iommu_hwpt_alloc(_Le):
     _fields_ = [
         ("size", c_u32),
         ("flags", c_u32),
@@ -65,7 +65,7 @@ class iommu_hwpt_alloc(_Le):  # noqa: N801
     ]
 
 
-class iommu_hw_info(_Le):  # noqa: N801
+class iommu_hw_info(_Le):
     _fields_ = [
         ("size", c_u32),
         ("flags", c_u32),
@@ -79,11 +79,11 @@ class iommu_hw_info(_Le):  # noqa: N801
     ]
 
 
-class iommu_hwpt_set_dirty_tracking(_Le):  # noqa: N801
+class iommu_hwpt_set_dirty_tracking(_Le):
     _fields_ = [("size", c_u32), ("flags", c_u32), ("hwpt_id", c_u32), ("__reserved", c_u32)]
 
 
-class iommu_hwpt_get_dirty_bitmap(_Le):  # noqa: N801
+class iommu_hwpt_get_dirty_bitmap(_Le):
     _fields_ = [
         ("size", c_u32),
         ("hwpt_id", c_u32),
@@ -95,6 +95,7 @@ class iommu_hwpt_get_dirty_bitmap(_Le):  # noqa: N801
         ("data", c_u64),
     ]
 
+
 # enum iommufd_hw_info_type
 IOMMU_HW_INFO_TYPE_NONE = 0
 
@@ -104,11 +105,11 @@ IOMMU_IOAS_MAP_WRITEABLE = 1 << 1
 IOMMU_IOAS_MAP_READABLE = 1 << 2
 
 
-class iommu_ioas_alloc(_Le):  # noqa: N801
+class iommu_ioas_alloc(_Le):
     _fields_ = [("size", c_u32), ("flags", c_u32), ("out_ioas_id", c_u32)]
 
 
-class iommu_ioas_map(_Le):  # noqa: N801
+class iommu_ioas_map(_Le):
     _fields_ = [
         ("size", c_u32),
         ("flags", c_u32),

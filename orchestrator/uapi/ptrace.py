@@ -18,23 +18,47 @@ PTRACE_INTERRUPT = 0x4207
 PTRACE_SECCOMP_GET_FILTER = 0x420C
 PTRACE_EVENT_STOP = 128
 
-SYS_close = 3  # noqa: N816 - the kernel's spelling
-SYS_tgkill = 234  # noqa: N816
-SYS_userfaultfd = 323  # noqa: N816
-SYS_pidfd_open = 434  # noqa: N816
-SYS_pidfd_getfd = 438  # noqa: N816
+SYS_close = 3
+SYS_tgkill = 234
+SYS_userfaultfd = 323
+SYS_pidfd_open = 434
+SYS_pidfd_getfd = 438
 
 #: The two bytes of the `syscall` instruction.
 SYSCALL_INSN = b"\x0f\x05"
 
 
-class user_regs_struct(ctypes.Structure):  # noqa: N801 - the kernel's name
+class user_regs_struct(ctypes.Structure):
     _fields_ = [
         (name, c_u64)
         for name in (
-            "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx", "rdx",
-            "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss", "fs_base", "gs_base", "ds",
-            "es", "fs", "gs",
+            "r15",
+            "r14",
+            "r13",
+            "r12",
+            "rbp",
+            "rbx",
+            "r11",
+            "r10",
+            "r9",
+            "r8",
+            "rax",
+            "rcx",
+            "rdx",
+            "rsi",
+            "rdi",
+            "orig_rax",
+            "rip",
+            "cs",
+            "eflags",
+            "rsp",
+            "ss",
+            "fs_base",
+            "gs_base",
+            "ds",
+            "es",
+            "fs",
+            "gs",
         )
     ]
 
@@ -54,9 +78,9 @@ SECCOMP_RET_ACTION_FULL = 0xFFFF0000
 SECCOMP_RET_DATA = 0x0000FFFF
 
 
-class sock_filter(ctypes.Structure):  # noqa: N801
+class sock_filter(ctypes.Structure):
     _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", c_u32)]
 
 
-class seccomp_data(ctypes.Structure):  # noqa: N801
+class seccomp_data(ctypes.Structure):
     _fields_ = [("nr", ctypes.c_int32), ("arch", c_u32), ("instruction_pointer", c_u64), ("args", c_u64 * 6)]

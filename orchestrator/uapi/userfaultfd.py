@@ -24,15 +24,15 @@ UFFDIO_REGISTER_MODE_MISSING = 1 << 0
 UFFDIO_REGISTER_MODE_WP = 1 << 1
 
 
-class uffdio_api(ctypes.Structure):  # noqa: N801 - the kernel's name
+class uffdio_api(ctypes.Structure):
     _fields_ = [("api", c_u64), ("features", c_u64), ("ioctls", c_u64)]
 
 
-class uffdio_range(ctypes.Structure):  # noqa: N801
+class uffdio_range(ctypes.Structure):
     _fields_ = [("start", c_u64), ("len", c_u64)]
 
 
-class uffdio_register(ctypes.Structure):  # noqa: N801
+class uffdio_register(ctypes.Structure):
     _fields_ = [("range", uffdio_range), ("mode", c_u64), ("ioctls", c_u64)]
 
 
@@ -55,11 +55,11 @@ PM_SCAN_WP_MATCHING = 1 << 0
 PM_SCAN_CHECK_WPASYNC = 1 << 1
 
 
-class page_region(ctypes.Structure):  # noqa: N801
+class page_region(ctypes.Structure):
     _fields_ = [("start", c_u64), ("end", c_u64), ("categories", c_u64)]
 
 
-class pm_scan_arg(ctypes.Structure):  # noqa: N801
+class pm_scan_arg(ctypes.Structure):
     _fields_ = [
         ("size", c_u64),
         ("flags", c_u64),

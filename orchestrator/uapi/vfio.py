@@ -73,7 +73,7 @@ VFIO_MIGRATION_P2P = 1 << 1
 VFIO_MIGRATION_PRE_COPY = 1 << 2
 
 
-class vfio_device_mig_state(enum.IntEnum):  # noqa: N801 - the kernel's name
+class vfio_device_mig_state(enum.IntEnum):
     VFIO_DEVICE_STATE_ERROR = 0
     VFIO_DEVICE_STATE_STOP = 1
     VFIO_DEVICE_STATE_RUNNING = 2
@@ -109,39 +109,39 @@ class _Le(ctypes.LittleEndianStructure):
         return cls.from_buffer_copy(bytes(raw[offset : offset + ctypes.sizeof(cls)]))
 
 
-class vfio_device_feature(_Le):  # noqa: N801
+class vfio_device_feature(_Le):
     _fields_ = [("argsz", c_u32), ("flags", c_u32)]  # followed by data[]
 
 
-class vfio_device_feature_migration(_Le):  # noqa: N801
+class vfio_device_feature_migration(_Le):
     _fields_ = [("flags", c_u64)]
 
 
-class vfio_device_feature_mig_state(_Le):  # noqa: N801
+class vfio_device_feature_mig_state(_Le):
     _fields_ = [("device_state", c_u32), ("data_fd", c_s32)]
 
 
-class vfio_device_feature_mig_data_size(_Le):  # noqa: N801
+class vfio_device_feature_mig_data_size(_Le):
     _fields_ = [("stop_copy_length", c_u64)]
 
 
-class vfio_precopy_info(_Le):  # noqa: N801
+class vfio_precopy_info(_Le):
     _fields_ = [("argsz", c_u32), ("flags", c_u32), ("initial_bytes", c_u64), ("dirty_bytes", c_u64)]
 
 
-class vfio_device_feature_dma_logging_control(_Le):  # noqa: N801
+class vfio_device_feature_dma_logging_control(_Le):
     _fields_ = [("page_size", c_u64), ("num_ranges", c_u32), ("__reserved", c_u32), ("ranges", c_u64)]
 
 
-class vfio_device_feature_dma_logging_range(_Le):  # noqa: N801
+class vfio_device_feature_dma_logging_range(_Le):
     _fields_ = [("iova", c_u64), ("length", c_u64)]
 
 
-class vfio_device_feature_dma_logging_report(_Le):  # noqa: N801
+class vfio_device_feature_dma_logging_report(_Le):
     _fields_ = [("iova", c_u64), ("length", c_u64), ("page_size", c_u64), ("bitmap", c_u64)]
 
 
-class vfio_device_bind_iommufd(_Le):  # noqa: N801
+class vfio_device_bind_iommufd(_Le):
     _fields_ = [
         ("argsz", c_u32),
         ("flags", c_u32),
@@ -151,23 +151,23 @@ class vfio_device_bind_iommufd(_Le):  # noqa: N801
     ]
 
 
-class vfio_device_attach_iommufd_pt(_Le):  # noqa: N801
+class vfio_device_attach_iommufd_pt(_Le):
     _fields_ = [("argsz", c_u32), ("flags", c_u32), ("pt_id", c_u32), ("pasid", c_u32)]
 
 
-class vfio_device_detach_iommufd_pt(_Le):  # noqa: N801
+class vfio_device_detach_iommufd_pt(_Le):
     _fields_ = [("argsz", c_u32), ("flags", c_u32), ("pasid", c_u32)]
 
 
-class vfio_iommu_type1_dirty_bitmap(_Le):  # noqa: N801
+class vfio_iommu_type1_dirty_bitmap(_Le):
     _fields_ = [("argsz", c_u32), ("flags", c_u32)]  # followed by data[]
 
 
-class vfio_bitmap(_Le):  # noqa: N801
+class vfio_bitmap(_Le):
     _fields_ = [("pgsize", c_u64), ("size", c_u64), ("data", c_u64)]
 
 
-class vfio_iommu_type1_dirty_bitmap_get(_Le):  # noqa: N801
+class vfio_iommu_type1_dirty_bitmap_get(_Le):
     _fields_ = [("iova", c_u64), ("size", c_u64), ("bitmap", vfio_bitmap)]
 
 

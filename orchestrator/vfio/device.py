@@ -210,4 +210,4 @@ class VfioDevice:
             raise from_oserror("close migration data fd", exc, self.name) from None
 
 
-__all__ = ["VfioDevice", "State", "IovaRange", "check_page_size", "check_span", "check_out_bitmap"]
+__all__ = ["IovaRange", "State", "VfioDevice", "check_out_bitmap", "check_page_size", "check_span"]

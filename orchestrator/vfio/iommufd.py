@@ -19,7 +19,12 @@ class IommufdHwpt:
     """One dirty-tracking-capable HWPT on an iommufd."""
 
     def __init__(
-        self, iommufd: int, hwpt_id: int, syscalls: Syscalls, name: str | None = None, iova_alignment: int = IOVA_ALIGNMENT
+        self,
+        iommufd: int,
+        hwpt_id: int,
+        syscalls: Syscalls,
+        name: str | None = None,
+        iova_alignment: int = IOVA_ALIGNMENT,
     ) -> None:
         """`iova_alignment`: the IOAS's (iopt->iova_alignment); queries must be aligned to it."""
         self.iommufd = iommufd
@@ -78,9 +83,7 @@ class IommufdHwpt:
             ),
         )
 
-    def get_dirty_bitmap(
-        self, iova: int, length: int, page_size: int, out: np.ndarray, no_clear: bool = False
-    ) -> None:
+    def get_dirty_bitmap(self, iova: int, length: int, page_size: int, out: np.ndarray, no_clear: bool = False) -> None:
         """OR the dirty bits of [iova, iova+length) into `out` (bit k = iova + k*page_size).
         The kernel requires iova and length aligned to both the IOAS alignment and page_size;
         it stops silently at the first unmapped gap, so query one mapped area at a time;

@@ -105,7 +105,8 @@ class Injector:
                 break
             if time.monotonic() > deadline:
                 raise WriteWatchRefused(
-                    Refusal.PROCESS_GONE, f"thread {self.tid} of process {self.pid} reached no ptrace stop in {STOP_TIMEOUT_S:g}s"
+                    Refusal.PROCESS_GONE,
+                    f"thread {self.tid} of process {self.pid} reached no ptrace stop in {STOP_TIMEOUT_S:g}s",
                 )
             time.sleep(0.0002)
         if not os.WIFSTOPPED(status):

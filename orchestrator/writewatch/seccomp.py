@@ -57,9 +57,16 @@ def _signed32(v: int) -> int:
 
 def _alu(op: int, a: int, v: int) -> int:
     return {
-        0x00: lambda: a + v, 0x10: lambda: a - v, 0x20: lambda: a * v, 0x30: lambda: a // v,
-        0x40: lambda: a | v, 0x50: lambda: a & v, 0x60: lambda: a << v if v < 32 else 0,
-        0x70: lambda: a >> v if v < 32 else 0, 0x90: lambda: a % v, 0xA0: lambda: a ^ v,
+        0x00: lambda: a + v,
+        0x10: lambda: a - v,
+        0x20: lambda: a * v,
+        0x30: lambda: a // v,
+        0x40: lambda: a | v,
+        0x50: lambda: a & v,
+        0x60: lambda: a << v if v < 32 else 0,
+        0x70: lambda: a >> v if v < 32 else 0,
+        0x90: lambda: a % v,
+        0xA0: lambda: a ^ v,
     }[op]() & _U32
 
 

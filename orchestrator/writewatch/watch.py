@@ -48,9 +48,12 @@ class _Lane:
         self.pieces = pieces
         self.vec = np.zeros((VEC_LEN, 3), np.uint64)
         self.arg = U.pm_scan_arg(
-            size=ctypes.sizeof(U.pm_scan_arg), vec=self.vec.ctypes.data, vec_len=VEC_LEN,
+            size=ctypes.sizeof(U.pm_scan_arg),
+            vec=self.vec.ctypes.data,
+            vec_len=VEC_LEN,
             flags=U.PM_SCAN_WP_MATCHING | U.PM_SCAN_CHECK_WPASYNC,
-            category_mask=U.PAGE_IS_WRITTEN, return_mask=U.PAGE_IS_WRITTEN,
+            category_mask=U.PAGE_IS_WRITTEN,
+            return_mask=U.PAGE_IS_WRITTEN,
         )
 
     def scan(self, pagemap: int, page: int, on_runs: OnRuns | None) -> int:
@@ -75,6 +78,7 @@ def _guest_runs(r: WatchedRange, regions: np.ndarray, page: int) -> tuple[np.nda
     first, stop = (r.gpa + lo) // page, -(-(r.gpa + hi) // page)
     keep = stop > first
     return first[keep], stop[keep]
+
 
 # A run callback: (first guest page, end guest page) arrays, both int64.
 OnRuns = Callable[[np.ndarray, np.ndarray], None]
@@ -117,7 +121,10 @@ def watched_ranges(pid: int, layout: MemoryLayout) -> list[WatchedRange]:
                     Refusal.NO_MAPPING, f"process {pid} maps {region.path} privately: its writes never reach the file"
                 )
             vaddr = m.start + lo - m.offset
-            span = (max(m.start, vaddr - vaddr % m.page_size), min(m.end, -(-(vaddr + hi - lo) // m.page_size) * m.page_size))
+            span = (
+                max(m.start, vaddr - vaddr % m.page_size),
+                min(m.end, -(-(vaddr + hi - lo) // m.page_size) * m.page_size),
+            )
             out.append(WatchedRange(vaddr, hi - lo, region.gpa + lo - region.offset, span, m.page_size))
             found += hi - lo
         if found < region.length:
@@ -143,7 +150,8 @@ def kernel_features() -> int:
     missing = FEATURES & ~api.features
     if missing:
         raise WriteWatchRefused(
-            Refusal.KERNEL, f"this kernel lacks async userfaultfd write-protection (features {missing:#x}; Linux >= 6.7 has them)"
+            Refusal.KERNEL,
+            f"this kernel lacks async userfaultfd write-protection (features {missing:#x}; Linux >= 6.7 has them)",
         )
     try:
         pm = open("/proc/self/pagemap", "rb", buffering=0)
@@ -154,7 +162,9 @@ def kernel_features() -> int:
         try:
             fcntl.ioctl(pm.fileno(), U.PAGEMAP_SCAN, arg, True)
         except OSError as exc:
-            raise WriteWatchRefused(Refusal.KERNEL, f"this kernel has no PAGEMAP_SCAN ({exc.strerror}; Linux >= 6.7 has it)") from None
+            raise WriteWatchRefused(
+                Refusal.KERNEL, f"this kernel has no PAGEMAP_SCAN ({exc.strerror}; Linux >= 6.7 has it)"
+            ) from None
     return api.features
 
 
@@ -174,15 +184,16 @@ def take_userfaultfd(pid: int, trust_seccomp: bool = False) -> int:
         remote = inj.call(P.SYS_userfaultfd, _UFFD_FLAGS)
         if remote < 0:
             err = -remote
-            hint = (
-                ": the process needs CAP_SYS_PTRACE, or vm.unprivileged_userfaultfd=1"
-                if err == errno.EPERM else ""
+            hint = ": the process needs CAP_SYS_PTRACE, or vm.unprivileged_userfaultfd=1" if err == errno.EPERM else ""
+            raise WriteWatchRefused(
+                Refusal.USERFAULTFD_DENIED, f"userfaultfd() in process {pid} failed: {os.strerror(err)}{hint}"
             )
-            raise WriteWatchRefused(Refusal.USERFAULTFD_DENIED, f"userfaultfd() in process {pid} failed: {os.strerror(err)}{hint}")
         try:
             check.check(Call(P.SYS_close, (remote,), "close"), inj.site + len(P.SYSCALL_INSN))
         except WriteWatchRefused as exc:  # never make a call the filter would punish
-            raise WriteWatchRefused(exc.cause, f"{exc}; process {pid} keeps an unused userfaultfd (fd {remote})") from None
+            raise WriteWatchRefused(
+                exc.cause, f"{exc}; process {pid} keeps an unused userfaultfd (fd {remote})"
+            ) from None
         try:
             pidfd = os.pidfd_open(pid)
             try:
@@ -190,7 +201,9 @@ def take_userfaultfd(pid: int, trust_seccomp: bool = False) -> int:
             finally:
                 os.close(pidfd)
         except OSError as exc:
-            raise WriteWatchRefused(Refusal.PTRACE_DENIED, f"cannot take process {pid}'s userfaultfd: {exc.strerror}") from None
+            raise WriteWatchRefused(
+                Refusal.PTRACE_DENIED, f"cannot take process {pid}'s userfaultfd: {exc.strerror}"
+            ) from None
         finally:
             inj.call(P.SYS_close, remote)
 
@@ -221,7 +234,9 @@ class WriteWatch:
             try:
                 fcntl.ioctl(uffd, U.UFFDIO_API, api, True)
             except OSError as exc:
-                raise WriteWatchRefused(Refusal.KERNEL, f"UFFDIO_API on process {pid}'s userfaultfd: {exc.strerror}") from None
+                raise WriteWatchRefused(
+                    Refusal.KERNEL, f"UFFDIO_API on process {pid}'s userfaultfd: {exc.strerror}"
+                ) from None
             try:
                 watch = cls(pid, uffd, ranges, layout.page_size)
             except FileNotFoundError:
@@ -258,7 +273,11 @@ class WriteWatch:
                 try:
                     fcntl.ioctl(self._fd(), U.UFFDIO_REGISTER, reg, True)
                 except OSError as exc:
-                    why = " (already registered: QEMU postcopy or a background snapshot?)" if exc.errno == errno.EBUSY else ""
+                    why = (
+                        " (already registered: QEMU postcopy or a background snapshot?)"
+                        if exc.errno == errno.EBUSY
+                        else ""
+                    )
                     raise WriteWatchRefused(
                         Refusal.REGISTER_REFUSED,
                         f"registering {lo:#x}-{hi:#x} of process {self.pid} failed: {exc.strerror}{why}",
@@ -291,7 +310,11 @@ class WriteWatch:
         if not self._registered:
             raise RuntimeError(f"write-watch on process {self.pid} is not registered")
         first, *rest = self._lanes
-        others = [self._pool.submit(lane.scan, self._pagemap, self.page_size, on_runs) for lane in rest] if self._pool else []
+        others = (
+            [self._pool.submit(lane.scan, self._pagemap, self.page_size, on_runs) for lane in rest]
+            if self._pool
+            else []
+        )
         try:
             total = first.scan(self._pagemap, self.page_size, on_runs)
         finally:

@@ -10,8 +10,8 @@ import threading
 import pytest
 
 from orchestrator import uapi as U
-from orchestrator.migration.devices import DeviceMigration
 from orchestrator.emulated import EmulatedKernel, Mlx5Like
+from orchestrator.migration.devices import DeviceMigration
 from orchestrator.vfio import State, TrackerLost, VfioDevice
 
 
@@ -38,8 +38,12 @@ class Hanging:
 def pair():
     src_k, dst_k = EmulatedKernel(), EmulatedKernel()
     sm, dm = Mlx5Like(), Mlx5Like()
-    return (VfioDevice(src_k.open_device(sm), src_k, name="dev"), sm,
-            VfioDevice(dst_k.open_device(dm), dst_k, name="dev"), dm)
+    return (
+        VfioDevice(src_k.open_device(sm), src_k, name="dev"),
+        sm,
+        VfioDevice(dst_k.open_device(dm), dst_k, name="dev"),
+        dm,
+    )
 
 
 async def test_round_trip_moves_the_state():

@@ -46,11 +46,17 @@ async def test_two_good_qemus_are_attached(tmp_path: Path) -> None:
 )
 async def test_a_refusal_changes_nothing(tmp_path: Path, problem: str, error: type, match: str) -> None:
     host = FakeHost()
-    src_state = {"source postmigrate": RunState.POSTMIGRATE, "source shut down": RunState.SHUTDOWN}.get(problem, RunState.RUNNING)
+    src_state = {"source postmigrate": RunState.POSTMIGRATE, "source shut down": RunState.SHUTDOWN}.get(
+        problem, RunState.RUNNING
+    )
     capabilities = ("x-ignore-shared", "events") if problem == "capability missing" else None
-    src = FakeQemu(host, "src", src_state, ram(tmp_path / "src"), **({"capabilities": capabilities} if capabilities else {}))
+    src = FakeQemu(
+        host, "src", src_state, ram(tmp_path / "src"), **({"capabilities": capabilities} if capabilities else {})
+    )
     dst = FakeQemu(
-        host, "dst", RunState.RUNNING if problem == "destination running" else RunState.INMIGRATE,
+        host,
+        "dst",
+        RunState.RUNNING if problem == "destination running" else RunState.INMIGRATE,
         ram(tmp_path / "dst", 4 * MIB if problem == "layouts differ" else 2 * MIB),
         incoming="unix:/fake/in.sock" if problem == "destination listening" else None,
     )

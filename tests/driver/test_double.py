@@ -21,8 +21,10 @@ from tests.qemu import recorded
 
 def pair(paused: bool = False, **faults: list[Fault]) -> tuple[FakeQemu, FakeQemu]:
     host = FakeHost()
-    return (FakeQemu(host, "src", RunState.PAUSED if paused else RunState.RUNNING, faults=faults.get("src", ())),
-            FakeQemu(host, "dst", RunState.INMIGRATE, faults=faults.get("dst", ())))
+    return (
+        FakeQemu(host, "src", RunState.PAUSED if paused else RunState.RUNNING, faults=faults.get("src", ())),
+        FakeQemu(host, "dst", RunState.INMIGRATE, faults=faults.get("dst", ())),
+    )
 
 
 async def to_pre_switchover(src: FakeQemu, dst: FakeQemu) -> None:

@@ -24,11 +24,24 @@ CONTINUE = "src: migrate-continue"
 
 #: What a running guest's migration does, in order (MIGRATION events and queries left out).
 STEPS = [
-    "src: migrate-set-capabilities", "dst: migrate-set-capabilities",
-    "dev.src: PRE_COPY", "sink: send_round0", "sink: send_pages", "sink: send_pages",
-    "dst: migrate-incoming", "src: migrate", "src STOP",
-    "dev.src: STOP_COPY", "dev.src: STOP", "sink: send_pages", "sink: verify",
-    "dev.dst: RESUMING", "dev.dst: STOP", CONTINUE, "dst RESUME", "dev.dst: RUNNING",
+    "src: migrate-set-capabilities",
+    "dst: migrate-set-capabilities",
+    "dev.src: PRE_COPY",
+    "sink: send_round0",
+    "sink: send_pages",
+    "sink: send_pages",
+    "dst: migrate-incoming",
+    "src: migrate",
+    "src STOP",
+    "dev.src: STOP_COPY",
+    "dev.src: STOP",
+    "sink: send_pages",
+    "sink: verify",
+    "dev.dst: RESUMING",
+    "dev.dst: STOP",
+    CONTINUE,
+    "dst RESUME",
+    "dev.dst: RUNNING",
 ]
 
 
@@ -89,7 +102,9 @@ def rig_failing_at(make_rig: MakeRig, entry: str, nth: int, act: Act) -> Rig:
 
 
 @pytest.mark.parametrize("entry,nth,act,phase", faults_at_every_step())
-async def test_a_fault_at_any_step_leaves_the_guest_in_one_place(make_rig: MakeRig, entry: str, nth: int, act: Act, phase: str) -> None:
+async def test_a_fault_at_any_step_leaves_the_guest_in_one_place(
+    make_rig: MakeRig, entry: str, nth: int, act: Act, phase: str
+) -> None:
     rig = rig_failing_at(make_rig, entry, nth, act)
     rep = await rig.migration().run()
     await rig.check_guest_home(rep)
@@ -119,7 +134,9 @@ async def test_a_destination_gone_after_resume_is_not_undone(make_rig: MakeRig) 
 
 
 @pytest.mark.parametrize("side", ["src", "dst"])
-async def test_a_query_failing_after_resume_leaves_the_guest_running_on_the_destination(make_rig: MakeRig, side: str) -> None:
+async def test_a_query_failing_after_resume_leaves_the_guest_running_on_the_destination(
+    make_rig: MakeRig, side: str
+) -> None:
     """The destination's devices run with it, though the migration is reported failed."""
     rig = make_rig(**{side: [Fault("query-status", Act.FAIL, nth=2 if side == "src" else 1)]})
     rep = await rig.migration().run()
@@ -167,7 +184,9 @@ def cancel_at(rig: Rig, step: str) -> tuple[asyncio.Task, Migration]:
 
 
 @pytest.mark.parametrize("paused", [False, True], ids=["running", "paused"])
-@pytest.mark.parametrize("at", ["sink: send_pages", "src: migrate", "dev.src: STOP_COPY", "sink: verify", "dev.dst: STOP"])
+@pytest.mark.parametrize(
+    "at", ["sink: send_pages", "src: migrate", "dev.src: STOP_COPY", "sink: verify", "dev.dst: STOP"]
+)
 async def test_the_caller_cancelling_before_migrate_continue_aborts(make_rig: MakeRig, paused: bool, at: str) -> None:
     rig = make_rig(paused=paused)
     task, mig = cancel_at(rig, at)
@@ -186,7 +205,9 @@ async def test_the_caller_cancelling_after_migrate_continue_finishes_the_switcho
     with pytest.raises(asyncio.CancelledError):
         await task
     rep = mig.report
-    assert rep.status == "completed" and rep.interrupted == "after migrate-continue" and rep.guest is GuestHome.DESTINATION
+    assert (
+        rep.status == "completed" and rep.interrupted == "after migrate-continue" and rep.guest is GuestHome.DESTINATION
+    )
     assert key_steps(rig) == STEPS
     await rig.check_guest_home(rep)
 

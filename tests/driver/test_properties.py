@@ -29,7 +29,9 @@ def faults(draw: st.DrawFn) -> tuple[bool, dict[str, list[Fault]]]:
     acts = [a for a in Act if not (a is Act.DIE_AFTER and (side, step) == ("dst", "query-status"))]
     plan[side].append(Fault(step, draw(st.sampled_from(acts)), draw(st.integers(1, 2))))
     if draw(st.booleans()):
-        plan["src"].append(Fault(draw(st.sampled_from(ABORT_STEPS)), draw(st.sampled_from(list(Act))), draw(st.integers(1, 3))))
+        plan["src"].append(
+            Fault(draw(st.sampled_from(ABORT_STEPS)), draw(st.sampled_from(list(Act))), draw(st.integers(1, 3)))
+        )
     return draw(st.booleans()), plan
 
 

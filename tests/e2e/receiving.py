@@ -25,9 +25,21 @@ async def receiver(ram: Path, token_file: Path, *more: str) -> AsyncIterator[tup
     """`receive --once` into `ram` on a free loopback port; yields the process and its
     HOST:PORT once it listens."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "orchestrator", "receive", "--listen", "127.0.0.1:0", "--ram", str(ram),
-        "--token-file", str(token_file), "--once", *more,
-        cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "receive",
+        "--listen",
+        "127.0.0.1:0",
+        "--ram",
+        str(ram),
+        "--token-file",
+        str(token_file),
+        "--once",
+        *more,
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     try:
         first = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()

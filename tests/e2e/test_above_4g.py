@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 from fixtures.guest.pattern import check_guest_ram, pc_regions
-from orchestrator.migration.attach import attach
 from orchestrator.lab.demo import wait_progress
-from orchestrator.migration.driver import Migration, MigrationOptions
 from orchestrator.lab.launcher import Role, VmConfig, launch
+from orchestrator.lab.workload import GUEST_ELF
+from orchestrator.migration.attach import attach
+from orchestrator.migration.driver import Migration, MigrationOptions
 from orchestrator.trackers import VcpuTracker
 from orchestrator.trackers.vcpulog import VcpuDirtyLog, log_pages
-from orchestrator.lab.workload import GUEST_ELF
 
 pytestmark = pytest.mark.slow
 GIB = 1 << 30
@@ -32,8 +32,9 @@ APPEND = "pattern=random wss=64M base=0x100000000"
 
 async def test_a_working_set_above_4g_migrates_bit_exact_under_the_vcpu_plugin() -> None:
     with VcpuDirtyLog.create(Path("/dev/shm") / f"vcpu-above-4g-{uuid.uuid4().hex}", log_pages(RAM_MIB << 20)) as log:
-        src_cfg = VmConfig("src", RAM_MIB, kernel=GUEST_ELF, append=APPEND, plugin=log.plugin_args(),
-                           extra_args=MACHINE)
+        src_cfg = VmConfig(
+            "src", RAM_MIB, kernel=GUEST_ELF, append=APPEND, plugin=log.plugin_args(), extra_args=MACHINE
+        )
         dst_cfg = VmConfig("dst", RAM_MIB, Role.DESTINATION, kernel=GUEST_ELF, append=APPEND, extra_args=MACHINE)
         async with launch(src_cfg) as src, launch(dst_cfg) as dst:
             await wait_progress(src, 3, 60)
@@ -41,8 +42,15 @@ async def test_a_working_set_above_4g_migrates_bit_exact_under_the_vcpu_plugin()
             try:
                 regions = [(r.gpa, r.length, r.offset) for r in ep.layout.regions]
                 assert regions[-1] == (4 * GIB, (RAM_MIB << 20) - BELOW_4G, BELOW_4G), regions
-                migration = Migration(ep.src, ep.dst, ep.layout, ep.sink, [VcpuTracker(log)],
-                                      dst.migration_uri(), MigrationOptions(verify=True))
+                migration = Migration(
+                    ep.src,
+                    ep.dst,
+                    ep.layout,
+                    ep.sink,
+                    [VcpuTracker(log)],
+                    dst.migration_uri(),
+                    MigrationOptions(verify=True),
+                )
                 rep = await migration.run()
             finally:
                 ep.sink.close()

@@ -20,10 +20,10 @@ import pytest
 
 from fixtures.guest.pattern import check_guest_ram
 from orchestrator.lab.demo import run_demo, wait_progress
-from orchestrator.migration.driver import MigrationOptions
 from orchestrator.lab.launcher import Role, VmConfig, default_qemu, launch
-from orchestrator.transport.auth import write_token
 from orchestrator.lab.workload import GUEST_ELF, WORKLOADS, parse_progress
+from orchestrator.migration.driver import MigrationOptions
+from orchestrator.transport.auth import write_token
 
 from .conftest import REPO
 
@@ -67,8 +67,17 @@ def inside(ns: str, tmp_path: Path) -> str:
 
 async def orchestrator(ns: str, *args: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        "ip", "netns", "exec", ns, sys.executable, "-m", "orchestrator", *args,
-        cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        sys.executable,
+        "-m",
+        "orchestrator",
+        *args,
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
 
 
@@ -84,23 +93,56 @@ async def test_migrate_across_namespaces_bit_exact_guest_runs_on(namespaces, tmp
     write_token(token)
     src_qmp, dst_qmp, report_path = tmp_path / "src.qmp", tmp_path / "dst.qmp", tmp_path / "report.json"
     append = WORKLOADS["light"].replace("32M", "16M")
-    src_cfg = VmConfig("src", 128, kernel=GUEST_ELF, append=append, qemu_binary=inside(src_ns, tmp_path),
-                       extra_args=("-qmp", f"unix:{src_qmp},server=on,wait=off"))
-    dst_cfg = VmConfig("dst", 128, Role.DESTINATION, kernel=GUEST_ELF, qemu_binary=inside(dst_ns, tmp_path),
-                       extra_args=("-qmp", f"unix:{dst_qmp},server=on,wait=off"))
+    src_cfg = VmConfig(
+        "src",
+        128,
+        kernel=GUEST_ELF,
+        append=append,
+        qemu_binary=inside(src_ns, tmp_path),
+        extra_args=("-qmp", f"unix:{src_qmp},server=on,wait=off"),
+    )
+    dst_cfg = VmConfig(
+        "dst",
+        128,
+        Role.DESTINATION,
+        kernel=GUEST_ELF,
+        qemu_binary=inside(dst_ns, tmp_path),
+        extra_args=("-qmp", f"unix:{dst_qmp},server=on,wait=off"),
+    )
     async with launch(src_cfg) as src, launch(dst_cfg) as dst:
         await wait_progress(src, 1, 60)
         receiver = await orchestrator(
-            dst_ns, "receive", "--listen", f"{DST_ADDR}:{RECEIVER_PORT}", "--ram", str(dst.ram_path),
-            "--token-file", str(token), "--once",
+            dst_ns,
+            "receive",
+            "--listen",
+            f"{DST_ADDR}:{RECEIVER_PORT}",
+            "--ram",
+            str(dst.ram_path),
+            "--token-file",
+            str(token),
+            "--once",
         )
         try:
             first = (await asyncio.wait_for(receiver.stdout.readline(), 30)).decode()
             assert f"receiving on {DST_ADDR}:{RECEIVER_PORT}" in first, first
             migrate = await orchestrator(
-                src_ns, "migrate", "--src-qmp", str(src_qmp), "--dst-qmp", str(dst_qmp), "--src-ram", str(src.ram_path),
-                "--dst-receiver", f"{DST_ADDR}:{RECEIVER_PORT}", "--token-file", str(token),
-                "--uri", f"tcp:{DST_ADDR}:{QEMU_PORT}", "--verify", "--json", str(report_path),
+                src_ns,
+                "migrate",
+                "--src-qmp",
+                str(src_qmp),
+                "--dst-qmp",
+                str(dst_qmp),
+                "--src-ram",
+                str(src.ram_path),
+                "--dst-receiver",
+                f"{DST_ADDR}:{RECEIVER_PORT}",
+                "--token-file",
+                str(token),
+                "--uri",
+                f"tcp:{DST_ADDR}:{QEMU_PORT}",
+                "--verify",
+                "--json",
+                str(report_path),
             )
             try:
                 out, _ = await asyncio.wait_for(migrate.communicate(), 240)

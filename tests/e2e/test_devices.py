@@ -17,10 +17,10 @@ import pytest
 
 from orchestrator.lab.demo import device_checks, guest_pair
 from orchestrator.lab.fleet import FaultPlan
+from orchestrator.lab.workload import dma_window
 from orchestrator.migration.driver import MigrationOptions
 from orchestrator.trackers import RecoveryPolicy
 from orchestrator.vfio import State
-from orchestrator.lab.workload import dma_window
 
 from .conftest import REPO
 
@@ -76,8 +76,21 @@ async def test_negative_control_untracked_devices_corrupt_the_destination():
 def test_negative_control_exit_status_from_the_cli(tmp_path):
     out = tmp_path / "report.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "demo", "--workload", "idle", "--no-device-tracking", "--json", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "demo",
+            "--workload",
+            "idle",
+            "--no-device-tracking",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     rep = json.loads(out.read_text())
@@ -95,7 +108,13 @@ def test_negative_control_exit_status_from_the_cli(tmp_path):
     ],
 )
 async def test_faults_mid_migration_still_bit_exact(fault, device, expect):
-    opts = MigrationOptions(verify=True, recovery=RecoveryPolicy(timeout=1.0, backoff_initial=0.0), downtime_limit_ms=0.5, max_rounds=5, on_limit="force")
+    opts = MigrationOptions(
+        verify=True,
+        recovery=RecoveryPolicy(timeout=1.0, backoff_initial=0.0),
+        downtime_limit_ms=0.5,
+        max_rounds=5,
+        on_limit="force",
+    )
     rep, checks, _ = await migrate(faults=[f"{fault}@{device}:1"], workload="heavy", opts=opts)
     assert rep.status == "completed" and rep.verified is True, rep.error
     assert all(c["state_migrated"] and not c["destination_mismatched_pages"] for c in checks.values())

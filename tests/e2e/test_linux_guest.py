@@ -17,8 +17,8 @@ import time
 import pytest
 
 from orchestrator.lab import linux
-from orchestrator.lab.linux import LinuxWorkload
 from orchestrator.lab.launcher import QemuVm, Role, VmConfig, launch, qemu_version
+from orchestrator.lab.linux import LinuxWorkload
 from orchestrator.lab.workload import Progress, parse_progress
 from tests.linux_serial import wait_until
 
@@ -26,6 +26,8 @@ pytestmark = pytest.mark.slow
 # 16384 pages/s over 256 MiB: busy, yet well below what QEMU copies over a unix socket.
 WORKLOAD = LinuxWorkload(mem=256 << 20, rate=64 << 20)
 NPAGES = WORKLOAD.mem // 4096
+
+
 def swept(after: int = 0):
     """More than a full sweep written past `after` pages: every page checked since then."""
     return lambda text: any(p.pages > after + NPAGES for p in parse_progress(text))
@@ -66,9 +68,13 @@ def configs() -> tuple[VmConfig, VmConfig]:
 async def test_qemu_live_migration_keeps_the_guest_running(linux_guest: None, request: pytest.FixtureRequest) -> None:
     version = qemu_version()
     if version < (9, 0):
-        request.applymarker(pytest.mark.xfail(
-            strict=True, raises=AssertionError,
-            reason="QEMU before 9.0 loses TCG writes in its own precopy (upstream 03bfc2188f)"))
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                raises=AssertionError,
+                reason="QEMU before 9.0 loses TCG writes in its own precopy (upstream 03bfc2188f)",
+            )
+        )
     src_cfg, dst_cfg = configs()
     assert src_cfg.share
     async with launch(src_cfg) as src, launch(dst_cfg) as dst:
@@ -78,8 +84,10 @@ async def test_qemu_live_migration_keeps_the_guest_running(linux_guest: None, re
         assert parse_progress(src.read_serial())[-1].pages > before.pages, "the guest ran meanwhile"
         assert (await dst.qmp.execute("query-status"))["status"] == "running"
         await goes_on(dst, src)
-        print(f"\nQEMU {version} live migration of the Linux guest: {info['total-time']} ms, "
-              f"downtime {info.get('downtime')} ms, {info['ram']['transferred'] >> 20} MiB sent")
+        print(
+            f"\nQEMU {version} live migration of the Linux guest: {info['total-time']} ms, "
+            f"downtime {info.get('downtime')} ms, {info['ram']['transferred'] >> 20} MiB sent"
+        )
 
 
 async def test_qemu_migration_of_the_paused_guest(linux_guest: None) -> None:

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.lab import linux
+from orchestrator.lab.launcher import QemuVm, Role, launch
+from orchestrator.lab.linux import LinuxWorkload
+from orchestrator.lab.workload import parse_progress
 from orchestrator.migration.attach import attach
 from orchestrator.migration.driver import Migration, MigrationOptions
-from orchestrator.lab import linux
-from orchestrator.lab.linux import LinuxWorkload
-from orchestrator.lab.launcher import QemuVm, Role, launch
 from orchestrator.trackers import QemuWrites, qemu_write_trackers
 from orchestrator.trackers.vcpulog import VcpuDirtyLog, log_pages
-from orchestrator.lab.workload import parse_progress
 from tests.linux_serial import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("linux_guest")]
@@ -33,8 +33,10 @@ async def run(kind: QemuWrites, log: VcpuDirtyLog | None = None):
     """Boot the pair, let the guest work, migrate it with `kind`; a completed migration must
     leave the destination guest running with every one of its checks passing."""
     plugin = {"plugin": log.plugin_args()} if log else {}
-    async with launch(linux.vm_config("src", RAM_MIB, workload=WORKLOAD, **plugin)) as src, \
-            launch(linux.vm_config("dst", RAM_MIB, Role.DESTINATION, workload=WORKLOAD)) as dst:
+    async with (
+        launch(linux.vm_config("src", RAM_MIB, workload=WORKLOAD, **plugin)) as src,
+        launch(linux.vm_config("dst", RAM_MIB, Role.DESTINATION, workload=WORKLOAD)) as dst,
+    ):
         await progress_past(src, 20, 120)  # booted, and two seconds of memory and disk work
         ep = await attach(src.qmp, dst.qmp, src.ram_path, dst.ram_path)
         try:

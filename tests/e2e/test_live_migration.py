@@ -15,8 +15,8 @@ import pytest
 
 from fixtures.guest.pattern import check_guest_ram
 from orchestrator.lab.demo import guest_pair, wait_progress
-from orchestrator.migration.driver import MigrationOptions
 from orchestrator.lab.workload import parse_progress
+from orchestrator.migration.driver import MigrationOptions
 
 pytestmark = pytest.mark.slow
 MEM = 256 << 20

@@ -13,8 +13,8 @@ import pytest
 
 from orchestrator.lab.demo import wait_progress
 from orchestrator.lab.launcher import Role, VmConfig, launch
-from orchestrator.transport.auth import write_token
 from orchestrator.lab.workload import GUEST_ELF, WORKLOADS
+from orchestrator.transport.auth import write_token
 
 from .conftest import REPO
 from .receiving import free_port, receiver
@@ -28,9 +28,16 @@ async def capabilities(vm) -> list[dict]:
 
 async def test_receiver_on_the_wrong_file_is_refused_and_nothing_changes(tmp_path):
     s, d = tmp_path / "src.qmp", tmp_path / "dst.qmp"
-    src_cfg = VmConfig("src", 128, kernel=GUEST_ELF, append=WORKLOADS["light"].replace("32M", "16M"),
-                       extra_args=("-qmp", f"unix:{s},server=on,wait=off"))
-    dst_cfg = VmConfig("dst", 128, Role.DESTINATION, kernel=GUEST_ELF, extra_args=("-qmp", f"unix:{d},server=on,wait=off"))
+    src_cfg = VmConfig(
+        "src",
+        128,
+        kernel=GUEST_ELF,
+        append=WORKLOADS["light"].replace("32M", "16M"),
+        extra_args=("-qmp", f"unix:{s},server=on,wait=off"),
+    )
+    dst_cfg = VmConfig(
+        "dst", 128, Role.DESTINATION, kernel=GUEST_ELF, extra_args=("-qmp", f"unix:{d},server=on,wait=off")
+    )
     wrong = Path("/dev/shm") / f"orchestrator-test-wrong-{tmp_path.name}.ram"
     content = np.random.default_rng(3).integers(0, 256, 128 << 20, dtype=np.uint8)
     content.tofile(wrong)
@@ -43,10 +50,25 @@ async def test_receiver_on_the_wrong_file_is_refused_and_nothing_changes(tmp_pat
             caps = await capabilities(src), await capabilities(dst)
             async with receiver(wrong, token) as (proc, where):
                 migrate = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "orchestrator", "migrate", "--src-qmp", str(s), "--dst-qmp", str(d),
-                    "--src-ram", str(src.ram_path), "--dst-receiver", where, "--token-file", str(token),
-                    "--uri", f"tcp:127.0.0.1:{free_port()}",
-                    cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                    sys.executable,
+                    "-m",
+                    "orchestrator",
+                    "migrate",
+                    "--src-qmp",
+                    str(s),
+                    "--dst-qmp",
+                    str(d),
+                    "--src-ram",
+                    str(src.ram_path),
+                    "--dst-receiver",
+                    where,
+                    "--token-file",
+                    str(token),
+                    "--uri",
+                    f"tcp:127.0.0.1:{free_port()}",
+                    cwd=REPO,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
                 )
                 out, err = await asyncio.wait_for(migrate.communicate(), 120)
                 assert migrate.returncode == 2, out.decode() + err.decode()

@@ -17,8 +17,8 @@ import pytest
 from orchestrator.app.cli import EXIT_BAD_INPUT, EXIT_GUEST_LOST, EXIT_MIGRATION_FAILED, EXIT_OK
 from orchestrator.lab.demo import wait_progress
 from orchestrator.lab.launcher import Role, VmConfig, launch
-from orchestrator.qemu.choreography import CAPABILITIES
 from orchestrator.lab.workload import GUEST_ELF, WORKLOADS
+from orchestrator.qemu.choreography import CAPABILITIES
 
 from .conftest import REPO
 from .test_cli_migrate import mgmt, pair
@@ -43,8 +43,14 @@ class Cli:
 
     async def start(self, *args: str) -> Cli:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "orchestrator", *args, cwd=REPO, env={**os.environ, "TMPDIR": str(self.tmp)},
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            sys.executable,
+            "-m",
+            "orchestrator",
+            *args,
+            cwd=REPO,
+            env={**os.environ, "TMPDIR": str(self.tmp)},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
         )
         self._reader = asyncio.ensure_future(self._read())
         return self
@@ -83,11 +89,26 @@ def shm_ours() -> set[str]:
 
 
 async def capability_states(session) -> dict[str, bool]:
-    return {c["capability"]: c["state"] for c in await session.execute("query-migrate-capabilities") if c["capability"] in CAPABILITIES}
+    return {
+        c["capability"]: c["state"]
+        for c in await session.execute("query-migrate-capabilities")
+        if c["capability"] in CAPABILITIES
+    }
 
 
 def migrate_args(s: Path, d: Path, src, dst, *more: str) -> tuple[str, ...]:
-    return ("migrate", "--src-qmp", str(s), "--dst-qmp", str(d), "--src-ram", str(src.ram_path), "--dst-ram", str(dst.ram_path), *more)
+    return (
+        "migrate",
+        "--src-qmp",
+        str(s),
+        "--dst-qmp",
+        str(d),
+        "--src-ram",
+        str(src.ram_path),
+        "--dst-ram",
+        str(dst.ram_path),
+        *more,
+    )
 
 
 def report_of(path: Path) -> dict:
@@ -121,7 +142,9 @@ async def test_signal_at_switchover(tmp_path, sig, paused):
     """The signal lands while the source waits in pre-switchover (verification of 256 MiB
     keeps it there long enough to be seen): before migrate-continue the source gets the
     guest back, as it was; after it, the switchover is finished. The report says which."""
-    src_cm = launch(VmConfig("src", 256, kernel=GUEST_ELF, append=WORKLOADS["light"], extra_args=mgmt(tmp_path / "s.qmp")))
+    src_cm = launch(
+        VmConfig("src", 256, kernel=GUEST_ELF, append=WORKLOADS["light"], extra_args=mgmt(tmp_path / "s.qmp"))
+    )
     dst_cm = launch(VmConfig("dst", 256, Role.DESTINATION, kernel=GUEST_ELF, extra_args=mgmt(tmp_path / "d.qmp")))
     async with src_cm as src, dst_cm as dst:
         await wait_progress(src, 1, 60)
@@ -129,7 +152,9 @@ async def test_signal_at_switchover(tmp_path, sig, paused):
             await src.qmp.execute("stop")
         before = await capability_states(src.qmp)
         report = tmp_path / "report.json"
-        cli = await Cli(tmp_path).start(*migrate_args(tmp_path / "s.qmp", tmp_path / "d.qmp", src, dst, "--verify", "--json", str(report)))
+        cli = await Cli(tmp_path).start(
+            *migrate_args(tmp_path / "s.qmp", tmp_path / "d.qmp", src, dst, "--verify", "--json", str(report))
+        )
         while (await src.qmp.query_migrate()).get("status") != "pre-switchover":
             assert cli.proc.returncode is None, cli.out
             await asyncio.sleep(0.001)
@@ -189,8 +214,9 @@ async def test_a_paused_source_stays_paused_after_a_cap_cancels(tmp_path):
 async def test_signal_to_demo_leaves_nothing(tmp_path, sig, phase, transport):
     shm = shm_ours()
     cli = Cli(tmp_path)
-    await cli.start("demo", "--workload", "heavy", "--devices", "mlx5", "--transport", transport,
-                    "--tracker", "vcpu", *NEVER)
+    await cli.start(
+        "demo", "--workload", "heavy", "--devices", "mlx5", "--transport", transport, "--tracker", "vcpu", *NEVER
+    )
     if phase == "launch":
         await cli.wait_for("demo: heavy guest")  # printed just before the QEMUs start
     else:
@@ -211,9 +237,18 @@ def _cmdline(proc: Path) -> bytes:
 
 
 async def test_a_destination_that_already_listens_is_refused_before_anything_changes(tmp_path):
-    src_cm = launch(VmConfig("src", 128, kernel=GUEST_ELF, append=WORKLOADS["light"], extra_args=mgmt(tmp_path / "s.qmp")))
-    dst_cm = launch(VmConfig("dst", 128, Role.DESTINATION, kernel=GUEST_ELF,
-                             extra_args=(*mgmt(tmp_path / "d.qmp"), "-incoming", "tcp:127.0.0.1:0")))
+    src_cm = launch(
+        VmConfig("src", 128, kernel=GUEST_ELF, append=WORKLOADS["light"], extra_args=mgmt(tmp_path / "s.qmp"))
+    )
+    dst_cm = launch(
+        VmConfig(
+            "dst",
+            128,
+            Role.DESTINATION,
+            kernel=GUEST_ELF,
+            extra_args=(*mgmt(tmp_path / "d.qmp"), "-incoming", "tcp:127.0.0.1:0"),
+        )
+    )
     async with src_cm as src, dst_cm as dst:
         before = await capability_states(src.qmp), await capability_states(dst.qmp)
         cli = await Cli(tmp_path).start(*migrate_args(tmp_path / "s.qmp", tmp_path / "d.qmp", src, dst))
@@ -249,20 +284,29 @@ async def test_a_destination_that_dies_loading_the_state_gives_the_guest_back_to
     """A destination that lacks one of the source's devices fails to load QEMU's stream
     after migrate-continue and exits without ever running the guest: the source runs it
     again."""
-    src_cm = launch(VmConfig("src", 128, kernel=GUEST_ELF, append=WORKLOADS["light"],
-                             extra_args=(*mgmt(tmp_path / "s.qmp"), "-device", "virtio-rng-pci")))
+    src_cm = launch(
+        VmConfig(
+            "src",
+            128,
+            kernel=GUEST_ELF,
+            append=WORKLOADS["light"],
+            extra_args=(*mgmt(tmp_path / "s.qmp"), "-device", "virtio-rng-pci"),
+        )
+    )
     dst_cm = launch(VmConfig("dst", 128, Role.DESTINATION, kernel=GUEST_ELF, extra_args=mgmt(tmp_path / "d.qmp")))
     async with src_cm as src, dst_cm as dst:
         await wait_progress(src, 1, 60)
         report = tmp_path / "report.json"
-        cli = await Cli(tmp_path).start(*migrate_args(tmp_path / "s.qmp", tmp_path / "d.qmp", src, dst, "--json", str(report)))
+        cli = await Cli(tmp_path).start(
+            *migrate_args(tmp_path / "s.qmp", tmp_path / "d.qmp", src, dst, "--json", str(report))
+        )
         assert await cli.exit_code() == EXIT_MIGRATION_FAILED, cli.out
         rep = report_of(report)
         assert rep["status"] == "failed" and rep["guest"] == "source", cli.out
         assert "the destination never ran the guest: the source runs again" in rep["decision"]
         assert await dst.wait_exit(10) != 0
         assert (await src.qmp.execute("query-status"))["status"] == "running"
-        lines = len((await wait_progress(src, 0, 10)))
+        lines = len(await wait_progress(src, 0, 10))
         await wait_progress(src, lines, 30)  # and the guest goes on working there
         assert cli.left_behind() == []
 

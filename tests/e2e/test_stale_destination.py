@@ -19,8 +19,8 @@ import pytest
 from fixtures.guest.pattern import check_guest_ram
 from orchestrator.lab.demo import wait_progress
 from orchestrator.lab.launcher import Role, VmConfig, launch
-from orchestrator.transport.auth import write_token
 from orchestrator.lab.workload import GUEST_ELF, WORKLOADS
+from orchestrator.transport.auth import write_token
 
 from .conftest import REPO
 from .receiving import free_port, receiver
@@ -33,8 +33,16 @@ STALE = slice(32 * MIB, 128 * MIB)  # the guest runs in [2, 18) MiB
 
 async def migrate(*args: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "orchestrator", "migrate", *args, "--json", "-",
-        cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "migrate",
+        *args,
+        "--json",
+        "-",
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     out, _ = await asyncio.wait_for(proc.communicate(), 240)
     return proc.returncode, out.decode()
@@ -43,9 +51,16 @@ async def migrate(*args: str) -> tuple[int, str]:
 @pytest.mark.parametrize("through", ["local", "receive"])
 async def test_stale_destination_file_ends_bit_exact_without_verify(tmp_path, through):
     s, d = tmp_path / "src.qmp", tmp_path / "dst.qmp"
-    src_cfg = VmConfig("src", 128, kernel=GUEST_ELF, append=WORKLOADS["light"].replace("32M", "16M"),
-                       extra_args=("-qmp", f"unix:{s},server=on,wait=off"))
-    dst_cfg = VmConfig("dst", 128, Role.DESTINATION, kernel=GUEST_ELF, extra_args=("-qmp", f"unix:{d},server=on,wait=off"))
+    src_cfg = VmConfig(
+        "src",
+        128,
+        kernel=GUEST_ELF,
+        append=WORKLOADS["light"].replace("32M", "16M"),
+        extra_args=("-qmp", f"unix:{s},server=on,wait=off"),
+    )
+    dst_cfg = VmConfig(
+        "dst", 128, Role.DESTINATION, kernel=GUEST_ELF, extra_args=("-qmp", f"unix:{d},server=on,wait=off")
+    )
     async with launch(src_cfg) as src, launch(dst_cfg) as dst:
         await wait_progress(src, 1, 60)
         held = np.memmap(dst.ram_path, np.uint8, mode="r+")
@@ -61,11 +76,18 @@ async def test_stale_destination_file_ends_bit_exact_without_verify(tmp_path, th
             token = tmp_path / "token"
             write_token(token)
             async with receiver(dst.ram_path, token) as (proc, where):
-                code, out = await migrate(*common, "--dst-receiver", where, "--token-file", str(token),
-                                          "--uri", f"tcp:127.0.0.1:{free_port()}")
+                code, out = await migrate(
+                    *common,
+                    "--dst-receiver",
+                    where,
+                    "--token-file",
+                    str(token),
+                    "--uri",
+                    f"tcp:127.0.0.1:{free_port()}",
+                )
                 await asyncio.wait_for(proc.wait(), 30)
         assert code == 0, out
-        assert json.loads(out[out.index("{"):])["status"] == "completed"
+        assert json.loads(out[out.index("{") :])["status"] == "completed"
         await dst.qmp.execute("stop")
         stale = int((held[STALE].reshape(-1, 4096) == 0xAA).all(axis=1).sum())
         assert stale == 0, f"{stale} pages still hold the destination's old data"

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 from fixtures.guest.pattern import check_guest_ram
-from orchestrator.migration.attach import attach
 from orchestrator.lab.demo import guest_pair, wait_progress
-from orchestrator.migration.driver import Migration, MigrationOptions
 from orchestrator.lab.launcher import Role, VmConfig, default_qemu, launch
+from orchestrator.lab.workload import GUEST_ELF, WORKLOADS, fwcfg_buffer, parse_progress
+from orchestrator.migration.attach import attach
+from orchestrator.migration.driver import Migration, MigrationOptions
 from orchestrator.trackers import QemuWrites, qemu_write_trackers
 from orchestrator.uapi import ptrace as P
-from orchestrator.lab.workload import GUEST_ELF, WORKLOADS, fwcfg_buffer, parse_progress
 from orchestrator.writewatch import Refusal, WriteWatchRefused
 from tests.writewatch.filters import exec_wrapper, on_syscall
 
@@ -73,7 +73,9 @@ def light(**more) -> VmConfig:
 
 
 async def migrate(src, dst, ep, trackers, **options):
-    mig = Migration(ep.src, ep.dst, ep.layout, ep.sink, trackers, dst.migration_uri(), MigrationOptions(verify=True, **options))
+    mig = Migration(
+        ep.src, ep.dst, ep.layout, ep.sink, trackers, dst.migration_uri(), MigrationOptions(verify=True, **options)
+    )
     return await mig.run()
 
 
@@ -128,8 +130,16 @@ async def test_a_source_killed_mid_migration_fails_the_migration_cleanly():
                 if rec.round == 1:
                     os.kill(pid, signal.SIGKILL)
 
-            mig = Migration(ep.src, ep.dst, ep.layout, ep.sink, trackers, dst.migration_uri(),
-                            MigrationOptions(verify=True, max_time_s=30), on_round=kill_after_round_1)
+            mig = Migration(
+                ep.src,
+                ep.dst,
+                ep.layout,
+                ep.sink,
+                trackers,
+                dst.migration_uri(),
+                MigrationOptions(verify=True, max_time_s=30),
+                on_round=kill_after_round_1,
+            )
             rep = await asyncio.wait_for(mig.run(), 120)
         assert rep.status == "failed" and rep.error
         assert rep.trackers[0]["kind"] == "write-watch" and rep.trackers[0]["state"] == "stopped"
@@ -144,9 +154,26 @@ def kvm(tmp_path_factory) -> None:
         pytest.skip("no usable /dev/kvm")
     serial = tmp_path_factory.mktemp("kvm") / "serial"
     probe = subprocess.Popen(
-        [default_qemu(), "-accel", "kvm", "-machine", "pc", "-m", "64", "-nodefaults", "-display", "none",
-         "-kernel", str(GUEST_ELF), "-append", "pattern=idle", "-serial", f"file:{serial}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            default_qemu(),
+            "-accel",
+            "kvm",
+            "-machine",
+            "pc",
+            "-m",
+            "64",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-kernel",
+            str(GUEST_ELF),
+            "-append",
+            "pattern=idle",
+            "-serial",
+            f"file:{serial}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         deadline = time.monotonic() + 10

@@ -57,8 +57,18 @@ def test_report_argsz(kernel):
     kernel.ioctl(fd, FEATURE, arg)
 
 
-@pytest.mark.parametrize("page_size, want", [(0, errno.EINVAL), (2048, errno.EINVAL), (12288, errno.EINVAL),
-                                             (4097, errno.EINVAL), (4096, 0), (8192, 0), (1 << 30, 0)])
+@pytest.mark.parametrize(
+    "page_size, want",
+    [
+        (0, errno.EINVAL),
+        (2048, errno.EINVAL),
+        (12288, errno.EINVAL),
+        (4097, errno.EINVAL),
+        (4096, 0),
+        (8192, 0),
+        (1 << 30, 0),
+    ],
+)
 def test_report_page_size(kernel, page_size, want):
     fd, _ = tracker(kernel)
     mem = UserMem(64)

@@ -25,7 +25,6 @@ from .util import (
     ranges_mem,
 )
 
-
 NO_SUCH_IOCTL = 0x5A7F  # _IO('Z', 0x7f): vfio-pci's ioctl falls through to ENOTTY for it
 
 

@@ -60,8 +60,16 @@ class Setup:
         self.kernel.ioctl(self.iommufd, uapi.IOMMU_HWPT_SET_DIRTY_TRACKING, arg)
 
     def get_dirty(self, hwpt, iova, length, page_size, data, flags=0, **extra):
-        arg = cmd(uapi.iommu_hwpt_get_dirty_bitmap, hwpt_id=hwpt, flags=flags, iova=iova, length=length,
-                  page_size=page_size, data=data, **extra)
+        arg = cmd(
+            uapi.iommu_hwpt_get_dirty_bitmap,
+            hwpt_id=hwpt,
+            flags=flags,
+            iova=iova,
+            length=length,
+            page_size=page_size,
+            data=data,
+            **extra,
+        )
         self.kernel.ioctl(self.iommufd, uapi.IOMMU_HWPT_GET_DIRTY_BITMAP, arg)
 
     def tracking(self):
@@ -199,8 +207,7 @@ def test_walk_crosses_adjacent_areas_but_not_a_gap(kernel):
     hwpt = s.tracking()
     flags = uapi.IOMMU_IOAS_MAP_FIXED_IOVA | uapi.IOMMU_IOAS_MAP_READABLE | uapi.IOMMU_IOAS_MAP_WRITEABLE
     for iova in (APERTURE + (1 << 20), APERTURE + (3 << 20)):  # adjacent, then after a 1 MiB gap
-        arg = cmd(uapi.iommu_ioas_map, flags=flags, ioas_id=s.ioas, user_va=s.buffer.addr, length=1 << 20,
-                  iova=iova)
+        arg = cmd(uapi.iommu_ioas_map, flags=flags, ioas_id=s.ioas, user_va=s.buffer.addr, length=1 << 20, iova=iova)
         kernel.ioctl(s.iommufd, uapi.IOMMU_IOAS_MAP, arg)
     for mib in (0, 1, 3):
         model.dma_write(APERTURE + (mib << 20), 1)
@@ -249,11 +256,18 @@ def test_iommufd_size_rules(kernel):
     arg[12] = 1
     expect_errno(errno.E2BIG, lambda: kernel.ioctl(s.iommufd, uapi.IOMMU_IOAS_ALLOC, arg))
     expect_errno(errno.ENOTTY, lambda: kernel.ioctl(s.iommufd, NO_SUCH_IOCTL, bytearray(8)))
-    arg = cmd(uapi.iommu_ioas_map, flags=uapi.IOMMU_IOAS_MAP_FIXED_IOVA | uapi.IOMMU_IOAS_MAP_READABLE,
-              ioas_id=s.ioas, user_va=s.buffer.addr, length=4096, iova=APERTURE)
+    arg = cmd(
+        uapi.iommu_ioas_map,
+        flags=uapi.IOMMU_IOAS_MAP_FIXED_IOVA | uapi.IOMMU_IOAS_MAP_READABLE,
+        ioas_id=s.ioas,
+        user_va=s.buffer.addr,
+        length=4096,
+        iova=APERTURE,
+    )
     expect_errno(errno.EEXIST, lambda: kernel.ioctl(s.iommufd, uapi.IOMMU_IOAS_MAP, arg))
-    arg = cmd(uapi.iommu_ioas_map, flags=uapi.IOMMU_IOAS_MAP_READABLE, ioas_id=s.ioas, user_va=s.buffer.addr,
-              length=4096)
+    arg = cmd(
+        uapi.iommu_ioas_map, flags=uapi.IOMMU_IOAS_MAP_READABLE, ioas_id=s.ioas, user_va=s.buffer.addr, length=4096
+    )
     kernel.ioctl(s.iommufd, uapi.IOMMU_IOAS_MAP, arg)
     assert out(uapi.iommu_ioas_map, arg).iova == 4096  # first fit from PAGE_SIZE: IOVA 0 is never chosen
 

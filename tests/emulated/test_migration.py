@@ -27,14 +27,19 @@ from .util import (
 
 S = uapi.vfio_device_mig_state
 ER, ST, RU, SC, RE, RP, PC, PP = (
-    S.VFIO_DEVICE_STATE_ERROR, S.VFIO_DEVICE_STATE_STOP, S.VFIO_DEVICE_STATE_RUNNING,
-    S.VFIO_DEVICE_STATE_STOP_COPY, S.VFIO_DEVICE_STATE_RESUMING, S.VFIO_DEVICE_STATE_RUNNING_P2P,
-    S.VFIO_DEVICE_STATE_PRE_COPY, S.VFIO_DEVICE_STATE_PRE_COPY_P2P,
+    S.VFIO_DEVICE_STATE_ERROR,
+    S.VFIO_DEVICE_STATE_STOP,
+    S.VFIO_DEVICE_STATE_RUNNING,
+    S.VFIO_DEVICE_STATE_STOP_COPY,
+    S.VFIO_DEVICE_STATE_RESUMING,
+    S.VFIO_DEVICE_STATE_RUNNING_P2P,
+    S.VFIO_DEVICE_STATE_PRE_COPY,
+    S.VFIO_DEVICE_STATE_PRE_COPY_P2P,
 )
 STOP_COPY, P2P, PRE_COPY = uapi.VFIO_MIGRATION_STOP_COPY, uapi.VFIO_MIGRATION_P2P, uapi.VFIO_MIGRATION_PRE_COPY
 
 # vfio_from_fsm_table, transcribed from the reference (rows: current, columns: target).
-_COLS = "ST RU SC RE RP PC PP ER".split()
+_COLS = ["ST", "RU", "SC", "RE", "RP", "PC", "PP", "ER"]
 _TABLE = """
 ST: ST RP SC RE RP RP RP ER
 RU: RP RU RP RP RP PC RP ER
@@ -51,8 +56,15 @@ NEXT = {
     for row in _TABLE.strip().splitlines()
     for col, cell in zip(_COLS, row.split(":")[1].split())
 }
-NEEDS = {ST: STOP_COPY, RU: STOP_COPY, SC: STOP_COPY, RE: STOP_COPY, RP: STOP_COPY | P2P,
-         PC: STOP_COPY | PRE_COPY, PP: STOP_COPY | P2P | PRE_COPY}
+NEEDS = {
+    ST: STOP_COPY,
+    RU: STOP_COPY,
+    SC: STOP_COPY,
+    RE: STOP_COPY,
+    RP: STOP_COPY | P2P,
+    PC: STOP_COPY | PRE_COPY,
+    PP: STOP_COPY | P2P | PRE_COPY,
+}
 FLAG_SETS = [STOP_COPY, STOP_COPY | P2P, STOP_COPY | PRE_COPY, STOP_COPY | P2P | PRE_COPY]
 
 
@@ -104,11 +116,19 @@ def test_no_mig_ops_is_enotty(kernel, fid):
 @pytest.mark.parametrize(
     "fid, flags, argsz, want",
     [
-        (MIGRATION, GET, 16, 0), (MIGRATION, SET, 16, errno.EINVAL), (MIGRATION, PROBE | GET, 8, 0),
-        (MIGRATION, PROBE | SET, 8, errno.EINVAL), (MIGRATION, GET, 15, errno.EINVAL), (MIGRATION, 0, 16, errno.EINVAL),
-        (MIG_DEVICE_STATE, GET, 16, 0), (MIG_DEVICE_STATE, PROBE | GET | SET, 8, 0),
-        (MIG_DEVICE_STATE, GET, 15, errno.EINVAL), (MIG_DEVICE_STATE, 0, 16, errno.EINVAL),
-        (MIG_DATA_SIZE, GET, 16, 0), (MIG_DATA_SIZE, SET, 16, errno.EINVAL), (MIG_DATA_SIZE, PROBE | GET, 8, 0),
+        (MIGRATION, GET, 16, 0),
+        (MIGRATION, SET, 16, errno.EINVAL),
+        (MIGRATION, PROBE | GET, 8, 0),
+        (MIGRATION, PROBE | SET, 8, errno.EINVAL),
+        (MIGRATION, GET, 15, errno.EINVAL),
+        (MIGRATION, 0, 16, errno.EINVAL),
+        (MIG_DEVICE_STATE, GET, 16, 0),
+        (MIG_DEVICE_STATE, PROBE | GET | SET, 8, 0),
+        (MIG_DEVICE_STATE, GET, 15, errno.EINVAL),
+        (MIG_DEVICE_STATE, 0, 16, errno.EINVAL),
+        (MIG_DATA_SIZE, GET, 16, 0),
+        (MIG_DATA_SIZE, SET, 16, errno.EINVAL),
+        (MIG_DATA_SIZE, PROBE | GET, 8, 0),
         (MIG_DATA_SIZE, GET, 15, errno.EINVAL),
     ],
 )
@@ -118,8 +138,15 @@ def test_feature_table(kernel, fid, flags, argsz, want):
     assert errno_of(lambda: kernel.ioctl(fd, FEATURE, feature(flags | fid, payload, argsz=argsz))) == want
 
 
-@pytest.mark.parametrize("model, flags", [(Mlx5Like(), STOP_COPY | P2P | PRE_COPY), (PdsLike(), STOP_COPY | P2P),
-                                          (MttyLike(), STOP_COPY | P2P | PRE_COPY), (NoDmaLogging(), STOP_COPY | P2P)])
+@pytest.mark.parametrize(
+    "model, flags",
+    [
+        (Mlx5Like(), STOP_COPY | P2P | PRE_COPY),
+        (PdsLike(), STOP_COPY | P2P),
+        (MttyLike(), STOP_COPY | P2P | PRE_COPY),
+        (NoDmaLogging(), STOP_COPY | P2P),
+    ],
+)
 def test_migration_flags(kernel, model, flags):
     fd = kernel.open_device(model)
     arg = feature(GET | MIGRATION, bytes(8))
@@ -177,8 +204,11 @@ def test_every_transition_against_the_table(flags):
         else:
             data_fd = mig_set(kernel, fd, new)
             assert model.mig_state == new
-            opens_stream = bool(want) and (want[-1] == RE or (want[-1] in (PC, PP) and cur not in (PC, PP))
-                                           or (want[-1] == SC and cur not in (PC, PP)))
+            opens_stream = bool(want) and (
+                want[-1] == RE
+                or (want[-1] in (PC, PP) and cur not in (PC, PP))
+                or (want[-1] == SC and cur not in (PC, PP))
+            )
             assert (data_fd >= 0) == opens_stream, (cur, new, want)
         kernel.close(fd)
 

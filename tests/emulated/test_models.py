@@ -28,7 +28,11 @@ from .util import (
 
 MIB, GIB = 1 << 20, 1 << 30
 S = uapi.vfio_device_mig_state
-STOP_STATE, RUNNING_STATE, PRE_COPY = S.VFIO_DEVICE_STATE_STOP, S.VFIO_DEVICE_STATE_RUNNING, S.VFIO_DEVICE_STATE_PRE_COPY
+STOP_STATE, RUNNING_STATE, PRE_COPY = (
+    S.VFIO_DEVICE_STATE_STOP,
+    S.VFIO_DEVICE_STATE_RUNNING,
+    S.VFIO_DEVICE_STATE_PRE_COPY,
+)
 
 
 # -- mlx5 -----------------------------------------------------------------------------------

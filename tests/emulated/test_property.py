@@ -8,7 +8,6 @@ from orchestrator.emulated import EmulatedKernel, Mlx5Like, MttyLike, PdsLike
 
 from .util import FEATURE, UserMem, do_start, report_arg
 
-
 PAGE = 4096
 
 
@@ -44,9 +43,7 @@ def scenario(draw):
         ranges.append((cursor, length))
         cursor += length + draw(st.integers(0, 2)) * block
     span = cursor + block
-    writes = draw(
-        st.lists(st.tuples(st.integers(0, span - 1), st.integers(1, 3 * granule)), min_size=0, max_size=12)
-    )
+    writes = draw(st.lists(st.tuples(st.integers(0, span - 1), st.integers(1, 3 * granule)), min_size=0, max_size=12))
     p_log = draw(st.integers(12, 22))
     region = draw(st.sampled_from(ranges))
     k = draw(st.integers(0, region[1] // block - 1))

@@ -104,8 +104,9 @@ def report_arg(iova: int, length: int, page_size: int, bitmap: int) -> bytearray
     return feature(GET | REPORT, bytes(uapi.vfio_device_feature_dma_logging_report(iova, length, page_size, bitmap)))
 
 
-def do_report(kernel, fd: int, iova: int, length: int, page_size: int = 4096, mem: UserMem | None = None,
-              offset: int = 0) -> np.ndarray:
+def do_report(
+    kernel, fd: int, iova: int, length: int, page_size: int = 4096, mem: UserMem | None = None, offset: int = 0
+) -> np.ndarray:
     """REPORT into a fresh (or given) buffer; returns the bits covering the range."""
     nbits = max(-(-length // page_size), 1)
     mem = mem or UserMem(offset + (nbits + 7) // 8 + 8)

@@ -42,9 +42,16 @@ from orchestrator.migration.engine.sequence import (
 
 #: How a simulated QEMU, its devices and trackers answer every other action: at once, successfully.
 ANSWER = {
-    Prepare: Prepared(src_running=True), StartTrackers: Started(), Listen: Listening(), Migrate: PreSwitchover(True),
-    DevicesStopCopy: DevicesStopped(), LoadDevices: DevicesLoaded(), Continue: Continued(),
-    AwaitCompletion: Completed(downtime_ms=1.0), RunDestinationDevices: DevicesRunning(), Cancel: Cancelled(),
+    Prepare: Prepared(src_running=True),
+    StartTrackers: Started(),
+    Listen: Listening(),
+    Migrate: PreSwitchover(True),
+    DevicesStopCopy: DevicesStopped(),
+    LoadDevices: DevicesLoaded(),
+    Continue: Continued(),
+    AwaitCompletion: Completed(downtime_ms=1.0),
+    RunDestinationDevices: DevicesRunning(),
+    Cancel: Cancelled(),
     StopTrackers: TrackersStopped(),
 }
 

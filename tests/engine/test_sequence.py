@@ -17,10 +17,18 @@ from orchestrator.migration.engine import sequence as s
 
 PAGE = 4096
 CLEAN = {
-    s.Prepare: s.Prepared(True), s.StartTrackers: s.Started(), s.Listen: s.Listening(),
-    s.Migrate: s.PreSwitchover(True), s.DevicesStopCopy: s.DevicesStopped(), s.Verify: s.Verified(True),
-    s.LoadDevices: s.DevicesLoaded(), s.Continue: s.Continued(), s.AwaitCompletion: s.Completed(5.0),
-    s.RunDestinationDevices: s.DevicesRunning(), s.Cancel: s.Cancelled(), s.StopTrackers: s.TrackersStopped(),
+    s.Prepare: s.Prepared(True),
+    s.StartTrackers: s.Started(),
+    s.Listen: s.Listening(),
+    s.Migrate: s.PreSwitchover(True),
+    s.DevicesStopCopy: s.DevicesStopped(),
+    s.Verify: s.Verified(True),
+    s.LoadDevices: s.DevicesLoaded(),
+    s.Continue: s.Continued(),
+    s.AwaitCompletion: s.Completed(5.0),
+    s.RunDestinationDevices: s.DevicesRunning(),
+    s.Cancel: s.Cancelled(),
+    s.StopTrackers: s.TrackersStopped(),
     s.GiveBack: s.GivenBack(GuestHome.SOURCE, "the destination never ran the guest"),
 }
 
@@ -53,12 +61,31 @@ def run(m: MigrationSequence, dirty: list[int], faults: dict[type, s.Event] | No
 def test_a_clean_migration_runs_the_order() -> None:
     m = machine()
     assert run(m, dirty=[10**10 // PAGE, 10]) == [
-        "Prepare", "StartTrackers", "SendRound0", "Collect", "SendPages", "Collect", "Listen", "Migrate",
-        "DevicesStopCopy", "Collect(final)", "SendPages(final)", "Verify", "LoadDevices", "Continue",
-        "AwaitCompletion", "RunDestinationDevices", "StopTrackers",
+        "Prepare",
+        "StartTrackers",
+        "SendRound0",
+        "Collect",
+        "SendPages",
+        "Collect",
+        "Listen",
+        "Migrate",
+        "DevicesStopCopy",
+        "Collect(final)",
+        "SendPages(final)",
+        "Verify",
+        "LoadDevices",
+        "Continue",
+        "AwaitCompletion",
+        "RunDestinationDevices",
+        "StopTrackers",
     ]
     o = m.outcome
-    assert m.phase is Phase.DONE and (o.status, o.guest, o.verified, o.downtime_ms) == ("completed", GuestHome.DESTINATION, True, 5.0)
+    assert m.phase is Phase.DONE and (o.status, o.guest, o.verified, o.downtime_ms) == (
+        "completed",
+        GuestHome.DESTINATION,
+        True,
+        5.0,
+    )
     assert "<= limit" in o.decision and len(m.engine.rounds) == 3
 
 

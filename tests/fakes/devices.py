@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from orchestrator.migration.devices import DeviceMigration
 from orchestrator.emulated import EmulatedKernel, Mlx5Like
+from orchestrator.migration.devices import DeviceMigration
 from orchestrator.vfio import State, VfioDevice
 
 from .qemu import FakeHost

@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.qemu.choreography import CAPABILITIES
 from orchestrator.qemu.errors import (
     MigrationError,
     QmpCommandError,
     QmpDisconnectedError,
     QmpTimeoutError,
 )
-from orchestrator.qemu.choreography import CAPABILITIES
 from orchestrator.qemu.qmp import TERMINAL_STATUSES, EventPredicate, QmpEvent
 
 from .faults import Act, Fault, Faults
@@ -38,7 +38,17 @@ from .faults import Act, Fault, Faults
 #: Outgoing statuses during which QEMU refuses capabilities and a second `migrate`.
 RUNNING_STATUSES = frozenset({"setup", "active", "pre-switchover", "device", "cancelling"})
 #: Commands that only read: left out of `changes`, the journal of what altered a QEMU.
-QUERIES = frozenset({"query-status", "query-migrate", "query-migrate-capabilities", "query-memdev", "qom-list", "qom-get", "human-monitor-command"})
+QUERIES = frozenset(
+    {
+        "query-status",
+        "query-migrate",
+        "query-migrate-capabilities",
+        "query-memdev",
+        "qom-list",
+        "qom-get",
+        "human-monitor-command",
+    }
+)
 BACKEND = "ram0"
 
 
@@ -149,11 +159,15 @@ class FakeQemu:
     ) -> QmpEvent:
         async with self._deadline(f"event {name}", timeout):
             while True:
-                found = next((e for e in self.events[after:] if e.name == name and (predicate is None or predicate(e))), None)
+                found = next(
+                    (e for e in self.events[after:] if e.name == name and (predicate is None or predicate(e))), None
+                )
                 if found is not None:
                     return found
                 if self._lost:
-                    raise QmpDisconnectedError(f"QMP connection {self.socket_path} closed while waiting for event {name}")
+                    raise QmpDisconnectedError(
+                        f"QMP connection {self.socket_path} closed while waiting for event {name}"
+                    )
                 await self._changed.wait()
 
     async def wait_migration_status(self, statuses: Collection[str], timeout: float = 30.0) -> dict[str, Any]:
@@ -166,7 +180,9 @@ class FakeQemu:
                 if status in wanted:
                     return info
                 if status in TERMINAL_STATUSES:
-                    raise MigrationError(f"migration on {self.socket_path} is '{status}' while waiting for {sorted(wanted)}")
+                    raise MigrationError(
+                        f"migration on {self.socket_path} is '{status}' while waiting for {sorted(wanted)}"
+                    )
                 await changed.wait()
 
     @property
@@ -224,14 +240,19 @@ class FakeQemu:
             raise QmpCommandError("migrate-set-capabilities", "GenericError", "There's a migration process in progress")
         for cap in capabilities:
             if cap["capability"] not in self.capabilities:
-                raise QmpCommandError("migrate-set-capabilities", "GenericError",
-                                      f"Parameter 'capability' does not accept value '{cap['capability']}'")
+                raise QmpCommandError(
+                    "migrate-set-capabilities",
+                    "GenericError",
+                    f"Parameter 'capability' does not accept value '{cap['capability']}'",
+                )
         self.capabilities.update({cap["capability"]: cap["state"] for cap in capabilities})
         return {}
 
     def _migrate_incoming(self, uri: str) -> dict:
         if self.runstate is not RunState.INMIGRATE:
-            raise QmpCommandError("migrate-incoming", "GenericError", "'-incoming' was not specified on the command line")
+            raise QmpCommandError(
+                "migrate-incoming", "GenericError", "'-incoming' was not specified on the command line"
+            )
         if self.incoming != "none" or self.listening is not None:
             raise QmpCommandError("migrate-incoming", "GenericError", "The incoming migration has already been started")
         self._listen(uri)
@@ -249,7 +270,9 @@ class FakeQemu:
 
     def _migrate_continue(self, state: str) -> dict:
         if self.outgoing != state:
-            raise QmpCommandError("migrate-continue", "GenericError", f"Migration not in expected state: {self.outgoing}")
+            raise QmpCommandError(
+                "migrate-continue", "GenericError", f"Migration not in expected state: {self.outgoing}"
+            )
         self._continue.set()
         return {}
 
@@ -287,7 +310,16 @@ class FakeQemu:
         return self.ram
 
     def _query_memdev(self) -> list[dict[str, Any]]:
-        return [{"id": BACKEND, "size": self._ram().stat().st_size, "share": True, "merge": True, "dump": True, "prealloc": False}]
+        return [
+            {
+                "id": BACKEND,
+                "size": self._ram().stat().st_size,
+                "share": True,
+                "merge": True,
+                "dump": True,
+                "prealloc": False,
+            }
+        ]
 
     def _qom_get(self, path: str, property: str) -> str:
         if (path, property) != (f"/objects/{BACKEND}", "mem-path"):

@@ -8,9 +8,9 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from functools import cache
 
+from orchestrator.dirty.memory import MemoryLayout
 from orchestrator.migration.driver import GuestHome, Migration, MigrationOptions, MigrationReport
 from orchestrator.migration.engine import RoundRecord
-from orchestrator.dirty.memory import MemoryLayout
 from orchestrator.trackers import RecoveryPolicy
 from orchestrator.vfio import State
 
@@ -25,8 +25,13 @@ URI = "unix:/fake/dst/migrate.sock"
 #: No round meets this limit, so precopy always runs to the round cap (3) and is forced over:
 #: the same steps on every run.
 OPTIONS = MigrationOptions(
-    downtime_limit_ms=1e-6, max_rounds=3, on_limit="force", verify=True, qmp_timeout_s=5.0,
-    device_timeout_s=5.0, recovery=RecoveryPolicy(timeout=5.0, backoff_initial=0.0),
+    downtime_limit_ms=1e-6,
+    max_rounds=3,
+    on_limit="force",
+    verify=True,
+    qmp_timeout_s=5.0,
+    device_timeout_s=5.0,
+    recovery=RecoveryPolicy(timeout=5.0, backoff_initial=0.0),
 )
 
 
@@ -42,20 +47,46 @@ class Rig:
     written: list[int] = field(default_factory=list)
 
     @classmethod
-    def build(cls, *, paused: bool = False, src: Collection[Fault] = (), dst: Collection[Fault] = (),
-              sink: Collection[Fault] = (), collect: Collection[int | str] = (), device: str | None = None) -> Rig:
+    def build(
+        cls,
+        *,
+        paused: bool = False,
+        src: Collection[Fault] = (),
+        dst: Collection[Fault] = (),
+        sink: Collection[Fault] = (),
+        collect: Collection[int | str] = (),
+        device: str | None = None,
+    ) -> Rig:
         """`device` names a transition of the device to fail ("dst:RESUMING")."""
         host = FakeHost()
         memory = MemorySink(host, NPAGES, sink)
         dev = FakeDevice.pair(host)
         if device is not None:
             dev.fail(device)
-        return cls(host, FakeQemu(host, "src", RunState.PAUSED if paused else RunState.RUNNING, faults=src),
-                   FakeQemu(host, "dst", RunState.INMIGRATE, faults=dst), memory, GuestWrites(memory, collect), dev, not paused)
+        return cls(
+            host,
+            FakeQemu(host, "src", RunState.PAUSED if paused else RunState.RUNNING, faults=src),
+            FakeQemu(host, "dst", RunState.INMIGRATE, faults=dst),
+            memory,
+            GuestWrites(memory, collect),
+            dev,
+            not paused,
+        )
 
-    def migration(self, options: MigrationOptions = OPTIONS, on_round: Callable[[RoundRecord], None] | None = None) -> Migration:
-        return Migration(self.src, self.dst, LAYOUT, self.sink, [self.guest], URI, options,
-                         on_round=on_round or self.guest_writes, devices=[self.device.migration])
+    def migration(
+        self, options: MigrationOptions = OPTIONS, on_round: Callable[[RoundRecord], None] | None = None
+    ) -> Migration:
+        return Migration(
+            self.src,
+            self.dst,
+            LAYOUT,
+            self.sink,
+            [self.guest],
+            URI,
+            options,
+            on_round=on_round or self.guest_writes,
+            devices=[self.device.migration],
+        )
 
     def guest_writes(self, rec: RoundRecord) -> None:
         """A running guest writes one more page after every round (not once it is stopped)."""

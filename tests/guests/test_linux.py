@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator.lab import workload
-from orchestrator.lab import linux
-from orchestrator.lab.linux import LinuxWorkload
+from orchestrator.lab import linux, workload
 from orchestrator.lab.launcher import QemuVm, Role, VmPaths, launch, qemu_argv
+from orchestrator.lab.linux import LinuxWorkload
 from orchestrator.lab.workload import guest_rate, parse_progress
 
 MEM_TAG = 0x9E3779B97F4A7C15  # workload.c: MEM_TAG
@@ -34,8 +33,9 @@ def fake_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_qemu_arguments(fake_build: Path) -> None:
     wl = LinuxWorkload(mem=128 << 20, rate=8 << 20)
-    cfg = linux.vm_config("dst", 512, Role.DESTINATION, wl, disk=fake_build / "disk,1.img",
-                          plugin="p.so", extra_args=("-S",))
+    cfg = linux.vm_config(
+        "dst", 512, Role.DESTINATION, wl, disk=fake_build / "disk,1.img", plugin="p.so", extra_args=("-S",)
+    )
     argv = qemu_argv(cfg, VmPaths.inside(fake_build, fake_build / "ram"))
 
     def after(flag: str) -> str:
@@ -119,7 +119,7 @@ async def test_boots_works_and_leaves_dma_window_alone(linux_guest: None) -> Non
         # nor be disturbed by it.
         start, size = workload.dma_window(text)
         ram = np.memmap(vm.ram_path, np.uint8, mode="r+")
-        window = ram[start:start + size]
+        window = ram[start : start + size]
         pattern = np.arange(size // 4, dtype=np.uint32).view(np.uint8)
         window[:] = pattern
         sweeps = parse_progress(text)[-1].sweeps
@@ -135,8 +135,10 @@ async def test_boots_works_and_leaves_dma_window_alone(linux_guest: None) -> Non
         steady = [p for p in lines if p.sweeps >= 1]
         steady_reads = [d for d in reads if d.ms >= steady[0].ms]
         read_rate = (steady_reads[-1].bytes - steady_reads[0].bytes) / (steady_reads[-1].ms - steady_reads[0].ms)
-        print(f"\nLinux guest: first progress {boot_s:.1f} s after launch; "
-              f"{guest_rate(steady):.0f} pages/s and {read_rate / 1e3:.0f} MB/s read (guest time)")
+        print(
+            f"\nLinux guest: first progress {boot_s:.1f} s after launch; "
+            f"{guest_rate(steady):.0f} pages/s and {read_rate / 1e3:.0f} MB/s read (guest time)"
+        )
 
 
 @pytest.mark.slow

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.qemu.errors import QemuExitedError, QmpDisconnectedError
 from orchestrator.lab.launcher import (
     QEMU_ENV,
     QemuVm,
@@ -26,6 +25,7 @@ from orchestrator.lab.launcher import (
     qemu_argv,
     qemu_version,
 )
+from orchestrator.qemu.errors import QemuExitedError, QmpDisconnectedError
 
 from .conftest import READY_LINE
 

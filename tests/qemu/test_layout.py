@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.qemu.errors import LayoutError
 from orchestrator.lab.launcher import VmConfig, launch
+from orchestrator.qemu.errors import LayoutError
 from orchestrator.qemu.layout import (
     BackendRegion,
     GuestLayout,

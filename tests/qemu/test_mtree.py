@@ -94,7 +94,7 @@ def test_other_qemu_formats() -> None:
 
 
 def test_garbled_range_line_fails_loudly() -> None:
-    text = "FlatView #0\n AS \"memory\", root: system\n  0000000000000000-000000000009ffff (ram\n"
+    text = 'FlatView #0\n AS "memory", root: system\n  0000000000000000-000000000009ffff (ram\n'
     with pytest.raises(LayoutError, match="line 3 is not a range"):
         parse_flat_mtree(text)
 
@@ -105,6 +105,6 @@ def test_text_without_flat_views_fails_loudly() -> None:
 
 
 def test_missing_system_address_space_fails_loudly() -> None:
-    views = parse_flat_mtree("FlatView #0\n AS \"I/O\", root: io\n Root memory region: io\n")
+    views = parse_flat_mtree('FlatView #0\n AS "I/O", root: io\n Root memory region: io\n')
     with pytest.raises(LayoutError, match='no flat view for address space "memory"'):
         system_view(views)

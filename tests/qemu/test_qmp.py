@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.lab.launcher import QemuVm, VmConfig, launch
 from orchestrator.qemu import choreography
 from orchestrator.qemu.errors import (
     MigrationError,
@@ -16,7 +17,6 @@ from orchestrator.qemu.errors import (
     QmpConnectError,
     QmpTimeoutError,
 )
-from orchestrator.lab.launcher import QemuVm, VmConfig, launch
 from orchestrator.qemu.qmp import QmpSession
 
 

@@ -9,8 +9,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from orchestrator.qemu import choreography
 from orchestrator.lab.launcher import QemuVm, Role, VmConfig, launch
+from orchestrator.qemu import choreography
 from orchestrator.qemu.layout import check_migratable, discover_layout
 
 from . import recorded
@@ -120,9 +120,11 @@ async def test_switchover_timing_without_ram_copy(halting_guest: VmConfig) -> No
             runs.append((done.destination_resume.received_ns - continued_ns, done.downtime_ns))
     ms = np.array(runs) / 1e6
     print(
-        "\ncontinue->RESUME ms: " + " ".join(f"{v:.1f}" for v in ms[:, 0])
+        "\ncontinue->RESUME ms: "
+        + " ".join(f"{v:.1f}" for v in ms[:, 0])
         + f" (median {np.median(ms[:, 0]):.1f})"
-        + "\nSTOP->RESUME ms:     " + " ".join(f"{v:.1f}" for v in ms[:, 1])
+        + "\nSTOP->RESUME ms:     "
+        + " ".join(f"{v:.1f}" for v in ms[:, 1])
         + f" (median {np.median(ms[:, 1]):.1f})"
     )
     assert (ms[:, 0] < 2000).all()

@@ -221,8 +221,10 @@ def cdev_a_second_fd_of_a_bound_device_cannot_bind(lab):
     the device (QEMU did) cannot use a cdev fd of its own: every ioctl on it is EINVAL."""
     dev = mtty(lab)
     second = lab.reopen(dev)
-    return [ioctl_errno(lab, second, uapi.VFIO_DEVICE_BIND_IOMMUFD, bind_arg(lab.iommufd())),
-            ioctl_errno(lab, second, FEATURE, feature(PROBE | SET | START))]
+    return [
+        ioctl_errno(lab, second, uapi.VFIO_DEVICE_BIND_IOMMUFD, bind_arg(lab.iommufd())),
+        ioctl_errno(lab, second, FEATURE, feature(PROBE | SET | START)),
+    ]
 
 
 @case(errno.EBADFD)
@@ -237,15 +239,23 @@ def cdev_flags_are_einval_on_6_12(lab):
     kernels: TOKEN binds, PASID is EOPNOTSUPP on these devices)."""
     fd, iommufd = lab.unbound(Kind.MTTY), lab.iommufd()
     token = UserMem(16)
-    bind = bytearray(bytes(uapi.vfio_device_bind_iommufd(argsz=24, flags=uapi.VFIO_DEVICE_BIND_FLAG_TOKEN,
-                                                         iommufd=iommufd, token_uuid_ptr=token.addr)))
+    bind = bytearray(
+        bytes(
+            uapi.vfio_device_bind_iommufd(
+                argsz=24, flags=uapi.VFIO_DEVICE_BIND_FLAG_TOKEN, iommufd=iommufd, token_uuid_ptr=token.addr
+            )
+        )
+    )
     dev = mtty(lab)
-    attach = bytearray(bytes(uapi.vfio_device_attach_iommufd_pt(argsz=16, flags=uapi.VFIO_DEVICE_ATTACH_PASID,
-                                                                pt_id=dev.ioas_id)))
+    attach = bytearray(
+        bytes(uapi.vfio_device_attach_iommufd_pt(argsz=16, flags=uapi.VFIO_DEVICE_ATTACH_PASID, pt_id=dev.ioas_id))
+    )
     detach = bytearray(bytes(uapi.vfio_device_detach_iommufd_pt(argsz=12, flags=uapi.VFIO_DEVICE_DETACH_PASID)))
-    return [ioctl_errno(lab, fd, uapi.VFIO_DEVICE_BIND_IOMMUFD, bind),
-            ioctl_errno(lab, dev.fd, uapi.VFIO_DEVICE_ATTACH_IOMMUFD_PT, attach),
-            ioctl_errno(lab, dev.fd, uapi.VFIO_DEVICE_DETACH_IOMMUFD_PT, detach)]
+    return [
+        ioctl_errno(lab, fd, uapi.VFIO_DEVICE_BIND_IOMMUFD, bind),
+        ioctl_errno(lab, dev.fd, uapi.VFIO_DEVICE_ATTACH_IOMMUFD_PT, attach),
+        ioctl_errno(lab, dev.fd, uapi.VFIO_DEVICE_DETACH_IOMMUFD_PT, detach),
+    ]
 
 
 @case([errno.EINVAL, errno.ENOENT, 0])
@@ -265,8 +275,14 @@ def cdev_attach_table(lab):
 @case([0, errno.EINVAL, 0, errno.EINVAL, 0, errno.EINVAL])
 def probe_direction_table(lab):
     dev = lab.device(Kind.DIRTYDEV)
-    flags = [PROBE | SET | START, PROBE | GET | START, PROBE | GET | REPORT, PROBE | SET | REPORT,
-             PROBE | SET | STOP, PROBE | GET | STOP]
+    flags = [
+        PROBE | SET | START,
+        PROBE | GET | START,
+        PROBE | GET | REPORT,
+        PROBE | SET | REPORT,
+        PROBE | SET | STOP,
+        PROBE | GET | STOP,
+    ]
     return [ioctl_errno(lab, dev.fd, FEATURE, feature(f)) for f in flags]
 
 
@@ -298,8 +314,10 @@ def start_257_ranges_is_e2big_before_reading_them(lab):
 
 @case([errno.EINVAL, errno.EINVAL, errno.EINVAL])
 def start_misaligned(lab):
-    return [start(lab, mtty(lab), [r], ps)[0] for r, ps in
-            (((0x1800, PAGE), PAGE), ((0, 0x1800), PAGE), ((0, 12288), 12288))]
+    return [
+        start(lab, mtty(lab), [r], ps)[0]
+        for r, ps in (((0x1800, PAGE), PAGE), ((0, 0x1800), PAGE), ((0, 12288), 12288))
+    ]
 
 
 @case([errno.EOVERFLOW, errno.EOVERFLOW])
@@ -394,8 +412,10 @@ def stop_table_and_cycle(lab):
 @case([errno.EINVAL, 0])
 def report_while_idle(lab):
     mem = UserMem(PAGE)
-    return [report_into(lab, lab.device(Kind.DIRTYDEV), 0, MIB, PAGE, mem.addr),
-            report_into(lab, mtty(lab), 0, MIB, PAGE, mem.addr)]
+    return [
+        report_into(lab, lab.device(Kind.DIRTYDEV), 0, MIB, PAGE, mem.addr),
+        report_into(lab, mtty(lab), 0, MIB, PAGE, mem.addr),
+    ]
 
 
 @case([errno.EINVAL, errno.EINVAL, errno.EINVAL, errno.EINVAL, 0, 0])
@@ -409,16 +429,20 @@ def report_page_size(lab):
 def report_overflow(lab):
     dev = tracker(lab)
     mem = UserMem(PAGE)
-    return [report_into(lab, dev, iova, length, PAGE, mem.addr)
-            for iova, length in ((2**64 - PAGE, PAGE), (1, 2**64 - 1), (2**63, 2**63))]
+    return [
+        report_into(lab, dev, iova, length, PAGE, mem.addr)
+        for iova, length in ((2**64 - PAGE, PAGE), (1, 2**64 - 1), (2**63, 2**63))
+    ]
 
 
 @case([errno.EINVAL, errno.EINVAL])
 def report_set_and_short_argsz(lab):
     dev = tracker(lab)
     payload = bytes(uapi.vfio_device_feature_dma_logging_report(0, PAGE, PAGE, UserMem(PAGE).addr))
-    return [ioctl_errno(lab, dev.fd, FEATURE, feature(SET | REPORT, payload)),
-            ioctl_errno(lab, dev.fd, FEATURE, feature(GET | REPORT, payload, argsz=8 + 31))]
+    return [
+        ioctl_errno(lab, dev.fd, FEATURE, feature(SET | REPORT, payload)),
+        ioctl_errno(lab, dev.fd, FEATURE, feature(GET | REPORT, payload, argsz=8 + 31)),
+    ]
 
 
 # -- DMA_LOGGING_REPORT: bits -----------------------------------------------------------------
@@ -501,8 +525,13 @@ def _tail_case(offset: int) -> Callable[[Lab], tuple[int, int, int]]:
 # A 1 GiB unit on a 3-bit report: bits to the end of the bitmap's page, and of one page more
 # when the pinned window starts mid-page; nothing beyond.
 CASES.append(Case("bits_tail_to_the_end_of_the_pinned_page", _tail_case(PAGE), (PAGE, PAGE, 2 * PAGE)))
-CASES.append(Case("bits_tail_one_page_further_when_the_window_starts_mid_page", _tail_case(PAGE + 2048),
-                  (PAGE + 2048, 2 * PAGE - 2048, PAGE)))
+CASES.append(
+    Case(
+        "bits_tail_one_page_further_when_the_window_starts_mid_page",
+        _tail_case(PAGE + 2048),
+        (PAGE + 2048, 2 * PAGE - 2048, PAGE),
+    )
+)
 
 
 @case(b"\xff" * 8)
@@ -632,10 +661,12 @@ PDS = Caps(model=Model.PDS)
 def pds_start_regions_of_64_pages_and_the_page_size_kept(lab):
     """Every running sum of bitmap bytes (pages / 8) must be a multiple of 8; the page size
     is not clamped (mlx5's caps would make 4 MiB 2 MiB)."""
-    return [start(lab, lab.device(Kind.DIRTYDEV, PDS), [(0, 64 * PAGE)]),
-            start(lab, lab.device(Kind.DIRTYDEV, PDS), [(0, 32 * PAGE)]),
-            start(lab, lab.device(Kind.DIRTYDEV, PDS), [(0, 64 * PAGE), (MIB, 8 * PAGE)]),
-            start(lab, lab.device(Kind.DIRTYDEV, PDS), [(0, 64 * 4 * MIB)], 4 * MIB)]
+    return [
+        start(lab, lab.device(Kind.DIRTYDEV, PDS), [(0, 64 * PAGE)]),
+        start(lab, lab.device(Kind.DIRTYDEV, PDS), [(0, 32 * PAGE)]),
+        start(lab, lab.device(Kind.DIRTYDEV, PDS), [(0, 64 * PAGE), (MIB, 8 * PAGE)]),
+        start(lab, lab.device(Kind.DIRTYDEV, PDS), [(0, 64 * 4 * MIB)], 4 * MIB),
+    ]
 
 
 @case([errno.EINVAL, errno.EINVAL, errno.EINVAL])
@@ -643,9 +674,11 @@ def pds_report_outside_a_region_or_larger_than_it(lab):
     dev = lab.device(Kind.DIRTYDEV, PDS)
     start_ok(lab, dev, [(MIB, 64 * PAGE)])
     mem = UserMem(PAGE)
-    return [report_into(lab, dev, 0, 64 * PAGE, PAGE, mem.addr),
-            report_into(lab, dev, MIB, 128 * PAGE, PAGE, mem.addr),
-            report_into(lab, dev, MIB, 0, PAGE, mem.addr)]
+    return [
+        report_into(lab, dev, 0, 64 * PAGE, PAGE, mem.addr),
+        report_into(lab, dev, MIB, 128 * PAGE, PAGE, mem.addr),
+        report_into(lab, dev, MIB, 0, PAGE, mem.addr),
+    ]
 
 
 @case([[8], [1]])
@@ -682,23 +715,27 @@ def migration_flags(lab):
     arg = feature(GET | MIGRATION, bytes(8))
     lab.sys.ioctl(dev.fd, FEATURE, arg)
     flags = struct.unpack_from("<Q", arg, 8)[0]
-    return [flags, ioctl_errno(lab, dev.fd, FEATURE, feature(SET | MIGRATION, bytes(8))),
-            ioctl_errno(lab, lab.device(Kind.DIRTYDEV).fd, FEATURE, feature(GET | MIGRATION, bytes(8)))]
+    return [
+        flags,
+        ioctl_errno(lab, dev.fd, FEATURE, feature(SET | MIGRATION, bytes(8))),
+        ioctl_errno(lab, lab.device(Kind.DIRTYDEV).fd, FEATURE, feature(GET | MIGRATION, bytes(8))),
+    ]
 
 
 @case([S.VFIO_DEVICE_STATE_RUNNING, (errno.EINVAL, -1), (errno.EINVAL, -1), S.VFIO_DEVICE_STATE_RUNNING])
 def mig_state_get_and_invalid_targets(lab):
     dev = mtty(lab)
-    return [mig_get(lab, dev), mig_set(lab, dev, S.VFIO_DEVICE_STATE_ERROR), mig_set(lab, dev, 99),
-            mig_get(lab, dev)]
+    return [mig_get(lab, dev), mig_set(lab, dev, S.VFIO_DEVICE_STATE_ERROR), mig_set(lab, dev, 99), mig_get(lab, dev)]
 
 
 @case([errno.EINVAL, errno.EINVAL, errno.ENOTTY])
 def mig_state_feature_table(lab):
     dev = mtty(lab)
-    return [ioctl_errno(lab, dev.fd, FEATURE, feature(GET | MIG_DEVICE_STATE, bytes(8), argsz=8 + 7)),
-            ioctl_errno(lab, dev.fd, FEATURE, feature(PROBE | GET | MIG_DATA_SIZE | SET)),
-            ioctl_errno(lab, lab.device(Kind.DIRTYDEV).fd, FEATURE, feature(GET | MIG_DEVICE_STATE, bytes(8)))]
+    return [
+        ioctl_errno(lab, dev.fd, FEATURE, feature(GET | MIG_DEVICE_STATE, bytes(8), argsz=8 + 7)),
+        ioctl_errno(lab, dev.fd, FEATURE, feature(PROBE | GET | MIG_DATA_SIZE | SET)),
+        ioctl_errno(lab, lab.device(Kind.DIRTYDEV).fd, FEATURE, feature(GET | MIG_DEVICE_STATE, bytes(8))),
+    ]
 
 
 @case([96, errno.EINVAL])
@@ -706,25 +743,43 @@ def mig_data_size(lab):
     dev = mtty(lab)
     arg = feature(GET | MIG_DATA_SIZE, bytes(8))
     lab.sys.ioctl(dev.fd, FEATURE, arg)
-    return [struct.unpack_from("<Q", arg, 8)[0], ioctl_errno(lab, dev.fd, FEATURE, feature(SET | MIG_DATA_SIZE, bytes(8)))]
+    return [
+        struct.unpack_from("<Q", arg, 8)[0],
+        ioctl_errno(lab, dev.fd, FEATURE, feature(SET | MIG_DATA_SIZE, bytes(8))),
+    ]
 
 
-@case([(0, 24, 0), 24, (0, 0, 0), 0, (0, -1), errno.EINVAL, 72, 0, (0, -1), (0, -1),
-       S.VFIO_DEVICE_STATE_RUNNING])
+@case([(0, 24, 0), 24, (0, 0, 0), 0, (0, -1), errno.EINVAL, 72, 0, (0, -1), (0, -1), S.VFIO_DEVICE_STATE_RUNNING])
 def mig_precopy_then_stop_copy(lab):
     """RUNNING -> PRE_COPY (a data fd) -> STOP_COPY (the same fd gets the rest) -> STOP -> RUNNING."""
     dev = mtty(lab)
     with data_fd(lab, dev, S.VFIO_DEVICE_STATE_PRE_COPY) as fd:
-        out: list[Any] = [precopy_info(lab, fd), len(lab.sys.read(fd, 4096)), precopy_info(lab, fd),
-                          len(lab.sys.read(fd, 4096)), mig_set(lab, dev, S.VFIO_DEVICE_STATE_STOP_COPY),
-                          precopy_info(lab, fd)[0], len(read_all(lab, fd)), len(lab.sys.read(fd, 4096))]
-    return out + [mig_set(lab, dev, S.VFIO_DEVICE_STATE_STOP), mig_set(lab, dev, S.VFIO_DEVICE_STATE_RUNNING),
-                  mig_get(lab, dev)]
+        out: list[Any] = [
+            precopy_info(lab, fd),
+            len(lab.sys.read(fd, 4096)),
+            precopy_info(lab, fd),
+            len(lab.sys.read(fd, 4096)),
+            mig_set(lab, dev, S.VFIO_DEVICE_STATE_STOP_COPY),
+            precopy_info(lab, fd)[0],
+            len(read_all(lab, fd)),
+            len(lab.sys.read(fd, 4096)),
+        ]
+    return out + [
+        mig_set(lab, dev, S.VFIO_DEVICE_STATE_STOP),
+        mig_set(lab, dev, S.VFIO_DEVICE_STATE_RUNNING),
+        mig_get(lab, dev),
+    ]
 
 
-MIG_STATES = (S.VFIO_DEVICE_STATE_STOP, S.VFIO_DEVICE_STATE_RUNNING, S.VFIO_DEVICE_STATE_STOP_COPY,
-              S.VFIO_DEVICE_STATE_RESUMING, S.VFIO_DEVICE_STATE_RUNNING_P2P, S.VFIO_DEVICE_STATE_PRE_COPY,
-              S.VFIO_DEVICE_STATE_PRE_COPY_P2P)
+MIG_STATES = (
+    S.VFIO_DEVICE_STATE_STOP,
+    S.VFIO_DEVICE_STATE_RUNNING,
+    S.VFIO_DEVICE_STATE_STOP_COPY,
+    S.VFIO_DEVICE_STATE_RESUMING,
+    S.VFIO_DEVICE_STATE_RUNNING_P2P,
+    S.VFIO_DEVICE_STATE_PRE_COPY,
+    S.VFIO_DEVICE_STATE_PRE_COPY_P2P,
+)
 PRECOPY = (S.VFIO_DEVICE_STATE_PRE_COPY, S.VFIO_DEVICE_STATE_PRE_COPY_P2P)
 # STOP_COPY -> PRE_COPY*: the FSM table says ERROR, and Linux 6.12's vfio_mig_get_next_state
 # then loops forever (ERROR's required flags, ~0U, are never all supported, so it keeps
@@ -744,8 +799,11 @@ def fsm_arc(cur: S, target: S) -> tuple[S, S, int, bool, S]:
         return cur, target, 0, False, cur
     if cur == S.VFIO_DEVICE_STATE_RESUMING:
         return cur, target, errno.EINVAL, False, cur
-    opens = (target in PRECOPY and cur not in PRECOPY) or target == S.VFIO_DEVICE_STATE_RESUMING or (
-        target == S.VFIO_DEVICE_STATE_STOP_COPY and cur not in PRECOPY)
+    opens = (
+        (target in PRECOPY and cur not in PRECOPY)
+        or target == S.VFIO_DEVICE_STATE_RESUMING
+        or (target == S.VFIO_DEVICE_STATE_STOP_COPY and cur not in PRECOPY)
+    )
     return cur, target, 0, opens, target
 
 
@@ -833,8 +891,12 @@ def mig_resume_errors(lab):
 def mig_p2p_arcs(lab):
     """RUNNING -> RUNNING_P2P -> STOP -> PRE_COPY_P2P (through RUNNING_P2P: a data fd) -> RUNNING."""
     dev = mtty(lab)
-    out: list[Any] = [mig_set(lab, dev, S.VFIO_DEVICE_STATE_RUNNING_P2P), mig_get(lab, dev),
-                      mig_set(lab, dev, S.VFIO_DEVICE_STATE_STOP), mig_set(lab, dev, S.VFIO_DEVICE_STATE_RUNNING_P2P)]
+    out: list[Any] = [
+        mig_set(lab, dev, S.VFIO_DEVICE_STATE_RUNNING_P2P),
+        mig_get(lab, dev),
+        mig_set(lab, dev, S.VFIO_DEVICE_STATE_STOP),
+        mig_set(lab, dev, S.VFIO_DEVICE_STATE_RUNNING_P2P),
+    ]
     with data_fd(lab, dev, S.VFIO_DEVICE_STATE_PRE_COPY_P2P):
         out.append(mig_get(lab, dev) == S.VFIO_DEVICE_STATE_PRE_COPY_P2P)
     return out + [mig_set(lab, dev, S.VFIO_DEVICE_STATE_RUNNING), mig_get(lab, dev)]
@@ -858,18 +920,28 @@ def hwpt_mapped(lab: Lab, areas: tuple[tuple[int, int], ...] = ((0, 128 * PAGE),
 
 def set_tracking(lab: Lab, rig: HwptRig, enable: bool, hwpt_id: int | None = None, flags: int | None = None) -> int:
     f = (uapi.IOMMU_HWPT_DIRTY_TRACKING_ENABLE if enable else 0) if flags is None else flags
-    cmd = uapi.iommu_hwpt_set_dirty_tracking(size=ctypes.sizeof(uapi.iommu_hwpt_set_dirty_tracking), flags=f,
-                                             hwpt_id=rig.hwpt_id if hwpt_id is None else hwpt_id)
+    cmd = uapi.iommu_hwpt_set_dirty_tracking(
+        size=ctypes.sizeof(uapi.iommu_hwpt_set_dirty_tracking),
+        flags=f,
+        hwpt_id=rig.hwpt_id if hwpt_id is None else hwpt_id,
+    )
     return ioctl_errno(lab, rig.iommufd, uapi.IOMMU_HWPT_SET_DIRTY_TRACKING, bytearray(bytes(cmd)))
 
 
-def get_dirty(lab: Lab, rig: HwptRig, offset: int, length: int, page_size: int = PAGE, flags: int = 0,
-              hwpt_id: int | None = None) -> int | list[int]:
+def get_dirty(
+    lab: Lab, rig: HwptRig, offset: int, length: int, page_size: int = PAGE, flags: int = 0, hwpt_id: int | None = None
+) -> int | list[int]:
     """GET_DIRTY_BITMAP of [APERTURE + offset, +length): the set bits, or the errno."""
     mem = UserMem(-(-length // max(page_size, PAGE)) // 8 + 2 * PAGE)
     cmd = uapi.iommu_hwpt_get_dirty_bitmap(
-        size=ctypes.sizeof(uapi.iommu_hwpt_get_dirty_bitmap), hwpt_id=rig.hwpt_id if hwpt_id is None else hwpt_id,
-        flags=flags, iova=(APERTURE + offset) & (2**64 - 1), length=length, page_size=page_size, data=mem.addr)
+        size=ctypes.sizeof(uapi.iommu_hwpt_get_dirty_bitmap),
+        hwpt_id=rig.hwpt_id if hwpt_id is None else hwpt_id,
+        flags=flags,
+        iova=(APERTURE + offset) & (2**64 - 1),
+        length=length,
+        page_size=page_size,
+        data=mem.addr,
+    )
     err = ioctl_errno(lab, rig.iommufd, uapi.IOMMU_HWPT_GET_DIRTY_BITMAP, bytearray(bytes(cmd)))
     return err or np.flatnonzero(mem.bits(0, mem.size * 8)).tolist()
 
@@ -893,8 +965,12 @@ def hwpt_no_clear_reads_without_clearing(lab):
     rig = tracking_rig(lab)
     rig.dirty(APERTURE + 3 * PAGE, 1)
     rig.dirty(APERTURE + 9 * PAGE, PAGE)
-    return [get_dirty(lab, rig, 0, 64 * PAGE, flags=NO_CLEAR), get_dirty(lab, rig, 0, 64 * PAGE, flags=NO_CLEAR),
-            get_dirty(lab, rig, 0, 64 * PAGE), get_dirty(lab, rig, 0, 64 * PAGE)]
+    return [
+        get_dirty(lab, rig, 0, 64 * PAGE, flags=NO_CLEAR),
+        get_dirty(lab, rig, 0, 64 * PAGE, flags=NO_CLEAR),
+        get_dirty(lab, rig, 0, 64 * PAGE),
+        get_dirty(lab, rig, 0, 64 * PAGE),
+    ]
 
 
 @case([[0, 1], [1]])
@@ -942,15 +1018,19 @@ def hwpt_get_dirty_bitmap_errors(lab):
 @case([errno.EOPNOTSUPP, errno.ENOENT, errno.EOPNOTSUPP])
 def hwpt_set_dirty_tracking_errors(lab):
     rig = hwpt_mapped(lab)
-    return [set_tracking(lab, rig, True, flags=2), set_tracking(lab, rig, True, hwpt_id=999),
-            set_tracking(lab, rig, True, hwpt_id=rig.plain_hwpt_id)]
+    return [
+        set_tracking(lab, rig, True, flags=2),
+        set_tracking(lab, rig, True, hwpt_id=999),
+        set_tracking(lab, rig, True, hwpt_id=rig.plain_hwpt_id),
+    ]
 
 
 # -- /dev/iommu: the command core, IOAS_MAP, HWPT_ALLOC ----------------------------------------
 
 
-def iommu_cmd(lab: Lab, iommufd: int, request: int, obj: ctypes.Structure, size: int | None = None,
-              tail: bytes = b"") -> tuple[int, ctypes.Structure]:
+def iommu_cmd(
+    lab: Lab, iommufd: int, request: int, obj: ctypes.Structure, size: int | None = None, tail: bytes = b""
+) -> tuple[int, ctypes.Structure]:
     """One command with `size` (default: the struct's) and `tail` after the struct; (errno,
     the struct as the kernel left it)."""
     raw = bytes(obj)
@@ -973,20 +1053,44 @@ def iommufd_command_size_and_flags(lab):
     ]
 
 
-def ioas_map(lab: Lab, dev: Device, mem: UserMem | int, length: int, iova: int | None = None,
-             flags: int = uapi.IOMMU_IOAS_MAP_READABLE | uapi.IOMMU_IOAS_MAP_WRITEABLE, ioas_id: int | None = None,
-             **extra: int) -> int | tuple[int, int]:
+def ioas_map(
+    lab: Lab,
+    dev: Device,
+    mem: UserMem | int,
+    length: int,
+    iova: int | None = None,
+    flags: int = uapi.IOMMU_IOAS_MAP_READABLE | uapi.IOMMU_IOAS_MAP_WRITEABLE,
+    ioas_id: int | None = None,
+    **extra: int,
+) -> int | tuple[int, int]:
     """IOAS_MAP of user memory; the errno, or (0, the iova the kernel chose)."""
     addr = mem if isinstance(mem, int) else mem.addr
-    cmd = uapi.iommu_ioas_map(flags=flags | (0 if iova is None else uapi.IOMMU_IOAS_MAP_FIXED_IOVA),
-                              ioas_id=dev.ioas_id if ioas_id is None else ioas_id, user_va=addr, length=length,
-                              iova=iova or 0, **extra)
+    cmd = uapi.iommu_ioas_map(
+        flags=flags | (0 if iova is None else uapi.IOMMU_IOAS_MAP_FIXED_IOVA),
+        ioas_id=dev.ioas_id if ioas_id is None else ioas_id,
+        user_va=addr,
+        length=length,
+        iova=iova or 0,
+        **extra,
+    )
     err, out = iommu_cmd(lab, dev.iommufd, uapi.IOMMU_IOAS_MAP, cmd)
     return err or (0, out.iova)
 
 
-@case([errno.EOPNOTSUPP, errno.EOPNOTSUPP, errno.EOVERFLOW, errno.EINVAL, errno.ENOENT, errno.EINVAL,
-       errno.EINVAL, errno.EINVAL, (0, MIB), errno.EEXIST])
+@case(
+    [
+        errno.EOPNOTSUPP,
+        errno.EOPNOTSUPP,
+        errno.EOVERFLOW,
+        errno.EINVAL,
+        errno.ENOENT,
+        errno.EINVAL,
+        errno.EINVAL,
+        errno.EINVAL,
+        (0, MIB),
+        errno.EEXIST,
+    ]
+)
 def ioas_map_table(lab):
     dev = mtty(lab)
     mem = UserMem(16 * PAGE)
@@ -1016,8 +1120,11 @@ def ioas_map_chooses_iovas_above_the_first_page(lab):
     page_aligned = mem.addr + (PAGE if mem.addr & PAGE == 0 else 0)  # aligned to 4 KiB, not 8 KiB
     aligned_64k = -(-mem.addr // (64 * KIB)) * 64 * KIB
     assert aligned_64k + 16 * PAGE <= mem.addr + mem.size
-    return [ioas_map(lab, dev, page_aligned, 4 * PAGE), ioas_map(lab, dev, page_aligned, 4 * PAGE),
-            ioas_map(lab, dev, aligned_64k, 16 * PAGE)]
+    return [
+        ioas_map(lab, dev, page_aligned, 4 * PAGE),
+        ioas_map(lab, dev, page_aligned, 4 * PAGE),
+        ioas_map(lab, dev, aligned_64k, 16 * PAGE),
+    ]
 
 
 @case([errno.EOPNOTSUPP, errno.EINVAL, errno.ENOENT, errno.EINVAL, errno.EOPNOTSUPP])
@@ -1028,5 +1135,4 @@ def hwpt_alloc_table(lab):
         cmd = uapi.iommu_hwpt_alloc(**{"dev_id": rig.dev_id, "pt_id": rig.ioas_id, **fields})
         return iommu_cmd(lab, rig.iommufd, uapi.IOMMU_HWPT_ALLOC, cmd)[0]
 
-    return [alloc(**{"__reserved": 1}), alloc(data_len=8), alloc(dev_id=999), alloc(pt_id=999),
-            alloc(flags=1 << 7)]
+    return [alloc(**{"__reserved": 1}), alloc(data_len=8), alloc(dev_id=999), alloc(pt_id=999), alloc(flags=1 << 7)]

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from .lab import EmulatedLab, RealLab, real_lab
+from .lab import EmulatedLab, real_lab
 
 IN_LAB = os.environ.get("ORCHESTRATOR_REALKERNEL") == "1"
 

@@ -120,7 +120,9 @@ def attach(sys: Syscalls, fd: int, pt_id: int) -> None:
 def bind(sys: Syscalls, fd: int, iommufd: int) -> tuple[int, int]:
     """BIND_IOMMUFD, IOAS_ALLOC, ATTACH_IOMMUFD_PT: what a cdev needs before anything else.
     Returns (dev_id, ioas_id)."""
-    bound = ioctl_struct(sys, fd, uapi.VFIO_DEVICE_BIND_IOMMUFD, uapi.vfio_device_bind_iommufd(argsz=16, iommufd=iommufd))
+    bound = ioctl_struct(
+        sys, fd, uapi.VFIO_DEVICE_BIND_IOMMUFD, uapi.vfio_device_bind_iommufd(argsz=16, iommufd=iommufd)
+    )
     ioas = ioctl_struct(sys, iommufd, uapi.IOMMU_IOAS_ALLOC, uapi.iommu_ioas_alloc(size=12))
     attach(sys, fd, ioas.out_ioas_id)
     return bound.out_devid, ioas.out_ioas_id
@@ -139,8 +141,14 @@ def map_user(sys: Syscalls, iommufd: int, ioas_id: int, addr: int, length: int, 
         sys,
         iommufd,
         uapi.IOMMU_IOAS_MAP,
-        uapi.iommu_ioas_map(size=ctypes.sizeof(uapi.iommu_ioas_map), flags=flags, ioas_id=ioas_id,
-                            user_va=addr, length=length, iova=iova),
+        uapi.iommu_ioas_map(
+            size=ctypes.sizeof(uapi.iommu_ioas_map),
+            flags=flags,
+            ioas_id=ioas_id,
+            user_va=addr,
+            length=length,
+            iova=iova,
+        ),
     )
 
 
@@ -323,8 +331,14 @@ class RealLab:
         hwpt_id = hwpt_alloc(self.sys, iommufd, idev_id, ioas_id, dirty=True)
         plain = hwpt_alloc(self.sys, iommufd, idev_id, ioas_id, dirty=False)
         T.mock_domain(self.sys, iommufd, hwpt_id)
-        return HwptRig(iommufd, ioas_id, idev_id, hwpt_id, plain,
-                       lambda iova, length: T.set_dirty(self.sys, iommufd, hwpt_id, iova, length))
+        return HwptRig(
+            iommufd,
+            ioas_id,
+            idev_id,
+            hwpt_id,
+            plain,
+            lambda iova, length: T.set_dirty(self.sys, iommufd, hwpt_id, iova, length),
+        )
 
     def device(self, kind: Kind, caps: Caps = Caps()) -> RealDevice:
         uuid, fd = self._open(kind, caps)

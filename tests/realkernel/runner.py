@@ -55,9 +55,22 @@ def expected_count(selection: list[str]) -> int:
     """How many tests the selection has: collected here, as the VM will."""
     env = dict(os.environ, ORCHESTRATOR_REALKERNEL="1")
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "realkernel",
-         *selection],
-        cwd=ROOT, env=env, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--collect-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "realkernel",
+            *selection,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     if out.returncode != 0:
         raise LabError(f"collecting {selection} failed:\n{out.stdout}{out.stderr}")
@@ -82,8 +95,10 @@ def qemu_command(kernel: Path, initrd: Path, args: list[str], memory: str, cpus:
 def boot(command: list[str], timeout: float) -> str:
     """Run the VM to power-off, echoing its console; returns the console output."""
     lines: list[str] = []
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          errors="replace") as vm, SERIAL.open("w", buffering=1) as log:
+    with (
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace") as vm,
+        SERIAL.open("w", buffering=1) as log,
+    ):
         watchdog = threading.Timer(timeout, vm.kill)
         watchdog.start()
         try:
@@ -149,14 +164,17 @@ def main(argv: list[str] | None = None) -> int:
         if expected == 0:
             raise LabError(f"{opts.selection} has no realkernel tests")
         began = time.monotonic()
-        console = boot(qemu_command(opts.kernel, opts.initrd, pytest_args(opts.selection), opts.memory, opts.cpus),
-                       opts.timeout)
+        console = boot(
+            qemu_command(opts.kernel, opts.initrd, pytest_args(opts.selection), opts.memory, opts.cpus), opts.timeout
+        )
         got = check(console, expected)
     except LabError as exc:
         print(f"realkernel: FAILED: {exc}", file=sys.stderr)
         return 1
-    print(f"realkernel: {got.passed} tests passed in the nested kernel ({time.monotonic() - began:.1f} s, boot to "
-          "power-off)")
+    print(
+        f"realkernel: {got.passed} tests passed in the nested kernel ({time.monotonic() - began:.1f} s, boot to "
+        "power-off)"
+    )
     return 0
 
 

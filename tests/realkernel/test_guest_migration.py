@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 
 from orchestrator.dirty.bitmap import DirtyBitmap
-from orchestrator.lab.demo import guest_pair
-from orchestrator.migration.driver import MigrationOptions
 from orchestrator.dirty.memory import MemoryLayout
+from orchestrator.lab.demo import guest_pair
+from orchestrator.lab.workload import dma_window
+from orchestrator.migration.driver import MigrationOptions
 from orchestrator.trackers import QemuWrites, StartOutcome, VfioDmaLogTracker
 from orchestrator.vfio import IovaRange, VfioDevice
-from orchestrator.lab.workload import dma_window
 
 from .lab import Device, Kind, RealLab, map_user
 
@@ -60,8 +60,9 @@ class Quiesced:
     collect after the source's STOP event stops the DMA before reading the log, so the final
     collect has every write. `report=False` drops the log's bits: the negative control."""
 
-    def __init__(self, tracker: VfioDmaLogTracker, dma: DeviceDma, source_stopped: Callable[[], bool],
-                 report: bool = True) -> None:
+    def __init__(
+        self, tracker: VfioDmaLogTracker, dma: DeviceDma, source_stopped: Callable[[], bool], report: bool = True
+    ) -> None:
         self._tracker, self._dma, self._source_stopped, self._report = tracker, dma, source_stopped, report
         self.name, self.kind = tracker.name, tracker.kind
 

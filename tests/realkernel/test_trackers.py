@@ -15,8 +15,8 @@ from functools import partial
 import pytest
 
 from orchestrator.dirty.bitmap import DirtyBitmap
-from orchestrator.emulated import Fault
 from orchestrator.dirty.memory import MemoryLayout, RamRegion
+from orchestrator.emulated import Fault
 from orchestrator.trackers import RecoveryPolicy, TrackerSet, TrackerState, VfioDmaLogTracker
 from orchestrator.vfio import IovaRange, VfioDevice
 from tests.trackers.test_no_lost_bit import Clock, runs
@@ -83,7 +83,9 @@ def inject(dev: Device, what: str) -> None:
 async def run_ops(lab: Lab, fleet: tuple[Spec, ...], ops: list[tuple], exact: bool) -> None:
     devices = [lab.device(Kind.DIRTYDEV, spec.caps) for spec in fleet]
     trackers = [
-        VfioDmaLogTracker(VfioDevice(dev.fd, lab.sys, name=spec.name), reach=list(spec.reach) if spec.reach else None, name=spec.name)
+        VfioDmaLogTracker(
+            VfioDevice(dev.fd, lab.sys, name=spec.name), reach=list(spec.reach) if spec.reach else None, name=spec.name
+        )
         for dev, spec in zip(devices, fleet)
     ]
     bitmap = DirtyBitmap(LAYOUT.npages, PAGE)

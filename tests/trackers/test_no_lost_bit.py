@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.dirty.bitmap import DirtyBitmap
-from orchestrator.emulated import EmulatedKernel, Fault, Mlx5Like, NoDmaLogging, PdsLike
 from orchestrator.dirty.memory import MemoryLayout, RamRegion
+from orchestrator.emulated import EmulatedKernel, Fault, Mlx5Like, NoDmaLogging, PdsLike
 from orchestrator.trackers import RecoveryPolicy, TrackerSet, VfioDmaLogTracker
 from orchestrator.vfio import IovaRange, VfioDevice
 
@@ -41,7 +41,12 @@ def build_devices(kernel: EmulatedKernel, exact: bool):
     if not exact:
         fleet += [
             # reach not aligned to the 2 MiB it is granted: reports must be widened
-            ("mlx5-2m", Mlx5Like(max_ranges=1, min_page_size=1 << 21, max_page_size=1 << 21), {}, [IovaRange(3 * MiB, MiB // 2)]),
+            (
+                "mlx5-2m",
+                Mlx5Like(max_ranges=1, min_page_size=1 << 21, max_page_size=1 << 21),
+                {},
+                [IovaRange(3 * MiB, MiB // 2)],
+            ),
             ("nolog", NoDmaLogging(), {}, [IovaRange(5 * MiB, MiB // 2)]),
         ]
     out = []
@@ -63,7 +68,9 @@ harvest = st.just(("harvest",))
 faults = st.tuples(
     st.just("fault"),
     st.integers(0, 5),
-    st.sampled_from(["eio-once", "eio-sticky", "detach", "reattach", "hang", "start-e2big", "start-eopnotsupp", "start-enomem"]),
+    st.sampled_from(
+        ["eio-once", "eio-sticky", "detach", "reattach", "hang", "start-e2big", "start-eopnotsupp", "start-enomem"]
+    ),
     st.integers(1, 5),
 )
 
@@ -180,6 +187,7 @@ def one_device(model):
 
 def test_every_ladder_step_failing_ends_perma_dirty_and_loses_nothing():
     """START refused at every rung: the device's whole reach is dirty every round."""
+
     async def go():
         model = Mlx5Like(max_ranges=4)
         model.fail_start(errno.EOPNOTSUPP, count=10)
@@ -190,6 +198,7 @@ def test_every_ladder_step_failing_ends_perma_dirty_and_loses_nothing():
             assert ts.stats()[0].state.value == "perma-dirty"
             await ts.collect(1)
             assert set(bm.harvest().tolist()) == RAM_PAGES
+
     asyncio.run(go())
 
 
@@ -205,6 +214,7 @@ def test_ladder_falls_back_one_rung_at_a_time():
             model.dma_write(0x3000, 0x2000)
             await ts.collect(1)
             assert bm.harvest().tolist() == [3, 4]
+
     asyncio.run(go())
 
 
@@ -217,5 +227,6 @@ def test_granted_page_size_is_the_tracker_granularity():
             model.dma_write(2 * MiB + 5 * PAGE, 8)
             await ts.collect(1)
             assert bm.harvest().tolist() == list(range(512, 1024)), "one 2 MiB unit, replicated at 4 KiB"
+
     asyncio.run(go())
     assert np.uint64  # numpy is the bitmap's substrate

@@ -42,7 +42,7 @@ def store(log: VcpuDirtyLog, *pages: int) -> None:
     mem = raw(log)
     epoch = int(mem[64:68].view("<u4")[0])
     stride = int(mem[32:40].view("<u8")[0])
-    words = mem[BITMAP_OFFSET + (epoch & 1) * stride:].view("<u8")
+    words = mem[BITMAP_OFFSET + (epoch & 1) * stride :].view("<u8")
     for page in pages:
         words[page >> 6] |= np.uint64(1 << (page & 63))
 
@@ -81,7 +81,7 @@ def test_stores_before_start_are_dropped_and_the_final_collect_reads_both_buffer
         store(log, 1)
         tracker, bitmap = started(log, PC_5G)
         store(log, 2)
-        tracker.collect(bitmap)                 # flips: the next store goes to the other buffer
+        tracker.collect(bitmap)  # flips: the next store goes to the other buffer
         store(log, 3)
         raw(log)[BITMAP_OFFSET:].view("<u8")[0] |= np.uint64(1 << 4)  # a straggler in the old one
         tracker.collect_final(bitmap)

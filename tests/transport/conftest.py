@@ -13,7 +13,17 @@ import pytest
 from orchestrator.dirty.memory import MemoryLayout
 from orchestrator.transport.auth import client_proof
 from orchestrator.transport.endpoint import Endpoint
-from orchestrator.transport.protocol import HELLO, MAX_PATH_BYTES, NONCE_BYTES, PROOF_BYTES, WELCOME, Kind, encode, exact, read_frame
+from orchestrator.transport.protocol import (
+    HELLO,
+    MAX_PATH_BYTES,
+    NONCE_BYTES,
+    PROOF_BYTES,
+    WELCOME,
+    Kind,
+    encode,
+    exact,
+    read_frame,
+)
 from orchestrator.transport.receiver import Receiver
 from orchestrator.transport.tcp import Reconnect, TcpOptions, TcpSink
 
@@ -59,7 +69,9 @@ async def served(tmp_path):
         await receiver.close()
 
 
-async def open_sink(tmp_path: Path, endpoint: Endpoint, options: TcpOptions = FAST, seed: int = 0) -> tuple[TcpSink, Path, np.ndarray]:
+async def open_sink(
+    tmp_path: Path, endpoint: Endpoint, options: TcpOptions = FAST, seed: int = 0
+) -> tuple[TcpSink, Path, np.ndarray]:
     src = tmp_path / "src"
     data = random_ram(src, seed)
     sink = await TcpSink.connect(MemoryLayout.flat(NPAGES * PAGE), str(src), endpoint, TOKEN, options)

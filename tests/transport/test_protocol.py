@@ -13,13 +13,13 @@ from hypothesis import strategies as st
 from orchestrator.transport.protocol import (
     HEADER,
     MAX_BATCH_PAGES,
+    MAX_PLANNED_RUNS,
     VERSION,
     Kind,
     ProtocolError,
     decode_pages,
     decode_ranges,
     encode,
-    MAX_PLANNED_RUNS,
     encode_pages,
     frame_bytes,
     pages_limit,
@@ -138,7 +138,12 @@ def test_header_rejected_before_any_payload_is_read(head, message):
 def test_verify_ranges_bounded():
     ok = np.array([[0, FILE_PAGES]], "<u8").tobytes()
     assert decode_ranges(ok, FILE_PAGES).tolist() == [[0, FILE_PAGES]]
-    for bad in (b"", b"\x00" * 15, np.array([[1, FILE_PAGES]], "<u8").tobytes(), np.array([[0, 40], [0, 40]], "<u8").tobytes()):
+    for bad in (
+        b"",
+        b"\x00" * 15,
+        np.array([[1, FILE_PAGES]], "<u8").tobytes(),
+        np.array([[0, 40], [0, 40]], "<u8").tobytes(),
+    ):
         with pytest.raises(ProtocolError):
             decode_ranges(bad, FILE_PAGES)
 
@@ -158,7 +163,10 @@ def test_arbitrary_payload_is_refused_or_stays_inside_the_file(payload):
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.lists(st.integers(0, 2**64 - 1), max_size=6), st.lists(st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1)), max_size=6))
+@given(
+    st.lists(st.integers(0, 2**64 - 1), max_size=6),
+    st.lists(st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1)), max_size=6),
+)
 def test_arbitrary_numbers_in_a_well_formed_payload(index, runs):
     payload = pages_payload(index, np.ones((len(index), PAGE)), runs)
     try:

@@ -37,7 +37,9 @@ async def test_wrong_token_is_refused_and_nothing_written(served):
     before = served.held()
     client = await RawClient.connect(served.endpoint)
     server_nonce = await client.hello()
-    client.send(encode(Kind.AUTH, 0, client_proof(b"not-the-token-at-all", server_nonce, client.nonce, client.session, 0)))
+    client.send(
+        encode(Kind.AUTH, 0, client_proof(b"not-the-token-at-all", server_nonce, client.nonce, client.session, 0))
+    )
     client.send(pages_frame([1]))
     await refused(client, "authentication failed")
     assert np.array_equal(served.held(), before)

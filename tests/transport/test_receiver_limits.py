@@ -62,8 +62,19 @@ async def test_idle_unauthenticated_connections_cost_little_and_never_lock_out_a
     token_file = tmp_path / "token"
     write_token(token_file)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "orchestrator", "receive", "--listen", "127.0.0.1:0", "--ram", str(dst),
-        "--token-file", str(token_file), cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "receive",
+        "--listen",
+        "127.0.0.1:0",
+        "--ram",
+        str(dst),
+        "--token-file",
+        str(token_file),
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
     )
     idle: list[socket.socket] = []
     try:
@@ -76,7 +87,9 @@ async def test_idle_unauthenticated_connections_cost_little_and_never_lock_out_a
             idle.append(s)
         assert await settled(proc.pid) == listening + MAX_PENDING, "the oldest idle connections were dropped"
         rss, hwm = memory(proc.pid)
-        print(f"receiver RSS {base_rss >> 20} MiB idle, {rss >> 20} MiB (peak {hwm >> 20} MiB) with {IDLE} idle connections")
+        print(
+            f"receiver RSS {base_rss >> 20} MiB idle, {rss >> 20} MiB (peak {hwm >> 20} MiB) with {IDLE} idle connections"
+        )
         assert rss - base_rss < BOUND and hwm - base_hwm < BOUND
 
         src = ram(tmp_path / "src", np.ones(NPAGES * PAGE, np.uint8))

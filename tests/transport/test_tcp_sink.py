@@ -256,9 +256,17 @@ async def test_receiver_serving_another_file_of_the_right_size_is_refused(served
     qemus = ram(tmp_path / "qemus.ram")
     src = ram(tmp_path / "src", np.ones(NPAGES * PAGE, np.uint8))
     before = served.held()
-    with pytest.raises(ReceiverWrongFile, match=rf"serves {served.dst} .*not the file the destination QEMU maps: {qemus}"):
-        await TcpSink.connect(MemoryLayout.flat(NPAGES * PAGE), str(src), served.endpoint, TOKEN, FAST,
-                              expect=ExpectedFile(qemus, NPAGES * PAGE))
+    with pytest.raises(
+        ReceiverWrongFile, match=rf"serves {served.dst} .*not the file the destination QEMU maps: {qemus}"
+    ):
+        await TcpSink.connect(
+            MemoryLayout.flat(NPAGES * PAGE),
+            str(src),
+            served.endpoint,
+            TOKEN,
+            FAST,
+            expect=ExpectedFile(qemus, NPAGES * PAGE),
+        )
     assert np.array_equal(served.held(), before) and not np.fromfile(qemus, np.uint8).any()
 
 
@@ -269,14 +277,22 @@ async def test_receiver_file_checked_by_identity_not_by_name(served, tmp_path):
     layout = MemoryLayout.flat(NPAGES * PAGE)
     link = tmp_path / "link.ram"
     link.symlink_to(served.dst)
-    sink = await TcpSink.connect(layout, str(src), served.endpoint, TOKEN, FAST, expect=ExpectedFile(link, NPAGES * PAGE))
+    sink = await TcpSink.connect(
+        layout, str(src), served.endpoint, TOKEN, FAST, expect=ExpectedFile(link, NPAGES * PAGE)
+    )
     sink.close()
     await asyncio.wait_for(served.receiver.finished.wait(), 10)
     missing = tmp_path / "gone.ram"
     with pytest.raises(ReceiverWrongFile, match=rf"{missing}, which the receiver cannot open \(No such file"):
-        await TcpSink.connect(layout, str(src), served.endpoint, TOKEN, FAST, expect=ExpectedFile(missing, NPAGES * PAGE))
-    with pytest.raises(ReceiverWrongFile, match=rf"{NPAGES * PAGE} bytes; the destination QEMU's RAM backend is {2 * NPAGES * PAGE}"):
-        await TcpSink.connect(layout, str(src), served.endpoint, TOKEN, FAST, expect=ExpectedFile(served.dst, 2 * NPAGES * PAGE))
+        await TcpSink.connect(
+            layout, str(src), served.endpoint, TOKEN, FAST, expect=ExpectedFile(missing, NPAGES * PAGE)
+        )
+    with pytest.raises(
+        ReceiverWrongFile, match=rf"{NPAGES * PAGE} bytes; the destination QEMU's RAM backend is {2 * NPAGES * PAGE}"
+    ):
+        await TcpSink.connect(
+            layout, str(src), served.endpoint, TOKEN, FAST, expect=ExpectedFile(served.dst, 2 * NPAGES * PAGE)
+        )
 
 
 @pytest.fixture
@@ -284,9 +300,26 @@ def tls_files(tmp_path):
     """A self-signed certificate for 127.0.0.1 / localhost (the CA is the certificate)."""
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
     )
     return cert, key
 

@@ -22,8 +22,23 @@ def openssl(*args: str) -> None:
 def certificate(tmp_path: Path, name: str) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 and its key."""
     cert, key = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-            "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert))
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=localhost",
+        "-addext",
+        "subjectAltName=IP:127.0.0.1",
+        "-keyout",
+        str(key),
+        "-out",
+        str(cert),
+    )
     return cert, key
 
 
@@ -59,15 +74,20 @@ def test_ca_file_errors_name_the_file(tmp_path, pki):
         client_context(key)
 
 
-@pytest.mark.parametrize("trust, name, why", [
-    ("good", "elsewhere.example", "not valid for 'elsewhere.example'"),
-    ("other", None, "self-signed certificate"),
-])
+@pytest.mark.parametrize(
+    "trust, name, why",
+    [
+        ("good", "elsewhere.example", "not valid for 'elsewhere.example'"),
+        ("other", None, "self-signed certificate"),
+    ],
+)
 async def test_verification_failure_names_the_server_name_checked(tmp_path, pki, trust, name, why):
     (cert, key), (other, _) = pki
     async with Receiver(str(ram(tmp_path / "dst")), TOKEN, ssl_context=server_context(cert, key)) as receiver:
         host, port = await receiver.start("127.0.0.1", 0)
         options = TcpOptions(streams=1, ssl=client_context(cert if trust == "good" else other), server_hostname=name)
         checked = name or "127.0.0.1"
-        with pytest.raises(ReceiverRefused, match=rf"TLS certificate failed verification for server name '{checked}': .*{why}"):
+        with pytest.raises(
+            ReceiverRefused, match=rf"TLS certificate failed verification for server name '{checked}': .*{why}"
+        ):
             await open_sink(tmp_path, Endpoint(host, port), options)

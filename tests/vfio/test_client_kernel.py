@@ -10,8 +10,8 @@ import pytest
 
 from orchestrator.dirty.bitmap import DirtyBitmap
 from orchestrator.dirty.bits import report_words
-from orchestrator.emulated import EmulatedKernel, Fault, Mlx5Like, MttyLike, NoDmaLogging, PdsLike
 from orchestrator.dirty.memory import MemoryLayout, RamRegion
+from orchestrator.emulated import EmulatedKernel, Fault, Mlx5Like, MttyLike, NoDmaLogging, PdsLike
 from orchestrator.trackers import IommufdHwptTracker
 from orchestrator.vfio import (
     AlreadyExists,

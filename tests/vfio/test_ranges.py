@@ -7,9 +7,7 @@ from hypothesis import strategies as st
 from orchestrator.vfio import IovaRange, VfioUsageError, combine_smallest_gap, normalize, start_ladder
 
 PAGE = 4096
-raw_ranges = st.lists(
-    st.tuples(st.integers(0, 1 << 40), st.integers(1, 1 << 30)), min_size=1, max_size=40
-)
+raw_ranges = st.lists(st.tuples(st.integers(0, 1 << 40), st.integers(1, 1 << 30)), min_size=1, max_size=40)
 
 
 def covered_pages(ranges, page=PAGE):
@@ -89,8 +87,12 @@ def test_ladder_steps_named():
 
 @pytest.mark.parametrize(
     "bad,needle",
-    [([(0, 0)], "non-empty"), ([(0x1000, -5)], "non-empty"), ([((1 << 64) - 0x1000, 0x2000)], "64-bit"),
-     ([], "no IOVA ranges")],
+    [
+        ([(0, 0)], "non-empty"),
+        ([(0x1000, -5)], "non-empty"),
+        ([((1 << 64) - 0x1000, 0x2000)], "64-bit"),
+        ([], "no IOVA ranges"),
+    ],
 )
 def test_ladder_rejects_bad_input(bad, needle):
     with pytest.raises(VfioUsageError, match=needle):

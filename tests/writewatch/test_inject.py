@@ -50,7 +50,10 @@ def _fds(pid: int) -> set[str]:
 def _child_under(tmp_path, shared_file, program, preamble=""):
     wrapper = exec_wrapper(tmp_path, program, sys.executable)
     child = subprocess.Popen(
-        [wrapper, "-c", BY_COMMAND.replace("print('ready'", preamble + "print('ready'"), str(shared_file)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [wrapper, "-c", BY_COMMAND.replace("print('ready'", preamble + "print('ready'"), str(shared_file)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert child.stdout.readline().strip() == "ready"
     return child
@@ -94,10 +97,15 @@ def test_a_filter_denying_close_of_the_new_fd_refuses_before_any_call(tmp_path, 
     """close() is killed for fd 64 only, and 64 is the child's lowest free fd: the userfaultfd
     it would get could never be closed again, so nothing is injected."""
     kill_close_64 = [
-        insn(LD_ABS, 4), insn(JEQ_K, P.AUDIT_ARCH_X86_64, 1, 0), insn(RET_K, P.SECCOMP_RET_KILL_PROCESS),
-        insn(LD_ABS, 0), insn(JEQ_K, P.SYS_close, 0, 3),
-        insn(LD_ABS, 16), insn(JEQ_K, 64, 0, 1),
-        insn(RET_K, P.SECCOMP_RET_KILL_PROCESS), insn(RET_K, P.SECCOMP_RET_ALLOW),
+        insn(LD_ABS, 4),
+        insn(JEQ_K, P.AUDIT_ARCH_X86_64, 1, 0),
+        insn(RET_K, P.SECCOMP_RET_KILL_PROCESS),
+        insn(LD_ABS, 0),
+        insn(JEQ_K, P.SYS_close, 0, 3),
+        insn(LD_ABS, 16),
+        insn(JEQ_K, 64, 0, 1),
+        insn(RET_K, P.SECCOMP_RET_KILL_PROCESS),
+        insn(RET_K, P.SECCOMP_RET_ALLOW),
     ]
     fill = "import os\nfor fd in range(3, 64):\n    try: os.fstat(fd)\n    except OSError: os.dup2(0, fd)\n"
     child = _child_under(tmp_path, shared_file, kill_close_64, fill)
@@ -114,9 +122,15 @@ def test_a_filter_denying_close_of_the_new_fd_refuses_before_any_call(tmp_path, 
 def test_ptrace_denied_when_another_tracer_holds_the_process(shared_file):
     child = spawn(BY_COMMAND, shared_file)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from orchestrator.writewatch.inject import ptrace; "
-         "ptrace(0x4206, int(sys.argv[1])); print('held', flush=True); time.sleep(60)", str(child.pid)],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from orchestrator.writewatch.inject import ptrace; "
+            "ptrace(0x4206, int(sys.argv[1])); print('held', flush=True); time.sleep(60)",
+            str(child.pid),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -133,15 +147,21 @@ def test_ptrace_denied_when_another_tracer_holds_the_process(shared_file):
 def test_an_unprivileged_caller_is_refused_with_the_cause(shared_file):
     with spawned(BY_COMMAND, shared_file) as child:
         probe = subprocess.run(
-            [sys.executable, "-c",
-             "import os, sys\n"
-             "from orchestrator.dirty.memory import MemoryLayout\n"
-             "from orchestrator.writewatch import WriteWatch, WriteWatchRefused\n"
-             "os.setgid(65534); os.setuid(65534)\n"
-             "try: WriteWatch.open(int(sys.argv[1]), MemoryLayout.flat(16 << 20, path=sys.argv[2]))\n"
-             "except WriteWatchRefused as e: print(e.cause.value, e)",
-             str(child.pid), str(shared_file)],
-            capture_output=True, text=True, timeout=60,
+            [
+                sys.executable,
+                "-c",
+                "import os, sys\n"
+                "from orchestrator.dirty.memory import MemoryLayout\n"
+                "from orchestrator.writewatch import WriteWatch, WriteWatchRefused\n"
+                "os.setgid(65534); os.setuid(65534)\n"
+                "try: WriteWatch.open(int(sys.argv[1]), MemoryLayout.flat(16 << 20, path=sys.argv[2]))\n"
+                "except WriteWatchRefused as e: print(e.cause.value, e)",
+                str(child.pid),
+                str(shared_file),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert probe.stdout.startswith("ptrace-denied"), probe.stdout + probe.stderr
         command(child, [1])
@@ -187,7 +207,9 @@ def test_an_unprivileged_target_without_unprivileged_userfaultfd_is_refused(shar
     drop = "import os; os.setgid(65534); os.setuid(65534)\n"
     child = subprocess.Popen(
         [sys.executable, "-c", BY_COMMAND.replace("print('ready'", drop + "print('ready'"), str(shared_file)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert child.stdout.readline().strip() == "ready"

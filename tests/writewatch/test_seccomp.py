@@ -17,8 +17,16 @@ from .filters import RET_K, encode, insn, install
 TARGET = 110  # getppid: ignores its arguments, so any may be passed
 ERRNOS = st.integers(1, 200)
 ACTIONS = st.one_of(
-    st.sampled_from([P.SECCOMP_RET_ALLOW, P.SECCOMP_RET_LOG, P.SECCOMP_RET_KILL_PROCESS, P.SECCOMP_RET_TRAP,
-                     P.SECCOMP_RET_TRACE, P.SECCOMP_RET_KILL_THREAD]),
+    st.sampled_from(
+        [
+            P.SECCOMP_RET_ALLOW,
+            P.SECCOMP_RET_LOG,
+            P.SECCOMP_RET_KILL_PROCESS,
+            P.SECCOMP_RET_TRAP,
+            P.SECCOMP_RET_TRACE,
+            P.SECCOMP_RET_KILL_THREAD,
+        ]
+    ),
     ERRNOS.map(lambda e: P.SECCOMP_RET_ERRNO | e),
 )
 FIELDS = [0, 4] + list(range(16, 64, 4))  # nr, arch, args (not the instruction pointer)
@@ -42,7 +50,14 @@ def bodies(draw):
         elif kind == "jmp":
             op = draw(st.sampled_from([0x10, 0x20, 0x30, 0x40]))
             k = draw(st.one_of(st.integers(0, 8), st.integers(0, 2**32 - 1)))
-            body.append(insn(0x05 | op | draw(st.sampled_from([0, 8])), k, draw(st.integers(0, left - 1)), draw(st.integers(0, left - 1))))
+            body.append(
+                insn(
+                    0x05 | op | draw(st.sampled_from([0, 8])),
+                    k,
+                    draw(st.integers(0, left - 1)),
+                    draw(st.integers(0, left - 1)),
+                )
+            )
         elif kind == "ret":
             body.append(insn(RET_K, draw(ACTIONS)))
         else:
@@ -71,7 +86,9 @@ def kernel_outcome(programs, args) -> tuple[str, int]:
     if os.WIFSIGNALED(status):
         return "signal", os.WTERMSIG(status)
     code = os.WEXITSTATUS(status)
-    return {250: ("ok", 0), 251: ("zero", 0), 252: ("rejected", 0), 253: ("install-failed", 0)}.get(code, ("errno", code))
+    return {250: ("ok", 0), 251: ("zero", 0), 252: ("rejected", 0), 253: ("install-failed", 0)}.get(
+        code, ("errno", code)
+    )
 
 
 def expected(action: Action, data: int) -> tuple[str, int]:
@@ -85,7 +102,10 @@ def expected(action: Action, data: int) -> tuple[str, int]:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.filter_too_much], derandomize=True)
-@given(programs=st.lists(bodies(), min_size=1, max_size=2), args=st.lists(st.integers(0, 2**64 - 1), min_size=6, max_size=6))
+@given(
+    programs=st.lists(bodies(), min_size=1, max_size=2),
+    args=st.lists(st.integers(0, 2**64 - 1), min_size=6, max_size=6),
+)
 def test_verdict_is_what_the_kernel_does(writewatch_kernel, programs, args):
     outcome = kernel_outcome(programs, args)
     assume(outcome[0] != "rejected")  # not a program seccomp accepts

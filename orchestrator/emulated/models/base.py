@@ -17,12 +17,6 @@ from collections.abc import Callable
 from errno import EINVAL, EIO
 from typing import TYPE_CHECKING
 
-from orchestrator.uapi import (
-    VFIO_DEVICE_STATE_PRE_COPY,
-    VFIO_DEVICE_STATE_RUNNING,
-    VFIO_MIGRATION_P2P,
-    VFIO_MIGRATION_STOP_COPY,
-)
 from orchestrator.emulated.dirtylog import UnitLog
 from orchestrator.emulated.errors import kernel_error
 from orchestrator.emulated.faults import Fault, FaultState
@@ -31,6 +25,12 @@ from orchestrator.emulated.mig_stream import RecordStream, StreamFormat
 from orchestrator.emulated.migration import MigrationDriver
 from orchestrator.emulated.ranges import Node
 from orchestrator.emulated.runs import U64_MAX
+from orchestrator.uapi import (
+    VFIO_DEVICE_STATE_PRE_COPY,
+    VFIO_DEVICE_STATE_RUNNING,
+    VFIO_MIGRATION_P2P,
+    VFIO_MIGRATION_STOP_COPY,
+)
 
 if TYPE_CHECKING:
     from orchestrator.emulated.iommufd import Hwpt

@@ -5,13 +5,13 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from orchestrator.uapi import VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY
 from orchestrator.emulated.dirtylog import UnitLog
 from orchestrator.emulated.errors import kernel_error
 from orchestrator.emulated.iova_bitmap import IovaBitmap
+from orchestrator.emulated.models.base import DeviceModel, ilog2, require_pow2
 from orchestrator.emulated.ranges import Node, combine_iova_ranges
 from orchestrator.emulated.runs import U64_MAX
-from orchestrator.emulated.models.base import DeviceModel, ilog2, require_pow2
+from orchestrator.uapi import VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY
 
 
 class Mlx5Like(DeviceModel):

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchestrator.uapi import VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY
 from orchestrator.emulated.iova_bitmap import IovaBitmap
 from orchestrator.emulated.mig_stream import SERIAL_PORT_SIZE, MttyStream
-from orchestrator.emulated.ranges import Node
 from orchestrator.emulated.models.base import DeviceModel
+from orchestrator.emulated.ranges import Node
+from orchestrator.uapi import VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY
 
 
 class MttyLike(DeviceModel):

@@ -24,13 +24,13 @@ import errno
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.uapi import VFIO_MIGRATION_P2P, VFIO_MIGRATION_STOP_COPY
 from orchestrator.emulated.dirtylog import UnitLog
 from orchestrator.emulated.errors import kernel_error
 from orchestrator.emulated.iova_bitmap import IovaBitmap
+from orchestrator.emulated.models.base import DeviceModel, ilog2
 from orchestrator.emulated.ranges import Node, combine_iova_ranges
 from orchestrator.emulated.runs import U64_MAX
-from orchestrator.emulated.models.base import DeviceModel, ilog2
+from orchestrator.uapi import VFIO_MIGRATION_P2P, VFIO_MIGRATION_STOP_COPY
 
 _U32_MAX = 0xFFFF_FFFF
 

@@ -145,8 +145,22 @@ class StopTrackers:
 
 
 Action = (
-    Prepare | StartTrackers | SendRound0 | Collect | SendPages | Listen | Migrate | DevicesStopCopy | Verify
-    | LoadDevices | Continue | AwaitCompletion | GiveBack | RunDestinationDevices | Cancel | StopTrackers
+    Prepare
+    | StartTrackers
+    | SendRound0
+    | Collect
+    | SendPages
+    | Listen
+    | Migrate
+    | DevicesStopCopy
+    | Verify
+    | LoadDevices
+    | Continue
+    | AwaitCompletion
+    | GiveBack
+    | RunDestinationDevices
+    | Cancel
+    | StopTrackers
 )
 
 
@@ -255,17 +269,44 @@ class CallerCancelled:
 
 
 Event = (
-    Prepared | Started | Sent | Collected | Listening | PreSwitchover | DevicesStopped | Verified | DevicesLoaded
-    | Continued | Completed | GivenBack | DevicesRunning | Cancelled | TrackersStopped | Failed | PeerGone
+    Prepared
+    | Started
+    | Sent
+    | Collected
+    | Listening
+    | PreSwitchover
+    | DevicesStopped
+    | Verified
+    | DevicesLoaded
+    | Continued
+    | Completed
+    | GivenBack
+    | DevicesRunning
+    | Cancelled
+    | TrackersStopped
+    | Failed
+    | PeerGone
     | CallerCancelled
 )
 
 #: The event that answers each action when it succeeds.
 ANSWERS: dict[type, type] = {
-    Prepare: Prepared, StartTrackers: Started, SendRound0: Sent, Collect: Collected, SendPages: Sent,
-    Listen: Listening, Migrate: PreSwitchover, DevicesStopCopy: DevicesStopped, Verify: Verified,
-    LoadDevices: DevicesLoaded, Continue: Continued, AwaitCompletion: Completed, GiveBack: GivenBack,
-    RunDestinationDevices: DevicesRunning, Cancel: Cancelled, StopTrackers: TrackersStopped,
+    Prepare: Prepared,
+    StartTrackers: Started,
+    SendRound0: Sent,
+    Collect: Collected,
+    SendPages: Sent,
+    Listen: Listening,
+    Migrate: PreSwitchover,
+    DevicesStopCopy: DevicesStopped,
+    Verify: Verified,
+    LoadDevices: DevicesLoaded,
+    Continue: Continued,
+    AwaitCompletion: Completed,
+    GiveBack: GivenBack,
+    RunDestinationDevices: DevicesRunning,
+    Cancel: Cancelled,
+    StopTrackers: TrackersStopped,
 }
 
 
@@ -403,7 +444,9 @@ class MigrationSequence:
             case StartTrackers(), Started():
                 self.phase, self._next = Phase.PRECOPY, SendRound0()
             case SendRound0(), Sent():
-                rec = self.engine.record_round(self.total_pages, event.pages, event.bytes, event.seconds, self.ram_bytes)
+                rec = self.engine.record_round(
+                    self.total_pages, event.pages, event.bytes, event.seconds, self.ram_bytes
+                )
                 self._next = Collect(len(self.engine.rounds))
                 return rec
             case Collect(final=False), Collected():
