@@ -1,12 +1,14 @@
 """End to end: the orchestrator against QEMU's own precopy on the same running guest.
 
 Every row is one workload of the fixture guest on one QEMU version (`--qemu`, once per binary:
-both VMs of every contender run it, so `ratio` compares with that version's own migration); each repetition launches a fresh pair per
+both VMs of every contender run it, so `ratio` compares with that version's own migration); each
+repetition launches a fresh pair per
 contender, in turn (QEMU, orchestrator with write-watch, with the vCPU plugin, with content hashing,
 QEMU, ...), so load
 from neighbours hits all of them alike. Medians per metric; `ratio` is orchestrator / QEMU per
 metric (below 1 is better for times and bytes; for `guest_rate` it is the share of its speed the
-guest kept), `ratio_vcpu` and `ratio_content` the same for the plugin and the content-hash tracker. What each number measures
+guest kept), `ratio_vcpu` and `ratio_content` the same for the plugin and the content-hash tracker.
+What each number measures
 is in `bench.migrate` and bench/README.md.
 """
 

@@ -17,7 +17,7 @@ GUEST_RATE_TARGET_RATIO = 0.9
 
 def _cell(value: object) -> str:
     if value is None:
-        return "–"
+        return "-"
     if isinstance(value, bool):
         return "yes" if value else "NO"
     if isinstance(value, float):
@@ -29,7 +29,7 @@ def _table(header: Iterable[str], rows: Iterable[Iterable[object]]) -> list[str]
     header = list(header)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
-    return lines + [""]
+    return [*lines, ""]
 
 
 def _name(row: dict) -> str:
@@ -171,7 +171,7 @@ def _targets(results: dict) -> list[str]:
                 micro["stream_ratio"] >= STREAM_TARGET_RATIO,
             )
         )
-    return ["## Targets", ""] + _table(["target", "measured", "met"], checks)
+    return ["## Targets", "", *_table(["target", "measured", "met"], checks)]
 
 
 def markdown(results: dict) -> str:
@@ -187,6 +187,6 @@ def markdown(results: dict) -> str:
     if results.get("e2e"):
         lines += _e2e(results["e2e"])
     if results.get("micro"):
-        lines += ["## Micro", ""] + _table(["figure", "value"], results["micro"].items())
+        lines += ["## Micro", "", *_table(["figure", "value"], results["micro"].items())]
     lines += _targets(results)
     return "\n".join(lines)

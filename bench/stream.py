@@ -142,7 +142,7 @@ def stream_throughput(quick: bool = False, size_mib: int | None = None, streams:
             p.start()
         try:
             raw_port = raw_pipe.recv()
-            for (name, (lanes, content, _)), pipe in zip(figures.items(), pipes):
+            for (name, (lanes, content, _)), pipe in zip(figures.items(), pipes, strict=False):
                 senders[name] = _Sender(pipe.recv(), MemoryLayout.flat(size), str(src), lanes, content)
             times: dict[str, list[float]] = {"raw": [], **{name: [] for name in figures}}
             for _ in range(repeat + 1):

@@ -280,7 +280,7 @@ def test_concurrent_merges_lose_no_bit_across_harvests() -> None:
     highs = [quarter, 2 * quarter] + [npages] * (writers - 2)
     plans = [
         [(int(rng.integers(low, high - report_pages_n)), rng.integers(0, report_pages_n, 200)) for _ in range(rounds)]
-        for low, high in zip(lows, highs)
+        for low, high in zip(lows, highs, strict=False)
     ]
     merged = [set() for _ in range(writers)]
     harvested: list[np.ndarray] = []
@@ -307,7 +307,7 @@ def test_concurrent_merges_lose_no_bit_across_harvests() -> None:
 
     with ThreadPoolExecutor(writers + 1) as pool:
         harvesting = pool.submit(harvest)
-        for writing in [pool.submit(write, plan, seen) for plan, seen in zip(plans, merged)]:
+        for writing in [pool.submit(write, plan, seen) for plan, seen in zip(plans, merged, strict=False)]:
             writing.result()
         done.set()
         harvesting.result()

@@ -103,7 +103,7 @@ def test_merge_inclusive_is_set_union(rows: list[tuple[int, int]], dtype: type) 
     assert (lo <= hi).all()
     assert (lo[1:] > hi[:-1] + 1).all(), "sorted, disjoint and not adjacent"
     expect = {x for f, n in rows for x in range(f, f + n + 1)}
-    assert {x for a, b in zip(lo.tolist(), hi.tolist()) for x in range(a, b + 1)} == expect
+    assert {x for a, b in zip(lo.tolist(), hi.tolist(), strict=False) for x in range(a, b + 1)} == expect
 
 
 def test_merge_inclusive_at_the_top_of_u64() -> None:

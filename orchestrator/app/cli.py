@@ -87,7 +87,10 @@ def add_tracker_options(p: argparse.ArgumentParser, kinds: tuple[QemuWrites, ...
     p.add_argument(
         "--trust-seccomp",
         action="store_true",
-        help="let write-watch inject into a QEMU whose seccomp filter cannot be checked here (never one that is known to deny)",
+        help=(
+            "let write-watch inject into a QEMU whose seccomp filter cannot be checked here"
+            " (never one that is known to deny)"
+        ),
     )
 
 
@@ -154,7 +157,9 @@ def parser() -> argparse.ArgumentParser:
         "--workload",
         default="light",
         choices=sorted(DEMO_WORKLOADS),
-        help="what the guest does while it migrates (default light; linux boots a Linux guest: `make linux-guest` first)",
+        help=(
+            "what the guest does while it migrates (default light; linux boots a Linux guest: `make linux-guest` first)"
+        ),
     )
     d.add_argument("--mem", default="256M", metavar="SIZE", help="guest RAM (default 256M)")
     add_tracker_options(d, tuple(QemuWrites))
@@ -391,7 +396,7 @@ async def demo_command(args: argparse.Namespace) -> int:
     if result.dst_progress:
         print(
             f"destination guest: running, progress {result.dst_progress[-1]}, "
-            f"{'its own checks pass' if not result.guest_errors else 'FAILED its own checks: ' + result.guest_errors[0]}"
+            + ("its own checks pass" if not result.guest_errors else f"FAILED its own checks: {result.guest_errors[0]}")
         )
     for name, check in result.devices.items():
         print(

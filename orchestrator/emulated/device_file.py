@@ -2,8 +2,9 @@
 
 A cdev fd (/dev/vfio/devices/vfioN) grants nothing until VFIO_DEVICE_BIND_IOMMUFD succeeds:
 every other ioctl, read and write is EINVAL. Only one fd of a device can be bound (the core's
-open_count: a second cdev's BIND is EINVAL), and none while the device's group is open (EBUSY). A group-obtained fd is usable at once and has no
-iommufd ioctls (they fall through to the driver, which does not know them: ENOTTY).
+open_count: a second cdev's BIND is EINVAL), and none while the device's group is open (EBUSY).
+A group-obtained fd is usable at once and has no iommufd ioctls (they fall through to the driver,
+which does not know them: ENOTTY).
 
 Implemented: VFIO_DEVICE_FEATURE and the cdev BIND/ATTACH/DETACH ioctls. Everything else a real
 vfio-pci driver answers (GET_INFO, GET_REGION_INFO, GET_IRQ_INFO, SET_IRQS, RESET, ...) is

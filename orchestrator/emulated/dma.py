@@ -112,7 +112,7 @@ class DmaEngine:
             self._carry += self.rate * self.tick_s
             k = int(self._carry)
             if k:
-                ran = self.model.dma(lambda: self._burst(k))
+                ran = self.model.dma(lambda k=k: self._burst(k))
                 # a quiesced device banks nothing: it does not catch up after resuming
                 self._carry = self._carry - k if ran else 0.0
 

@@ -89,7 +89,7 @@ class IovaBitmap:
         first, last = merge_runs(first, last)
         byte_first, byte_last = first >> np.uint64(3), last >> np.uint64(3)
         breaks = np.flatnonzero(byte_first[1:] - byte_last[:-1] > _CLUSTER_GAP) + 1
-        for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(first)]):
+        for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(first)], strict=False):
             self._or_cluster(first[lo:hi], last[lo:hi])
 
     def _or_cluster(self, first: np.ndarray, last: np.ndarray) -> None:
@@ -106,7 +106,7 @@ class IovaBitmap:
             offsets = np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
             bits = np.repeat(starts, lens) + offsets
             np.bitwise_or.at(words, bits >> 6, np.left_shift(np.uint64(1), (bits & 63).astype(np.uint64)))
-        for start, stop in zip(rel_first[~short].tolist(), rel_stop[~short].tolist()):
+        for start, stop in zip(rel_first[~short].tolist(), rel_stop[~short].tolist(), strict=False):
             set_bit_range(words, start, stop)
         ours = words.view(np.uint8)[b0 - word0 : b1 - word0]
         self._or_user(self.data + b0, ours)

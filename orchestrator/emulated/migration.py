@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import threading
 from collections.abc import Callable
-from typing import Union
 
 from orchestrator.emulated.errors import kernel_error
 from orchestrator.emulated.faults import FaultState
@@ -47,7 +46,7 @@ _NEXT = {
     _ER: (_ER,) * 8,
 }
 NEXT_STATE: dict[tuple[int, int], int] = {
-    (cur, tgt): nxt for cur, row in _NEXT.items() for tgt, nxt in zip(_TARGETS, row)
+    (cur, tgt): nxt for cur, row in _NEXT.items() for tgt, nxt in zip(_TARGETS, row, strict=False)
 }
 
 _ALL = VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_P2P | VFIO_MIGRATION_PRE_COPY
@@ -81,7 +80,7 @@ def mig_get_next_state(flags: int, cur: int, new: int) -> int:
     return nxt
 
 
-DataFile = Union[SaveFile, ResumeFile]
+DataFile = SaveFile | ResumeFile
 
 # Arcs that change only whether the device runs or may do P2P: no data moves.
 _QUIET_ARCS = {

@@ -10,6 +10,7 @@ and the same code serves real device fds and emulated ones.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -86,10 +87,8 @@ class DeviceMigration:
                 self._data += chunk
                 self.report.precopy_bytes += len(chunk)
                 continue
-            try:  # nothing for now: look again soon, or stop at once when told to
+            with contextlib.suppress(TimeoutError):  # nothing for now: look again soon, or stop when told to
                 await asyncio.wait_for(self._wake.wait(), POLL_S)
-            except TimeoutError:
-                pass
 
     async def _stop_pump(self) -> None:
         """Let the reader finish; its failure (a hung or failed read) is the caller's. The
@@ -165,7 +164,5 @@ class DeviceMigration:
 
     async def _close(self, dev: VfioDevice, fd: int | None) -> None:
         if fd is not None:
-            try:
+            with contextlib.suppress(VfioError, TimeoutError):  # the FSM may have torn the stream down
                 await self._call(dev.close_data, fd)
-            except (VfioError, TimeoutError):
-                pass  # the state machine may already have torn the stream down

@@ -6,7 +6,7 @@ import enum
 from dataclasses import asdict, dataclass
 
 
-class TrackerState(str, enum.Enum):
+class TrackerState(enum.StrEnum):
     RUNNING = "running"
     DEGRADED = "degraded"  # failed; its covered range is marked dirty until a restart succeeds
     PERMA_DIRTY = "perma-dirty"  # gave up restarting; covered range dirty every round

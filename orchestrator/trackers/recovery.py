@@ -29,7 +29,7 @@ class RecoveryPolicy:
         return min(self.backoff_initial * (2**failures), self.backoff_max)
 
 
-class Step(str, enum.Enum):
+class Step(enum.StrEnum):
     """What one round does with the tracker."""
 
     COLLECT = "collect"  # ask for its report

@@ -9,6 +9,7 @@ the others of workers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -34,10 +35,8 @@ def run_blocking(fn: Callable[..., Any], *args: Any, name: str = "tracker-call")
             ok, value = False, exc
         else:
             ok, value = True, result
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop is gone; nobody is waiting any more
             loop.call_soon_threadsafe(settle, ok, value)
-        except RuntimeError:
-            pass  # the loop is gone; nobody is waiting any more
 
     threading.Thread(target=body, name=name, daemon=True).start()
     return fut

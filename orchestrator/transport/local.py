@@ -115,7 +115,7 @@ class LocalSink:
         lengths = runs[:, 1]
         long = lengths >= RUN_PAGES
         at = np.cumsum(lengths) - lengths  # where each run starts in `local`
-        for (start, n), i in zip(runs[long].tolist(), at[long].tolist()):
+        for (start, n), i in zip(runs[long].tolist(), at[long].tolist(), strict=False):
             dst = reg.dst[start : start + n]
             np.copyto(dst, reg.src[start : start + n])
             if on_sent:

@@ -9,6 +9,7 @@ destination by punching holes (`clear`), which costs next to nothing where it is
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -93,10 +94,8 @@ def clear_file(path: str, offset: int, length: int) -> None:
 def release(maps: list[mmap.mmap]) -> None:
     """Unmap what no view holds any more; a mapping still viewed goes when its view does."""
     for mm in maps:
-        try:
+        with contextlib.suppress(BufferError):
             mm.close()
-        except BufferError:
-            pass
     maps.clear()
 
 

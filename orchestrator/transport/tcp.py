@@ -108,7 +108,8 @@ class ExpectedFile:
         if w.expected is None:
             raise ReceiverWrongFile(
                 f"{serves}, but the destination QEMU maps {self.path}, which the receiver cannot open "
-                f"({os.strerror(w.expected_errno)}): run the receiver on the destination QEMU's host with --ram {self.path}"
+                f"({os.strerror(w.expected_errno)}): run the receiver on the destination QEMU's host"
+                f" with --ram {self.path}"
             )
         if w.expected != w.file:
             raise ReceiverWrongFile(
@@ -309,7 +310,8 @@ class TcpSink:
                 name = self.options.server_hostname or self.endpoint.host
                 raise ReceiverRefused(
                     f"receiver {self.endpoint}: its TLS certificate failed verification for server name '{name}': "
-                    f"{exc.verify_message}; it must be signed by the CA given and name '{name}' (or give the name it carries)"
+                    f"{exc.verify_message}; it must be signed by the CA given and name '{name}'"
+                    " (or give the name it carries)"
                 ) from None
             except _TRANSIENT as exc:
                 lane.drop()
@@ -410,7 +412,7 @@ class TcpSink:
         are found before streaming starts, so a failure to read the source is the error it
         is, not a dropped connection to retry. Each batch's pages are scanned just before they
         are sent, so the send reads them from cache."""
-        for reg, reg_runs in zip(self.regions, runs):
+        for reg, reg_runs in zip(self.regions, runs, strict=False):
             for nz in nonzero_pages(reg.src, reg_runs, MAX_BATCH_PAGES):
                 yield _Batch(reg, nz, find_zero=False)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import mmap
 
 import numpy as np
@@ -107,7 +108,7 @@ class VfioDevice:
             check_span(r.iova, r.length, what)
             if r.iova % page_size or r.length % page_size:
                 raise VfioUsageError(f"{what}: range {r.iova:#x}+{r.length:#x} is not aligned to {page_size:#x}")
-        for a, b in zip(rs, rs[1:]):
+        for a, b in itertools.pairwise(rs):
             if b.iova <= a.last:
                 raise VfioUsageError(f"{what}: ranges {a.iova:#x}+{a.length:#x} and {b.iova:#x}+{b.length:#x} overlap")
         array = (U.vfio_device_feature_dma_logging_range * len(rs))(

@@ -31,7 +31,7 @@ def mappings_of(pid: int, path: str) -> list[Mapping]:
     want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
     page = max(os.statvfs(path).f_bsize, 4096)  # hugetlbfs reports its huge page size here
     try:
-        maps = open(f"/proc/{pid}/maps")
+        maps = open(f"/proc/{pid}/maps")  # noqa: SIM115 - closed by the `with` below; only the open may fail here
     except FileNotFoundError:
         raise WriteWatchRefused(Refusal.PROCESS_GONE, f"no process {pid}") from None
     except PermissionError:

@@ -154,7 +154,7 @@ def kernel_features() -> int:
             f"this kernel lacks async userfaultfd write-protection (features {missing:#x}; Linux >= 6.7 has them)",
         )
     try:
-        pm = open("/proc/self/pagemap", "rb", buffering=0)
+        pm = open("/proc/self/pagemap", "rb", buffering=0)  # noqa: SIM115 - the `with` below closes it
     except PermissionError:  # a process that dropped privileges; the target's pagemap tells
         return api.features
     with pm:

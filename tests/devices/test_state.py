@@ -61,7 +61,7 @@ async def test_round_trip_moves_the_state():
 
 
 async def test_a_hung_state_change_is_a_timeout_naming_the_device():
-    src, sm, dst, _ = pair()
+    src, _sm, dst, _ = pair()
     hung = Hanging(src, "set_state")
     mig = DeviceMigration("dev", hung, dst, timeout_s=0.2)
     with pytest.raises(TimeoutError, match=r"dev: set_state did not return within 0.2s"):

@@ -42,7 +42,9 @@ async def migrate(devices=("mlx5", "pds"), faults=(), tracking=True, workload="l
             extra["device_states"] = [d.src_model.mig_state for d in pair.fleet.devices]
             writes = [d.engine.state.writes for d in pair.fleet.devices]
             time.sleep(0.1)
-            extra["dma_goes_on"] = all(d.engine.state.writes > w for d, w in zip(pair.fleet.devices, writes))
+            extra["dma_goes_on"] = all(
+                d.engine.state.writes > w for d, w in zip(pair.fleet.devices, writes, strict=False)
+            )
         return rep, checks, extra
 
 

@@ -48,7 +48,7 @@ async def test_receiver_on_the_wrong_file_is_refused_and_nothing_changes(tmp_pat
         async with launch(src_cfg) as src, launch(dst_cfg) as dst:
             await wait_progress(src, 1, 60)
             caps = await capabilities(src), await capabilities(dst)
-            async with receiver(wrong, token) as (proc, where):
+            async with receiver(wrong, token) as (_proc, where):
                 migrate = await asyncio.create_subprocess_exec(
                     sys.executable,
                     "-m",

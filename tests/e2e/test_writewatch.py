@@ -103,9 +103,8 @@ async def test_a_foreign_filter_that_kills_userfaultfd_is_refused(tmp_path):
     async with vm_pair(light(qemu_binary=str(wrapper))) as (src, dst, ep):
         pid = src.qmp.peer_pid()
         fds = set(os.listdir(f"/proc/{pid}/fd"))
-        with pytest.raises(WriteWatchRefused) as info:
-            with qemu_write_trackers(QemuWrites.WRITEWATCH, ep.layout, pid):
-                pass
+        with pytest.raises(WriteWatchRefused) as info, qemu_write_trackers(QemuWrites.WRITEWATCH, ep.layout, pid):
+            pass
         assert info.value.cause is Refusal.SECCOMP_FORBIDS and "userfaultfd" in str(info.value)
         assert set(os.listdir(f"/proc/{pid}/fd")) == fds
         n = len(parse_progress(src.read_serial()))

@@ -150,7 +150,7 @@ def test_start_misaligned_is_einval(kernel, mtty, rng):
 
 def test_start_alignment_is_a_mask_test(kernel, mtty):
     """IS_ALIGNED with a non-power-of-two page size masks with page_size-1; with 0, only 0 passes."""
-    fd, model = mtty
+    fd, _model = mtty
     assert do_start(kernel, fd, [(0x8000, 0x4000)], page_size=12288) == 12288  # 12287 & 0x8000 == 0
     kernel.ioctl(fd, FEATURE, feature(SET | STOP))
     arg, _mem = start_arg([(12288, 12288)], page_size=12288)

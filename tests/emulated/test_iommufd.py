@@ -184,7 +184,7 @@ def test_get_dirty_bitmap_errors(kernel):
         (dict(page_size=8192, iova=APERTURE + 4096), errno.EINVAL),
         (dict(hwpt=s.hwpt_alloc(flags=0)), errno.EOPNOTSUPP),
     ]:
-        expect_errno(code, lambda: s.get_dirty(**{**ok, **change}))
+        expect_errno(code, lambda change=change: s.get_dirty(**{**ok, **change}))
 
 
 def test_walk_starts_in_a_mapped_area_and_stops_at_the_first_gap(kernel):
@@ -280,7 +280,7 @@ def test_cdev_must_bind_first(kernel):
     iommufd = kernel.open_iommufd()
     for argsz, flags, ifd in [(15, 0, iommufd), (24, 2, iommufd), (24, 0, -2)]:
         bind = bytearray(bytes(uapi.vfio_device_bind_iommufd(argsz=argsz, flags=flags, iommufd=ifd)))
-        expect_errno(errno.EINVAL, lambda: kernel.ioctl(fd, uapi.VFIO_DEVICE_BIND_IOMMUFD, bind))
+        expect_errno(errno.EINVAL, lambda bind=bind: kernel.ioctl(fd, uapi.VFIO_DEVICE_BIND_IOMMUFD, bind))
     bind = bytearray(bytes(uapi.vfio_device_bind_iommufd(argsz=24, iommufd=fd)))
     expect_errno(errno.EBADFD, lambda: kernel.ioctl(fd, uapi.VFIO_DEVICE_BIND_IOMMUFD, bind))
     bind = bytearray(bytes(uapi.vfio_device_bind_iommufd(argsz=24, iommufd=iommufd)))
@@ -300,7 +300,7 @@ def test_hwpt_alloc_pt_id_that_is_no_ioas(kernel):
     hwpt = s.hwpt_alloc()
     for pt_id, code in [(999, errno.EINVAL), (s.dev_id, errno.EINVAL), (hwpt, errno.EOPNOTSUPP)]:
         arg = cmd(uapi.iommu_hwpt_alloc, flags=0, dev_id=s.dev_id, pt_id=pt_id)
-        expect_errno(code, lambda: kernel.ioctl(s.iommufd, uapi.IOMMU_HWPT_ALLOC, arg))
+        expect_errno(code, lambda arg=arg: kernel.ioctl(s.iommufd, uapi.IOMMU_HWPT_ALLOC, arg))
     arg = cmd(uapi.iommu_hwpt_alloc, flags=0, dev_id=999, pt_id=s.ioas)
     expect_errno(errno.ENOENT, lambda: kernel.ioctl(s.iommufd, uapi.IOMMU_HWPT_ALLOC, arg))
 

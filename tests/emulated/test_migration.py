@@ -54,7 +54,7 @@ _NAMES = dict(ST=ST, RU=RU, SC=SC, RE=RE, RP=RP, PC=PC, PP=PP, ER=ER)
 NEXT = {
     (_NAMES[row.split(":")[0]], _NAMES[col]): _NAMES[cell]
     for row in _TABLE.strip().splitlines()
-    for col, cell in zip(_COLS, row.split(":")[1].split())
+    for col, cell in zip(_COLS, row.split(":")[1].split(), strict=False)
 }
 NEEDS = {
     ST: STOP_COPY,
@@ -162,7 +162,7 @@ def test_get_state_returns_data_fd_minus_one(kernel):
 
 
 def test_failed_set_echoes_requested_state_and_minus_one(kernel):
-    fd, model = device_in(kernel, STOP_COPY | P2P | PRE_COPY, SC)
+    fd, _model = device_in(kernel, STOP_COPY | P2P | PRE_COPY, SC)
     arg = feature(SET | MIG_DEVICE_STATE, struct.pack("<Ii", PC, 55))
     expect_errno(errno.EINVAL, lambda: kernel.ioctl(fd, FEATURE, arg))
     assert struct.unpack_from("<Ii", arg, 8) == (PC, -1)
@@ -199,7 +199,7 @@ def test_every_transition_against_the_table(flags):
         fd, model = device_in(kernel, flags, cur)
         want = reference_path(flags, cur, new)
         if want is None:
-            expect_errno(errno.EINVAL, lambda: mig_set(kernel, fd, new))
+            expect_errno(errno.EINVAL, lambda fd=fd, new=new: mig_set(kernel, fd, new))
             assert model.mig_state == cur
         else:
             data_fd = mig_set(kernel, fd, new)
@@ -218,7 +218,7 @@ def test_unsupported_current_states_cannot_be_targets(kernel, flags):
     fd = kernel.open_device(MttyLike(migration_flags=flags))
     for state in (RP, PC, PP):
         if not ok(flags, state):
-            expect_errno(errno.EINVAL, lambda: mig_set(kernel, fd, state))
+            expect_errno(errno.EINVAL, lambda state=state: mig_set(kernel, fd, state))
 
 
 def test_fault_on_an_intermediate_arc_leaves_the_device_there(kernel):

@@ -159,7 +159,7 @@ def hung_report(kernel):
 
 def test_detach_wakes_a_hung_report_with_eio(kernel):
     """set_tracker_error completes the firmware wait before the teardown takes the mutex."""
-    model, fd, reporter = hung_report(kernel)
+    model, _fd, reporter = hung_report(kernel)
     model.inject(Fault.DETACH)
     assert reporter.result(5) == errno.EIO and not model.logging_active
 

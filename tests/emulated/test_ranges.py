@@ -1,5 +1,7 @@
 """vfio_combine_iova_ranges (linux-uapi §2.4) against a literal transcription of the kernel loop."""
 
+import itertools
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -48,7 +50,7 @@ def test_combine_matches_the_kernel_loop(ranges, limit, rnd):
     covered = [(s, last) for s, last in got]
     for start, last in ranges:  # every input byte is still covered
         assert any(s <= start and last <= e for s, e in covered)
-    for (_, a_last), (b_start, _) in zip(got, got[1:]):
+    for (_, a_last), (b_start, _) in itertools.pairwise(got):
         assert a_last < b_start
 
 

@@ -35,7 +35,7 @@ class FakeDevice:
     def pair(cls, host: FakeHost, name: str = "dev") -> FakeDevice:
         models = Mlx5Like(device_data=f"{name} state".encode().ljust(64, b"!")), Mlx5Like()
         ends = []
-        for side, model in zip(("src", "dst"), models):
+        for side, model in zip(("src", "dst"), models, strict=False):
             kernel = EmulatedKernel()
             ends.append(Journaled(VfioDevice(kernel.open_device(model), kernel, name=name), side, host))
         return cls(DeviceMigration(name, *ends), *models)

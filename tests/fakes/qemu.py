@@ -52,7 +52,7 @@ QUERIES = frozenset(
 BACKEND = "ram0"
 
 
-class RunState(str, enum.Enum):
+class RunState(enum.StrEnum):
     RUNNING = "running"
     PAUSED = "paused"
     INMIGRATE = "inmigrate"

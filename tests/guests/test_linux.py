@@ -4,6 +4,7 @@ TCG, keeps working, leaves its DMA window alone, and catches a stale page or a b
 from __future__ import annotations
 
 import asyncio
+import itertools
 import shutil
 import time
 from collections.abc import Callable
@@ -129,7 +130,7 @@ async def test_boots_works_and_leaves_dma_window_alone(linux_guest: None) -> Non
         del window, ram
 
         lines, reads = parse_progress(text), linux.disk_progress(text)
-        assert all(b.pages >= a.pages and b.ms > a.ms for a, b in zip(lines, lines[1:]))
+        assert all(b.pages >= a.pages and b.ms > a.ms for a, b in itertools.pairwise(lines))
         assert reads[-1].reads > reads[0].reads > 0 and reads[-1].bytes == reads[-1].reads * (64 << 10)
         # After the first sweep (page faults) the guest runs at its steady rate.
         steady = [p for p in lines if p.sweeps >= 1]

@@ -40,7 +40,7 @@ def test_anonymous_ram_is_refused() -> None:
     backend = RamBackend("pc.ram", "memory-backend-ram", 2 * M, False, None)
     with pytest.raises(
         LayoutError,
-        match="RAM backend 'pc.ram' is memory-backend-ram, not memory-backend-file: "
+        match=r"RAM backend 'pc\.ram' is memory-backend-ram, not memory-backend-file: "
         "the orchestrator needs share=on file-backed RAM",
     ):
         check_migratable(layout_with(backend))

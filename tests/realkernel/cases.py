@@ -387,7 +387,7 @@ def start_and_report_after_detach(lab):
     mem = UserMem(PAGE)
     detached = [start(lab, dev, [(0, MIB)])[0], report_into(lab, dev, 0, MIB, PAGE, mem.addr)]
     dev.reattach()
-    return detached + [start(lab, dev, [(0, MIB)])[0]]
+    return [*detached, start(lab, dev, [(0, MIB)])[0]]
 
 
 # -- DMA_LOGGING_STOP -------------------------------------------------------------------------
@@ -649,7 +649,7 @@ def fault_sticky_eio_until_a_new_tracker(lab):
     stop(lab, dev)
     start_ok(lab, dev, [(0, MIB)])
     dev.dma(3 * PAGE, 1)
-    return failed + [report_bits(lab, dev, 0, 64 * PAGE)]
+    return [*failed, report_bits(lab, dev, 0, 64 * PAGE)]
 
 
 # -- the pds-like tracker ------------------------------------------------------------------
@@ -764,7 +764,8 @@ def mig_precopy_then_stop_copy(lab):
             len(read_all(lab, fd)),
             len(lab.sys.read(fd, 4096)),
         ]
-    return out + [
+    return [
+        *out,
         mig_set(lab, dev, S.VFIO_DEVICE_STATE_STOP),
         mig_set(lab, dev, S.VFIO_DEVICE_STATE_RUNNING),
         mig_get(lab, dev),
@@ -899,7 +900,7 @@ def mig_p2p_arcs(lab):
     ]
     with data_fd(lab, dev, S.VFIO_DEVICE_STATE_PRE_COPY_P2P):
         out.append(mig_get(lab, dev) == S.VFIO_DEVICE_STATE_PRE_COPY_P2P)
-    return out + [mig_set(lab, dev, S.VFIO_DEVICE_STATE_RUNNING), mig_get(lab, dev)]
+    return [*out, mig_set(lab, dev, S.VFIO_DEVICE_STATE_RUNNING), mig_get(lab, dev)]
 
 
 # -- IOMMUFD dirty tracking (the selftest's mock domain on the real side) ---------------------

@@ -96,7 +96,7 @@ async def migrate(lab: RealLab, report: bool):
         tracker = Quiesced(device, dma, lambda: pair.src.qmp.last_event("STOP") is not None, report)
         dma.start()
         try:
-            result = await pair.migration(MigrationOptions(verify=True), trackers=pair.trackers() + [tracker]).run()
+            result = await pair.migration(MigrationOptions(verify=True), trackers=[*pair.trackers(), tracker]).run()
         finally:
             dma.stop()
         return result, dma.writes

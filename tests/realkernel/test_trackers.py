@@ -44,7 +44,7 @@ EXACT_FLEET = (
 )
 # Granted 2 MiB for a window that is not 2 MiB aligned: reports must be widened, and the
 # harvest has every page of a written unit, so it is no longer exact.
-FLEET = EXACT_FLEET + (Spec("2m", Caps(max_ranges=1, min_page_size=2 * MIB), (IovaRange(3 * MIB, MIB // 2),)),)
+FLEET = (*EXACT_FLEET, Spec("2m", Caps(max_ranges=1, min_page_size=2 * MIB), (IovaRange(3 * MIB, MIB // 2),)))
 FAULTS = ("eio-once", "eio-sticky", "detach", "reattach", "start-e2big", "start-eopnotsupp", "start-enomem")
 START_ERRNO = {"start-e2big": errno.E2BIG, "start-eopnotsupp": errno.EOPNOTSUPP, "start-enomem": errno.ENOMEM}
 FAULT_OF = {"eio-once": Fault.REPORT_EIO_ONCE, "eio-sticky": Fault.REPORT_EIO_STICKY, "detach": Fault.DETACH}
@@ -86,7 +86,7 @@ async def run_ops(lab: Lab, fleet: tuple[Spec, ...], ops: list[tuple], exact: bo
         VfioDmaLogTracker(
             VfioDevice(dev.fd, lab.sys, name=spec.name), reach=list(spec.reach) if spec.reach else None, name=spec.name
         )
-        for dev, spec in zip(devices, fleet)
+        for dev, spec in zip(devices, fleet, strict=False)
     ]
     bitmap = DirtyBitmap(LAYOUT.npages, PAGE)
     policy = RecoveryPolicy(timeout=30.0, max_restarts=2, backoff_initial=0.5, backoff_max=2.0)

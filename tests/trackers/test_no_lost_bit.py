@@ -115,7 +115,7 @@ async def run_ops(ops, exact: bool):
         for op in ops:
             if op[0] == "write":
                 _, i, iova, length = op
-                name, model, _, reach = devices[i % len(devices)]
+                _name, model, _, reach = devices[i % len(devices)]
                 pages = set(range(iova // PAGE, (iova + length - 1) // PAGE + 1)) & reach_pages(reach)
                 for lo, hi in runs(sorted(pages)):  # a device only writes memory it can reach
                     model.dma_write(lo * PAGE, (hi - lo) * PAGE)

@@ -163,7 +163,7 @@ async def test_start_failure_is_degraded_not_fatal():
         assert [s.state for s in ts.stats()] == [TrackerState.DEGRADED, TrackerState.RUNNING]
         assert bm.harvest().tolist() == list(range(8)), "a tracker that failed to start is covered at once"
         await ts.collect(1)
-        assert bm.harvest().tolist() == list(range(8)) + [33]
+        assert bm.harvest().tolist() == [*list(range(8)), 33]
     assert ts.events[0].kind == "start-error" and ts.events[0].errno == errno.ENOTCONN
 
 

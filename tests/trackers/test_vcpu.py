@@ -89,16 +89,22 @@ def test_stores_before_start_are_dropped_and_the_final_collect_reads_both_buffer
 
 
 def test_start_refuses_what_it_cannot_map() -> None:
-    with plugin_log(log_pages(5 * GIB), Addresses.UNKNOWN) as log:
-        with pytest.raises(ValueError, match="no dirty-log plugin has attached"):
-            VcpuTracker(log).start(PC_5G)
-    with plugin_log(5 * GIB // PAGE, Addresses.PHYSICAL) as log:  # sized for file offsets only
-        with pytest.raises(ValueError, match=r"has 1310720 pages; this layout needs 1572864 for physical"):
-            VcpuTracker(log).start(PC_5G)
+    with (
+        plugin_log(log_pages(5 * GIB), Addresses.UNKNOWN) as log,
+        pytest.raises(ValueError, match="no dirty-log plugin has attached"),
+    ):
+        VcpuTracker(log).start(PC_5G)
+    with (
+        plugin_log(5 * GIB // PAGE, Addresses.PHYSICAL) as log,  # sized for file offsets only
+        pytest.raises(ValueError, match=r"has 1310720 pages; this layout needs 1572864 for physical"),
+    ):
+        VcpuTracker(log).start(PC_5G)
     two_files = MemoryLayout((RamRegion(0, GIB, RAM, 0), RamRegion(4 * GIB, GIB, "/dev/shm/other.ram", 0)))
-    with plugin_log(log_pages(2 * GIB), Addresses.RAM_BLOCK) as log:
-        with pytest.raises(ValueError, match="single RAM backend"):
-            VcpuTracker(log).start(two_files)
+    with (
+        plugin_log(log_pages(2 * GIB), Addresses.RAM_BLOCK) as log,
+        pytest.raises(ValueError, match="single RAM backend"),
+    ):
+        VcpuTracker(log).start(two_files)
 
 
 @st.composite
@@ -114,7 +120,7 @@ def layouts(draw: st.DrawFn) -> tuple[MemoryLayout, list[tuple[int, int]]]:
         offset += file_gaps[i]
         offsets[i] = offset
         offset += sizes[i]
-    for i, (size, gap) in enumerate(zip(sizes, gaps)):
+    for i, (size, gap) in enumerate(zip(sizes, gaps, strict=False)):
         gpa += gap
         regions.append(RamRegion(gpa * PAGE, size * PAGE, RAM, offsets[i] * PAGE))
         gpa += size
@@ -125,10 +131,12 @@ def layouts(draw: st.DrawFn) -> tuple[MemoryLayout, list[tuple[int, int]]]:
 @given(layouts(), st.sampled_from([Addresses.PHYSICAL, Addresses.RAM_BLOCK]), st.data())
 def test_every_logged_page_lands_on_its_guest_page_and_nothing_else(case, kind, data) -> None:
     layout, starts = case
-    npages = max(layout.npages, max(o + r.length // PAGE for (_, o), r in zip(starts, layout.regions))) + 70
+    npages = (
+        max(layout.npages, max(o + r.length // PAGE for (_, o), r in zip(starts, layout.regions, strict=False))) + 70
+    )
     logged = data.draw(st.sets(st.integers(0, npages - 1), max_size=200))
     expected = set()
-    for (gpa_page, offset_page), region in zip(starts, layout.regions):
+    for (gpa_page, offset_page), region in zip(starts, layout.regions, strict=False):
         first = gpa_page if kind is Addresses.PHYSICAL else offset_page
         expected |= {gpa_page + p - first for p in logged if first <= p < first + region.length // PAGE}
     with plugin_log(npages, kind) as log:

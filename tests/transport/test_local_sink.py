@@ -105,9 +105,11 @@ def test_verification_sees_data_that_only_the_destination_holds(shm_files):
 @pytest.mark.parametrize("pages", [[2, 1], [3, 3], [[1, 2]]])
 def test_pages_out_of_order_are_refused_and_nothing_copied(tmp_path, pages):
     s, d = ram_file(tmp_path / "s", 8, np.ones(8 * PAGE, np.uint8)), ram_file(tmp_path / "d", 8)
-    with LocalSink.flat(MemoryLayout.flat(8 * PAGE), s, d) as sink:
-        with pytest.raises(ValueError, match="strictly increasing"):
-            sink.send(np.array(pages))
+    with (
+        LocalSink.flat(MemoryLayout.flat(8 * PAGE), s, d) as sink,
+        pytest.raises(ValueError, match="strictly increasing"),
+    ):
+        sink.send(np.array(pages))
     assert not np.fromfile(d, np.uint8).any()
 
 

@@ -88,7 +88,8 @@ async def test_idle_unauthenticated_connections_cost_little_and_never_lock_out_a
         assert await settled(proc.pid) == listening + MAX_PENDING, "the oldest idle connections were dropped"
         rss, hwm = memory(proc.pid)
         print(
-            f"receiver RSS {base_rss >> 20} MiB idle, {rss >> 20} MiB (peak {hwm >> 20} MiB) with {IDLE} idle connections"
+            f"receiver RSS {base_rss >> 20} MiB idle, {rss >> 20} MiB (peak {hwm >> 20} MiB)"
+            f" with {IDLE} idle connections"
         )
         assert rss - base_rss < BOUND and hwm - base_hwm < BOUND
 

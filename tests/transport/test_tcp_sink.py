@@ -54,7 +54,7 @@ async def test_rounds_are_bit_exact_and_on_sent_sees_what_was_sent(served, tmp_p
     seen: dict[int, bytes] = {}
 
     def on_sent(pages, rows):
-        for p, row in zip(pages.tolist(), rows):
+        for p, row in zip(pages.tolist(), rows, strict=False):
             seen[p] = row.tobytes()
 
     try:
@@ -211,7 +211,7 @@ async def test_receiver_gone_for_good_fails_the_round(served, tmp_path):
     sink, _, _ = await open_sink(tmp_path, served.endpoint)
     try:
         await served.receiver.close()
-        with pytest.raises(ReceiverGone, match="unreachable on stream .* after 3 reconnect attempts"):
+        with pytest.raises(ReceiverGone, match=r"unreachable on stream .* after 3 reconnect attempts"):
             await sink.send_pages(np.arange(NPAGES))
     finally:
         sink.close()

@@ -107,7 +107,7 @@ def test_migration_v2_through_the_client():
     assert src.get_state() == State.VFIO_DEVICE_STATE_RUNNING
     fd = src.set_state(State.VFIO_DEVICE_STATE_PRE_COPY)
     assert fd is not None
-    initial, dirty = src.precopy_info(fd)
+    initial, _dirty = src.precopy_info(fd)
     assert initial > 0
     chunks = []
     while True:
@@ -182,7 +182,7 @@ def test_iommufd_tracker_queries_mapped_areas_and_marks_the_rest():
     model.dma_write(APERTURE + 5 * PAGE, 1)
     tracker.collect(bm)
     low = list(range((APERTURE - (1 << 20)) // PAGE, APERTURE // PAGE))
-    assert bm.harvest().tolist() == low + [APERTURE // PAGE + 5]
+    assert bm.harvest().tolist() == [*low, APERTURE // PAGE + 5]
 
 
 def test_hwpt_on_a_device_without_iommu_dirty_support():

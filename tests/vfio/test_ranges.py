@@ -1,5 +1,7 @@
 """Range normalisation and the START fallback ladder, against simple reference models."""
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -27,7 +29,7 @@ def span_pages(ranges, page=PAGE):
 def test_normalize_matches_page_set(rs):
     out = normalize(rs, PAGE)
     assert all(r.iova % PAGE == 0 and r.length % PAGE == 0 for r in out)
-    assert all(a.end < b.iova for a, b in zip(out, out[1:])), "sorted, disjoint and not touching"
+    assert all(a.end < b.iova for a, b in itertools.pairwise(out)), "sorted, disjoint and not touching"
     got = set()
     for r in out:
         got.update(range(r.iova // PAGE, r.end // PAGE))
@@ -42,7 +44,7 @@ def test_combine_properties(rs, limit):
     assert len(out) == min(len(exact), limit)
     for r in exact:  # every input byte stays covered
         assert any(c.iova <= r.iova and r.end <= c.end for c in out)
-    assert all(a.end <= b.iova for a, b in zip(out, out[1:]))
+    assert all(a.end <= b.iova for a, b in itertools.pairwise(out))
 
 
 def test_combine_ties_go_to_lowest_address():

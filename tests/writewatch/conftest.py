@@ -40,7 +40,7 @@ def shared_file(writewatch_kernel):
 def collect(watch: WriteWatch) -> np.ndarray:
     """One harvest as sorted unique guest page numbers."""
     runs: list[np.ndarray] = []
-    watch.scan(lambda first, stop: runs.extend(np.arange(a, b) for a, b in zip(first, stop)))
+    watch.scan(lambda first, stop: runs.extend(np.arange(a, b) for a, b in zip(first, stop, strict=False)))
     return np.unique(np.concatenate(runs)) if runs else np.empty(0, np.int64)
 
 

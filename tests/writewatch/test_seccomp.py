@@ -29,7 +29,7 @@ ACTIONS = st.one_of(
     ),
     ERRNOS.map(lambda e: P.SECCOMP_RET_ERRNO | e),
 )
-FIELDS = [0, 4] + list(range(16, 64, 4))  # nr, arch, args (not the instruction pointer)
+FIELDS = [0, 4, *range(16, 64, 4)]  # nr, arch, args (not the instruction pointer)
 
 
 @st.composite

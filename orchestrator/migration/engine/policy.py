@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 
-class Decision(str, enum.Enum):
+class Decision(enum.StrEnum):
     CONTINUE = "continue"
     SWITCHOVER = "switchover"
     CANCEL = "cancel"

@@ -29,7 +29,7 @@ class OutOfOrder(EngineError):
     """An event that does not answer the pending action, or an action asked for twice."""
 
 
-class Phase(str, enum.Enum):
+class Phase(enum.StrEnum):
     IDLE = "idle"
     PREPARED = "prepared"  # capabilities set on both QEMUs
     PRECOPY = "precopy"  # trackers and devices started; rounds run
@@ -40,7 +40,7 @@ class Phase(str, enum.Enum):
     ABORTED = "aborted"
 
 
-class GuestHome(str, enum.Enum):
+class GuestHome(enum.StrEnum):
     """Where the guest runs once the migration has ended: what a caller must know first."""
 
     DESTINATION = "destination"  # migrated
