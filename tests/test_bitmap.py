@@ -34,7 +34,7 @@ def report_pages(iova: int, page_size: int, bits, bitmap_page: int, npages: int)
     return set().union(*(touched(iova + k * page_size, page_size, bitmap_page, npages) for k in bits))
 
 
-# --- the bit layout (architecture invariant 1) ----------------------------------------------
+# --- the bit layout (the architecture's report-bit invariant) --------------------------------
 
 
 def test_bit_zero_of_word_zero_is_page_zero() -> None:
@@ -263,7 +263,7 @@ def test_runs_of_nothing() -> None:
     assert DirtyBitmap.runs(np.empty(0, dtype=np.int64)).shape == (0, 2)
 
 
-# --- concurrency (architecture invariant 2) -------------------------------------------------
+# --- concurrency (reports land in a private buffer, OR-ed in under a lock) -----------------
 
 
 def test_concurrent_merges_lose_no_bit_across_harvests() -> None:

@@ -1,7 +1,7 @@
 """The recovery decisions of one tracker, sans-IO: events in, decisions out.
 
 `TrackerSet` owns the threads, the watchdog and the bitmap; this machine owns what a failure
-means (invariant 4): which round collects, restarts or only marks, when the next restart may
+means (the invariant on tracker errors): which round collects, restarts or only marks, when the next restart may
 be tried, when to give up. Time is whatever clock the caller passes (`now`), so every rule is
 testable without threads and a simulator can drive it on virtual time.
 

@@ -100,7 +100,7 @@ class Rig:
         await self.dst.close()
 
     async def check_guest_home(self, rep: MigrationReport) -> None:
-        """Invariant 10, checked when the run has returned: the guest runs (or stays paused,
+        """The exit-path invariant, checked when the run has returned: the guest runs (or stays paused,
         as its user left it) on the side the report names, or the report says it runs
         nowhere; trackers stopped; a source that keeps the guest has its capabilities and its
         device as before. Then, once the QEMUs have done what they still do on their own (a
