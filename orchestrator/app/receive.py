@@ -21,7 +21,11 @@ async def serve(
     logging.basicConfig(level=logging.INFO, format="receiver: %(message)s", stream=sys.stdout)
     token = load_token(token_file)
     where = parse_endpoint(listen)
-    tls = server_context(tls_cert, tls_key) if tls_cert else None
+    tls = None
+    if tls_cert is not None:
+        if tls_key is None:
+            raise ValueError("a TLS certificate needs its key")
+        tls = server_context(tls_cert, tls_key)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -137,7 +137,8 @@ def _positions(index: np.ndarray, values: np.ndarray) -> np.ndarray:
     bits = np.unpackbits(raw[at], bitorder="little").view(bool)
     hits = np.flatnonzero(bits)
     byte = at[hits >> 3]
-    return (index[byte >> 3] << 6) | ((byte & 7) << 3) | (hits & 7)
+    positions: np.ndarray = (index[byte >> 3] << 6) | ((byte & 7) << 3) | (hits & 7)
+    return positions
 
 
 def _nonzero_words(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -10,6 +10,7 @@ may DMA.
 
 from __future__ import annotations
 
+import functools
 import struct
 import threading
 import time
@@ -103,7 +104,7 @@ class DmaEngine:
         if self._thread.is_alive():
             self._thread.join()
         del self._window
-        self._ram._mmap.close()
+        self._ram._mmap.close()  # type: ignore[attr-defined]  # memmap has no public close; numpy's stubs omit _mmap
 
     def _run(self) -> None:
         next_t = time.monotonic()
@@ -112,7 +113,7 @@ class DmaEngine:
             self._carry += self.rate * self.tick_s
             k = int(self._carry)
             if k:
-                ran = self.model.dma(lambda k=k: self._burst(k))
+                ran = self.model.dma(functools.partial(self._burst, k))
                 # a quiesced device banks nothing: it does not catch up after resuming
                 self._carry = self._carry - k if ran else 0.0
 

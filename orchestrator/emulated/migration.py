@@ -51,7 +51,7 @@ NEXT_STATE: dict[tuple[int, int], int] = {
 
 _ALL = VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_P2P | VFIO_MIGRATION_PRE_COPY
 # state_flags_table: the migration_flags a state needs. ERROR needs ~0, so it is never a target.
-STATE_FLAGS = {
+STATE_FLAGS: dict[int, int] = {
     _ST: VFIO_MIGRATION_STOP_COPY,
     _RU: VFIO_MIGRATION_STOP_COPY,
     _SC: VFIO_MIGRATION_STOP_COPY,

@@ -117,18 +117,35 @@ DEMO_WORKLOADS = {**WORKLOADS, LINUX: "Linux 6.12 guest: memory rewrites and O_D
 
 def guest_configs(workload: str, mem: int, accel: str, qemu: str, plugin: str | None) -> tuple[VmConfig, VmConfig]:
     """Source and destination configurations for a demo workload; the source gets `plugin`."""
-    common = {"accel": accel, "qemu_binary": qemu}
     if workload == LINUX:
         job = LinuxWorkload(mem=min(256 << 20, mem // 2), rate=64 << 20)
         return (
-            linux.vm_config("src", mem >> 20, workload=job, plugin=plugin, **common),
-            linux.vm_config("dst", mem >> 20, Role.DESTINATION, job, **common),
+            linux.vm_config("src", mem >> 20, workload=job, plugin=plugin, accel=accel, qemu_binary=qemu),
+            linux.vm_config("dst", mem >> 20, Role.DESTINATION, job, accel=accel, qemu_binary=qemu),
         )
     append = WORKLOADS[workload]
-    fixture = {"kernel": GUEST_ELF, "append": append, "extra_args": qemu_args(append), **common}
+    extra = qemu_args(append)
     return (
-        VmConfig("src", mem >> 20, plugin=plugin, **fixture),
-        VmConfig("dst", mem >> 20, Role.DESTINATION, **fixture),
+        VmConfig(
+            "src",
+            mem >> 20,
+            plugin=plugin,
+            kernel=GUEST_ELF,
+            append=append,
+            extra_args=extra,
+            accel=accel,
+            qemu_binary=qemu,
+        ),
+        VmConfig(
+            "dst",
+            mem >> 20,
+            Role.DESTINATION,
+            kernel=GUEST_ELF,
+            append=append,
+            extra_args=extra,
+            accel=accel,
+            qemu_binary=qemu,
+        ),
     )
 
 
@@ -225,7 +242,10 @@ async def guest_pair(
             )
             try:
                 if devices:
-                    fleet = Fleet.create(devices, src.ram_path, dst.ram_path, dma_window(src.read_serial()), dma_rate)
+                    window = dma_window(src.read_serial())
+                    if window is None:
+                        raise RuntimeError("the source guest has not announced its DMA window")
+                    fleet = Fleet.create(devices, src.ram_path, dst.ram_path, window, dma_rate)
                     fleet.faults = list(faults or [])
                     fleet.start()
                 with ram as ram_trackers:

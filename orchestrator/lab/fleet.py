@@ -9,7 +9,7 @@ set it RUNNING.
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,7 +65,7 @@ class FaultPlan:
         return cls(fault, device or None, round_)
 
 
-def device_names(kinds: list[str], faults: list[FaultPlan] = ()) -> list[str]:
+def device_names(kinds: list[str], faults: Sequence[FaultPlan] = ()) -> list[str]:
     """The names a fleet of `kinds` will have; raises ValueError for an unknown kind or a
     fault aimed at a device the fleet will not have (checked before anything is launched)."""
     unknown = [k for k in kinds if k not in KINDS]
@@ -188,7 +188,10 @@ class Fleet:
         for d in self.devices:
             if d.dst_engine is None:
                 continue
-            d.dst_model.migration.set_state(State.VFIO_DEVICE_STATE_STOP)
+            migration = d.dst_model.migration
+            if migration is None:
+                raise RuntimeError(f"{d.name}: the destination twin has no migration driver")
+            migration.set_state(State.VFIO_DEVICE_STATE_STOP)
             out[d.name] = d.dst_engine.check()
         return out
 

@@ -37,6 +37,13 @@ def _one_file(layout: GuestLayout, side: str) -> RamBackend:
     return next(iter(files.values()))
 
 
+def _mem_path(backend: RamBackend) -> Path:
+    """The backend's file; `check_migratable` has already refused a backend without one."""
+    if backend.mem_path is None:
+        raise LayoutError(f"RAM backend '{backend.id}' has no mem-path")
+    return backend.mem_path
+
+
 def _same_file(given: Path, qemu_path: Path, side: str) -> None:
     try:
         same = os.path.samefile(given, qemu_path)
@@ -92,14 +99,14 @@ async def _validate(src: QmpPeer, dst: QmpPeer, src_ram: Path, *, dst_here: bool
             f"source and destination guests have different RAM layouts: {_describe(layout)} vs {_describe(dst_shape)}"
         )
     src_backend, dst_backend = _one_file(src_layout, "source"), _one_file(dst_layout, "destination")
-    _same_file(src_ram, src_backend.mem_path, "source")
+    _same_file(src_ram, _mem_path(src_backend), "source")
     return layout, dst_backend
 
 
 async def attach(src: QmpPeer, dst: QmpPeer, src_ram: Path, dst_ram: Path) -> Endpoints:
     """Validate both sides and open a local page sink (both RAM files on this host)."""
     layout, dst_backend = await _validate(src, dst, src_ram, dst_here=True)
-    _same_file(dst_ram, dst_backend.mem_path, "destination")
+    _same_file(dst_ram, _mem_path(dst_backend), "destination")
     if os.path.samefile(src_ram, dst_ram):
         raise LayoutError(f"source and destination RAM are the same file ({src_ram})")
     sink = LocalSink.flat(layout, str(src_ram), str(dst_ram))
@@ -114,6 +121,6 @@ async def attach_remote(
     file: the mem-path QEMU reports, opened on the receiver's host, is the file (device and
     inode) the receiver has mapped, of the backend's size (`ExpectedFile`)."""
     layout, dst_backend = await _validate(src, dst, src_ram, dst_here=False)
-    expect = ExpectedFile(dst_backend.mem_path, dst_backend.size)
+    expect = ExpectedFile(_mem_path(dst_backend), dst_backend.size)
     sink = await TcpSink.connect(layout, str(src_ram), receiver, token, options, expect)
     return Endpoints(src, dst, layout, sink)

@@ -30,10 +30,12 @@ async def each_device(devices: list[DeviceMigration], step: Callable[[DeviceMigr
     stopped under a running VM. (Cancelling the others would not help: their ioctls run in
     threads that a cancel does not stop.)"""
     results = await asyncio.gather(*(step(d) for d in devices), return_exceptions=True)
+    settled: list[_T] = []
     for r in results:
         if isinstance(r, BaseException):
             raise r
-    return results
+        settled.append(r)
+    return settled
 
 
 @dataclass

@@ -41,6 +41,13 @@ def _gone(session: QmpPeer) -> bool:
     return session.lost or session.last_event("SHUTDOWN") is not None
 
 
+def _this_task() -> asyncio.Task[object]:
+    task = asyncio.current_task()
+    if task is None:
+        raise RuntimeError("a migration runs in an asyncio task")
+    return task
+
+
 @dataclass(frozen=True)
 class MigrationOptions:
     """What a caller can set; the policy's defaults are `DowntimePolicy`'s, in one place."""
@@ -127,7 +134,7 @@ class Migration:
         aborts like a failure before `migrate-continue` and is raised again afterwards; once
         past it the switchover is finished first. Either way `report` tells the outcome."""
         self._t0 = time.monotonic()
-        watch = asyncio.ensure_future(self._watch_peers(asyncio.current_task()))
+        watch = asyncio.ensure_future(self._watch_peers(_this_task()))
         try:
             while (action := self.sequence.next_action()) is not None:
                 rec = self.sequence.send(await self._step(action))
@@ -149,7 +156,7 @@ class Migration:
         except asyncio.CancelledError:
             if not self._watch_cancelled:
                 return seq.CallerCancelled()
-            asyncio.current_task().uncancel()  # ours, from the peer watch: a failure like any
+            _this_task().uncancel()  # ours, from the peer watch: a failure like any
             return seq.PeerGone(self._death or "a QEMU is gone")
         except Exception as exc:
             return seq.Failed(f"{type(exc).__name__}: {exc}")

@@ -128,6 +128,8 @@ async def wait_completed(
     log position >= `after`). A guest its user had paused (`resumes=False`) stays paused on
     the destination: then the destination's own status `completed` is waited for."""
     info = await src.wait_migration_status({"completed"}, timeout)
+    resume: QmpEvent | None
+    stop: QmpEvent | None
     if resumes:
         resume = await dst.wait_event("RESUME", timeout=timeout, after=after)
         stop = src.last_event("STOP")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import asdict, dataclass
+from typing import Any
 
 
 class TrackerState(enum.StrEnum):
@@ -22,7 +23,7 @@ class TrackerEvent:
     action: str
     detail: str = ""
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -37,7 +38,7 @@ class TrackerStats:
     restarts: int = 0
     state: TrackerState = TrackerState.STOPPED
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["state"] = self.state.value
         return d

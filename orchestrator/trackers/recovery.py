@@ -26,7 +26,7 @@ class RecoveryPolicy:
     backoff_max: float = 2.0
 
     def backoff(self, failures: int) -> float:
-        return min(self.backoff_initial * (2**failures), self.backoff_max)
+        return min(self.backoff_initial * (2.0**failures), self.backoff_max)
 
 
 class Step(enum.StrEnum):

@@ -1,8 +1,9 @@
 """The tracker set: drives every tracker, merges into one bitmap, and never loses a bit.
 
-The I/O half of recovery (architecture invariants 4, 6, 7, 8, 10); its decisions are the
+The I/O half of recovery (the architecture's invariants on tracker errors, untracked memory,
+watched calls, content trackers and exit paths); its decisions are the
 sans-IO `Recovery` machine's (`recovery.py`):
-- every blocking call runs in a worker thread under a watchdog (`blocking.watched`); a hung
+- every blocking call runs in a worker thread under a watchdog (`watchdog.watched`); a hung
   call is a failure, and the call it abandoned keeps the tracker busy until it really ends;
   only a `Bounded` tracker's final collect runs on the loop's thread, after every other
   tracker's call has been started, so it overlaps them and costs no handoff in the downtime;
@@ -18,16 +19,17 @@ import errno as _errno
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from orchestrator.dirty.bitmap import DirtyBitmap
 from orchestrator.dirty.memory import MemoryLayout
+from orchestrator.dirty.ranges import IovaRange
 from orchestrator.trackers.base import Bounded, SentAware, StartOutcome, Tracker, mark_ranges
 from orchestrator.trackers.events import TrackerEvent, TrackerState, TrackerStats
 from orchestrator.trackers.recovery import Recovery, RecoveryPolicy, Step, Verdict
 from orchestrator.trackers.watchdog import watched
-from orchestrator.vfio.ranges import IovaRange
 
 
 @dataclass
@@ -92,7 +94,7 @@ class TrackerSet:
             raise
         return self
 
-    async def __aexit__(self, *exc_info) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await asyncio.shield(self.stop())
 
     async def start(self) -> None:
@@ -123,7 +125,7 @@ class TrackerSet:
         return [s.stats for s in self._slots]
 
     # -- one tracker ------------------------------------------------------------------------
-    async def _call(self, slot: _Slot, fn, *args, inline: bool = False):
+    async def _call(self, slot: _Slot, fn: Callable[..., Any], *args: Any, inline: bool = False) -> Any:
         if inline:  # the tasks gathered before this one have started their threads already
             return fn(*args)
         slot.inflight += 1
@@ -146,7 +148,7 @@ class TrackerSet:
             mark_ranges(self.bitmap, slot.covered)
 
     def _failed(self, slot: _Slot, round_: int, kind: str, exc: BaseException, verdict: Verdict) -> None:
-        """Invariant 4: the machine says the log may be corrupted; everything it covers is dirty."""
+        """Any tracker error: the machine says the log may be corrupted; everything it covers is dirty."""
         self._apply(slot, verdict)
         self._emit(slot, round_, kind, exc, f"covered range marked dirty; restart in {_retry_note(verdict)}")
 

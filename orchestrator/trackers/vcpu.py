@@ -12,6 +12,7 @@ neither kind loses a page above 4 GiB, and stores to memory outside the layout a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,7 +92,7 @@ class VcpuTracker:
         self._take(self.log.harvest_final)
         return StartOutcome(self.page_size, layout.ranges())
 
-    def _take(self, harvest) -> np.ndarray:
+    def _take(self, harvest: Callable[[np.ndarray, float], int]) -> np.ndarray:
         self._words.fill(0)
         harvest(self._words, self.drain_timeout)
         return self._words

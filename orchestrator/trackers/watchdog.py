@@ -15,10 +15,10 @@ from collections.abc import Callable
 from typing import Any
 
 
-def run_blocking(fn: Callable[..., Any], *args: Any, name: str = "tracker-call") -> asyncio.Future:
+def run_blocking(fn: Callable[..., Any], *args: Any, name: str = "tracker-call") -> asyncio.Future[Any]:
     """Start `fn(*args)` in a daemon thread; the returned future resolves with its result."""
     loop = asyncio.get_running_loop()
-    fut: asyncio.Future = loop.create_future()
+    fut: asyncio.Future[Any] = loop.create_future()
 
     def settle(ok: bool, value: Any) -> None:
         if fut.done():
@@ -50,7 +50,7 @@ async def watched(
     really ends, even long after a timeout: until then it may still hold the device."""
     fut = run_blocking(fn, *args, name=name)
 
-    def settled(f: asyncio.Future) -> None:
+    def settled(f: asyncio.Future[Any]) -> None:
         if not f.cancelled():
             f.exception()  # a late failure of an abandoned call is expected, not "never retrieved"
         if on_settled is not None:

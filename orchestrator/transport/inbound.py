@@ -34,6 +34,12 @@ class Inbound(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.task: asyncio.Task | None = None
 
+    @property
+    def _transport(self) -> asyncio.Transport:
+        if self.transport is None:
+            raise RuntimeError("Inbound: no connection has been made yet")
+        return self.transport
+
     # --- protocol callbacks ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -46,7 +52,7 @@ class Inbound(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self._end += nbytes
         if self._end == len(self._buf):
-            self.transport.pause_reading()  # full: resumes when a read makes room
+            self._transport.pause_reading()  # full: resumes when a read makes room
             self._paused = True
         if self._end - self._start >= self._want:
             self._data.set()
@@ -82,7 +88,7 @@ class Inbound(asyncio.BufferedProtocol):
         self._start, self._end = 0, unread
         if self._paused:
             self._paused = False
-            self.transport.resume_reading()
+            self._transport.resume_reading()
 
     async def readexactly(self, n: int) -> memoryview:
         if n > len(self._buf):
@@ -93,7 +99,7 @@ class Inbound(asyncio.BufferedProtocol):
             self._start, self._end = 0, unread
             if self._paused:
                 self._paused = False
-                self.transport.resume_reading()
+                self._transport.resume_reading()
         while self._end - self._start < n:
             if self._eof:
                 if self._error is not None:
@@ -107,15 +113,15 @@ class Inbound(asyncio.BufferedProtocol):
         return out
 
     def write(self, data: bytes) -> None:
-        self.transport.write(data)
+        self._transport.write(data)
 
     async def drain(self) -> None:
-        if self.transport.is_closing():
+        if self._transport.is_closing():
             raise ConnectionResetError("connection closed")
         await self._can_write.wait()
 
     def close(self) -> None:
-        self.transport.close()
+        self._transport.close()
 
     def get_extra_info(self, name: str) -> Any:
-        return self.transport.get_extra_info(name)
+        return self._transport.get_extra_info(name)

@@ -157,7 +157,7 @@ def error_frame(reason: str) -> bytes:
     return encode(Kind.ERROR, 0, reason.encode()[:MAX_ERROR_BYTES])
 
 
-def parse_header(head: bytes, accept: Mapping[Kind, int]) -> tuple[Kind, int, int]:
+def parse_header(head: bytes | memoryview, accept: Mapping[Kind, int]) -> tuple[Kind, int, int]:
     """(kind, length, seq) of a header, or `ProtocolError` if this side must not read on."""
     magic, version, kind, length, seq = HEADER.unpack(head)
     if magic != MAGIC:
@@ -231,7 +231,7 @@ class PlannedPages:
 
     def pieces(self) -> list[bytes | memoryview]:
         """The frame as the buffers to write one after another; the page runs are views."""
-        views = [memoryview(self.rows[first : first + n]).cast("B") for first, n in self.runs]
+        views = [self.rows[first : first + n].data.cast("B") for first, n in self.runs]
         return [self.head, *views, self.tail]
 
 

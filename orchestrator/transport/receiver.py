@@ -161,6 +161,8 @@ class Receiver:
 
     async def serve(self, reader: asyncio.StreamReader | Inbound, writer: asyncio.StreamWriter | Inbound) -> None:
         me = asyncio.current_task()
+        if me is None:
+            raise RuntimeError("Receiver.serve must run in a task")
         peer = writer.get_extra_info("peername")
         self._pending[me] = None
         if len(self._pending) > self._max_pending:
@@ -317,7 +319,7 @@ class Receiver:
         self.finished.set()
 
 
-async def _refuse(writer: asyncio.StreamWriter, reason: str) -> None:
+async def _refuse(writer: asyncio.StreamWriter | Inbound, reason: str) -> None:
     try:
         writer.write(error_frame(reason))
         await writer.drain()

@@ -27,6 +27,7 @@ lost its memory, so the migration fails clearly instead.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import secrets
@@ -189,7 +190,9 @@ class _Lane:
 
     def recycle(self, frames: Iterable[EncodedPages | PlannedPages]) -> None:
         """Keep gathered frames' buffers for reuse: no fresh 2 MiB (and its page faults) per frame."""
-        self.buffers += [f.frame.obj for f in frames if isinstance(f, EncodedPages)]
+        self.buffers += [
+            f.frame.obj for f in frames if isinstance(f, EncodedPages) and isinstance(f.frame.obj, bytearray)
+        ]
 
 
 class TcpSink:
@@ -207,7 +210,7 @@ class TcpSink:
         self.page_size = layout.page_size
         self.endpoint, self.options, self.expect = endpoint, options, expect
         self._expect_path = os.fsencode(expect.path) if expect else b""
-        if len(self._expect_path) > MAX_PATH_BYTES:
+        if expect is not None and len(self._expect_path) > MAX_PATH_BYTES:
             raise SinkError(f"destination RAM path {expect.path} is longer than {MAX_PATH_BYTES} bytes")
         self.session = secrets.token_bytes(16)
         self.epoch: bytes | None = None
@@ -266,7 +269,7 @@ class TcpSink:
         client_nonce, expect = secrets.token_bytes(NONCE_BYTES), self._expect_path
         writer.write(encode(Kind.HELLO, 0, HELLO.pack(client_nonce, self.session, lane)))
         try:
-            server_nonce = exact(await read_frame(reader, {Kind.CHALLENGE: NONCE_BYTES}), NONCE_BYTES)
+            server_nonce = bytes(exact(await read_frame(reader, {Kind.CHALLENGE: NONCE_BYTES}), NONCE_BYTES))
             proof = client_proof(self._token, server_nonce, client_nonce, self.session, lane, expect)
             writer.write(encode(Kind.AUTH, 0, proof + expect))
             welcome = bytes(
@@ -379,10 +382,13 @@ class TcpSink:
         self.pages_sent += n
         if on_sent is None:
             return
-        guest, is_data = sent.batch.guest, sent.pages.is_data
-        on_sent(guest[is_data], sent.pages.data)
+        pages = sent.pages
+        if not isinstance(pages, EncodedPages):  # `_frame` copies whenever there is an `on_sent`
+            raise TypeError("pages reported to on_sent were sent without a copy")
+        guest, is_data = sent.batch.guest, pages.is_data
+        on_sent(guest[is_data], pages.data)
         if not is_data.all():
-            on_sent(guest[~is_data], np.zeros((n - len(sent.pages.data), self.page_size), np.uint8))
+            on_sent(guest[~is_data], np.zeros((n - len(pages.data), self.page_size), np.uint8))
 
     async def _stream(self, batches: Iterator[_Batch], on_sent: OnSent | None) -> int:
         """Send every batch over all lanes; returns the pages delivered."""
@@ -390,7 +396,7 @@ class TcpSink:
         try:
             await _first_error(
                 [
-                    self._on_lane(lane, lambda conn, lane=lane: self._pump(lane, conn, batches, on_sent))
+                    self._on_lane(lane, functools.partial(self._pump, lane, batches=batches, on_sent=on_sent))
                     for lane in self._lanes
                 ]
             )
@@ -515,5 +521,5 @@ async def _first_error(coros: list[Awaitable[object]]) -> None:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     for t in done:
-        if t.exception() is not None:
-            raise t.exception()
+        if (exc := t.exception()) is not None:
+            raise exc

@@ -3,7 +3,7 @@
 `from orchestrator import uapi` gives every name under its kernel spelling.
 """
 
-from orchestrator.uapi.ioctl import _IO  # noqa: F401
+from orchestrator.uapi.ioctl import _IO as _IO
 from orchestrator.uapi.iommufd import *  # noqa: F403
 from orchestrator.uapi.vfio import *  # noqa: F403
-from orchestrator.uapi.vfio import _Le  # noqa: F401
+from orchestrator.uapi.vfio import _Le as _Le

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+from typing import Self
 
 from orchestrator.uapi.ioctl import _IO
 
@@ -84,7 +85,15 @@ class vfio_device_mig_state(enum.IntEnum):
     VFIO_DEVICE_STATE_PRE_COPY_P2P = 7
 
 
-globals().update(vfio_device_mig_state.__members__)
+# The enum's members under their kernel spelling, as module-level names too.
+VFIO_DEVICE_STATE_ERROR = vfio_device_mig_state.VFIO_DEVICE_STATE_ERROR
+VFIO_DEVICE_STATE_STOP = vfio_device_mig_state.VFIO_DEVICE_STATE_STOP
+VFIO_DEVICE_STATE_RUNNING = vfio_device_mig_state.VFIO_DEVICE_STATE_RUNNING
+VFIO_DEVICE_STATE_STOP_COPY = vfio_device_mig_state.VFIO_DEVICE_STATE_STOP_COPY
+VFIO_DEVICE_STATE_RESUMING = vfio_device_mig_state.VFIO_DEVICE_STATE_RESUMING
+VFIO_DEVICE_STATE_RUNNING_P2P = vfio_device_mig_state.VFIO_DEVICE_STATE_RUNNING_P2P
+VFIO_DEVICE_STATE_PRE_COPY = vfio_device_mig_state.VFIO_DEVICE_STATE_PRE_COPY
+VFIO_DEVICE_STATE_PRE_COPY_P2P = vfio_device_mig_state.VFIO_DEVICE_STATE_PRE_COPY_P2P
 VFIO_DEVICE_STATE_NR = 8
 
 # type1 VFIO_IOMMU_DIRTY_PAGES flags (container fd)
@@ -105,7 +114,7 @@ class _Le(ctypes.LittleEndianStructure):
         return bytes(self)
 
     @classmethod
-    def unpack(cls, raw: bytes | bytearray | memoryview, offset: int = 0):
+    def unpack(cls, raw: bytes | bytearray | memoryview, offset: int = 0) -> Self:
         return cls.from_buffer_copy(bytes(raw[offset : offset + ctypes.sizeof(cls)]))
 
 

@@ -1,5 +1,6 @@
 """Typed client of the VFIO / IOMMUFD uAPI over a byte-level syscall seam."""
 
+from orchestrator.dirty.ranges import IovaRange
 from orchestrator.vfio.device import State, VfioDevice
 from orchestrator.vfio.errors import (
     AlreadyExists,
@@ -13,7 +14,7 @@ from orchestrator.vfio.errors import (
     VfioUsageError,
 )
 from orchestrator.vfio.iommufd import IommufdHwpt
-from orchestrator.vfio.ranges import IovaRange, StartPlan, combine_smallest_gap, normalize, start_ladder
+from orchestrator.vfio.ranges import StartPlan, combine_smallest_gap, normalize, start_ladder
 from orchestrator.vfio.syscalls import RealSyscalls, Syscalls
 
 __all__ = [

@@ -11,17 +11,22 @@ import ctypes
 import errno
 import itertools
 import mmap
+from collections.abc import Iterable
+from typing import TypeVar
 
 import numpy as np
 
 from orchestrator import uapi as U
 from orchestrator.dirty.bits import report_span
+from orchestrator.dirty.ranges import IovaRange
 from orchestrator.vfio.errors import VfioError, VfioUsageError, from_oserror
-from orchestrator.vfio.ranges import U64_LIMIT, IovaRange, as_ranges, is_pow2
+from orchestrator.vfio.ranges import U64_LIMIT, as_ranges, is_pow2
 from orchestrator.vfio.syscalls import Syscalls
 
 State = U.vfio_device_mig_state
 MIN_REPORT_PAGE = 4096
+
+_S = TypeVar("_S", bound=U._Le)
 
 
 def check_page_size(page_size: int, what: str) -> None:
@@ -75,7 +80,7 @@ class VfioDevice:
             raise from_oserror(op, exc, self.name) from None
         return buf
 
-    def _get(self, feature: int, struct_type: type[U._Le], op: str):
+    def _get(self, feature: int, struct_type: type[_S], op: str) -> _S:
         buf = self._feature(op, U.VFIO_DEVICE_FEATURE_GET | feature, bytes(ctypes.sizeof(struct_type)))
         return struct_type.unpack(buf, 8)
 
@@ -95,7 +100,7 @@ class VfioDevice:
             raise
         return True
 
-    def start_dma_logging(self, ranges, page_size: int) -> int:
+    def start_dma_logging(self, ranges: Iterable[IovaRange | tuple[int, int]], page_size: int) -> int:
         """Start logging over exactly these ranges; returns the page size the driver granted."""
         what = f"{self.name}: DMA_LOGGING_START"
         check_page_size(page_size, what)
@@ -122,7 +127,7 @@ class VfioDevice:
             U.VFIO_DEVICE_FEATURE_SET | U.VFIO_DEVICE_FEATURE_DMA_LOGGING_START,
             control.pack(),
         )
-        return U.vfio_device_feature_dma_logging_control.unpack(buf, 8).page_size
+        return int(U.vfio_device_feature_dma_logging_control.unpack(buf, 8).page_size)
 
     def stop_dma_logging(self) -> None:
         self._feature("DMA_LOGGING_STOP", U.VFIO_DEVICE_FEATURE_SET | U.VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP)
@@ -146,7 +151,7 @@ class VfioDevice:
 
     # -- migration v2 -----------------------------------------------------------------------
     def migration_flags(self) -> int:
-        return self._get(U.VFIO_DEVICE_FEATURE_MIGRATION, U.vfio_device_feature_migration, "MIGRATION").flags
+        return int(self._get(U.VFIO_DEVICE_FEATURE_MIGRATION, U.vfio_device_feature_migration, "MIGRATION").flags)
 
     def get_state(self) -> State:
         st = self._get(U.VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE, U.vfio_device_feature_mig_state, "MIG_DEVICE_STATE get")
@@ -176,9 +181,8 @@ class VfioDevice:
         return None if fd < 0 else fd
 
     def stop_copy_size(self) -> int:
-        return self._get(
-            U.VFIO_DEVICE_FEATURE_MIG_DATA_SIZE, U.vfio_device_feature_mig_data_size, "MIG_DATA_SIZE"
-        ).stop_copy_length
+        size = self._get(U.VFIO_DEVICE_FEATURE_MIG_DATA_SIZE, U.vfio_device_feature_mig_data_size, "MIG_DATA_SIZE")
+        return int(size.stop_copy_length)
 
     def precopy_info(self, data_fd: int) -> tuple[int, int]:
         """(initial_bytes, dirty_bytes) of the PRE_COPY session on `data_fd`."""

@@ -33,7 +33,7 @@ class IommufdHwpt:
         self.name = name or f"hwpt{hwpt_id}"
         self.iova_alignment = iova_alignment
 
-    def _ioctl(self, op: str, request: int, struct) -> bytearray:
+    def _ioctl(self, op: str, request: int, struct: U._Le) -> bytearray:
         buf = bytearray(struct.pack())
         try:
             self.sys.ioctl(self.iommufd, request, buf)

@@ -28,7 +28,7 @@ class RealSyscalls:
     """The host kernel."""
 
     def ioctl(self, fd: int, request: int, arg: bytearray) -> int:
-        return fcntl.ioctl(fd, request, arg, True)
+        return int(fcntl.ioctl(fd, request, arg, True))
 
     def read(self, fd: int, n: int) -> bytes:
         return os.read(fd, n)

@@ -38,7 +38,7 @@ _HELD = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
 
 def ptrace(request: int, tid: int, addr: int = 0, data: int = 0) -> int:
     ctypes.set_errno(0)
-    r = _libc.ptrace(request, tid, addr, data)
+    r: int = _libc.ptrace(request, tid, addr, data)  # restype c_long
     if r == -1 and (err := ctypes.get_errno()):
         raise OSError(err, f"ptrace({request:#x}, {tid}): {os.strerror(err)}")
     return r
@@ -46,7 +46,7 @@ def ptrace(request: int, tid: int, addr: int = 0, data: int = 0) -> int:
 
 def syscall(nr: int, *args: int) -> int:
     """A raw system call in this process; OSError on failure."""
-    r = _libc.syscall(ctypes.c_long(nr), *(ctypes.c_long(a) for a in args))
+    r: int = _libc.syscall(ctypes.c_long(nr), *(ctypes.c_long(a) for a in args))  # restype c_long
     if r == -1:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
@@ -136,7 +136,7 @@ class Injector:
             with open(f"/proc/{self.pid}/mem", "rb", buffering=0) as mem:
                 try:
                     if os.pread(mem.fileno(), 2, self.saved.rip - 2) == P.SYSCALL_INSN:
-                        return self.saved.rip - 2
+                        return int(self.saved.rip) - 2
                 except OSError:
                     pass
         return find_syscall_insn(self.pid)
@@ -215,8 +215,8 @@ def _signals_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
-        for sig in arrived:
-            signal.raise_signal(sig)
+        for n in arrived:
+            signal.raise_signal(n)
 
 
 @contextmanager

@@ -156,7 +156,7 @@ def kernel_features() -> int:
     try:
         pm = open("/proc/self/pagemap", "rb", buffering=0)  # noqa: SIM115 - the `with` below closes it
     except PermissionError:  # a process that dropped privileges; the target's pagemap tells
-        return api.features
+        return int(api.features)
     with pm:
         arg = U.pm_scan_arg(size=ctypes.sizeof(U.pm_scan_arg), start=0, end=0)
         try:
@@ -165,7 +165,7 @@ def kernel_features() -> int:
             raise WriteWatchRefused(
                 Refusal.KERNEL, f"this kernel has no PAGEMAP_SCAN ({exc.strerror}; Linux >= 6.7 has it)"
             ) from None
-    return api.features
+    return int(api.features)
 
 
 def _lowest_free_fd(pid: int) -> int:

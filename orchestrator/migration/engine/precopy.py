@@ -7,6 +7,7 @@ it what to do next; the engine never touches memory, sockets or clocks.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from orchestrator.migration.engine.policy import DowntimePolicy, Observation, Policy, Verdict
 
@@ -21,7 +22,7 @@ class RoundRecord:
     bandwidth_bps: float
     expected_downtime_ms: float
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
