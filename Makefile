@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast demo demo-linux bench deps clean qemu-10
+.PHONY: test test-fast lint demo demo-linux bench deps clean qemu-10
 
 # QEMU 10.0 from bookworm-backports, unpacked beside the system's 7.2 (never over it).
 QEMU10 := build/qemu-10.0/qemu-system-x86_64
@@ -23,12 +23,21 @@ $(QEMU10): tools/fetch-qemu-10.sh
 
 qemu-10: $(QEMU10)
 
-# Everything against the system's QEMU, then the real-QEMU (slow) tests again against 10.0,
-# then the real-kernel lab (fixtures/realkernel/realkernel.mk) in its nested Linux.
-test: deps fixtures $(QEMU10) realkernel-lab
+# Lint, format and types first; then everything against the system's QEMU, the real-QEMU
+# (slow) tests again against 10.0, and the real-kernel lab (fixtures/realkernel/realkernel.mk)
+# in its nested Linux.
+test: lint deps fixtures $(QEMU10) realkernel-lab
 	$(PY) -m pytest -q
 	ORCHESTRATOR_QEMU=$(abspath $(QEMU10)) $(PY) -m pytest -q -m slow
 	$(MAKE) --no-print-directory realkernel
+
+LINTED := orchestrator tests bench tools examples fixtures
+
+lint: deps
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/mypy
+	$(PY) tools/import_graph.py --check
 
 test-fast: deps fixtures
 	$(PY) -m pytest -q -m "not slow"
