@@ -44,8 +44,8 @@ def summary(rep: MigrationReport, out: TextIO = sys.stdout) -> None:
     print(f"sent:       {rep.pages_sent} pages ({_mib(rep.bytes_sent)})", file=out)
     for t in rep.trackers:
         print(
-            f"tracker:    {t['name']} ({t['kind']}, {t['page_size']} B pages): reports {t['reports']}, "
-            f"errors {t['errors']}, fallbacks {t['fallbacks']}, restarts {t['restarts']}, {t['state']}",
+            f"tracker:    {t.name} ({t.kind}, {t.page_size} B pages): reports {t.reports}, "
+            f"errors {t.errors}, fallbacks {t.fallbacks}, restarts {t.restarts}, {t.state}",
             file=out,
         )
     if rep.mismatched_pages:

@@ -45,9 +45,6 @@ class DeviceReport:
     stop_copy_bytes: int = 0
     state: str = "RUNNING"
 
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
 
 @dataclass
 class DeviceMigration:

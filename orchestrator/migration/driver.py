@@ -12,13 +12,15 @@ actions the machine marks uncancellable (the handover, an abort) run to their en
 from __future__ import annotations
 
 import asyncio
+import enum
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
 
 from orchestrator.dirty.bitmap import DirtyBitmap
 from orchestrator.dirty.memory import MemoryLayout
-from orchestrator.migration.devices import DeviceMigration, each_device
+from orchestrator.migration.devices import DeviceMigration, DeviceReport, each_device
 from orchestrator.migration.engine import (
     DowntimePolicy,
     GuestHome,
@@ -33,8 +35,12 @@ from orchestrator.migration.engine import sequence as seq
 from orchestrator.qemu import choreography
 from orchestrator.qemu.errors import QemuError
 from orchestrator.qemu.peer import QmpPeer
-from orchestrator.trackers import RecoveryPolicy, Tracker, TrackerEvent, TrackerSet
+from orchestrator.trackers import RecoveryPolicy, Tracker, TrackerEvent, TrackerSet, TrackerStats
 from orchestrator.transport import PageSink
+
+
+def _plain(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    return {k: v.value if isinstance(v, enum.Enum) else v for k, v in items}
 
 
 def _gone(session: QmpPeer) -> bool:
@@ -76,17 +82,18 @@ class MigrationReport:
     decision: str = ""
     pages_sent: int = 0
     bytes_sent: int = 0
-    rounds: list[dict] = field(default_factory=list)
-    trackers: list[dict] = field(default_factory=list)
-    events: list[dict] = field(default_factory=list)
+    rounds: list[RoundRecord] = field(default_factory=list)
+    trackers: list[TrackerStats] = field(default_factory=list)  # each tracker's counters at the end
+    events: list[TrackerEvent] = field(default_factory=list)
     mismatched_pages: list[int] | None = None
-    devices: list[dict] = field(default_factory=list)
+    devices: list[DeviceReport] = field(default_factory=list)
     error: str | None = None
     #: Set when the caller cancelled (a signal, for the CLI): the phase it arrived in.
     interrupted: str | None = None
 
-    def as_dict(self) -> dict:
-        return {**asdict(self), "status": self.status.value, "guest": self.guest.value}
+    def as_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data: records as objects, enums as their values."""
+        return asdict(self, dict_factory=_plain)
 
     @property
     def ok(self) -> bool:
@@ -324,9 +331,9 @@ class Migration:
         for f in fields(Outcome):
             setattr(rep, f.name, getattr(self.sequence.outcome, f.name))
         rep.total_ms = self._elapsed() * 1e3
-        rep.rounds = [r.as_dict() for r in self.engine.rounds]
+        rep.rounds = list(self.engine.rounds)
         rep.pages_sent = sum(r.sent_pages for r in self.engine.rounds)
         rep.bytes_sent = sum(r.sent_bytes for r in self.engine.rounds)
-        rep.trackers = [s.as_dict() for s in self.trackers.stats()]
-        rep.events = [e.as_dict() for e in self.trackers.events]
-        rep.devices = [d.report.as_dict() for d in self.devices]
+        rep.trackers = [replace(s) for s in self.trackers.stats()]  # copies: the live ones keep counting
+        rep.events = list(self.trackers.events)
+        rep.devices = [replace(d.report) for d in self.devices]

@@ -2,7 +2,7 @@
 
 from orchestrator.trackers.base import SentAware, StartAttempt, StartOutcome, Tracker
 from orchestrator.trackers.content import ContentTracker, content_trackers
-from orchestrator.trackers.events import TrackerEvent, TrackerState, TrackerStats
+from orchestrator.trackers.events import EventKind, TrackerEvent, TrackerState, TrackerStats
 from orchestrator.trackers.iommufd_hwpt import IommufdHwptTracker
 from orchestrator.trackers.qemu_writes import QemuWrites, qemu_write_trackers
 from orchestrator.trackers.recovery import Recovery, RecoveryPolicy, Step, Verdict
@@ -13,6 +13,7 @@ from orchestrator.trackers.writewatch import WriteWatchTracker
 
 __all__ = [
     "ContentTracker",
+    "EventKind",
     "IommufdHwptTracker",
     "QemuWrites",
     "Recovery",

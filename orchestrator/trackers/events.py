@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 
 class TrackerState(enum.StrEnum):
@@ -14,17 +13,29 @@ class TrackerState(enum.StrEnum):
     STOPPED = "stopped"
 
 
+class EventKind(enum.StrEnum):
+    """What happened to a tracker; the set emits one event per happening."""
+
+    START = "start"
+    START_FALLBACK = "start-fallback"  # one step of START's fallback ladder was refused
+    START_ERROR = "start-error"
+    REPORT_ERROR = "report-error"
+    TIMEOUT = "timeout"  # a call outlived the watchdog
+    RESTART = "restart"
+    RESTART_FAILED = "restart-failed"
+    PERMA_DIRTY = "perma-dirty"
+    STOP = "stop"
+    STOP_ERROR = "stop-error"
+
+
 @dataclass(frozen=True)
 class TrackerEvent:
     tracker: str
-    round: int
-    kind: str  # start, start-fallback, report-error, timeout, restart, restart-failed, perma-dirty, stop, stop-error
+    round: int  # -1: at exit
+    kind: EventKind
     errno: int | None
     action: str
     detail: str = ""
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -37,8 +48,3 @@ class TrackerStats:
     fallbacks: int = 0
     restarts: int = 0
     state: TrackerState = TrackerState.STOPPED
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["state"] = self.state.value
-        return d

@@ -27,7 +27,7 @@ from orchestrator.dirty.bitmap import DirtyBitmap
 from orchestrator.dirty.memory import MemoryLayout
 from orchestrator.dirty.ranges import IovaRange
 from orchestrator.trackers.base import Bounded, SentAware, StartOutcome, Tracker, mark_ranges
-from orchestrator.trackers.events import TrackerEvent, TrackerState, TrackerStats
+from orchestrator.trackers.events import EventKind, TrackerEvent, TrackerState, TrackerStats
 from orchestrator.trackers.recovery import Recovery, RecoveryPolicy, Step, Verdict
 from orchestrator.trackers.watchdog import watched
 
@@ -136,7 +136,7 @@ class TrackerSet:
         name = f"{slot.tracker.name}:{fn.__name__}"
         return await watched(fn, *args, timeout=self.policy.timeout, name=name, on_settled=settled)
 
-    def _emit(self, slot: _Slot, round_: int, kind: str, exc: BaseException | None, action: str) -> None:
+    def _emit(self, slot: _Slot, round_: int, kind: EventKind, exc: BaseException | None, action: str) -> None:
         detail = "" if exc is None else (str(exc) or type(exc).__name__)
         ev = TrackerEvent(slot.tracker.name, round_, kind, _errno_of(exc), action, detail)
         self.events.append(ev)
@@ -147,7 +147,7 @@ class TrackerSet:
         if verdict.mark:
             mark_ranges(self.bitmap, slot.covered)
 
-    def _failed(self, slot: _Slot, round_: int, kind: str, exc: BaseException, verdict: Verdict) -> None:
+    def _failed(self, slot: _Slot, round_: int, kind: EventKind, exc: BaseException, verdict: Verdict) -> None:
         """Any tracker error: the machine says the log may be corrupted; everything it covers is dirty."""
         self._apply(slot, verdict)
         self._emit(slot, round_, kind, exc, f"covered range marked dirty; restart in {_retry_note(verdict)}")
@@ -157,16 +157,18 @@ class TrackerSet:
         for a in outcome.attempts:
             if a.errno is not None:
                 err = OSError(a.errno, _errno.errorcode.get(a.errno, str(a.errno)))
-                self._emit(slot, round_, "start-fallback", err, f"{a.step} ({a.ranges} ranges) refused")
+                self._emit(slot, round_, EventKind.START_FALLBACK, err, f"{a.step} ({a.ranges} ranges) refused")
         if not outcome.tracked:
-            self._emit(slot, round_, "perma-dirty", None, "nothing can be logged: covered range dirty every round")
+            self._emit(
+                slot, round_, EventKind.PERMA_DIRTY, None, "nothing can be logged: covered range dirty every round"
+            )
             return
         untracked = sum(r.length for r in outcome.untracked)
         note = f"; {untracked} reachable bytes untracked, dirty every round" if untracked else ""
         self._emit(
             slot,
             round_,
-            "start",
+            EventKind.START,
             None,
             f"tracking {len(outcome.tracked)} ranges at {outcome.page_size} B pages{note}",
         )
@@ -176,7 +178,7 @@ class TrackerSet:
         try:
             outcome = await self._call(slot, slot.tracker.start, self.layout)
         except (Exception, TimeoutError) as exc:
-            self._failed(slot, 0, "start-error", exc, slot.recovery.start_failed(self._clock()))
+            self._failed(slot, 0, EventKind.START_ERROR, exc, slot.recovery.start_failed(self._clock()))
             return
         self._apply(slot, slot.recovery.started(bool(outcome.tracked)))
         self._started(slot, 0, outcome)
@@ -188,9 +190,9 @@ class TrackerSet:
             try:
                 await self._call(slot, fn or slot.tracker.collect, self.bitmap, inline=inline)
             except TimeoutError as exc:
-                self._failed(slot, round_, "timeout", exc, slot.recovery.collect_failed(self._clock()))
+                self._failed(slot, round_, EventKind.TIMEOUT, exc, slot.recovery.collect_failed(self._clock()))
             except Exception as exc:
-                self._failed(slot, round_, "report-error", exc, slot.recovery.collect_failed(self._clock()))
+                self._failed(slot, round_, EventKind.REPORT_ERROR, exc, slot.recovery.collect_failed(self._clock()))
             else:
                 slot.recovery.collected()
         elif step is Step.RESTART:
@@ -202,20 +204,22 @@ class TrackerSet:
         try:
             await self._call(slot, slot.tracker.stop)
         except (Exception, TimeoutError) as exc:
-            self._emit(slot, round_, "stop-error", exc, "ignored; restarting anyway")
+            self._emit(slot, round_, EventKind.STOP_ERROR, exc, "ignored; restarting anyway")
         try:
             outcome = await self._call(slot, slot.tracker.start, self.layout)
         except (Exception, TimeoutError) as exc:
             verdict = slot.recovery.restart_failed(self._clock())
             self._apply(slot, verdict)
             if verdict.state is TrackerState.PERMA_DIRTY:
-                self._emit(slot, round_, "perma-dirty", exc, f"gave up after {slot.recovery.failures} failed restarts")
+                self._emit(
+                    slot, round_, EventKind.PERMA_DIRTY, exc, f"gave up after {slot.recovery.failures} failed restarts"
+                )
             else:
-                self._emit(slot, round_, "restart-failed", exc, f"next attempt in {_retry_note(verdict)}")
+                self._emit(slot, round_, EventKind.RESTART_FAILED, exc, f"next attempt in {_retry_note(verdict)}")
             return
         # A successful START logs from now on; the machine's mark covers everything before it.
         self._apply(slot, slot.recovery.restarted(bool(outcome.tracked)))
-        self._emit(slot, round_, "restart", None, "STOP+START succeeded")
+        self._emit(slot, round_, EventKind.RESTART, None, "STOP+START succeeded")
         self._started(slot, round_, outcome)
 
     async def _stop_one(self, slot: _Slot) -> None:
@@ -225,7 +229,7 @@ class TrackerSet:
         try:
             await self._call(slot, slot.tracker.stop)
         except (Exception, TimeoutError) as exc:
-            self._emit(slot, -1, "stop-error", exc, "tracker may still be logging")
+            self._emit(slot, -1, EventKind.STOP_ERROR, exc, "tracker may still be logging")
         else:
-            self._emit(slot, -1, "stop", None, "stopped")
+            self._emit(slot, -1, EventKind.STOP, None, "stopped")
         slot.recovery.stopped()

@@ -56,7 +56,7 @@ async def test_a_migration_runs_its_steps_in_order(make_rig: MakeRig) -> None:
     assert key_steps(rig) == STEPS
     assert rep.verified is True and rep.mismatched_pages == [] and rep.downtime_ms > 0
     assert len(rep.rounds) == 4 and rig.written and (rig.sink.dst == rig.sink.src).all()
-    assert rig.device.dst.device_data == rig.device.src.device_data and rep.devices[0]["state"] == "MIGRATED"
+    assert rig.device.dst.device_data == rig.device.src.device_data and rep.devices[0].state == "MIGRATED"
     assert rig.src.capabilities == {**dict.fromkeys(CAPABILITIES, True), "postcopy-ram": False}
     await rig.check_guest_home(rep)
 
@@ -169,7 +169,7 @@ async def test_a_failing_tracker_degrades_and_the_copy_stays_exact(make_rig: Mak
     rig = make_rig(collect=["ok", errno.EIO])
     rep = await rig.migration().run()
     assert rep.status == "completed" and rep.verified is True, rep.error
-    assert rep.trackers[0]["errors"] == 1 and rep.trackers[0]["restarts"] == 1
+    assert rep.trackers[0].errors == 1 and rep.trackers[0].restarts == 1
     await rig.check_guest_home(rep)
 
 

@@ -57,7 +57,7 @@ async def test_a_working_set_above_4g_migrates_bit_exact_under_the_vcpu_plugin()
             assert rep.status == "completed", rep.error
             assert rep.verified is True and rep.mismatched_pages == []
             # Rounds after the first found the guest's stores above 4 GiB, not only what round 0 copied.
-            assert sum(r["sent_pages"] for r in rep.rounds[1:]) > 1000, rep.rounds
+            assert sum(r.sent_pages for r in rep.rounds[1:]) > 1000, rep.rounds
             assert log.unresolved == 0
 
             await dst.qmp.execute("stop")

@@ -49,7 +49,7 @@ async def migrate(devices=("mlx5", "pds"), faults=(), tracking=True, workload="l
 
 
 def trackers(rep):
-    return {t["name"]: t for t in rep.trackers}
+    return {t.name: t for t in rep.trackers}
 
 
 async def test_devices_dma_during_precopy_bit_exact_and_state_migrated():
@@ -59,11 +59,11 @@ async def test_devices_dma_during_precopy_bit_exact_and_state_migrated():
     for name, c in checks.items():
         assert c["state_migrated"], f"{name}: destination resumed from the source's final state"
         assert c["destination_mismatched_pages"] == 0, f"{name}: its DMA went on consistently"
-    mlx5 = next(d for d in rep.devices if d["name"] == "mlx5-0")
-    assert mlx5["precopy_bytes"] > 0 and mlx5["stop_copy_bytes"] > 0 and mlx5["state"] == "MIGRATED"
-    pds = next(d for d in rep.devices if d["name"] == "pds-1")
-    assert pds["precopy_bytes"] == 0, "pds offers no PRE_COPY: everything moves at stop-copy"
-    assert all(t["reports"] >= 2 and t["errors"] == 0 for t in rep.trackers)
+    mlx5 = next(d for d in rep.devices if d.name == "mlx5-0")
+    assert mlx5.precopy_bytes > 0 and mlx5.stop_copy_bytes > 0 and mlx5.state == "MIGRATED"
+    pds = next(d for d in rep.devices if d.name == "pds-1")
+    assert pds.precopy_bytes == 0, "pds offers no PRE_COPY: everything moves at stop-copy"
+    assert all(t.reports >= 2 and t.errors == 0 for t in rep.trackers)
 
 
 async def test_negative_control_untracked_devices_corrupt_the_destination():
@@ -121,13 +121,13 @@ async def test_faults_mid_migration_still_bit_exact(fault, device, expect):
     assert rep.status == "completed" and rep.verified is True, rep.error
     assert all(c["state_migrated"] and not c["destination_mismatched_pages"] for c in checks.values())
     t = trackers(rep)[device]
-    assert t["errors"] >= 1 and t["fallbacks"] >= 1, t
+    assert t.errors >= 1 and t.fallbacks >= 1, t
     for key, value in expect.items():
         if key == "errors":
             assert t[key] >= value, t
         else:
             assert t[key] == value, t
-    kinds = {e["kind"] for e in rep.events if e["tracker"] == device}
+    kinds = {e.kind for e in rep.events if e.tracker == device}
     assert kinds & {"report-error", "timeout", "start-fallback", "start-error"}, kinds
 
 
@@ -145,7 +145,7 @@ async def test_unmigratable_device_fails_safely_with_everything_running(fault, w
     assert rep.status == "failed" and why in rep.error, rep.error
     assert extra["source_running"], "the source VM runs"
     assert extra["dma_goes_on"], "its devices keep DMA-ing"
-    assert all(t["state"] == "stopped" for t in rep.trackers)
+    assert all(t.state == "stopped" for t in rep.trackers)
     assert extra["device_states"] == [State.VFIO_DEVICE_STATE_RUNNING] * 2, "every device back to RUNNING"
 
 
@@ -158,6 +158,6 @@ async def test_mixed_models_in_one_migration():
     assert t["mlx5-1r2m-0"]["page_size"] == 2 << 20
     assert t["nolog-2"]["state"] == "stopped"
     assert t["nolog-2"]["fallbacks"] == len(rep.rounds), "perma-dirty in every collect, the final one included"
-    assert any(e["tracker"] == "nolog-2" and e["kind"] == "perma-dirty" for e in rep.events)
-    assert rep.rounds[-1]["dirty_pages"] >= 256, "the 1 MiB window is sent again at switchover"
+    assert any(e.tracker == "nolog-2" and e.kind == "perma-dirty" for e in rep.events)
+    assert rep.rounds[-1].dirty_pages >= 256, "the 1 MiB window is sent again at switchover"
     assert all(c["state_migrated"] and not c["destination_mismatched_pages"] for c in checks.values())

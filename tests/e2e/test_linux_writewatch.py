@@ -57,7 +57,7 @@ async def run(kind: QemuWrites, log: VcpuDirtyLog | None = None):
 async def test_linux_guest_is_bit_exact_with_write_watch():
     rep = await run(QemuWrites.WRITEWATCH)
     assert rep.status == "completed" and rep.verified is True, rep.error
-    assert rep.trackers[0]["kind"] == "write-watch" and rep.trackers[0]["errors"] == 0
+    assert rep.trackers[0].kind == "write-watch" and rep.trackers[0].errors == 0
 
 
 async def test_vcpu_plugin_alone_misses_the_disk_reads():

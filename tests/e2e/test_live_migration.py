@@ -53,8 +53,8 @@ async def test_bit_exact_and_guest_runs_on(workload):
         assert rep.status == "completed", rep.error
         assert rep.verified is True and rep.mismatched_pages == []
         assert rep.downtime_ms is not None and rep.downtime_ms > 0
-        assert rep.rounds and rep.rounds[0]["round"] == 0
-        assert rep.trackers[0]["state"] == "stopped" and rep.trackers[0]["errors"] == 0
+        assert rep.rounds and rep.rounds[0].round == 0
+        assert rep.trackers[0].state == "stopped" and rep.trackers[0].errors == 0
         # the guest keeps running on the destination: serial progress and memory advance
         dst_status = await pair.dst.qmp.execute("query-status")
         assert dst_status["status"] == "running"
@@ -96,7 +96,7 @@ async def test_non_convergence_cancel_leaves_source_running():
         assert rep.status == "cancelled" and "round cap 3" in rep.decision
         assert len(rep.rounds) == 3  # the cap counts every precopy round, round 0 included
         assert (await pair.src.qmp.query_migrate()).get("status") in (None, "none")
-        assert rep.trackers[0]["state"] == "stopped"
+        assert rep.trackers[0].state == "stopped"
         await assert_source_alive(pair)
 
 
@@ -140,7 +140,7 @@ async def test_a_qemu_killed_during_precopy(victim, at_round):
         opts = MigrationOptions(downtime_limit_ms=0.01, max_rounds=at_round + 3, on_limit="force", qmp_timeout_s=15)
         rep = await pair.migration(opts, on_round=kill).run()
         assert rep.status == "failed" and rep.error
-        assert rep.trackers[0]["state"] == "stopped"
+        assert rep.trackers[0].state == "stopped"
         if victim == "dst":
             await assert_source_alive(pair)
         else:

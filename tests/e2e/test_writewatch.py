@@ -34,8 +34,8 @@ async def test_every_workload_is_bit_exact_with_write_watch(workload):
     async with guest_pair(workload, MEM, QemuWrites.WRITEWATCH) as pair:
         rep = await pair.migration(MigrationOptions(verify=True)).run()
         assert rep.status == "completed" and rep.verified is True, rep.error
-        ww = next(t for t in rep.trackers if t["kind"] == "write-watch")
-        assert ww["errors"] == 0 and ww["fallbacks"] == 0 and ww["state"] == "stopped"
+        ww = next(t for t in rep.trackers if t.kind == "write-watch")
+        assert ww.errors == 0 and ww.fallbacks == 0 and ww.state == "stopped"
         n = len(parse_progress(pair.dst.read_serial()))
         await wait_progress(pair.dst, n + 1, 30)
         assert "\nE " not in pair.dst.read_serial()
@@ -93,7 +93,7 @@ async def test_qemus_own_sandbox_is_vouched_for():
         with qemu_write_trackers(QemuWrites.WRITEWATCH, ep.layout, pid) as trackers:
             rep = await migrate(src, dst, ep, trackers)
         assert rep.status == "completed" and rep.verified is True, rep.error
-        assert rep.trackers[0]["kind"] == "write-watch"
+        assert rep.trackers[0].kind == "write-watch"
 
 
 async def test_a_foreign_filter_that_kills_userfaultfd_is_refused(tmp_path):
@@ -117,7 +117,7 @@ async def test_a_foreign_filter_that_kills_userfaultfd_is_refused(tmp_path):
             rep = await migrate(src, dst, ep, trackers)
         assert notices and "falling back to content hashing" in notices[0]
         assert rep.status == "completed" and rep.verified is True, rep.error
-        assert rep.trackers[0]["kind"] == "content-hash"
+        assert rep.trackers[0].kind == "content-hash"
 
 
 async def test_a_source_killed_mid_migration_fails_the_migration_cleanly():
@@ -141,7 +141,7 @@ async def test_a_source_killed_mid_migration_fails_the_migration_cleanly():
             )
             rep = await asyncio.wait_for(mig.run(), 120)
         assert rep.status == "failed" and rep.error
-        assert rep.trackers[0]["kind"] == "write-watch" and rep.trackers[0]["state"] == "stopped"
+        assert rep.trackers[0].kind == "write-watch" and rep.trackers[0].state == "stopped"
 
 
 @pytest.fixture(scope="module")

@@ -105,7 +105,7 @@ class Rig:
         nowhere; trackers stopped; a source that keeps the guest has its capabilities and its
         device as before. Then, once the QEMUs have done what they still do on their own (a
         destination loading, exiting), the guest runs on one side at most."""
-        assert rep.trackers[0]["state"] == "stopped"
+        assert rep.trackers[0].state == "stopped"
         if rep.guest is GuestHome.SOURCE:
             assert not self.src.lost and self.src.running is self.was_running, self.host.journal
             restored = self.src.capabilities == dict.fromkeys(self.src.capabilities, False)

@@ -3,14 +3,16 @@ restarts with back-off, perma-dirty, watchdog, and stop on every exit path."""
 
 import asyncio
 import errno
+import json
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from orchestrator.dirty.bitmap import DirtyBitmap
 from orchestrator.dirty.memory import MemoryLayout
-from orchestrator.trackers import RecoveryPolicy, StartOutcome, TrackerSet, TrackerState
+from orchestrator.trackers import EventKind, RecoveryPolicy, StartOutcome, TrackerSet, TrackerState
 from orchestrator.vfio.ranges import IovaRange
 
 PAGE = 4096
@@ -247,12 +249,30 @@ async def test_final_round_uses_collect_final_and_never_restarts():
     assert "collect_final" in t.calls and d.calls.count("start") == 1
 
 
-def test_stats_dict_shape():
+async def test_the_report_holds_typed_records_and_serialises_them_plainly():
+    """The report keeps the set's records as objects (copies of the counters, which go on
+    counting); its JSON form has every field and enums as their values."""
+    from orchestrator.migration.driver import MigrationReport
+
     _, ts = make_set(Scripted("a"))
-    d = ts.stats()[0].as_dict()
-    assert set(d) == {"name", "kind", "page_size", "reports", "errors", "fallbacks", "restarts", "state"}
-    assert d["state"] == "stopped"
-    assert np.dtype(np.uint64)  # numpy present for the bitmap
+    await ts.start()
+    rep = MigrationReport(trackers=[replace(s) for s in ts.stats()], events=list(ts.events))
+    await ts.stop()
+    assert rep.trackers[0].state is TrackerState.RUNNING and ts.stats()[0].state is TrackerState.STOPPED
+    assert rep.events[0].kind is EventKind.START
+    data = json.loads(json.dumps(rep.as_dict()))
+    assert set(data["trackers"][0]) == {
+        "name",
+        "kind",
+        "page_size",
+        "reports",
+        "errors",
+        "fallbacks",
+        "restarts",
+        "state",
+    }
+    assert data["trackers"][0]["state"] == "running" and data["events"][0]["kind"] == "start"
+    assert data["status"] == "failed" and data["guest"] == "source"
 
 
 class Hashing(Scripted):

@@ -6,8 +6,7 @@ it what to do next; the engine never touches memory, sockets or clocks.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 from orchestrator.migration.engine.policy import DowntimePolicy, Observation, Policy, Verdict
 
@@ -21,9 +20,6 @@ class RoundRecord:
     duration_ms: float
     bandwidth_bps: float
     expected_downtime_ms: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
