@@ -36,7 +36,7 @@ async def migrate(src_qmp: Path, dst_qmp: Path, src_ram: Path, dst_ram: Path) ->
             ):
                 uri = f"unix:{tmp}/migrate.sock"
                 options = MigrationOptions(downtime_limit_ms=300, verify=True)
-                return await Migration(src, dst, ep.layout, ep.sink, trackers, uri, options).run()
+                return await Migration(ep, trackers, uri, options).run()
         finally:
             ep.sink.close()
     finally:

@@ -286,7 +286,7 @@ def vfio_trackers(paths: list[Path], fds: list[int]) -> list[Tracker]:
 async def run_migration(ep: Endpoints, trackers: list[Tracker], uri: str, options: MigrationOptions) -> MigrationReport:
     """The report, also when a signal cancelled the run: the abort (or the switchover that
     was finished anyway) is in it."""
-    mig = Migration(ep.src, ep.dst, ep.layout, ep.sink, trackers, uri, options, round_line, event_line)
+    mig = Migration(ep, trackers, uri, options, round_line, event_line)
     try:
         report = await mig.run()
     except asyncio.CancelledError:

@@ -176,10 +176,7 @@ class GuestPair:
                 hook(rec)
 
         return Migration(
-            ep.src,
-            ep.dst,
-            ep.layout,
-            ep.sink,
+            ep,
             self.trackers() if trackers is None else trackers,
             self.dst.migration_uri(),
             options,

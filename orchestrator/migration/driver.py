@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from orchestrator.dirty.bitmap import DirtyBitmap
-from orchestrator.dirty.memory import MemoryLayout
+from orchestrator.migration.attach import Endpoints
 from orchestrator.migration.devices import DeviceMigration, DeviceReport, each_device
 from orchestrator.migration.engine import (
     DowntimePolicy,
@@ -36,7 +36,6 @@ from orchestrator.qemu import choreography
 from orchestrator.qemu.errors import QemuError
 from orchestrator.qemu.peer import QmpPeer
 from orchestrator.trackers import RecoveryPolicy, Tracker, TrackerEvent, TrackerSet, TrackerStats
-from orchestrator.transport import PageSink
 
 
 def _plain(items: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -103,10 +102,7 @@ class MigrationReport:
 class Migration:
     def __init__(
         self,
-        src: QmpPeer,
-        dst: QmpPeer,
-        layout: MemoryLayout,
-        sink: PageSink,
+        endpoints: Endpoints,
         trackers: Sequence[Tracker],
         uri: str,
         options: MigrationOptions = MigrationOptions(),
@@ -114,6 +110,9 @@ class Migration:
         on_event: Callable[[TrackerEvent], None] | None = None,
         devices: Sequence[DeviceMigration] = (),
     ) -> None:
+        """`endpoints` is what `attach` checked and mapped; `uri` where the source's QEMU
+        sends its device state to the destination's."""
+        src, dst, layout, sink = endpoints.src, endpoints.dst, endpoints.layout, endpoints.sink
         self.src, self.dst, self.layout, self.sink, self.uri = src, dst, layout, sink, uri
         self.options = options
         self.bitmap = DirtyBitmap(layout.npages, layout.page_size)

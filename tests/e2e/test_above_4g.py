@@ -43,10 +43,7 @@ async def test_a_working_set_above_4g_migrates_bit_exact_under_the_vcpu_plugin()
                 regions = [(r.gpa, r.length, r.offset) for r in ep.layout.regions]
                 assert regions[-1] == (4 * GIB, (RAM_MIB << 20) - BELOW_4G, BELOW_4G), regions
                 migration = Migration(
-                    ep.src,
-                    ep.dst,
-                    ep.layout,
-                    ep.sink,
+                    ep,
                     [VcpuTracker(log)],
                     dst.migration_uri(),
                     MigrationOptions(verify=True),

@@ -41,9 +41,7 @@ async def run(kind: QemuWrites, log: VcpuDirtyLog | None = None):
         ep = await attach(src.qmp, dst.qmp, src.ram_path, dst.ram_path)
         try:
             with qemu_write_trackers(kind, ep.layout, src.qmp.peer_pid(), log=log) as trackers:
-                rep = await Migration(
-                    ep.src, ep.dst, ep.layout, ep.sink, trackers, dst.migration_uri(), MigrationOptions(verify=True)
-                ).run()
+                rep = await Migration(ep, trackers, dst.migration_uri(), MigrationOptions(verify=True)).run()
             if rep.status == "completed":
                 before = len(parse_progress(dst.read_serial()))
                 await progress_past(dst, before + 30, 60)  # three more seconds of checks, all passing

@@ -73,9 +73,7 @@ def light(**more) -> VmConfig:
 
 
 async def migrate(src, dst, ep, trackers, **options):
-    mig = Migration(
-        ep.src, ep.dst, ep.layout, ep.sink, trackers, dst.migration_uri(), MigrationOptions(verify=True, **options)
-    )
+    mig = Migration(ep, trackers, dst.migration_uri(), MigrationOptions(verify=True, **options))
     return await mig.run()
 
 
@@ -130,10 +128,7 @@ async def test_a_source_killed_mid_migration_fails_the_migration_cleanly():
                     os.kill(pid, signal.SIGKILL)
 
             mig = Migration(
-                ep.src,
-                ep.dst,
-                ep.layout,
-                ep.sink,
+                ep,
                 trackers,
                 dst.migration_uri(),
                 MigrationOptions(verify=True, max_time_s=30),

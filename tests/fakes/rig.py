@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from functools import cache
 
 from orchestrator.dirty.memory import MemoryLayout
+from orchestrator.migration.attach import Endpoints
 from orchestrator.migration.driver import GuestHome, Migration, MigrationOptions, MigrationReport
 from orchestrator.migration.engine import RoundRecord
 from orchestrator.trackers import RecoveryPolicy
@@ -77,10 +78,7 @@ class Rig:
         self, options: MigrationOptions = OPTIONS, on_round: Callable[[RoundRecord], None] | None = None
     ) -> Migration:
         return Migration(
-            self.src,
-            self.dst,
-            LAYOUT,
-            self.sink,
+            Endpoints(self.src, self.dst, LAYOUT, self.sink),
             [self.guest],
             URI,
             options,
