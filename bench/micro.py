@@ -11,7 +11,7 @@ import numpy as np
 
 from bench import Case, Options, Result, gbps, median_seconds, ms, suite
 from orchestrator.dirty.bitmap import DirtyBitmap
-from orchestrator.dirty.bits import words_for
+from orchestrator.dirty.bits import report_words, words_for
 
 PAGE = 4096
 NPAGES = 1 << 28  # 1 TiB / 4 KiB
@@ -20,7 +20,7 @@ SPARSE_PAGES = 10_000
 
 def _words(npages: int) -> np.ndarray:
     """The words of a report over `npages` pages, in a kernel-ready report buffer."""
-    return DirtyBitmap.scratch(npages)[: words_for(npages)]
+    return report_words(npages)[: words_for(npages)]
 
 
 def _report(dirty_pages: np.ndarray) -> np.ndarray:

@@ -11,13 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestrator.dirty.bitmap import DirtyBitmap, _popcount_table, popcount
+from orchestrator.dirty.bits import report_words as zeroed_report
 from orchestrator.dirty.bits import words_for
 
 PAGE = 4096
 
 
 def report_words(bits: list[int] | set[int], nbits: int) -> np.ndarray:
-    words = DirtyBitmap.scratch(nbits)
+    words = zeroed_report(nbits)
     for bit in bits:
         words[bit // 64] |= np.uint64(1 << bit % 64)
     return words
@@ -64,7 +65,7 @@ def test_report_bit_indexes_pages_from_the_report_iova() -> None:
 
 
 def test_page_aligned_buffers() -> None:
-    assert DirtyBitmap.scratch(100).ctypes.data % 4096 == 0
+    assert zeroed_report(100).ctypes.data % 4096 == 0
     assert DirtyBitmap(1 << 20).harvest_words().ctypes.data % 4096 == 0
 
 
@@ -288,7 +289,7 @@ def test_concurrent_merges_lose_no_bit_across_harvests() -> None:
     harvesting_started = threading.Event()  # writers pause halfway until harvests are under way
 
     def write(plan, seen: set[int]) -> None:
-        scratch = DirtyBitmap.scratch(report_pages_n)
+        scratch = zeroed_report(report_pages_n)
         for step, (base, bits) in enumerate(plan):
             if step == len(plan) // 2:
                 assert harvesting_started.wait(timeout=30)

@@ -21,7 +21,7 @@ from functools import cache
 
 import numpy as np
 
-from orchestrator.dirty.bits import page_words, report_words, set_bit_range, words_for
+from orchestrator.dirty.bits import page_words, set_bit_range, words_for
 from orchestrator.dirty.ranges import page_runs
 
 _ONES = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
@@ -175,15 +175,6 @@ class DirtyBitmap:
     @property
     def page_size(self) -> int:
         return self._page_size
-
-    @staticmethod
-    def scratch(npages: int) -> np.ndarray:
-        """A zeroed report buffer for `npages` report pages, as large as a kernel report may
-        write (`bits.report_words`: bits past the queried length reach the pinned pages' end),
-        for building a report by hand. Trackers use `ReportBuffer`, which keeps one per tracker
-        and replaces it after a restart.
-        """
-        return report_words(npages)
 
     def mark(self, iova: int, length: int) -> None:
         """Mark every page that [iova, iova + length) touches, clipped to the bitmap."""
