@@ -40,6 +40,14 @@ from orchestrator.app.cli import EXIT_BAD_INPUT, main
             "--json /nope-dir/report.json cannot be written (No such file",
         ),
         (["--dst-ram", "/nope-dst", "--json", "/"], "--json / is a directory"),
+        (
+            ["--dst-ram", "/nope-dst", "--streams", "0"],
+            "--streams must be a finite number of connections above 0, not 0",
+        ),
+        (
+            ["--dst-ram", "/nope-dst", "--max-bandwidth", "0"],
+            "--max-bandwidth must be a finite number of bytes per second above 0, not 0",
+        ),
     ],
 )
 def test_migrate_argument_errors_come_first(extra, needle, capsys):
@@ -156,3 +164,27 @@ def test_receive_refuses_a_world_readable_ram_file(tmp_path, capsys):
     code = main(["receive", "--listen", "127.0.0.1:0", "--ram", str(ram), "--token-file", str(token)])
     assert code == EXIT_BAD_INPUT
     assert f"destination RAM file {ram} is open to every local user (mode 0644)" in capsys.readouterr().err
+
+
+def test_each_package_error_root_is_bad_input_and_a_stray_valueerror_is_not(monkeypatch, capsys):
+    """The CLI maps the packages' error roots to exit 2; a ValueError from elsewhere is a
+    bug, not bad input, and is not swallowed into a tidy 'error:' line."""
+    from orchestrator.app import cli
+    from orchestrator.trackers.errors import TrackerSetupError
+    from orchestrator.transport.errors import TransportError
+
+    for exc in (TrackerSetupError("no plugin"), TransportError("no receiver")):
+
+        async def fails(args, exc=exc):
+            raise exc
+
+        monkeypatch.setattr(cli, "vcpu_log_command", fails)
+        assert main(["vcpu-log", "--mem", "64M", "/nope"]) == EXIT_BAD_INPUT
+        assert str(exc) in capsys.readouterr().err
+
+    async def bug(args):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(cli, "vcpu_log_command", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["vcpu-log", "--mem", "64M", "/nope"])

@@ -1,4 +1,4 @@
-"""Input checks the commands make before anything changes, each raising `ValueError` with a
+"""Input checks the commands make before anything changes, each raising `InputError` with a
 message that names the option or file and what to do about it."""
 
 from __future__ import annotations
@@ -9,10 +9,14 @@ import stat
 from pathlib import Path
 
 
+class InputError(ValueError):
+    """What the user gave cannot work; the message names the option or file."""
+
+
 def positive(option: str, value: float, unit: str) -> None:
     """A cap or limit: a finite number above zero (argparse takes 'nan' and 'inf' as floats)."""
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{option} must be a finite number of {unit} above 0, not {value!r}")
+        raise InputError(f"{option} must be a finite number of {unit} above 0, not {value!r}")
 
 
 def writable_target(option: str, where: str | None) -> None:
@@ -23,12 +27,12 @@ def writable_target(option: str, where: str | None) -> None:
         return
     path = Path(where)
     if path.is_dir():
-        raise ValueError(f"{option} {path} is a directory: name a file")
+        raise InputError(f"{option} {path} is a directory: name a file")
     existed = path.exists()
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
     except OSError as exc:
-        raise ValueError(f"{option} {path} cannot be written ({exc.strerror}): choose another path") from None
+        raise InputError(f"{option} {path} cannot be written ({exc.strerror}): choose another path") from None
     if not existed:
         path.unlink()
 
@@ -40,7 +44,7 @@ def distinct_sockets(src: Path, dst: Path) -> None:
     except FileNotFoundError:
         return  # the connect names the missing one
     if same:
-        raise ValueError(f"--src-qmp and --dst-qmp are the same socket ({src}): give the destination QEMU's")
+        raise InputError(f"--src-qmp and --dst-qmp are the same socket ({src}): give the destination QEMU's")
 
 
 def private_ram(path: Path, side: str, qemu_uid: int | None) -> None:
@@ -49,12 +53,12 @@ def private_ram(path: Path, side: str, qemu_uid: int | None) -> None:
     user QEMU runs as (that owner can read it, and chmod it) — when QEMU's is known."""
     st = os.stat(path)
     if st.st_mode & stat.S_IRWXO:
-        raise ValueError(
+        raise InputError(
             f"{side} RAM file {path} is open to every local user (mode {stat.S_IMODE(st.st_mode):04o}), and it holds "
             f"the guest's memory: chmod o-rwx {path}"
         )
     if qemu_uid is not None and st.st_uid not in (os.geteuid(), qemu_uid):
-        raise ValueError(
+        raise InputError(
             f"{side} RAM file {path} belongs to uid {st.st_uid}, neither this user ({os.geteuid()}) nor QEMU's "
             f"({qemu_uid}), who can read the guest's memory: chown it to QEMU's user"
         )

@@ -11,33 +11,50 @@ import sys
 import tempfile
 from pathlib import Path
 
-from orchestrator.app.checks import distinct_sockets, positive, private_ram, process_uid, writable_target
+from orchestrator.app.checks import InputError, distinct_sockets, positive, private_ram, process_uid, writable_target
 from orchestrator.app.output import event_line, round_line, summary, write_json
 from orchestrator.app.receive import serve
 from orchestrator.app.signals import Interrupted, settle, under_signal_policy
 from orchestrator.lab.demo import DEMO_WORKLOADS, parse_size, run_demo
+from orchestrator.lab.errors import LabError
 from orchestrator.lab.fleet import FAULTS, KINDS, FaultPlan
 from orchestrator.lab.workload import guest_rate
 from orchestrator.migration.attach import Endpoints, attach, attach_remote
 from orchestrator.migration.driver import GuestHome, Migration, MigrationOptions, MigrationReport
-from orchestrator.migration.engine import OnLimit
+from orchestrator.migration.engine import EngineError, OnLimit
+from orchestrator.native.builds import BuildError
 from orchestrator.qemu.errors import QemuError
 from orchestrator.qemu.qmp import QmpSession
 from orchestrator.trackers import QemuWrites, RecoveryPolicy, Tracker, VfioDmaLogTracker, qemu_write_trackers
+from orchestrator.trackers.errors import TrackerError
 from orchestrator.trackers.vcpulog import VcpuDirtyLog, log_pages
-from orchestrator.transport import SinkError
 from orchestrator.transport.auth import load_token
 from orchestrator.transport.endpoint import client_context, parse_endpoint
+from orchestrator.transport.errors import TransportError
 from orchestrator.transport.tcp import TcpOptions
-from orchestrator.vfio import RealSyscalls, VfioDevice, VfioError, VfioUsageError
-from orchestrator.writewatch import WriteWatchRefused
+from orchestrator.vfio import RealSyscalls, VfioDevice
+from orchestrator.vfio.errors import VfioClientError, VfioUsageError
+from orchestrator.writewatch.errors import WriteWatchError
 
 #: Exit statuses: what happened to the guest. 0 migrated (the destination runs it); 1 not
 #: migrated, the source has it (running, or paused as its user left it); 2 bad input, nothing
 #: changed; 3 the guest runs nowhere (a QEMU died, or the source could not be resumed); 4 the
 #: destination runs the guest but something failed after the handover (see the report).
 EXIT_OK, EXIT_MIGRATION_FAILED, EXIT_BAD_INPUT, EXIT_GUEST_LOST, EXIT_MIGRATED_WITH_ERRORS = 0, 1, 2, 3, 4
-BAD_INPUT = (QemuError, SinkError, VfioError, VfioUsageError, WriteWatchRefused, ValueError, OSError)
+#: What ends a command before anything changed (exit 2): each package's error root, the
+#: commands' own input errors, and the file system refusing a path the user gave.
+BAD_INPUT = (
+    InputError,
+    LabError,
+    EngineError,
+    QemuError,
+    TransportError,
+    TrackerError,
+    VfioClientError,
+    WriteWatchError,
+    BuildError,
+    OSError,
+)
 
 
 def add_policy_options(p: argparse.ArgumentParser) -> None:
@@ -100,7 +117,7 @@ def tracker_choice(args: argparse.Namespace) -> tuple[QemuWrites, bool]:
 
 
 def options_from(args: argparse.Namespace, verify: bool, **more) -> MigrationOptions:
-    """The options, with the policy numbers and the report path checked (ValueError naming
+    """The options, with the policy numbers and the report path checked (`InputError` naming
     the bad one)."""
     positive("--downtime-limit", args.downtime_limit, "milliseconds")
     positive("--max-time", args.max_time, "seconds")
@@ -245,9 +262,12 @@ def check_migrate_args(args: argparse.Namespace) -> MigrationOptions:
     options = options_from(args, args.verify)
     distinct_sockets(args.src_qmp, args.dst_qmp)
     if (args.tracker == QemuWrites.VCPU.value) != (args.vcpu_log is not None):
-        raise ValueError("--tracker vcpu and --vcpu-log FILE go together")
+        raise InputError("--tracker vcpu and --vcpu-log FILE go together")
     if args.dst_receiver is not None and (args.token_file is None or args.uri is None):
-        raise ValueError("--dst-receiver needs --token-file, and --uri for QEMU's own stream (e.g. tcp:HOST:PORT)")
+        raise InputError("--dst-receiver needs --token-file, and --uri for QEMU's own stream (e.g. tcp:HOST:PORT)")
+    positive("--streams", args.streams, "connections")
+    if args.max_bandwidth is not None:
+        positive("--max-bandwidth", args.max_bandwidth, "bytes per second")
     return options
 
 
@@ -417,7 +437,7 @@ async def vcpu_log_command(args: argparse.Namespace) -> int:
 
 async def receive_command(args: argparse.Namespace) -> int:
     if (args.tls_cert is None) != (args.tls_key is None):
-        raise ValueError("--tls-cert and --tls-key go together")
+        raise InputError("--tls-cert and --tls-key go together")
     private_ram(args.ram, "destination", None)  # QEMU's user is not known here: the mode bits are
     return await serve(args.ram, args.listen, args.token_file, args.tls_cert, args.tls_key, args.once)
 

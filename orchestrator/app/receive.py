@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from orchestrator.transport.auth import load_token
-from orchestrator.transport.endpoint import Endpoint, parse_endpoint, server_context
+from orchestrator.transport.endpoint import Endpoint, TlsSetupError, parse_endpoint, server_context
 from orchestrator.transport.receiver import Receiver
 
 
@@ -24,7 +24,7 @@ async def serve(
     tls = None
     if tls_cert is not None:
         if tls_key is None:
-            raise ValueError("a TLS certificate needs its key")
+            raise TlsSetupError("a TLS certificate needs its key")
         tls = server_context(tls_cert, tls_key)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.lab import linux
+from orchestrator.lab.errors import LabError
 from orchestrator.lab.fleet import FaultPlan, Fleet, device_names
 from orchestrator.lab.launcher import QemuVm, Role, VmConfig, default_qemu, launch
 from orchestrator.lab.linux import LinuxWorkload
@@ -44,7 +45,7 @@ def parse_size(text: str) -> int:
     """'256M', '1G', '4096' -> bytes."""
     m = _SIZE.match(text.strip())
     if not m:
-        raise ValueError(f"bad size {text!r}: use a number with an optional K, M or G suffix")
+        raise LabError(f"bad size {text!r}: use a number with an optional K, M or G suffix")
     return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2).upper()]
 
 
@@ -81,11 +82,11 @@ async def wait_progress(vm: QemuVm, after: int, timeout: float) -> list[Progress
 
 def check_accel(accel: str, tracker: QemuWrites) -> None:
     if accel not in ("tcg", "kvm"):
-        raise ValueError(f"accelerator {accel!r}: choose tcg or kvm")
+        raise LabError(f"accelerator {accel!r}: choose tcg or kvm")
     if accel == "kvm" and tracker is QemuWrites.VCPU:
-        raise ValueError("the vCPU plugin tracker needs TCG: with --accel kvm use --tracker writewatch or content")
+        raise LabError("the vCPU plugin tracker needs TCG: with --accel kvm use --tracker writewatch or content")
     if accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        raise ValueError("--accel kvm needs a usable /dev/kvm on this host")
+        raise LabError("--accel kvm needs a usable /dev/kvm on this host")
 
 
 def check_fixtures(tracker: QemuWrites, workload: str = "light") -> None:
@@ -208,9 +209,9 @@ async def guest_pair(
     on exit."""
     tracker = QemuWrites(tracker)
     if workload not in DEMO_WORKLOADS:
-        raise ValueError(f"unknown workload {workload!r}; choose from {', '.join(DEMO_WORKLOADS)}")
+        raise LabError(f"unknown workload {workload!r}; choose from {', '.join(DEMO_WORKLOADS)}")
     if mem % (1 << 20) or mem < (64 << 20):
-        raise ValueError(f"guest memory {mem} must be a whole number of MiB, at least 64M")
+        raise LabError(f"guest memory {mem} must be a whole number of MiB, at least 64M")
     check_fixtures(tracker, workload)
     check_accel(accel, tracker)
     if devices:
@@ -266,7 +267,7 @@ async def _receiver(dst: QemuVm, transport: str) -> AsyncIterator[tuple[Endpoint
         async with loopback_receiver(dst.ram_path) as receiver:
             yield receiver
     else:
-        raise ValueError(f"unknown transport {transport!r}; choose local or tcp")
+        raise LabError(f"unknown transport {transport!r}; choose local or tcp")
 
 
 async def _attach(src: QemuVm, dst: QemuVm, receiver: tuple[Endpoint, Path] | None) -> Endpoints:

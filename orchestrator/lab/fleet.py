@@ -16,6 +16,7 @@ from pathlib import Path
 from orchestrator.emulated import EmulatedKernel, Fault, Mlx5Like, NoDmaLogging, PdsLike
 from orchestrator.emulated.dma import PAGE, DmaEngine
 from orchestrator.emulated.models.base import DeviceModel
+from orchestrator.lab.errors import LabError
 from orchestrator.migration.devices import DeviceMigration
 from orchestrator.migration.engine import RoundRecord
 from orchestrator.trackers import Tracker, VfioDmaLogTracker
@@ -55,13 +56,13 @@ class FaultPlan:
         rest, _, rnd = text.partition(":")
         fault, _, device = rest.partition("@")
         if fault not in FAULTS:
-            raise ValueError(f"unknown fault {fault!r}; choose from {', '.join(FAULTS)}")
+            raise LabError(f"unknown fault {fault!r}; choose from {', '.join(FAULTS)}")
         try:
             round_ = int(rnd) if rnd else 1
         except ValueError:
-            raise ValueError(f"fault {text!r}: round must be a whole number") from None
+            raise LabError(f"fault {text!r}: round must be a whole number") from None
         if round_ < 0:
-            raise ValueError(f"fault {text!r}: round must be >= 0")
+            raise LabError(f"fault {text!r}: round must be >= 0")
         return cls(fault, device or None, round_)
 
 
@@ -70,11 +71,11 @@ def device_names(kinds: list[str], faults: Sequence[FaultPlan] = ()) -> list[str
     fault aimed at a device the fleet will not have (checked before anything is launched)."""
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
-        raise ValueError(f"unknown device kinds {unknown}; choose from {', '.join(KINDS)}")
+        raise LabError(f"unknown device kinds {unknown}; choose from {', '.join(KINDS)}")
     names = [f"{kind}-{i}" for i, kind in enumerate(kinds)]
     for plan in faults:
         if plan.device is not None and plan.device not in names:
-            raise ValueError(f"fault {plan.fault} is aimed at {plan.device!r}; devices will be {', '.join(names)}")
+            raise LabError(f"fault {plan.fault} is aimed at {plan.device!r}; devices will be {', '.join(names)}")
     return names
 
 
@@ -108,7 +109,7 @@ class Fleet:
         src_k, dst_k = EmulatedKernel(), EmulatedKernel()
         share = (dma[1] // len(kinds)) // (2 * MiB) * (2 * MiB)
         if share < 2 * MiB:
-            raise ValueError(f"DMA window of {dma[1] >> 20} MiB is too small for {len(kinds)} devices")
+            raise LabError(f"DMA window of {dma[1] >> 20} MiB is too small for {len(kinds)} devices")
         fleet = cls([], src_k, dst_k, str(dst_ram), rate)
         for i, kind in enumerate(kinds):
             length = min(share, NOLOG_WINDOW) if kind == "nolog" else share
@@ -179,7 +180,7 @@ class Fleet:
         for d in self.devices:
             if d.name == name:
                 return d
-        raise ValueError(f"no device {name!r}; devices are {', '.join(d.name for d in self.devices)}")
+        raise LabError(f"no device {name!r}; devices are {', '.join(d.name for d in self.devices)}")
 
     def check_destination(self) -> dict[str, list[int]]:
         """Quiesce the destination twins and check each window against its engine's state:

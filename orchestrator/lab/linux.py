@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.lab.errors import LabError
 from orchestrator.lab.launcher import Role, VmConfig
 from orchestrator.lab.workload import guest_errors as errors  # noqa: F401 - the guest's E lines, as the fixture guest's
 
@@ -96,7 +97,7 @@ def dma_window(ram_mib: int, dma_mib: int) -> tuple[int, int]:
     devices: `dma_mib` MiB (at most a quarter of RAM) from the middle of RAM, away from
     where QEMU loads the kernel (low) and the initramfs (top)."""
     if dma_mib <= 0 or dma_mib > ram_mib // 4:
-        raise ValueError(f"a DMA window of {dma_mib} MiB does not fit {ram_mib} MiB of RAM")
+        raise LabError(f"a DMA window of {dma_mib} MiB does not fit {ram_mib} MiB of RAM")
     return (ram_mib // 2) << 20, dma_mib << 20
 
 

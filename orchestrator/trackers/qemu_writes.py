@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from orchestrator.dirty.memory import MemoryLayout
 from orchestrator.trackers.base import Tracker
 from orchestrator.trackers.content import content_trackers
+from orchestrator.trackers.errors import TrackerSetupError
 from orchestrator.trackers.vcpu import VcpuTracker
 from orchestrator.trackers.vcpulog import VcpuDirtyLog
 from orchestrator.trackers.writewatch import WriteWatchTracker
@@ -52,7 +53,7 @@ def qemu_write_trackers(
             yield [WriteWatchTracker(watch)]
         elif kind is QemuWrites.VCPU:
             if log is None:
-                raise ValueError("the vCPU tracker needs the TCG plugin's dirty log")
+                raise TrackerSetupError("the vCPU tracker needs the TCG plugin's dirty log")
             yield [VcpuTracker(log)]
         else:
             yield [*content_trackers(layout, src_ram)]

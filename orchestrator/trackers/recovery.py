@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from orchestrator.trackers.errors import TrackerError
 from orchestrator.trackers.events import TrackerState, TrackerStats
 
 
@@ -46,7 +47,7 @@ class Verdict:
     retry_in: float | None = None  # seconds until a restart may be tried (degraded only)
 
 
-class RecoveryOrderError(RuntimeError):
+class RecoveryOrderError(TrackerError, RuntimeError):
     """An event the tracker's state cannot have produced (a bug in the caller)."""
 
 

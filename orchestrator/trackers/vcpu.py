@@ -22,6 +22,7 @@ from orchestrator.dirty.bits import words_for
 from orchestrator.dirty.memory import MemoryLayout
 from orchestrator.dirty.ranges import IovaRange
 from orchestrator.trackers.base import StartOutcome
+from orchestrator.trackers.errors import TrackerSetupError
 from orchestrator.trackers.vcpulog import Addresses, VcpuDirtyLog
 
 
@@ -37,16 +38,16 @@ class _Span:
 def _spans(log: VcpuDirtyLog, layout: MemoryLayout) -> list[_Span]:
     kind = log.addresses
     if kind is Addresses.UNKNOWN:
-        raise ValueError(f"no dirty-log plugin has attached to {log.path}")
+        raise TrackerSetupError(f"no dirty-log plugin has attached to {log.path}")
     if kind is Addresses.RAM_BLOCK and len({r.path for r in layout.regions}) > 1:
-        raise ValueError("RAM-block addresses map to a single RAM backend; this layout has several")
+        raise TrackerSetupError("RAM-block addresses map to a single RAM backend; this layout has several")
     ps = layout.page_size
     spans = [
         _Span((r.gpa if kind is Addresses.PHYSICAL else r.offset) // ps, r.length // ps, r.gpa) for r in layout.regions
     ]
     end = max(s.log_page + s.npages for s in spans)
     if end > log.npages:
-        raise ValueError(
+        raise TrackerSetupError(
             f"{log.path} has {log.npages} pages; this layout needs {end} "
             f"for {kind.name.lower()} addresses (vcpulog.log_pages sizes a log)"
         )
@@ -87,7 +88,7 @@ class VcpuTracker:
         """The plugin logs from QEMU's start; drop what it saw before now (round 0 copies
         every page after this point anyway). A log whose writer hung cannot be restarted."""
         if self.log.page_size != layout.page_size:
-            raise ValueError(f"{self.name}: log page {self.log.page_size} != layout page {layout.page_size}")
+            raise TrackerSetupError(f"{self.name}: log page {self.log.page_size} != layout page {layout.page_size}")
         self._spans = _spans(self.log, layout)
         self._take(self.log.harvest_final)
         return StartOutcome(self.page_size, layout.ranges())

@@ -35,6 +35,7 @@ import numpy as np
 
 from orchestrator.dirty.bits import set_bit_range, words_for
 from orchestrator.native import builds
+from orchestrator.trackers.errors import TrackerError, TrackerSetupError
 
 MAGIC = 0x474F4C5954524944  # b"DIRTYLOG"
 VERSION = 2
@@ -79,7 +80,7 @@ def log_pages(ram_bytes: int, page_size: int = 4096) -> int:
     return -(-(ram_bytes + (4 << 30)) // page_size)
 
 
-class DrainTimeout(RuntimeError):
+class DrainTimeout(TrackerError, RuntimeError):
     """A writer kept the old bitmap busy past the timeout (a hung vCPU or plugin)."""
 
 
@@ -110,7 +111,7 @@ class VcpuDirtyLog:
     def create(cls, path: str | Path, npages: int, page_size: int = 4096) -> VcpuDirtyLog:
         """Create the log file (mode 0600; it must not exist) with an empty log."""
         if npages <= 0 or page_size < 4096 or page_size & (page_size - 1):
-            raise ValueError("npages must be positive and page_size a power of two >= 4096")
+            raise TrackerSetupError("npages must be positive and page_size a power of two >= 4096")
         path = Path(path)
         stride = -(-words_for(npages) * 8 // 4096) * 4096
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -134,9 +135,9 @@ class VcpuDirtyLog:
         try:
             magic, version, shift, npages, offset, stride, _, _ = _HEADER.unpack(os.pread(fd, _HEADER.size, 0))
             if magic != MAGIC or version != VERSION or offset != BITMAP_OFFSET:
-                raise ValueError(f"{path} is not a version {VERSION} vCPU dirty log")
+                raise TrackerSetupError(f"{path} is not a version {VERSION} vCPU dirty log")
             if os.fstat(fd).st_size < BITMAP_OFFSET + 2 * stride or stride < words_for(npages) * 8:
-                raise ValueError(f"{path} is shorter than its header says")
+                raise TrackerSetupError(f"{path} is shorter than its header says")
             return cls(path, fd, npages, 1 << shift, stride)
         finally:
             os.close(fd)

@@ -13,6 +13,7 @@ from orchestrator.dirty.bitmap import DirtyBitmap
 from orchestrator.dirty.memory import MemoryLayout
 from orchestrator.dirty.ranges import IovaRange
 from orchestrator.trackers.base import StartOutcome
+from orchestrator.trackers.errors import TrackerSetupError
 from orchestrator.writewatch import WriteWatch
 
 
@@ -32,7 +33,7 @@ class WriteWatchTracker:
         """Register (again, after a stop) and arm: the first scan write-protects every page
         and reports them all, which round 0 (or the set's mark after a restart) covers."""
         if layout.page_size != self.watch.page_size:
-            raise ValueError(f"{self.name}: watch page {self.watch.page_size} != layout page {layout.page_size}")
+            raise TrackerSetupError(f"{self.name}: watch page {self.watch.page_size} != layout page {layout.page_size}")
         self.watch.register()
         self.watch.scan(None)
         return StartOutcome(layout.page_size, layout.ranges())

@@ -20,12 +20,14 @@ import struct
 from collections import OrderedDict
 from pathlib import Path
 
+from orchestrator.transport.errors import TransportError
+
 MIN_TOKEN_BYTES = 16
 _LABEL = b"orchestrator page stream v2 "
 
 
-class TokenError(ValueError):
-    pass
+class TokenError(TransportError, ValueError):
+    """A token file that cannot be used; the message says why."""
 
 
 def load_token(path: Path) -> bytes:

@@ -7,6 +7,8 @@ from typing import Protocol
 
 import numpy as np
 
+from orchestrator.transport.errors import TransportError
+
 # Called with (guest page numbers, the exact bytes sent for them, one row per page): content
 # trackers hash what the destination now holds.
 OnSent = Callable[[np.ndarray, np.ndarray], None]
@@ -22,7 +24,7 @@ def page_numbers(pages: np.ndarray) -> np.ndarray:
     return out
 
 
-class SinkError(RuntimeError):
+class SinkError(TransportError, RuntimeError):
     """A page sink cannot do its job (bad RAM file, unreachable or refusing receiver)."""
 
 

@@ -6,6 +6,8 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.transport.errors import TransportError
+
 
 @dataclass(frozen=True)
 class Endpoint:
@@ -22,11 +24,15 @@ def parse_endpoint(text: str) -> Endpoint:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"bad address {text!r}: use HOST:PORT")
+        raise AddressError(f"bad address {text!r}: use HOST:PORT")
     return Endpoint(host, int(port))
 
 
-class TlsSetupError(ValueError):
+class AddressError(TransportError, ValueError):
+    """An address that is not HOST:PORT."""
+
+
+class TlsSetupError(TransportError, ValueError):
     """A TLS file cannot be used; the message names the file and what to do about it."""
 
 

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from orchestrator.dirty.ranges import page_runs
+from orchestrator.transport.errors import TransportError
 from orchestrator.transport.inbound import Inbound
 
 MAGIC = b"OP"
@@ -78,11 +79,11 @@ class Kind(enum.IntEnum):
     CLEAR = 12
 
 
-class ProtocolError(Exception):
+class ProtocolError(TransportError):
     """The peer sent something this side refuses: bad framing, bounds, or authentication."""
 
 
-class PeerError(Exception):
+class PeerError(TransportError):
     """The peer reported an error (an ERROR frame) and is closing the connection."""
 
 

@@ -11,11 +11,15 @@ import errno as _errno
 import os
 
 
-class VfioUsageError(ValueError):
+class VfioClientError(Exception):
+    """Root of the VFIO client's errors: bad input it refused, or a kernel call that failed."""
+
+
+class VfioUsageError(VfioClientError, ValueError):
     """Bad input caught by the client before any ioctl was issued."""
 
 
-class VfioError(Exception):
+class VfioError(VfioClientError):
     """An ioctl/read/write on a VFIO or IOMMUFD fd failed."""
 
     def __init__(self, op: str, err: int, detail: str = "") -> None:

@@ -19,7 +19,11 @@ class Refusal(enum.Enum):
     STOPPED = "stopped"  # the target is in a group-stop (SIGSTOP)
 
 
-class WriteWatchRefused(Exception):
+class WriteWatchError(Exception):
+    """Root of write-watch's errors."""
+
+
+class WriteWatchRefused(WriteWatchError):
     """Write-watch cannot track this process; `cause` says why, the message what to do."""
 
     def __init__(self, cause: Refusal, message: str) -> None:

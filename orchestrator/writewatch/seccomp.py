@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from orchestrator.uapi import ptrace as P
-from orchestrator.writewatch.errors import Refusal, WriteWatchRefused
+from orchestrator.writewatch.errors import Refusal, WriteWatchError, WriteWatchRefused
 from orchestrator.writewatch.inject import Injector, ptrace
 
 Program = Sequence[tuple[int, int, int, int]]  # (code, jt, jf, k) per instruction
@@ -47,7 +47,7 @@ _ACTIONS = {
 }
 
 
-class Unverifiable(Exception):
+class Unverifiable(WriteWatchError):
     """The program uses something seccomp would have rejected or we do not model."""
 
 

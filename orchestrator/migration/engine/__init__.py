@@ -1,9 +1,9 @@
 """Sans-IO precopy engine, convergence policies and the migration's sequence."""
 
+from orchestrator.migration.engine.errors import EngineError, PolicyError
 from orchestrator.migration.engine.policy import Decision, DowntimePolicy, Observation, OnLimit, Policy, Verdict
 from orchestrator.migration.engine.precopy import PrecopyEngine, RoundRecord
 from orchestrator.migration.engine.sequence import (
-    EngineError,
     GuestHome,
     MigrationSequence,
     MigrationStatus,
@@ -25,6 +25,7 @@ __all__ = [
     "Outcome",
     "Phase",
     "Policy",
+    "PolicyError",
     "PrecopyEngine",
     "RoundRecord",
     "Verdict",

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
+from orchestrator.migration.engine.errors import PolicyError
+
 
 class Decision(enum.StrEnum):
     CONTINUE = "continue"
@@ -72,10 +74,10 @@ class DowntimePolicy:
 
     def __post_init__(self) -> None:
         if self.on_limit not in tuple(OnLimit):
-            raise ValueError(f"on_limit must be one of {[m.value for m in OnLimit]}, got {self.on_limit!r}")
+            raise PolicyError(f"on_limit must be one of {[m.value for m in OnLimit]}, got {self.on_limit!r}")
         object.__setattr__(self, "on_limit", OnLimit(self.on_limit))
         if not (0 < self.downtime_limit_s < math.inf and self.max_rounds >= 1 and 0 < self.max_time_s < math.inf):
-            raise ValueError("downtime limit, round cap and time cap must be finite and positive")
+            raise PolicyError("downtime limit, round cap and time cap must be finite and positive")
 
     def decide(self, obs: Observation) -> Verdict:
         dt_ms = obs.expected_downtime_s * 1e3

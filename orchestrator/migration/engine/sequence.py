@@ -17,12 +17,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from orchestrator.migration.engine.errors import EngineError
 from orchestrator.migration.engine.policy import Decision
 from orchestrator.migration.engine.precopy import PrecopyEngine, RoundRecord
-
-
-class EngineError(Exception):
-    """Root of the engine's errors."""
 
 
 class OutOfOrder(EngineError):
