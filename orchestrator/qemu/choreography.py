@@ -144,8 +144,18 @@ async def wait_completed(
             f"destination {dst.socket_path} is '{dst_status['status']}' after the migration of a "
             f"{'running' if resumes else 'paused'} guest"
         )
-    src_status = await src.execute("query-status")
-    return Switchover(stop, resume, info, src_status["status"])
+    return Switchover(stop, resume, info, await _settled_runstate(src, timeout))
+
+
+async def _settled_runstate(src: QmpPeer, timeout: float) -> str:
+    """The source's run state once its migration has finished: QEMU reports `completed` a
+    moment before it leaves finish-migrate (for postmigrate, or paused on QEMU >= 10)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        status = str((await src.execute("query-status"))["status"])
+        if status != "finish-migrate" or asyncio.get_running_loop().time() > deadline:
+            return status
+        await asyncio.sleep(0.005)
 
 
 async def cancel(src: QmpPeer, timeout: float = 30.0, *, resume: bool = True) -> str:
