@@ -22,6 +22,7 @@ There is exactly one harvester per log. Layout and writer: dirtylog.h.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import enum
 import mmap
@@ -247,11 +248,13 @@ class VcpuDirtyLog:
         return count
 
     def close(self) -> None:
-        """Unmap the log (the file stays; see ``unlink``)."""
+        """Unmap the log (the file stays; see ``unlink``). A harvest the watchdog abandoned
+        may still hold a view of it: then the mapping goes when that view does."""
         if self._map.closed:
             return
         del self._u32, self._u64, self._bufs
-        self._map.close()
+        with contextlib.suppress(BufferError):  # views still exported: unmapped when they go
+            self._map.close()
 
     def unlink(self) -> None:
         """Remove the log file."""
