@@ -7,6 +7,10 @@ and the rule that aborts before `migrate-continue` and sees the handover through
 clock) and answers with what it saw; it decides nothing about the order itself. Signals
 (the caller cancelling) and a QEMU that dies or shuts down become events like any failure;
 actions the machine marks uncancellable (the handover, an abort) run to their end first.
+
+While it runs, a caller reads `info()`, watches `events` (listeners or `subscribe()`) and
+steers it: `set_parameters`, `force_switchover`, `cancel`; each is safe in every phase and
+goes through the sequence machine, which refuses what its phase no longer allows.
 """
 
 from __future__ import annotations
@@ -28,10 +32,16 @@ from orchestrator.migration.engine import (
     MigrationStatus,
     OnLimit,
     Outcome,
+    Policy,
     PrecopyEngine,
     RoundRecord,
 )
 from orchestrator.migration.engine import sequence as seq
+from orchestrator.migration.engine.policy import with_downtime_limit
+from orchestrator.migration.engine.sequence import NotNow
+from orchestrator.migration.events import EventHub, EventName, EventStream, Listener
+from orchestrator.migration.info import MigrationInfo, RamInfo
+from orchestrator.migration.throttle import Actuator
 from orchestrator.qemu import choreography
 from orchestrator.qemu.errors import QemuError
 from orchestrator.qemu.peer import QmpPeer
@@ -66,8 +76,12 @@ class MigrationOptions:
     qmp_timeout_s: float = 60.0
     device_timeout_s: float = 10.0  # one device state call (a hung device fails the migration)
     skip_final_copy: bool = False  # fault hook for negative controls: verification must catch it
+    #: Another policy than the downtime rule these numbers make (experiments, management stacks).
+    custom_policy: Policy | None = None
 
-    def policy(self) -> DowntimePolicy:
+    def policy(self) -> Policy:
+        if self.custom_policy is not None:
+            return self.custom_policy
         return DowntimePolicy(self.downtime_limit_ms / 1e3, self.max_rounds, self.max_time_s, self.on_limit)
 
 
@@ -109,15 +123,25 @@ class Migration:
         on_round: Callable[[RoundRecord], None] | None = None,
         on_event: Callable[[TrackerEvent], None] | None = None,
         devices: Sequence[DeviceMigration] = (),
+        actuator: Actuator | None = None,
     ) -> None:
         """`endpoints` is what `attach` checked and mapped; `uri` where the source's QEMU
-        sends its device state to the destination's."""
+        sends its device state to the destination's. `on_round`/`on_event` are shorthands
+        for listeners of rounds and tracker events; `actuator` throttles the source's vCPUs
+        when the policy asks (without one, a policy's throttle request fails the migration)."""
         src, dst, layout, sink = endpoints.src, endpoints.dst, endpoints.layout, endpoints.sink
         self.src, self.dst, self.layout, self.sink, self.uri = src, dst, layout, sink, uri
         self.options = options
+        self._t0 = 0.0
+        self.events = EventHub(lambda: self._elapsed() if self._t0 else 0.0)
+        if on_round is not None:
+            self.events.listen(lambda ev: on_round(ev.record) if ev.name is EventName.MIGRATION_PASS else None)  # type: ignore[arg-type]
+        if on_event is not None:
+            self.events.listen(lambda ev: on_event(ev.record) if ev.name is EventName.TRACKER else None)  # type: ignore[arg-type]
         self.bitmap = DirtyBitmap(layout.npages, layout.page_size)
         self.engine = PrecopyEngine(layout.page_size, options.policy())
-        self.trackers = TrackerSet(trackers, self.bitmap, layout, options.recovery, on_event)
+        self.trackers = TrackerSet(trackers, self.bitmap, layout, options.recovery, self._tracker_event)
+        self.actuator = actuator
         self.devices = list(devices)
         for d in self.devices:
             d.timeout_s = options.device_timeout_s
@@ -125,8 +149,12 @@ class Migration:
         self.sequence = MigrationSequence(
             self.engine, layout.npages, sum(r.length for r in layout.regions), options.verify
         )
-        self._on_round = on_round
-        self._t0 = 0.0
+        self._status = self.sequence.job_status
+        self._run_task: asyncio.Task[object] | None = None
+        self._cancel_requested = False  # cancel() was called: run() returns, it does not raise
+        self._setup_ms: float | None = None
+        self._dirty_rate = 0.0
+        self._last_collect_s = 0.0
         self._saved: tuple[choreography.SavedCapabilities, ...] = ()
         self._death: str | None = None  # which QEMU died or shut down, and how
         self._watch_cancelled = False  # the peer watch, not the caller, cancelled the run
@@ -135,21 +163,135 @@ class Migration:
     def _elapsed(self) -> float:
         return time.monotonic() - self._t0
 
+    # -- watching and steering ------------------------------------------------------------
+    def listen(self, listener: Listener) -> None:
+        """Call `listener` with every event, on the loop's thread (it must not block)."""
+        self.events.listen(listener)
+
+    def subscribe(self, maxsize: int = 1024, replay: bool = False) -> EventStream:
+        """An async iterator of events (`replay`: from the first), ending with the migration."""
+        return self.events.subscribe(maxsize, replay)
+
+    def info(self) -> MigrationInfo:
+        """Where the migration is now; safe at any moment, before, during and after `run()`."""
+        sq, eng, o = self.sequence, self.engine, self.sequence.outcome
+        done = len(eng.rounds)
+        sent_pages = sum(r.sent_pages for r in eng.rounds)
+        page = self.layout.page_size
+        obs = eng.observation
+        limit = getattr(eng.policy, "downtime_limit_s", None)
+        return MigrationInfo(
+            status=sq.job_status,
+            phase=sq.phase.value,
+            total_time_ms=self._elapsed() * 1e3 if self._t0 else 0.0,
+            setup_time_ms=self._setup_ms,
+            expected_downtime_ms=None if obs is None or not eng.bandwidth_bps else obs.expected_downtime_s * 1e3,
+            downtime_ms=o.downtime_ms,
+            ram=RamInfo(
+                transferred=sum(r.sent_bytes for r in eng.rounds),
+                remaining=(self.bitmap.count() if done else self.layout.npages) * page,
+                total=self.layout.npages * page,
+                normal=sent_pages,
+                page_size=page,
+                dirty_pages_rate=self._dirty_rate,
+                dirty_sync_count=done,
+                mbps=eng.bandwidth_bps * 8 / 1e6,
+            ),
+            downtime_limit_ms=None if limit is None else limit * 1e3,
+            max_bandwidth=self.sink.max_bandwidth,
+            throttle=eng.throttle,
+            decision=o.decision or (eng.verdict.reason if eng.verdict else ""),
+            guest=o.guest.value,
+            error=o.error,
+            trackers=tuple(replace(s) for s in self.trackers.stats()),
+        )
+
+    def set_parameters(self, downtime_limit_ms: float | None = None, max_bandwidth: float | None = None) -> None:
+        """QEMU's `migrate-set-parameters` for this migration: a new downtime limit counts
+        from the next decision (`NotNow` once the switchover is decided); a bandwidth cap
+        (bytes per second, 0 lifts it) applies to the page stream from its next frame."""
+        if downtime_limit_ms is not None:
+            self.sequence.set_policy(with_downtime_limit(self.engine.policy, downtime_limit_ms / 1e3))
+        if max_bandwidth is not None:
+            if max_bandwidth < 0:
+                raise ValueError(f"a bandwidth cap must be positive (0 lifts it), got {max_bandwidth}")
+            self.sink.set_max_bandwidth(max_bandwidth or None)
+
+    def force_switchover(self) -> None:
+        """Switch over at the next decision whatever the expected downtime (`NotNow` after)."""
+        self.sequence.request_switchover()
+
+    def cancel(self) -> bool:
+        """Abort as a signal would: before `migrate-continue` the source keeps the guest;
+        past it the handover is finished first. `run()` then returns the report (it raises
+        only a cancellation that came from outside). False once the migration has ended."""
+        if self.sequence.finished:
+            return False
+        if not self._cancel_requested:
+            self._cancel_requested = True
+            if self._run_task is not None:
+                self._run_task.cancel()
+        return True
+
+    def _tracker_event(self, ev: TrackerEvent) -> None:
+        self.events.emit(EventName.TRACKER, _plain(list(asdict(ev).items())), ev)
+
+    def _observe(self, action: seq.Action, rec: RoundRecord | None) -> None:
+        """Tell listeners what the last answered action changed."""
+        if rec is not None:
+            self.events.emit(EventName.MIGRATION_PASS, {"pass": rec.round, **asdict(rec)}, rec)
+        if isinstance(action, seq.Collect) and not action.final and self.engine.observation is not None:
+            obs, v = self.engine.observation, self.engine.verdict
+            gap = obs.elapsed_s - self._last_collect_s
+            self._dirty_rate = obs.pending_pages / gap if gap > 0 else 0.0
+            self._last_collect_s = obs.elapsed_s
+            if v is not None:
+                self.events.emit(
+                    EventName.DECISION,
+                    {
+                        "round": obs.round,
+                        "decision": v.decision.value,
+                        "reason": v.reason,
+                        "pending-pages": obs.pending_pages,
+                        "device-bytes": obs.device_bytes,
+                        "expected-downtime-ms": obs.expected_downtime_s * 1e3,
+                        "collect-ms": obs.collect_s * 1e3,
+                        "bandwidth-bps": obs.bandwidth_bps,
+                        "throttle": v.throttle,
+                    },
+                    v,
+                )
+        status = self.sequence.job_status
+        if status is not self._status:
+            self._status = status
+            if status is seq.JobStatus.ACTIVE and self._setup_ms is None:
+                self._setup_ms = self._elapsed() * 1e3
+            self.events.emit(EventName.MIGRATION, {"status": status.value})
+
     async def run(self) -> MigrationReport:
         """Migrate, and return the report. A cancellation by the caller (the CLI's signals)
         aborts like a failure before `migrate-continue` and is raised again afterwards; once
         past it the switchover is finished first. Either way `report` tells the outcome."""
         self._t0 = time.monotonic()
-        watch = asyncio.ensure_future(self._watch_peers(_this_task()))
+        self._run_task = _this_task()
+        watch = asyncio.ensure_future(self._watch_peers(self._run_task))
         try:
+            if self._cancel_requested:
+                self._run_task.cancel()
             while (action := self.sequence.next_action()) is not None:
+                fields_ = _plain(list(asdict(action).items()))
+                self.events.emit(EventName.STEP, {"action": type(action).__name__, **fields_}, action)
                 rec = self.sequence.send(await self._step(action))
-                if rec is not None and self._on_round:
-                    self._on_round(rec)
+                self._observe(action, rec)
         finally:
             watch.cancel()
+            if self.actuator is not None:
+                await self._release_throttle()
             self._finish()
+            self.events.close()
         if self.sequence.caller_cancelled:
+            if self._cancel_requested and self._run_task.uncancel() == 0:
+                return self.report  # cancel()'s own: the report says so
             raise asyncio.CancelledError
         return self.report
 
@@ -214,7 +356,7 @@ class Migration:
             case seq.SendRound0():
                 t = time.monotonic()
                 n, nbytes = await self.sink.send_round0(self.trackers.on_sent)
-                return seq.Sent(n, nbytes, time.monotonic() - t)
+                return seq.Sent(n, nbytes, time.monotonic() - t, elapsed_s=self._elapsed())
             case seq.Collect(round=round_, final=final):
                 t = time.monotonic()
                 await self.trackers.collect(round_, final=final)
@@ -226,7 +368,12 @@ class Migration:
                 sent = pages[:0] if final and opts.skip_final_copy else pages
                 t = time.monotonic()
                 nbytes = await self.sink.send_pages(sent, self.trackers.on_sent)
-                return seq.Sent(len(sent), nbytes, time.monotonic() - t, dirty_pages=len(pages))
+                return seq.Sent(len(sent), nbytes, time.monotonic() - t, len(pages), self._elapsed())
+            case seq.Throttle(level=level):
+                if self.actuator is None:
+                    raise NotNow(f"the policy asked to throttle the guest to {level:.0%} but no actuator was given")
+                await self.actuator.set(level)
+                return seq.Throttled()
             case seq.Listen():
                 await choreography.listen(self.dst, self.uri)
                 return seq.Listening()
@@ -300,11 +447,22 @@ class Migration:
     async def _each(self, step) -> list:
         return await each_device(self.devices, step)
 
+    async def _release_throttle(self) -> str | None:
+        """The guest gets all its vCPU time back (every exit path); a failure is said, not raised."""
+        assert self.actuator is not None
+        try:
+            await self.actuator.release()
+        except Exception as exc:
+            return f"releasing the throttle failed: {exc}"
+        return None
+
     async def _cancel(self, resume: bool, dst_listening: bool) -> seq.Cancelled:
         """Before migrate-continue the source still owns the guest: make sure it runs (or
-        stays paused, as its user left it), and its devices with it; set both QEMUs'
-        capabilities back. Every step is tried; what failed is reported, not raised."""
+        stays paused, as its user left it) at full speed, and its devices with it; set both
+        QEMUs' capabilities back. Every step is tried; what failed is reported, not raised."""
         problems = [p for p in await each_device(self.devices, lambda d: d.abort()) if p]
+        if self.actuator is not None and (problem := await self._release_throttle()):
+            problems.append(problem)
         lost = False
         try:
             await choreography.cancel(self.src, self.options.qmp_timeout_s, resume=resume)

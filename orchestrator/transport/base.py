@@ -31,6 +31,13 @@ class SinkError(TransportError, RuntimeError):
 class PageSink(Protocol):
     page_size: int
 
+    @property
+    def max_bandwidth(self) -> float | None:
+        """The cap on the page stream, bytes per second (None: uncapped)."""
+
+    def set_max_bandwidth(self, rate: float | None) -> None:
+        """Change the cap (None lifts it); takes effect from the next slice or frame."""
+
     async def send_round0(self, on_sent: OnSent | None = None) -> tuple[int, int]:
         """Make the destination equal to the source, assuming nothing about what it held:
         clear it, then send every page that is not all zero. Returns (pages, bytes) sent."""

@@ -18,6 +18,7 @@ import numpy as np
 from orchestrator.dirty.memory import MemoryLayout, RamRegion
 from orchestrator.dirty.ranges import page_runs, union_runs
 from orchestrator.transport.base import OnSent, page_numbers
+from orchestrator.transport.bucket import TokenBucket
 from orchestrator.transport.ramfile import (
     MappedRegion,
     clear_file,
@@ -37,6 +38,8 @@ RUN_PAGES = 64
 # Up to this many pages are copied on the event loop's thread: the copy (about 0.1 ms) is
 # cheaper than a thread handoff, and a final copy this small runs inside the downtime.
 INLINE_PAGES = 256
+# Under a bandwidth cap pages move in slices of this many, each waiting for its tokens.
+PACE_PAGES = 256
 
 
 @dataclass
@@ -51,6 +54,10 @@ class _Region(MappedRegion):
         return data_runs(path or self.src_path, self.offset, self.nbytes, self.page_size)
 
 
+def _nonzero(reg: _Region) -> list[np.ndarray]:
+    return list(nonzero_pages(reg.src, reg.data_runs()))
+
+
 class LocalSink:
     """Source and destination RAM files on this host (both QEMUs share-mapped them).
 
@@ -63,6 +70,7 @@ class LocalSink:
         self.page_size = layout.page_size
         self._maps: list[mmap.mmap] = []
         self.regions: list[_Region] = []
+        self._bucket: TokenBucket | None = None
         try:
             for r in layout.regions:
                 self.regions.append(self._open(r, src_paths, dst_paths))
@@ -85,6 +93,14 @@ class LocalSink:
         self._maps.append(dmm)
         dst = region_rows(d, r, self.page_size)
         return _Region.of(r, self.page_size, s, src_paths[key], dst=dst, dst_path=dst_paths[key])
+
+    @property
+    def max_bandwidth(self) -> float | None:
+        return None if self._bucket is None else self._bucket.rate
+
+    def set_max_bandwidth(self, rate: float | None) -> None:
+        """Cap the copy at `rate` bytes per second (None: as fast as memory goes)."""
+        self._bucket = TokenBucket(rate) if rate else None
 
     def close(self) -> None:
         for region in self.regions:
@@ -142,12 +158,36 @@ class LocalSink:
         return total, total * self.page_size
 
     async def send_round0(self, on_sent: OnSent | None = None) -> tuple[int, int]:
-        return await asyncio.to_thread(self.send_nonzero, on_sent)
+        if self._bucket is None:
+            return await asyncio.to_thread(self.send_nonzero, on_sent)
+        total = 0
+        for reg in self.regions:
+            await asyncio.to_thread(clear_file, reg.dst_path, reg.offset, reg.nbytes)
+            found = await asyncio.to_thread(_nonzero, reg)
+            for nz in found:
+                total += await self._paced(reg, nz, nz + reg.first_page, on_sent)
+        return total, total * self.page_size
 
     async def send_pages(self, pages: np.ndarray, on_sent: OnSent | None = None) -> int:
+        if self._bucket is not None:
+            moved = 0
+            for reg, local, gp in split_pages(self.regions, page_numbers(pages)):
+                moved += await self._paced(reg, local, gp, on_sent)
+            return moved * self.page_size
         if pages.size <= INLINE_PAGES:
             return self.send(pages, on_sent)
         return await asyncio.to_thread(self.send, pages, on_sent)
+
+    async def _paced(self, reg: _Region, local: np.ndarray, gp: np.ndarray, on_sent: OnSent | None) -> int:
+        """Copy in slices, each after the bucket lets its bytes through (the cap may change
+        between slices: `set_max_bandwidth` while a round runs)."""
+        moved = 0
+        for i in range(0, local.size, PACE_PAGES):
+            part = slice(i, i + PACE_PAGES)
+            if (bucket := self._bucket) is not None:
+                await bucket.take(local[part].size * self.page_size)
+            moved += await asyncio.to_thread(self._copy, reg, local[part], gp[part], on_sent)
+        return moved
 
     async def verify(self) -> np.ndarray:
         return await asyncio.to_thread(self.mismatched_pages)

@@ -225,6 +225,15 @@ class TcpSink:
         self._rows = view.reshape(-1, self.page_size)
         self.regions = [MappedRegion.of(r, self.page_size, view, src_path) for r in layout.regions]
 
+    @property
+    def max_bandwidth(self) -> float | None:
+        return None if self._bucket is None else self._bucket.rate
+
+    def set_max_bandwidth(self, rate: float | None) -> None:
+        """Cap the stream at `rate` bytes per second, all lanes together (None: uncapped),
+        from the next frame on."""
+        self._bucket = TokenBucket(rate) if rate else None
+
     @classmethod
     async def connect(
         cls,

@@ -501,8 +501,9 @@ class FakeQemu:
 
     def _settled(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and not isinstance(task.exception(), _Ended):
-            raise task.exception()  # a bug of the double: the loop's handler reports it
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None and not isinstance(exc, _Ended):
+            raise exc  # a bug of the double: the loop's handler reports it
 
     def _check_connected(self, command: str) -> None:
         if self._lost:

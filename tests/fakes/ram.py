@@ -27,6 +27,11 @@ class MemorySink:
         self.dst = rng.integers(0, 256, (npages, PAGE), dtype=np.uint8)  # whatever it held before
         self.closed = False
 
+    max_bandwidth: float | None = None
+
+    def set_max_bandwidth(self, rate: float | None) -> None:
+        self.max_bandwidth = rate
+
     async def send_round0(self, on_sent: OnSent | None = None) -> tuple[int, int]:
         await self._step("send_round0")
         self.dst[:] = 0

@@ -2,7 +2,8 @@
 
 from orchestrator.migration.engine.errors import EngineError, PolicyError
 from orchestrator.migration.engine.policy import Decision, DowntimePolicy, Observation, OnLimit, Policy, Verdict
-from orchestrator.migration.engine.precopy import PrecopyEngine, RoundRecord
+from orchestrator.migration.engine.precopy import PrecopyEngine
+from orchestrator.migration.engine.records import RoundRecord
 from orchestrator.migration.engine.sequence import (
     GuestHome,
     MigrationSequence,

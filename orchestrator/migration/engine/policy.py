@@ -6,12 +6,14 @@ simulator can drive them exactly as a real migration does.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from dataclasses import dataclass
 from typing import Protocol
 
 from orchestrator.migration.engine.errors import PolicyError
+from orchestrator.migration.engine.records import RoundRecord
 
 
 class Decision(enum.StrEnum):
@@ -31,6 +33,9 @@ class Observation:
     bandwidth_bps: float  # smoothed send bandwidth, bytes per second
     elapsed_s: float  # since the migration started
     collect_s: float = 0.0  # how long the last collect took: the final one runs paused too
+    ram_bytes: int = 0  # the guest's RAM size
+    rounds: tuple[RoundRecord, ...] = ()  # every round so far, oldest first
+    throttle: float = 0.0  # the share of vCPU time taken from the guest now
 
     @property
     def pending_bytes(self) -> int:
@@ -48,6 +53,12 @@ class Verdict:
     decision: Decision
     reason: str
     converged: bool = False  # the expected downtime fit the limit (not forced by a cap)
+    #: The share of vCPU time to take from the guest from now on (0: none); None leaves it.
+    throttle: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.throttle is not None and not 0.0 <= self.throttle < 1.0:
+            raise PolicyError(f"a throttle is a share of vCPU time in [0, 1), got {self.throttle}")
 
 
 class OnLimit(enum.StrEnum):
@@ -59,6 +70,23 @@ class OnLimit(enum.StrEnum):
 
 class Policy(Protocol):
     def decide(self, obs: Observation) -> Verdict: ...
+
+
+def with_downtime_limit(policy: Policy, limit_s: float) -> Policy:
+    """The same policy with another downtime limit (a caller tuning a running migration).
+    Every policy with a `downtime_limit_s` field takes one; a policy that wraps another
+    (`inner`) passes it on."""
+    if not (0 < limit_s < math.inf):
+        raise PolicyError(f"a downtime limit must be finite and positive, got {limit_s} s")
+    if not dataclasses.is_dataclass(policy) or isinstance(policy, type):
+        raise PolicyError(f"{type(policy).__name__} has no downtime limit to set")
+    names = {f.name for f in dataclasses.fields(policy)}
+    if "downtime_limit_s" in names:
+        return dataclasses.replace(policy, downtime_limit_s=limit_s)
+    if "inner" in names:
+        inner = with_downtime_limit(policy.inner, limit_s)
+        return dataclasses.replace(policy, inner=inner)
+    raise PolicyError(f"{type(policy).__name__} has no downtime limit to set")
 
 
 @dataclass(frozen=True)

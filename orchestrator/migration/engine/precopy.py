@@ -9,17 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from orchestrator.migration.engine.policy import DowntimePolicy, Observation, Policy, Verdict
-
-
-@dataclass(frozen=True)
-class RoundRecord:
-    round: int
-    dirty_pages: int
-    sent_pages: int
-    sent_bytes: int
-    duration_ms: float
-    bandwidth_bps: float
-    expected_downtime_ms: float
+from orchestrator.migration.engine.records import RoundRecord
 
 
 @dataclass
@@ -28,8 +18,11 @@ class PrecopyEngine:
     policy: Policy = field(default_factory=DowntimePolicy)
     ewma_alpha: float = 0.5  # weight of the newest round in the bandwidth estimate
     min_sample_bytes: int = 1 << 20  # smaller rounds measure fixed overhead, not bandwidth
+    ram_bytes: int = 0  # what the guest has: policies that scale with memory size read it
     rounds: list[RoundRecord] = field(default_factory=list)
     bandwidth_bps: float = 0.0
+    throttle: float = 0.0  # the share of vCPU time taken from the guest now
+    observation: Observation | None = None  # what the policy saw last
     verdict: Verdict | None = None
 
     def __post_init__(self) -> None:
@@ -37,7 +30,13 @@ class PrecopyEngine:
             raise ValueError(f"ewma_alpha must be in (0, 1], got {self.ewma_alpha}")
 
     def record_round(
-        self, dirty_pages: int, sent_pages: int, sent_bytes: int, duration_s: float, work_bytes: int | None = None
+        self,
+        dirty_pages: int,
+        sent_pages: int,
+        sent_bytes: int,
+        duration_s: float,
+        work_bytes: int | None = None,
+        ended_s: float = 0.0,
     ) -> RoundRecord:
         """A round finished sending: fold its throughput into the estimate. `work_bytes` is
         what the round had to read when that is more than it sent (round 0 scans all of RAM
@@ -57,6 +56,7 @@ class PrecopyEngine:
             duration_ms=duration_s * 1e3,
             bandwidth_bps=self.bandwidth_bps,
             expected_downtime_ms=expected * 1e3,
+            ended_ms=ended_s * 1e3,
         )
         self.rounds.append(rec)
         return rec
@@ -71,8 +71,11 @@ class PrecopyEngine:
             bandwidth_bps=self.bandwidth_bps,
             elapsed_s=elapsed_s,
             collect_s=collect_s,
+            ram_bytes=self.ram_bytes,
+            rounds=tuple(self.rounds),
+            throttle=self.throttle,
         )
-        self.verdict = self.policy.decide(obs)
+        self.observation, self.verdict = obs, self.policy.decide(obs)
         return self.verdict
 
     @property

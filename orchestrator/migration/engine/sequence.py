@@ -8,8 +8,9 @@ source keeps the guest); once `Continue` is issued the handover is seen through,
 destination that fails to take the guest gives it back. An event the pending action cannot
 produce raises `OutOfOrder`, so a driver and a simulator cannot drift apart silently.
 
-Throttling the guest is not an action yet: no actuator exists, and a policy has no way to
-ask for it; the experiments issue adds both.
+A caller steers a running migration through the machine, never around it: `set_policy`
+(a new downtime limit, say) and `request_switchover` take effect at the next decision, and
+`job_status` names the phase with QEMU's MigrationStatus values.
 """
 
 from __future__ import annotations
@@ -18,12 +19,30 @@ import enum
 from dataclasses import dataclass, field
 
 from orchestrator.migration.engine.errors import EngineError
-from orchestrator.migration.engine.policy import Decision
-from orchestrator.migration.engine.precopy import PrecopyEngine, RoundRecord
+from orchestrator.migration.engine.policy import Decision, Policy, Verdict
+from orchestrator.migration.engine.precopy import PrecopyEngine
+from orchestrator.migration.engine.records import RoundRecord
 
 
 class OutOfOrder(EngineError):
     """An event that does not answer the pending action, or an action asked for twice."""
+
+
+class NotNow(EngineError):
+    """A caller's request the migration's phase no longer allows (tuning after precopy)."""
+
+
+class JobStatus(enum.StrEnum):
+    """QEMU's MigrationStatus values, for what a management stack already knows how to read."""
+
+    SETUP = "setup"
+    ACTIVE = "active"
+    PRE_SWITCHOVER = "pre-switchover"  # QEMU stopped the guest; the final copy runs
+    DEVICE = "device"  # migrate-continue issued: QEMU moves device state, the destination starts
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    COMPLETED = "completed"
+    FAILED = "failed"
 
 
 class Phase(enum.StrEnum):
@@ -74,6 +93,13 @@ class SendPages:
     """Harvest the bitmap and send those pages."""
 
     final: bool = False
+
+
+@dataclass(frozen=True)
+class Throttle:
+    """Take `level` (a share, 0 for none) of the source's vCPU time, as the policy asked."""
+
+    level: float
 
 
 @dataclass(frozen=True)
@@ -147,6 +173,7 @@ Action = (
     | SendRound0
     | Collect
     | SendPages
+    | Throttle
     | Listen
     | Migrate
     | DevicesStopCopy
@@ -178,6 +205,12 @@ class Sent:
     bytes: int
     seconds: float
     dirty_pages: int | None = None  # harvested, when more than sent (a skipped final copy)
+    elapsed_s: float = 0.0  # since the migration started, when the send ended
+
+
+@dataclass(frozen=True)
+class Throttled:
+    pass
 
 
 @dataclass(frozen=True)
@@ -270,6 +303,7 @@ Event = (
     | Started
     | Sent
     | Collected
+    | Throttled
     | Listening
     | PreSwitchover
     | DevicesStopped
@@ -293,6 +327,7 @@ ANSWERS: dict[type, type] = {
     SendRound0: Sent,
     Collect: Collected,
     SendPages: Sent,
+    Throttle: Throttled,
     Listen: Listening,
     Migrate: PreSwitchover,
     DevicesStopCopy: DevicesStopped,
@@ -347,7 +382,13 @@ class MigrationSequence:
     _listening: bool = False
     _trackers: bool = False  # StartTrackers issued: a start in flight may have succeeded
     _continued: bool = False
+    _stopped: bool = False  # QEMU stopped the source in pre-switchover
+    _forced: bool = False  # the caller asked for the switchover
+    _then_send: bool = False  # a Throttle comes before the round the verdict asked for
     _end: Phase = Phase.DONE  # where StopTrackers leads
+
+    def __post_init__(self) -> None:
+        self.engine.ram_bytes = self.engine.ram_bytes or self.ram_bytes
 
     @property
     def cancellable(self) -> bool:
@@ -359,6 +400,44 @@ class MigrationSequence:
     @property
     def finished(self) -> bool:
         return self.phase in (Phase.DONE, Phase.ABORTED)
+
+    @property
+    def tunable(self) -> bool:
+        """Policy changes and a forced switchover still matter: no switchover decided yet."""
+        return self.phase in (Phase.IDLE, Phase.PREPARED, Phase.PRECOPY)
+
+    @property
+    def job_status(self) -> JobStatus:
+        failed = self.outcome.status is MigrationStatus.FAILED
+        match self.phase:
+            case Phase.IDLE | Phase.PREPARED:
+                return JobStatus.SETUP
+            case Phase.PRECOPY:
+                return JobStatus.ACTIVE
+            case Phase.SWITCHING:
+                if isinstance(self._pending, Continue):
+                    return JobStatus.DEVICE
+                return JobStatus.PRE_SWITCHOVER if self._stopped else JobStatus.ACTIVE
+            case Phase.HANDED_OVER:
+                return JobStatus.DEVICE
+            case Phase.ABORTING:
+                return JobStatus.CANCELLING
+            case Phase.DONE:
+                return JobStatus.COMPLETED if self.outcome.status is MigrationStatus.COMPLETED else JobStatus.FAILED
+        return JobStatus.FAILED if failed else JobStatus.CANCELLED
+
+    def set_policy(self, policy: Policy) -> None:
+        """Decide with `policy` from the next collect on (`NotNow` once a switchover is decided)."""
+        if not self.tunable:
+            raise NotNow(f"the policy cannot change now: the migration is {self.job_status.value}")
+        self.engine.policy = policy
+
+    def request_switchover(self) -> None:
+        """Switch over at the next decision whatever the expected downtime (`NotNow` once a
+        switchover or an abort is under way)."""
+        if not self.tunable:
+            raise NotNow(f"no switchover to force: the migration is {self.job_status.value}")
+        self._forced = True
 
     def next_action(self) -> Action | None:
         """The action to perform now (None: finished). Each must be answered before the next."""
@@ -442,7 +521,7 @@ class MigrationSequence:
                 self.phase, self._next = Phase.PRECOPY, SendRound0()
             case SendRound0(), Sent():
                 rec = self.engine.record_round(
-                    self.total_pages, event.pages, event.bytes, event.seconds, self.ram_bytes
+                    self.total_pages, event.pages, event.bytes, event.seconds, self.ram_bytes, event.elapsed_s
                 )
                 self._next = Collect(len(self.engine.rounds))
                 return rec
@@ -452,16 +531,21 @@ class MigrationSequence:
                 self._next = SendPages(final=True)
             case SendPages(final=final), Sent():
                 dirty = event.pages if event.dirty_pages is None else event.dirty_pages
-                rec = self.engine.record_round(dirty, event.pages, event.bytes, event.seconds)
+                rec = self.engine.record_round(dirty, event.pages, event.bytes, event.seconds, ended_s=event.elapsed_s)
                 if not final:
                     self._next = Collect(len(self.engine.rounds))
                 else:
                     self._next = Verify() if self.verify else LoadDevices()
                 return rec
+            case Throttle(level=level), Throttled():
+                self.engine.throttle = level
+                if self._then_send:
+                    self._then_send, self._next = False, SendPages()
             case Listen(), Listening():
                 self._listening, self._next = True, Migrate()
             case Migrate(), PreSwitchover(src_running=running):
                 self._src_running, self._next = running, DevicesStopCopy()  # the truth from here on
+                self._stopped = True
             case DevicesStopCopy(), DevicesStopped():
                 self._next = Collect(len(self.engine.rounds), final=True)
             case Verify(), Verified(ok=True):
@@ -503,8 +587,15 @@ class MigrationSequence:
 
     def _consult(self, c: Collected) -> None:
         verdict = self.engine.next_step(c.dirty_pages, c.device_bytes, c.elapsed_s, c.collect_s)
+        if self._forced and verdict.decision is not Decision.SWITCHOVER:
+            dt = self.engine.observation.expected_downtime_s * 1e3 if self.engine.observation else float("inf")
+            verdict = Verdict(Decision.SWITCHOVER, f"switchover forced by the caller (expected downtime {dt:.1f} ms)")
+            self.engine.verdict = verdict
         if verdict.decision is Decision.CONTINUE:
-            self._next = SendPages()
+            if verdict.throttle is not None and verdict.throttle != self.engine.throttle:
+                self._next, self._then_send = Throttle(verdict.throttle), True
+            else:
+                self._next = SendPages()
             return
         self.outcome.decision = verdict.reason
         if verdict.decision is Decision.SWITCHOVER:
