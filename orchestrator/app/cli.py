@@ -20,7 +20,7 @@ from orchestrator.lab.errors import LabError
 from orchestrator.lab.fleet import FAULTS, KINDS, FaultPlan
 from orchestrator.lab.workload import guest_rate
 from orchestrator.migration.attach import Endpoints, attach, attach_remote
-from orchestrator.migration.driver import GuestHome, Migration, MigrationOptions, MigrationReport
+from orchestrator.migration.driver import GuestHome, Migration, MigrationOptions, MigrationReport, Watch, run_watched
 from orchestrator.migration.engine import EngineError, OnLimit
 from orchestrator.native.builds import BuildError
 from orchestrator.qemu.errors import QemuError
@@ -303,12 +303,19 @@ def vfio_trackers(paths: list[Path], fds: list[int]) -> list[Tracker]:
     return trackers
 
 
-async def run_migration(ep: Endpoints, trackers: list[Tracker], uri: str, options: MigrationOptions) -> MigrationReport:
+def watches_from(args: argparse.Namespace) -> list[Watch]:
+    """What watches a migration of `migrate` or `demo`, from the options asked for."""
+    return []
+
+
+async def run_migration(
+    ep: Endpoints, trackers: list[Tracker], uri: str, options: MigrationOptions, watches: list[Watch]
+) -> MigrationReport:
     """The report, also when a signal cancelled the run: the abort (or the switchover that
     was finished anyway) is in it."""
     mig = Migration(ep, trackers, uri, options, round_line, event_line)
     try:
-        report = await mig.run()
+        report = await run_watched(mig, watches)
     except asyncio.CancelledError:
         task = asyncio.current_task()
         if task is not None and task.uncancel() > 0:
@@ -364,7 +371,8 @@ async def migrate_command(args: argparse.Namespace) -> int:
             notice=lambda text: print(text, flush=True),
         ) as ram:
             trackers = ram + vfio_trackers(args.vfio_device, fds)
-            report = await run_migration(ep, trackers, args.uri or f"unix:{workdir / 'migrate.sock'}", options)
+            uri = args.uri or f"unix:{workdir / 'migrate.sock'}"
+            report = await run_migration(ep, trackers, uri, options, watches_from(args))
         summary(report)
         report_json(report.as_dict(), args.json)
         return exit_status(report)
@@ -406,6 +414,7 @@ async def demo_command(args: argparse.Namespace) -> int:
         qemu=args.qemu,
         explicit=explicit,
         trust_seccomp=args.trust_seccomp,
+        watches=watches_from(args),
     )
     rep = result.report
     summary(rep)

@@ -8,7 +8,7 @@ import asyncio
 import os
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +30,7 @@ from orchestrator.lab.workload import (
     qemu_args,
 )
 from orchestrator.migration.attach import Endpoints, attach, attach_remote
-from orchestrator.migration.driver import Migration, MigrationOptions, MigrationReport
+from orchestrator.migration.driver import Migration, MigrationOptions, MigrationReport, Watch, run_watched
 from orchestrator.migration.engine import MigrationStatus
 from orchestrator.native import builds
 from orchestrator.trackers import QemuWrites, Tracker, qemu_write_trackers
@@ -292,6 +292,7 @@ async def run_demo(
     qemu: str | None = None,
     explicit: bool = True,
     trust_seccomp: bool = False,
+    watches: Sequence[Watch] = (),
 ) -> DemoResult:
     async with guest_pair(
         workload,
@@ -306,7 +307,7 @@ async def run_demo(
         explicit=explicit,
         trust_seccomp=trust_seccomp,
     ) as pair:
-        report = await pair.migration(options, on_round=on_round, on_event=on_event).run()
+        report = await run_watched(pair.migration(options, on_round=on_round, on_event=on_event), watches)
         src_lines = parse_progress(pair.src.read_serial())
         result = DemoResult(report, src_lines, [])
         if report.status is MigrationStatus.COMPLETED:

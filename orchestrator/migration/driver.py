@@ -16,6 +16,7 @@ goes through the sequence machine, which refuses what its phase no longer allows
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import time
 from collections.abc import Callable, Sequence
@@ -111,6 +112,11 @@ class MigrationReport:
     @property
     def ok(self) -> bool:
         return self.status is MigrationStatus.COMPLETED and self.verified is not False
+
+
+#: Something that watches a migration while it runs (a trace, metrics, a control socket, a
+#: progress display): entered before `run()`, left after it, on every exit path.
+Watch = Callable[["Migration"], contextlib.AbstractAsyncContextManager[object]]
 
 
 class Migration:
@@ -494,3 +500,11 @@ class Migration:
         rep.trackers = [replace(s) for s in self.trackers.stats()]  # copies: the live ones keep counting
         rep.events = list(self.trackers.events)
         rep.devices = [replace(d.report) for d in self.devices]
+
+
+async def run_watched(mig: Migration, watches: Sequence[Watch] = ()) -> MigrationReport:
+    """`mig.run()` with every watch entered first and left afterwards, whatever happens."""
+    async with contextlib.AsyncExitStack() as stack:
+        for watch in watches:
+            await stack.enter_async_context(watch(mig))
+        return await mig.run()
