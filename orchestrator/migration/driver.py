@@ -371,6 +371,8 @@ class Migration:
                 return seq.Collected(self.bitmap.count(), device_bytes, collect_s, self._elapsed())
             case seq.SendPages(final=final):
                 pages = self.bitmap.harvest()
+                data = {"round": len(self.engine.rounds), "pages": int(pages.size), "final": final}
+                self.events.emit(EventName.HARVEST, data, pages)
                 sent = pages[:0] if final and opts.skip_final_copy else pages
                 t = time.monotonic()
                 nbytes = await self.sink.send_pages(sent, self.trackers.on_sent)

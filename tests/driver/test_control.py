@@ -79,6 +79,10 @@ async def test_the_event_stream_tells_statuses_in_qemus_order(make_rig: MakeRig)
     assert len(decisions) == len(rep.rounds) - 1 and decisions[-1].data["decision"] == "switchover"
     assert [ev.data["action"] for ev in events if ev.name is EventName.STEP][:2] == ["Prepare", "StartTrackers"]
     assert any(ev.name is EventName.TRACKER and ev.data["kind"] == "start" for ev in events)
+    harvests = [ev for ev in events if ev.name is EventName.HARVEST]
+    assert [h.data["round"] for h in harvests] == list(range(1, len(rep.rounds)))
+    assert [h.data["pages"] for h in harvests] == [r.dirty_pages for r in rep.rounds[1:]]
+    assert all(len(h.record) == h.data["pages"] for h in harvests)
     # A subscriber that comes late gets the whole story, and the stream ends at once.
     late = [ev async for ev in mig.subscribe(replay=True)]
     assert [e.name for e in late] == [e.name for e in mig.events.history]
