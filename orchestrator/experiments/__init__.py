@@ -1,0 +1,1 @@
+"""Experiments on migrations: traces of real runs and probes, and what is computed from them."""
