@@ -27,6 +27,7 @@ ROOMS: dict[str, int] = {
     "trackers": 2,
     "migration": 3,
     "lab": 4,
+    "control": 4,
     "experiments": 4,
     "app": 5,
     "__main__": 6,
