@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from orchestrator.lab.demo import DemoResult
+from orchestrator.lab.workload import guest_rate
 from orchestrator.migration.driver import MigrationReport
 from orchestrator.migration.engine import RoundRecord
 from orchestrator.trackers import TrackerEvent
@@ -53,6 +55,26 @@ def summary(rep: MigrationReport, out: TextIO = sys.stdout) -> None:
     if rep.error:
         print(f"error:      {rep.error}", file=out)
     out.flush()
+
+
+def demo_lines(result: DemoResult) -> list[str]:
+    """What the demo adds to the summary: how each guest and device fared."""
+    lines = []
+    if result.src_progress:
+        lines.append(
+            f"source guest:      last progress {result.src_progress[-1]}, {guest_rate(result.src_progress):.0f} pages/s"
+        )
+    if result.dst_progress:
+        lines.append(
+            f"destination guest: running, progress {result.dst_progress[-1]}, "
+            + ("its own checks pass" if not result.guest_errors else f"FAILED its own checks: {result.guest_errors[0]}")
+        )
+    for name, check in result.devices.items():
+        lines.append(
+            f"device {name}: state migrated {'yes' if check['state_migrated'] else 'NO'}, "
+            f"destination DMA consistent {'yes' if not check['destination_mismatched_pages'] else 'NO'}"
+        )
+    return lines
 
 
 def write_json(data: dict, where: str | None) -> None:

@@ -8,7 +8,7 @@ import asyncio
 import os
 import re
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,12 +201,13 @@ async def guest_pair(
     qemu: str | None = None,
     explicit: bool = True,
     trust_seccomp: bool = False,
+    notice: Callable[[str], None] = print,
 ) -> AsyncIterator[GuestPair]:
     """Launch both QEMUs with the fixture guest doing `workload`, and emulated `devices`
     DMA-ing into the guest's DMA window; pages go by `transport` (local copy, or tcp through
     a receiver on loopback); QEMU's own writes are found by `tracker` (a write-watch not
     asked for `explicit`ly falls back to content hashing when refused); remove everything
-    on exit."""
+    on exit. `notice` tells a write-watch refusal and the fallback taken."""
     tracker = QemuWrites(tracker)
     if workload not in DEMO_WORKLOADS:
         raise LabError(f"unknown workload {workload!r}; choose from {', '.join(DEMO_WORKLOADS)}")
@@ -237,6 +238,7 @@ async def guest_pair(
                 log=log,
                 src_ram=str(src.ram_path),
                 trust_seccomp=trust_seccomp,
+                notice=notice,
             )
             try:
                 if devices:
@@ -293,6 +295,7 @@ async def run_demo(
     explicit: bool = True,
     trust_seccomp: bool = False,
     watches: Sequence[Watch] = (),
+    notice: Callable[[str], None] = print,
 ) -> DemoResult:
     async with guest_pair(
         workload,
@@ -306,6 +309,7 @@ async def run_demo(
         qemu=qemu,
         explicit=explicit,
         trust_seccomp=trust_seccomp,
+        notice=notice,
     ) as pair:
         report = await run_watched(pair.migration(options, on_round=on_round, on_event=on_event), watches)
         src_lines = parse_progress(pair.src.read_serial())

@@ -71,6 +71,15 @@ HANDSHAKE_BUFFER = 2 * (HEADER.size + PROOF_BYTES + MAX_PATH_BYTES)
 
 
 @dataclass
+class ReceiverCounters:
+    """What a receiver has seen since it started, for whoever exports it (the app's metrics):
+    plain numbers the transport keeps without knowing who reads them."""
+
+    connections: int = 0  # accepted, authenticated or not
+    auth_failures: int = 0  # a wrong proof or a replayed nonce
+
+
+@dataclass
 class _Session:
     id: bytes
     lanes: dict[int, asyncio.Task] = field(default_factory=dict)
@@ -115,6 +124,7 @@ class Receiver:
         self.epoch = secrets.token_bytes(EPOCH_BYTES)
         self.session: _Session | None = None
         self.finished = asyncio.Event()  # a session ended with BYE
+        self.counters = ReceiverCounters()
         self._token = token
         self._ssl = ssl_context
         self._handshake_timeout = handshake_timeout_s
@@ -164,6 +174,7 @@ class Receiver:
         if me is None:
             raise RuntimeError("Receiver.serve must run in a task")
         peer = writer.get_extra_info("peername")
+        self.counters.connections += 1
         self._pending[me] = None
         if len(self._pending) > self._max_pending:
             oldest = next(iter(self._pending))
@@ -204,8 +215,10 @@ class Receiver:
         auth = bytes((await read_frame(reader, {Kind.AUTH: PROOF_BYTES + MAX_PATH_BYTES})).payload)
         answer, expect = auth[:PROOF_BYTES], auth[PROOF_BYTES:]
         if not same(answer, client_proof(self._token, server_nonce, client_nonce, session_id, lane, expect)):
+            self.counters.auth_failures += 1
             raise ProtocolError("authentication failed")
         if not self._nonces.fresh(client_nonce):
+            self.counters.auth_failures += 1
             raise ProtocolError("authentication failed: replayed client nonce")
         if lane >= MAX_LANES:
             raise ProtocolError(f"lane {lane} is beyond the {MAX_LANES} this receiver serves")
