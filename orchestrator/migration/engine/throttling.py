@@ -62,7 +62,7 @@ class ThrottlingPolicy:
             cpu_now = 1.0 - now
             cpu_ideal = cpu_now * (self.threshold * sent_bytes) / dirty_bytes
             step = min(cpu_now - cpu_ideal, self.increment)
-        return min(now + step, self.maximum)
+        return round(min(now + step, self.maximum), 6)  # 0.3, not 0.30000000000000004
 
     def decide(self, obs: Observation) -> Verdict:
         verdict = self.inner.decide(obs)
