@@ -28,7 +28,8 @@ MAX_DOWNTIME_LIMIT_MS = 2_000_000
 
 ID = Param("id", Kind.STRING)
 
-#: `x-orch-migrate`'s parameters: the `migrate` command's options, by the same names.
+#: `x-orch-migrate`'s parameters: the `migrate` command's options, by the same names (a
+#: bandwidth cap is `migrate-set-parameters`' once it runs).
 MIGRATE_PARAMETERS = (
     Param("src-qmp", Kind.STRING, required=True),
     Param("dst-qmp", Kind.STRING, required=True),
@@ -49,7 +50,6 @@ MIGRATE_PARAMETERS = (
     Param("max-rounds", Kind.INTEGER),
     Param("max-time", Kind.NUMBER),
     Param("on-limit", Kind.STRING),
-    Param("max-bandwidth", Kind.INTEGER),
 )
 
 
@@ -139,7 +139,7 @@ async def _query_migrations(ctx: Context, args: dict[str, Any]) -> Any:
     return out
 
 
-DOWNTIME = Param("downtime-limit", Kind.NUMBER, minimum=1e-3, maximum=MAX_DOWNTIME_LIMIT_MS, unit="ms")
+DOWNTIME = Param("downtime-limit", Kind.NUMBER, minimum=1e-6, maximum=MAX_DOWNTIME_LIMIT_MS, unit="ms")
 BANDWIDTH = Param("max-bandwidth", Kind.INTEGER, minimum=0, unit="bytes per second (0 lifts the cap)")
 
 #: qmp_capabilities is the protocol's own (`protocol.QmpConnection` answers it); it is listed.

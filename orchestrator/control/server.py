@@ -136,9 +136,13 @@ class ControlServer:
             forwarders = [t for c in self._clients for t in c.forwarders]
             if forwarders:
                 await asyncio.wait(forwarders, timeout=FLUSH_S)
-            for task in self._handlers:
-                task.cancel()
-            await asyncio.gather(*self._handlers, return_exceptions=True)
+            for client in self._clients:
+                client.writer.close()  # its handler reads the end and returns
+            if self._handlers:
+                _, stuck = await asyncio.wait(self._handlers, timeout=FLUSH_S)
+                for task in stuck:  # still inside a command
+                    task.cancel()
+                await asyncio.gather(*stuck, return_exceptions=True)
             if self._server is not None:
                 await self._server.wait_closed()
         finally:
