@@ -155,3 +155,26 @@ def test_mountinfo_gives_v2_first_then_v1_cpu(tmp_path: Path) -> None:
     ]
     assert found[0].directory("/machine.slice/qemu") == Path("/sys/fs/cgroup/unified/qemu")
     assert found[0].directory("/user.slice") is None, "outside the mount"
+
+
+async def test_the_cli_gives_an_actuator_only_to_a_throttling_policy() -> None:
+    """`migrate`/`demo` enter `throttle_watch`: a policy that never throttles gets nothing; one
+    that does needs a real QEMU session to find the vCPUs' process (a double is refused)."""
+    import dataclasses
+
+    from orchestrator.app.checks import InputError
+    from orchestrator.app.cli import throttle_watch
+    from orchestrator.migration.engine.throttling import ThrottlingPolicy
+    from tests.fakes.rig import OPTIONS, Rig
+
+    rig = Rig.build()
+    try:
+        plain = rig.migration()
+        async with throttle_watch(plain):
+            assert plain.actuator is None
+        throttled = rig.migration(dataclasses.replace(OPTIONS, custom_policy=ThrottlingPolicy()))
+        with pytest.raises(InputError, match="throttling policy needs the source QEMU's process"):
+            async with throttle_watch(throttled):
+                pass
+    finally:
+        await rig.close()
