@@ -106,12 +106,12 @@ def live_panel(info: MigrationInfo) -> RenderableType:
     grid.add_row("status", f"{info.status.value} ({info.phase}), {info.total_time_ms / 1e3:.1f} s")
     grid.add_row("rounds", str(ram.dirty_sync_count))
     bar = Table.grid(padding=(0, 1))
-    bar.add_row(
-        ProgressBar(total=1.0, completed=min(sent, 1.0), width=30),
-        f"{sent:.0%} of RAM sent ({ram.transferred / MIB:.1f} of {ram.total / MIB:.1f} MiB), "
-        f"{ram.remaining / MIB:.1f} MiB dirty to send",
-    )
+    bar.add_row(ProgressBar(total=1.0, completed=min(sent, 1.0), width=30), f"{sent:.0%} of RAM sent")
     grid.add_row("RAM", bar)
+    grid.add_row(
+        "sent",
+        f"{ram.transferred / MIB:.1f} MiB of {ram.total / MIB:.1f} MiB, {ram.remaining / MIB:.1f} MiB dirty to send",
+    )
     grid.add_row(
         "dirty rate", f"{ram.dirty_pages_rate:.0f} pages/s ({ram.dirty_pages_rate * ram.page_size / MIB:.1f} MiB/s)"
     )
