@@ -25,6 +25,8 @@ class Options:
     #: QEMU binaries the end-to-end rows run on, each row once per binary; empty: the
     #: launcher's default (`ORCHESTRATOR_QEMU`, else the system's).
     qemus: tuple[str, ...] = ()
+    #: End-to-end rows to run, by workload name; empty: every row.
+    rows: tuple[str, ...] = ()
 
     @property
     def repeat(self) -> int:

@@ -41,6 +41,14 @@ def main(argv: list[str] | None = None) -> int:
         help="run just this section or section.suite (repeatable)",
     )
     parser.add_argument("--reps", type=int, metavar="N", help="end-to-end migrations per contender and row")
+    parser.add_argument(
+        "--row",
+        action="append",
+        default=[],
+        metavar="WORKLOAD",
+        choices=[row.name for row in importlib.import_module("bench.e2e").ROWS],
+        help="run only this end-to-end row (repeatable; e.g. device-heavy)",
+    )
     parser.add_argument("--mem", type=int, default=256, metavar="MIB", help="end-to-end guest RAM (default 256)")
     parser.add_argument(
         "--qemu",
@@ -59,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    options = Options(quick=args.quick, reps=args.reps, mem_mib=args.mem, qemus=tuple(args.qemu))
+    options = Options(quick=args.quick, reps=args.reps, mem_mib=args.mem, qemus=tuple(args.qemu), rows=tuple(args.row))
     started = time.monotonic()
     results: dict[str, dict | list] = {
         "meta": {

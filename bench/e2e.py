@@ -92,7 +92,8 @@ def migrations(options: Options) -> list[dict]:
     for qemu in options.qemus or (default_qemu(),):
         version = ".".join(map(str, qemu_version(qemu)))
         for row in ROWS:
-            rows.append(_row(row, options, qemu, version))
+            if not options.rows or row.name in options.rows:
+                rows.append(_row(row, options, qemu, version))
     return rows
 
 
