@@ -13,6 +13,7 @@ HARVEST_TARGET_MS = 20.0
 WRITEWATCH_HARVEST_TARGET_MS_PER_GIB = 3.0
 SCALING_TARGET_RATIO = 1.5
 GUEST_RATE_TARGET_RATIO = 0.9
+PREDICTION_TARGET_ERROR = 0.10  # median relative error of the simulator on total time and rounds
 
 
 def _cell(value: object) -> str:
@@ -96,8 +97,54 @@ def _e2e(rows: list[dict]) -> list[str]:
     )
 
 
+def _validation(section: dict) -> list[str]:
+    out = ["## Simulator against real runs (predicted from another run's trace)", ""]
+    table = []
+    for row in section["cases"]:
+        m, p, e = row["measured"], row["predicted"], row["errors"]
+        table.append(
+            [
+                f"{row['workload']} ({row['mem_mib']} MiB)",
+                row["policy"],
+                m["total_ms"],
+                p["total_ms"],
+                e["total_ms"],
+                m["rounds"],
+                p["rounds"],
+                m["downtime_ms"],
+                p["downtime_ms"],
+                e["bytes_sent"],
+                m["converged"],
+                p["converged"],
+                row["replay_rounds_exact"],
+            ]
+        )
+    header = ["workload", "policy", "total ms", "predicted", "error", "rounds", "predicted", "downtime ms"]
+    header += ["predicted", "bytes error", "converged", "predicted", "replay exact"]
+    return [*out, *_table(header, table)]
+
+
 def _targets(results: dict) -> list[str]:
     checks: list[tuple[str, object, bool | None]] = []
+    if "validation" in results:
+        v = results["validation"]["summary"]
+        for figure in ("total_ms", "rounds"):
+            err = v[f"median_error_{figure}"]
+            checks.append(
+                (
+                    f"simulator: median error on {figure} <= {PREDICTION_TARGET_ERROR:.0%}",
+                    err,
+                    None if err is None else err <= PREDICTION_TARGET_ERROR,
+                )
+            )
+        checks.append(
+            (
+                "simulator: converge/no-converge verdict right in every case",
+                f"{v['verdicts_right']}/{v['cases']}",
+                v["verdicts_right"] == v["cases"],
+            )
+        )
+        checks.append(("simulator: recorded numbers replay the round count exactly", None, v["replays_exact"]))
     for row in results.get("e2e", []):
         total, down = row["ratio"]["total_ms"], row["ratio"]["downtime_ms"]
         rate = row["ratio"]["guest_rate"]
@@ -188,5 +235,7 @@ def markdown(results: dict) -> str:
         lines += _e2e(results["e2e"])
     if results.get("micro"):
         lines += ["## Micro", "", *_table(["figure", "value"], results["micro"].items())]
+    if results.get("validation"):
+        lines += _validation(results["validation"])
     lines += _targets(results)
     return "\n".join(lines)
