@@ -11,10 +11,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from orchestrator.app import experiments
 from orchestrator.app.checks import InputError, distinct_sockets, positive, private_ram, process_uid, writable_target
 from orchestrator.app.output import event_line, round_line, summary, write_json
 from orchestrator.app.receive import serve
 from orchestrator.app.signals import Interrupted, settle, under_signal_policy
+from orchestrator.experiments.errors import ExperimentError
 from orchestrator.lab.demo import DEMO_WORKLOADS, parse_size, run_demo
 from orchestrator.lab.errors import LabError
 from orchestrator.lab.fleet import FAULTS, KINDS, FaultPlan
@@ -53,6 +55,7 @@ BAD_INPUT = (
     VfioClientError,
     WriteWatchError,
     BuildError,
+    ExperimentError,
     OSError,
 )
 
@@ -88,6 +91,8 @@ def add_policy_options(p: argparse.ArgumentParser) -> None:
         help="when a cap is hit: cancel (source keeps running) or force the switchover",
     )
     p.add_argument("--json", metavar="PATH|-", help="write the JSON report there ('-' for stdout)")
+    experiments.add_policy_choice(p)
+    experiments.add_plot_option(p)
 
 
 def add_tracker_options(p: argparse.ArgumentParser, kinds: tuple[QemuWrites, ...]) -> None:
@@ -119,6 +124,8 @@ def tracker_choice(args: argparse.Namespace) -> tuple[QemuWrites, bool]:
 def options_from(args: argparse.Namespace, verify: bool, **more) -> MigrationOptions:
     """The options, with the policy numbers and the report path checked (`InputError` naming
     the bad one)."""
+    custom = experiments.chosen_policy(args)
+    writable_target("--plot", args.plot)
     positive("--downtime-limit", args.downtime_limit, "milliseconds")
     positive("--max-time", args.max_time, "seconds")
     positive("--max-rounds", args.max_rounds, "rounds")
@@ -129,6 +136,7 @@ def options_from(args: argparse.Namespace, verify: bool, **more) -> MigrationOpt
         max_time_s=args.max_time,
         on_limit=args.on_limit,
         verify=verify,
+        custom_policy=custom,
         **more,
     )
     options.policy()
@@ -240,6 +248,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve TLS with this certificate (with --tls-key)")
     r.add_argument("--tls-key", type=Path, metavar="PEM")
     r.add_argument("--once", action="store_true", help="exit when the first migration session ends")
+    experiments.add_commands(sub)
     return top
 
 
@@ -375,6 +384,7 @@ async def migrate_command(args: argparse.Namespace) -> int:
             report = await run_migration(ep, trackers, uri, options, watches_from(args))
         summary(report)
         report_json(report.as_dict(), args.json)
+        experiments.plot_if_asked(args, report.as_dict())
         return exit_status(report)
     finally:
         if ep is not None:
@@ -434,6 +444,7 @@ async def demo_command(args: argparse.Namespace) -> int:
         )
     devices_ok = all(c["state_migrated"] and not c["destination_mismatched_pages"] for c in result.devices.values())
     report_json({**rep.as_dict(), "device_checks": result.devices}, args.json)
+    experiments.plot_if_asked(args, rep.as_dict())
     return exit_status(rep, devices_ok, not result.guest_errors)
 
 
@@ -458,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo": demo_command,
         "receive": receive_command,
         "vcpu-log": vcpu_log_command,
+        **experiments.COMMANDS,
     }[args.command]
     try:
         return asyncio.run(under_signal_policy(command(args)))

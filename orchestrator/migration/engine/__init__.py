@@ -1,6 +1,7 @@
 """Sans-IO precopy engine, convergence policies and the migration's sequence."""
 
 from orchestrator.migration.engine.errors import EngineError, PolicyError
+from orchestrator.migration.engine.policies import DowntimeRamp, ProgressTimeouts, StallDetection
 from orchestrator.migration.engine.policy import Decision, DowntimePolicy, Observation, OnLimit, Policy, Verdict
 from orchestrator.migration.engine.precopy import PrecopyEngine
 from orchestrator.migration.engine.records import RoundRecord
@@ -16,6 +17,7 @@ from orchestrator.migration.engine.sequence import (
 __all__ = [
     "Decision",
     "DowntimePolicy",
+    "DowntimeRamp",
     "EngineError",
     "GuestHome",
     "MigrationSequence",
@@ -28,6 +30,8 @@ __all__ = [
     "Policy",
     "PolicyError",
     "PrecopyEngine",
+    "ProgressTimeouts",
     "RoundRecord",
+    "StallDetection",
     "Verdict",
 ]

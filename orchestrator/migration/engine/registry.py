@@ -18,13 +18,16 @@ from typing import Any
 from orchestrator.migration.engine.errors import PolicyError
 from orchestrator.migration.engine.policies import DowntimeRamp, ProgressTimeouts, StallDetection
 from orchestrator.migration.engine.policy import DowntimePolicy, Policy
+from orchestrator.migration.engine.throttling import ThrottlingPolicy
 
-#: Canonical name -> policy class. "downtime" is QEMU's threshold rule.
+#: Canonical name -> policy class. "downtime" is QEMU's threshold rule; "throttle" wraps another
+#: (`inner=NAME`, `inner.KEY=VALUE`).
 POLICIES: dict[str, type[Any]] = {
     "downtime": DowntimePolicy,
     "nova": DowntimeRamp,
     "kubevirt": ProgressTimeouts,
     "stall": StallDetection,
+    "throttle": ThrottlingPolicy,  # QEMU's auto-converge around an inner policy
 }
 #: Other names people know the same rules by.
 ALIASES: dict[str, str] = {"qemu": "downtime", "threshold": "downtime", "ramp": "nova"}

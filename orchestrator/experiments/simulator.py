@@ -1,0 +1,276 @@
+"""A migration on a virtual clock: the real `MigrationSequence`, engine and policy, driven as
+`migration/driver.py` drives them, with every action answered by the models instead of QEMU.
+
+The simulator keeps two clocks: wall time (what the report and the policy see) and guest time,
+which runs (1 - level) as fast while the guest is throttled, so a `Throttle` action scales
+the workload's dirty rate exactly as an actuator would. With a `Script` (a recorded run's own
+numbers: dirty counts, collect and send times, downtime) the answers are the recorded ones
+for as long as the replay follows the recording, and the models' after that.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+from orchestrator.experiments.model import CollectModel, LinkModel, Workload
+from orchestrator.migration.driver import MigrationReport
+from orchestrator.migration.engine import MigrationSequence, Outcome, Policy, PrecopyEngine, RoundRecord
+from orchestrator.migration.engine import sequence as seq
+from orchestrator.migration.events import EventHub, EventName, Listener
+
+
+@dataclass(frozen=True)
+class SwitchoverModel:
+    """Time from the switchover decision to QEMU's STOP (`pre_stop_s`: migrate-incoming,
+    migrate, QEMU's state stream to pre-switchover), and from the end of the final copy to the
+    destination's RESUME (`resume_s`: device state, migrate-continue, QEMU's completion)."""
+
+    pre_stop_s: float = 0.01
+    resume_s: float = 0.02
+
+
+@dataclass(frozen=True)
+class RecordedCollect:
+    """What one precopy collect of a recorded run saw, and when the policy was asked."""
+
+    pending_pages: int
+    device_bytes: int
+    collect_s: float
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class Script:
+    """A recorded run's own numbers, answered in order while the replay follows them.
+    `collects[i]` is the collect after round i; `rounds[i]` is round i as sent."""
+
+    rounds: tuple[RoundRecord, ...]
+    collects: tuple[RecordedCollect, ...]
+    downtime_ms: float | None = None
+    total_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Everything a simulated migration runs against."""
+
+    workload: Workload
+    ram_bytes: int
+    page_size: int = 4096
+    link: LinkModel = field(default_factory=LinkModel)
+    collect: CollectModel = field(default_factory=CollectModel)
+    switchover: SwitchoverModel = field(default_factory=SwitchoverModel)
+    device_bytes: int = 0  # device state still to move at every collect
+    script: Script | None = None
+
+
+def _plain(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    return {k: v.value if isinstance(v, enum.Enum) else v for k, v in items}
+
+
+@dataclass
+class Simulation:
+    """One simulated migration; `run()` returns the report `migrate` would print."""
+
+    scenario: Scenario
+    policy: Policy
+    now_s: float = 0.0  # wall clock since the start
+    guest_s: float = 0.0  # the guest's own clock: slower while throttled
+    throttle: float = 0.0
+    events: EventHub = field(init=False)
+    _scan_guest_s: float = 0.0  # guest time of the last harvest: the next window starts here
+    _stop_s: float | None = None  # when QEMU stopped the guest
+    _following: bool = True  # the replay still matches the script
+    _pending: int = 0  # what the last collect found, for the send that follows
+    #: Collected and not yet sent (the bitmap), as page numbers; empty while a recording answers.
+    _harvest: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def __post_init__(self) -> None:
+        self.events = EventHub(lambda: self.now_s)
+        sc = self.scenario
+        self.engine = PrecopyEngine(sc.page_size, self.policy)
+        self.sequence = MigrationSequence(self.engine, sc.ram_bytes // sc.page_size, sc.ram_bytes)
+        self._following = sc.script is not None
+
+    def listen(self, listener: Listener) -> None:
+        """Every event a real migration would emit, stamped with the virtual clock."""
+        self.events.listen(listener)
+
+    def _advance(self, seconds: float) -> None:
+        self.now_s += seconds
+        if self._stop_s is None:
+            self.guest_s += seconds * (1 - self.throttle)
+
+    def _jump(self, to_s: float) -> None:
+        """A recorded time: the clocks move to it (never back)."""
+        self._advance(max(0.0, to_s - self.now_s))
+
+    def _recorded_collect(self, round_: int) -> RecordedCollect | None:
+        script = self.scenario.script
+        if not self._following or script is None or round_ - 1 >= len(script.collects):
+            self._following = False
+            return None
+        return script.collects[round_ - 1]
+
+    def _recorded_round(self, round_: int) -> RoundRecord | None:
+        script = self.scenario.script
+        if not self._following or script is None or round_ >= len(script.rounds):
+            self._following = False
+            return None
+        return script.rounds[round_]
+
+    def run(self) -> MigrationReport:
+        sq = self.sequence
+        status = sq.job_status
+        while (action := sq.next_action()) is not None:
+            self.events.emit(
+                EventName.STEP, {"action": type(action).__name__, **_plain(list(asdict(action).items()))}, action
+            )
+            rec = sq.send(self._answer(action))
+            if rec is not None:
+                self.events.emit(EventName.MIGRATION_PASS, {"pass": rec.round, **asdict(rec)}, rec)
+            if isinstance(action, seq.Collect) and not action.final:
+                self._decided()
+            if sq.job_status is not status:
+                status = sq.job_status
+                self.events.emit(EventName.MIGRATION, {"status": status.value})
+        self.events.close()
+        return self.report()
+
+    def _decided(self) -> None:
+        obs, v = self.engine.observation, self.engine.verdict
+        if obs is None or v is None:
+            return
+        data = {
+            "round": obs.round,
+            "decision": v.decision.value,
+            "reason": v.reason,
+            "pending-pages": obs.pending_pages,
+            "device-bytes": obs.device_bytes,
+            "expected-downtime-ms": obs.expected_downtime_s * 1e3,
+            "collect-ms": obs.collect_s * 1e3,
+            "bandwidth-bps": obs.bandwidth_bps,
+            "throttle": v.throttle,
+        }
+        self.events.emit(EventName.DECISION, data, v)
+
+    def _answer(self, action: seq.Action) -> seq.Event:
+        sc = self.scenario
+        page = sc.page_size
+        match action:
+            case seq.Prepare():
+                return seq.Prepared(True)
+            case seq.StartTrackers():
+                self._scan_guest_s = self.guest_s
+                return seq.Started()
+            case seq.SendRound0():
+                if (r0 := self._recorded_round(0)) is not None:
+                    self._jump(r0.ended_ms / 1e3)
+                    return seq.Sent(r0.sent_pages, r0.sent_bytes, r0.duration_ms / 1e3, elapsed_s=self.now_s)
+                pages = sc.workload.resident_pages()
+                took = sc.link.round0_s(pages * page, sc.ram_bytes)
+                self._advance(took)
+                return seq.Sent(pages, pages * page, took, elapsed_s=self.now_s)
+            case seq.Collect(round=round_, final=final):
+                return self._collect(round_, final)
+            case seq.SendPages(final=final):
+                return self._send(final)
+            case seq.Throttle(level=level):
+                self.throttle = level
+                return seq.Throttled()
+            case seq.Listen():
+                return seq.Listening()
+            case seq.Migrate():
+                self._advance(sc.switchover.pre_stop_s)
+                self._stop_s = self.now_s
+                return seq.PreSwitchover(True)
+            case seq.DevicesStopCopy():
+                return seq.DevicesStopped()
+            case seq.LoadDevices():
+                return seq.DevicesLoaded()
+            case seq.Continue():
+                return seq.Continued()
+            case seq.AwaitCompletion():
+                return seq.Completed(self._complete())
+            case seq.RunDestinationDevices():
+                return seq.DevicesRunning()
+            case seq.Cancel():
+                return seq.Cancelled()
+            case seq.StopTrackers():
+                return seq.TrackersStopped()
+        raise TypeError(f"the simulator has no answer to {action!r}")
+
+    def _collect(self, round_: int, final: bool) -> seq.Collected:
+        sc = self.scenario
+        if not final and (rc := self._recorded_collect(round_)) is not None:
+            self._pending, self._harvest = rc.pending_pages, np.zeros(0, np.int64)
+            self._jump(rc.elapsed_s)
+            self._scan_guest_s = self.guest_s
+            return seq.Collected(rc.pending_pages, rc.device_bytes, rc.collect_s, rc.elapsed_s)
+        if final and self._following:
+            self._following = self._final_recorded(round_)
+        if final and self._following:
+            script = self.scenario.script
+            assert script is not None
+            self._pending, self._harvest = script.rounds[round_].dirty_pages, np.zeros(0, np.int64)
+            return seq.Collected(self._pending, 0, 0.0, self.now_s)
+        # The scan adds what was written since the last one to what is still unsent (the
+        # bitmap keeps a switchover's pending pages for the final copy) and starts the next window.
+        self._harvest = np.union1d(self._harvest, sc.workload.pages(self._scan_guest_s, self.guest_s))
+        self._pending = int(self._harvest.size)
+        self._scan_guest_s = self.guest_s
+        took = sc.collect.seconds(self._pending, sc.ram_bytes)
+        self._advance(took)
+        return seq.Collected(self._pending, 0 if final else sc.device_bytes, took, self.now_s)
+
+    def _final_recorded(self, round_: int) -> bool:
+        """The recording switched over after the same round: its final copy is this one's."""
+        script = self.scenario.script
+        return script is not None and len(script.rounds) == round_ + 1 and script.downtime_ms is not None
+
+    def _send(self, final: bool) -> seq.Sent:
+        sc = self.scenario
+        pages = self._pending
+        harvested = {"round": len(self.engine.rounds), "pages": pages, "final": final}
+        self.events.emit(EventName.HARVEST, harvested, self._harvest)
+        self._harvest = np.zeros(0, np.int64)
+        if (rec := self._recorded_round(len(self.engine.rounds))) is not None:
+            self._jump(rec.ended_ms / 1e3)
+            return seq.Sent(rec.sent_pages, rec.sent_bytes, rec.duration_ms / 1e3, rec.dirty_pages, self.now_s)
+        nbytes = pages * sc.page_size + (sc.device_bytes if final else 0)
+        took = sc.link.send_s(nbytes)
+        self._advance(took)
+        return seq.Sent(pages, pages * sc.page_size, took, pages, self.now_s)
+
+    def _complete(self) -> float:
+        """Downtime from STOP to RESUME; a followed recording's own figures."""
+        script = self.scenario.script
+        if self._following and script is not None and script.downtime_ms is not None:
+            assert self._stop_s is not None
+            if script.total_ms is not None:
+                self.now_s = max(self.now_s, script.total_ms / 1e3)
+            return script.downtime_ms
+        self._advance(self.scenario.switchover.resume_s)
+        assert self._stop_s is not None
+        return (self.now_s - self._stop_s) * 1e3
+
+    def report(self) -> MigrationReport:
+        """The same report a real migration makes (no trackers, events or devices to list)."""
+        rep = MigrationReport()
+        outcome = self.sequence.outcome
+        for f in fields(Outcome):
+            setattr(rep, f.name, getattr(outcome, f.name))
+        rep.total_ms = self.now_s * 1e3
+        rep.rounds = list(self.engine.rounds)
+        rep.pages_sent = sum(r.sent_pages for r in rep.rounds)
+        rep.bytes_sent = sum(r.sent_bytes for r in rep.rounds)
+        return rep
+
+
+def simulate(scenario: Scenario, policy: Policy) -> MigrationReport:
+    """One simulated migration of `scenario` under `policy`."""
+    return Simulation(scenario, policy).run()
