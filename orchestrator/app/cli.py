@@ -5,28 +5,37 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from orchestrator.app import experiments
 from orchestrator.app.checks import InputError, distinct_sockets, positive, private_ram, process_uid, writable_target
-from orchestrator.app.output import event_line, round_line, summary, write_json
+from orchestrator.app.metrics import metrics_watch
+from orchestrator.app.output import demo_lines, write_json
+from orchestrator.app.probe import add_probe_parser, probe_command
+from orchestrator.app.progress import Display, ProgressMode, choose
 from orchestrator.app.receive import serve
 from orchestrator.app.signals import Interrupted, settle, under_signal_policy
+from orchestrator.control.errors import ControlError
+from orchestrator.control.watch import control_watch
 from orchestrator.experiments.errors import ExperimentError
+from orchestrator.experiments.recorder import trace_watch
 from orchestrator.lab.demo import DEMO_WORKLOADS, parse_size, run_demo
 from orchestrator.lab.errors import LabError
 from orchestrator.lab.fleet import FAULTS, KINDS, FaultPlan
-from orchestrator.lab.workload import guest_rate
 from orchestrator.migration.attach import Endpoints, attach, attach_remote
 from orchestrator.migration.driver import GuestHome, Migration, MigrationOptions, MigrationReport, Watch, run_watched
 from orchestrator.migration.engine import EngineError, OnLimit
+from orchestrator.migration.engine.throttling import throttles
 from orchestrator.native.builds import BuildError
 from orchestrator.qemu.errors import QemuError
 from orchestrator.qemu.qmp import QmpSession
+from orchestrator.qemu.throttle import vcpu_throttle
 from orchestrator.trackers import QemuWrites, RecoveryPolicy, Tracker, VfioDmaLogTracker, qemu_write_trackers
 from orchestrator.trackers.errors import TrackerError
 from orchestrator.trackers.vcpulog import VcpuDirtyLog, log_pages
@@ -54,6 +63,7 @@ BAD_INPUT = (
     TrackerError,
     VfioClientError,
     WriteWatchError,
+    ControlError,
     BuildError,
     ExperimentError,
     OSError,
@@ -143,8 +153,9 @@ def options_from(args: argparse.Namespace, verify: bool, **more) -> MigrationOpt
     return options
 
 
-def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="python -m orchestrator", description=__doc__)
+def parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The command line; `cls` is every (sub)parser's class (serve's raises instead of exiting)."""
+    top = cls(prog="python -m orchestrator", description=__doc__)
     sub = top.add_subparsers(dest="command", required=True)
     m = sub.add_parser("migrate", help="migrate between two QEMUs that are already running")
     m.add_argument("--src-qmp", required=True, type=Path, metavar="SOCK")
@@ -176,6 +187,9 @@ def parser() -> argparse.ArgumentParser:
         help="with --tracker vcpu: the dirty log made by `vcpu-log` that the source QEMU's plugin writes",
     )
     add_policy_options(m)
+    add_watch_options(m)
+    add_trace_option(m)
+    add_control_option(m)
 
     d = sub.add_parser("demo", help="launch two QEMUs running the fixture guest and migrate it live")
     d.add_argument(
@@ -225,6 +239,8 @@ def parser() -> argparse.ArgumentParser:
         help=f"inject a device fault before ROUND's collect (repeatable): {', '.join(FAULTS)}",
     )
     add_policy_options(d)
+    add_watch_options(d)
+    add_trace_option(d)
 
     v = sub.add_parser(
         "vcpu-log",
@@ -248,8 +264,30 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve TLS with this certificate (with --tls-key)")
     r.add_argument("--tls-key", type=Path, metavar="PEM")
     r.add_argument("--once", action="store_true", help="exit when the first migration session ends")
+    add_metrics_option(r)
+    s = sub.add_parser("serve", help="serve a control socket that starts and steers migrations (QMP), until a signal")
+    add_control_option(s, required=True)
+    add_probe_parser(sub)
     experiments.add_commands(sub)
     return top
+
+
+def add_trace_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trace", type=Path, metavar="FILE", help="record every round and event as a trace (JSON Lines)")
+
+
+@contextlib.asynccontextmanager
+async def throttle_watch(mig: Migration) -> AsyncIterator[None]:
+    """A policy that throttles gets an actuator on the source's vCPUs for the run (refused
+    before anything changes when no cgroup can hold them), released on every way out."""
+    if not throttles(mig.engine.policy) or mig.actuator is not None:
+        yield
+        return
+    if not isinstance(mig.src, QmpSession):
+        raise InputError("a throttling policy needs the source QEMU's process to throttle its vCPUs")
+    async with vcpu_throttle(mig.src, mig.src.peer_pid()) as actuator:
+        mig.actuator = actuator
+        yield
 
 
 def add_stream_options(p: argparse.ArgumentParser) -> None:
@@ -312,9 +350,56 @@ def vfio_trackers(paths: list[Path], fds: list[int]) -> list[Tracker]:
     return trackers
 
 
+def add_metrics_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics while the command runs (port 0: any free one)",
+    )
+
+
+def add_watch_options(p: argparse.ArgumentParser) -> None:
+    """How `migrate` and `demo` show their migration, and what they export."""
+    p.add_argument(
+        "--progress",
+        choices=[m.value for m in ProgressMode if m is not ProgressMode.QUIET],
+        default=ProgressMode.AUTO.value,
+        help="live (a panel redrawn in place), text (a line per round and tracker event), json (one object per "
+        "event per line, the summary last) or auto (live on a terminal, else text); with --json - all of it goes "
+        "to stderr",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary: the exit status tells")
+    add_metrics_option(p)
+
+
+def display_from(args: argparse.Namespace) -> Display:
+    return choose(ProgressMode(args.progress), args.quiet, report_on_stdout=args.json == "-")
+
+
+def add_control_option(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument(
+        "--control",
+        type=Path,
+        required=required,
+        metavar="SOCK",
+        help="serve a QMP control socket there (mode 0600, in a private directory made for it unless it exists "
+        "and is private), for this user only; removed at the end",
+    )
+
+
 def watches_from(args: argparse.Namespace) -> list[Watch]:
     """What watches a migration of `migrate` or `demo`, from the options asked for."""
-    return []
+    display = display_from(args)
+    watches: list[Watch] = [display.watch]
+    if args.metrics is not None:
+        watches.append(metrics_watch(parse_endpoint(args.metrics), display.note))
+    if getattr(args, "control", None) is not None:
+        watches.append(control_watch(args.control))
+    watches.append(throttle_watch)
+    if args.trace is not None:
+        writable_target("--trace", str(args.trace))
+        watches.append(trace_watch(args.trace, getattr(args, "workload", None)))
+    return watches
 
 
 async def run_migration(
@@ -322,7 +407,7 @@ async def run_migration(
 ) -> MigrationReport:
     """The report, also when a signal cancelled the run: the abort (or the switchover that
     was finished anyway) is in it."""
-    mig = Migration(ep, trackers, uri, options, round_line, event_line)
+    mig = Migration(ep, trackers, uri, options)
     try:
         report = await run_watched(mig, watches)
     except asyncio.CancelledError:
@@ -355,14 +440,18 @@ def check_ram_files(args: argparse.Namespace, src: QmpSession, dst: QmpSession) 
         private_ram(args.dst_ram, "destination", process_uid(dst.peer_pid()))
 
 
-async def migrate_command(args: argparse.Namespace) -> int:
-    workdir = Path(tempfile.mkdtemp(prefix="orchestrator-"))
+@contextlib.asynccontextmanager
+async def attached(
+    args: argparse.Namespace, workdir: Path, notice: Callable[[str], None]
+) -> AsyncIterator[tuple[Endpoints, list[Tracker], str]]:
+    """What a migration of `migrate`'s options runs on (and each of `serve`'s): both QEMUs
+    connected and attached, the RAM files checked, the trackers open, and the URI of QEMU's
+    own stream (a socket in `workdir` unless given); all closed again on every way out."""
     fds: list[int] = []
     sessions: list[QmpSession] = []
     ep: Endpoints | None = None
     log: VcpuDirtyLog | None = None
     try:
-        options = check_migrate_args(args)
         log = VcpuDirtyLog.open(args.vcpu_log) if args.vcpu_log else None
         for sock in (args.src_qmp, args.dst_qmp):
             sessions.append(await QmpSession.connect(sock))
@@ -377,15 +466,10 @@ async def migrate_command(args: argparse.Namespace) -> int:
             log=log,
             src_ram=str(args.src_ram),
             trust_seccomp=args.trust_seccomp,
-            notice=lambda text: print(text, flush=True),
+            notice=notice,
         ) as ram:
             trackers = ram + vfio_trackers(args.vfio_device, fds)
-            uri = args.uri or f"unix:{workdir / 'migrate.sock'}"
-            report = await run_migration(ep, trackers, uri, options, watches_from(args))
-        summary(report)
-        report_json(report.as_dict(), args.json)
-        experiments.plot_if_asked(args, report.as_dict())
-        return exit_status(report)
+            yield ep, trackers, args.uri or f"unix:{workdir / 'migrate.sock'}"
     finally:
         if ep is not None:
             ep.sink.close()
@@ -395,6 +479,20 @@ async def migrate_command(args: argparse.Namespace) -> int:
             os.close(fd)
         if log is not None:
             log.close()
+
+
+async def migrate_command(args: argparse.Namespace) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="orchestrator-"))
+    try:
+        options = check_migrate_args(args)
+        watches, display = watches_from(args), display_from(args)
+        async with attached(args, workdir, display.note) as (ep, trackers, uri):
+            report = await run_migration(ep, trackers, uri, options, watches)
+        display.summary(report)
+        report_json(report.as_dict(), args.json)
+        experiments.plot_if_asked(args, report.as_dict())
+        return exit_status(report)
+    finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -404,10 +502,10 @@ async def demo_command(args: argparse.Namespace) -> int:
     devices = [] if args.devices == "none" else [k.strip() for k in args.devices.split(",") if k.strip()]
     faults = [FaultPlan.parse(f) for f in args.inject]
     kind, explicit = tracker_choice(args)
-    print(
+    watches, display = watches_from(args), display_from(args)
+    display.note(
         f"demo: {args.workload} guest ({DEMO_WORKLOADS[args.workload]}), {args.mem} RAM, tracker {kind.value}, "
-        f"devices {', '.join(devices) or 'none'}{'' if not args.no_device_tracking else ' (untracked)'}",
-        flush=True,
+        f"devices {', '.join(devices) or 'none'}{'' if not args.no_device_tracking else ' (untracked)'}"
     )
     result = await run_demo(
         args.workload,
@@ -418,30 +516,15 @@ async def demo_command(args: argparse.Namespace) -> int:
         not args.no_device_tracking,
         faults,
         args.accel,
-        round_line,
-        event_line,
         transport=args.transport,
         qemu=args.qemu,
         explicit=explicit,
         trust_seccomp=args.trust_seccomp,
-        watches=watches_from(args),
+        watches=watches,
+        notice=display.note,
     )
     rep = result.report
-    summary(rep)
-    if result.src_progress:
-        print(
-            f"source guest:      last progress {result.src_progress[-1]}, {guest_rate(result.src_progress):.0f} pages/s"
-        )
-    if result.dst_progress:
-        print(
-            f"destination guest: running, progress {result.dst_progress[-1]}, "
-            + ("its own checks pass" if not result.guest_errors else f"FAILED its own checks: {result.guest_errors[0]}")
-        )
-    for name, check in result.devices.items():
-        print(
-            f"device {name}: state migrated {'yes' if check['state_migrated'] else 'NO'}, "
-            f"destination DMA consistent {'yes' if not check['destination_mismatched_pages'] else 'NO'}"
-        )
+    display.summary(rep, demo_lines(result), {"device_checks": result.devices, "guest_errors": result.guest_errors})
     devices_ok = all(c["state_migrated"] and not c["destination_mismatched_pages"] for c in result.devices.values())
     report_json({**rep.as_dict(), "device_checks": result.devices}, args.json)
     experiments.plot_if_asked(args, rep.as_dict())
@@ -455,11 +538,18 @@ async def vcpu_log_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def serve_command(args: argparse.Namespace) -> int:
+    from orchestrator.app.serve import serve_control  # imported here: it builds on this module's migrate path
+
+    return await serve_control(args.control)
+
+
 async def receive_command(args: argparse.Namespace) -> int:
     if (args.tls_cert is None) != (args.tls_key is None):
         raise InputError("--tls-cert and --tls-key go together")
     private_ram(args.ram, "destination", None)  # QEMU's user is not known here: the mode bits are
-    return await serve(args.ram, args.listen, args.token_file, args.tls_cert, args.tls_key, args.once)
+    metrics = None if args.metrics is None else parse_endpoint(args.metrics)
+    return await serve(args.ram, args.listen, args.token_file, args.tls_cert, args.tls_key, args.once, metrics)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -469,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
         "demo": demo_command,
         "receive": receive_command,
         "vcpu-log": vcpu_log_command,
+        "serve": serve_command,
+        "probe": probe_command,
         **experiments.COMMANDS,
     }[args.command]
     try:
