@@ -23,10 +23,10 @@ from orchestrator.experiments.trace import Collect, Throttle, Trace, TraceKind, 
 
 PAGE = 4096
 MIB, GIB = 1 << 20, 1 << 30
-#: Pages a second the fixture guest writes with `rate=0` (as fast as it can). An assumption
-#: for when nothing was measured: under TCG with a write-tracking fault per page the real
-#: figure depends on the host; fit a trace of the guest instead.
-UNPACED_PAGES_PER_S = 100_000.0
+#: Pages a second of guest time the fixture guest writes with `rate=0` (as fast as it can):
+#: what its `heavy` workload's progress lines showed under TCG on the machine this was built
+#: on (README: Throttling). Another host differs: fit a trace of the guest there instead.
+UNPACED_PAGES_PER_S = 1_240_000.0
 #: The fixture guest's fw_cfg workload: 1 MiB copies into one buffer.
 FWCFG_COPY = MIB
 #: The RAM the fixture guest leaves to devices at the top of low memory (its `dma` default).
@@ -291,8 +291,8 @@ class TraceWorkload:
     @classmethod
     def from_trace(cls, trace: Trace) -> TraceWorkload:
         """A probe's harvests, or a migration's collects (each the pages written since the
-        harvest before it; the first since round 0 began), on guest time: a throttled
-        stretch counts (1 - level) of its length."""
+        harvest before it; the first since round 0 began), on guest time from the first set's
+        start: a throttled stretch counts (1 - level) of its length."""
         h = trace.header
         if h.kind is TraceKind.PROBE:
             spans = [(x.t - x.interval_s, x.t, bits_of(x.pages, h.npages)) for x in trace.harvests]
@@ -323,7 +323,10 @@ def _on_guest_time(
             last, level = when, new
         return g + (t - last) * (1 - level)
 
-    return [DirtyInterval(guest(a), guest(b), bits) for a, b, bits in spans if b > a]
+    intervals = [DirtyInterval(guest(a), guest(b), bits) for a, b, bits in spans if b > a]
+    # The first set starts at guest time 0, as tracking does in a simulated run.
+    origin = intervals[0].start_s if intervals else 0.0
+    return [DirtyInterval(iv.start_s - origin, iv.end_s - origin, iv.bits) for iv in intervals]
 
 
 def working_set(workload: Workload, windows: Sequence[float], starts: int = 8) -> list[float]:
