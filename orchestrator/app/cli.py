@@ -267,6 +267,7 @@ def parser(cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argp
     add_metrics_option(r)
     s = sub.add_parser("serve", help="serve a control socket that starts and steers migrations (QMP), until a signal")
     add_control_option(s, required=True)
+    add_metrics_option(s)
     add_probe_parser(sub)
     experiments.add_commands(sub)
     return top
@@ -395,7 +396,13 @@ def watches_from(args: argparse.Namespace) -> list[Watch]:
         watches.append(metrics_watch(parse_endpoint(args.metrics), display.note))
     if getattr(args, "control", None) is not None:
         watches.append(control_watch(args.control))
-    watches.append(throttle_watch)
+    return watches + job_watches(args)
+
+
+def job_watches(args: argparse.Namespace) -> list[Watch]:
+    """What every migration of these options needs, whoever runs it (`migrate`, `demo`, each
+    of `serve`'s): the throttle actuator its policy may ask for, and its trace."""
+    watches: list[Watch] = [throttle_watch]
     if args.trace is not None:
         writable_target("--trace", str(args.trace))
         watches.append(trace_watch(args.trace, getattr(args, "workload", None)))
@@ -541,7 +548,7 @@ async def vcpu_log_command(args: argparse.Namespace) -> int:
 async def serve_command(args: argparse.Namespace) -> int:
     from orchestrator.app.serve import serve_control  # imported here: it builds on this module's migrate path
 
-    return await serve_control(args.control)
+    return await serve_control(args.control, None if args.metrics is None else parse_endpoint(args.metrics))
 
 
 async def receive_command(args: argparse.Namespace) -> int:

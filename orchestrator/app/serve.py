@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -22,12 +23,14 @@ from typing import Any, NoReturn
 
 from orchestrator.app import cli
 from orchestrator.app.checks import InputError
+from orchestrator.app.metrics import Metrics, serving
 from orchestrator.app.signals import settle
 from orchestrator.control.commands import Context
 from orchestrator.control.errors import CommandError
 from orchestrator.control.registry import Migrations
 from orchestrator.control.server import ControlServer
-from orchestrator.migration.driver import Migration, MigrationOptions
+from orchestrator.migration.driver import Migration, MigrationOptions, run_watched
+from orchestrator.transport.endpoint import Endpoint
 
 
 class _Refusing(argparse.ArgumentParser):
@@ -37,9 +40,15 @@ class _Refusing(argparse.ArgumentParser):
         raise InputError(message)
 
 
+#: `migrate` options that belong to the whole of `serve`, not to one of its migrations.
+SERVER_WIDE = ("control", "metrics", "progress", "quiet", "plot")
+
+
 def migrate_args(arguments: dict[str, Any]) -> argparse.Namespace:
     """`x-orch-migrate`'s arguments as the `migrate` command's options: each parameter is
     the option of its name, so defaults and conversions are the command line's own."""
+    if taken := [name for name in SERVER_WIDE if name in arguments]:
+        raise InputError(f"{', '.join(taken)}: serve's own (its command line), not a migration's")
     argv = ["migrate"]
     for name, value in arguments.items():
         flag = f"--{name}"
@@ -61,6 +70,8 @@ class Service:
     """The migrations `serve` started: each in its own task, which owns what it opened."""
 
     say: Callable[[str], None] = _say
+    #: One set of metrics for every migration served (`serve --metrics`), so counters add up.
+    metrics: Metrics | None = None
     running: dict[asyncio.Task[None], Migration | None] = field(default_factory=dict)
 
     async def launch(self, arguments: dict[str, Any]) -> Migration:
@@ -68,10 +79,13 @@ class Service:
         try:
             args = migrate_args(arguments)
             options = cli.check_migrate_args(args)
+            watches = cli.job_watches(args)
         except cli.BAD_INPUT as exc:
             raise CommandError(f"x-orch-migrate: {exc}") from None
         ready: asyncio.Future[Migration] = asyncio.get_running_loop().create_future()
-        task = asyncio.ensure_future(self._lifetime(args, options, ready))
+        if self.metrics is not None:
+            watches.append(self.metrics.watch)
+        task = asyncio.ensure_future(self._lifetime(args, options, watches, ready))
         self.running[task] = None
         task.add_done_callback(lambda t: self.running.pop(t, None))
         try:
@@ -82,7 +96,11 @@ class Service:
             raise
 
     async def _lifetime(
-        self, args: argparse.Namespace, options: MigrationOptions, ready: asyncio.Future[Migration]
+        self,
+        args: argparse.Namespace,
+        options: MigrationOptions,
+        watches: list[cli.Watch],
+        ready: asyncio.Future[Migration],
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
@@ -93,7 +111,7 @@ class Service:
                 migration = Migration(ep, trackers, uri, options)
                 self.running[task] = migration
                 ready.set_result(migration)
-                report = await migration.run()
+                report = await run_watched(migration, watches)
             where = f"the guest runs on {report.guest.value}"
             self.say(f"{name}: {report.status.value}, {where}" + (f" ({report.error})" if report.error else ""))
         except asyncio.CancelledError:
@@ -119,11 +137,20 @@ class Service:
         await asyncio.gather(*self.running, return_exceptions=True)
 
 
-async def serve_control(path: Path) -> int:
-    """Serve until a signal cancels this task; then every migration ends safely first."""
-    service = Service()
+async def serve_control(path: Path, metrics_at: Endpoint | None = None) -> int:
+    """Serve until a signal cancels this task; then every migration ends safely first.
+    `metrics_at`: serve every migration's metrics there too, for as long as this runs."""
+    service = Service(metrics=None if metrics_at is None else Metrics())
     this = asyncio.current_task()
     assert this is not None
+    with contextlib.ExitStack() as stack:
+        if service.metrics is not None and metrics_at is not None:
+            bound = stack.enter_context(serving(service.metrics, metrics_at))
+            service.say(f"metrics: http://{bound}/metrics")
+        return await _serve(path, service, this)
+
+
+async def _serve(path: Path, service: Service, this: asyncio.Task[Any]) -> int:
     async with ControlServer(path, Context(Migrations(), service.launch), tag_ids=True):
         service.say(f"serving QMP on {path}")
         try:

@@ -127,3 +127,9 @@ async def test_serve_answers_until_a_signal_and_removes_everything(short_dir: Pa
         with pytest.raises(EOFError):  # the server hung up on it: qemu.qmp says so at disconnect
             await client.disconnect()
     assert not sock.parent.exists()
+
+
+@pytest.mark.parametrize("name", ["control", "metrics", "progress", "quiet", "plot"])
+def test_options_of_the_whole_server_are_refused_per_migration(name: str) -> None:
+    with pytest.raises(InputError, match=f"{name}: serve's own"):
+        migrate_args({**REQUIRED, "dst-ram": "/d", name: "x"})

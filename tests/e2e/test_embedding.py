@@ -12,7 +12,9 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import statistics
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -229,6 +231,20 @@ class ServeProcess(Cli):
         return await self.exit_code()
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The samples of /metrics by series (name and labels as written)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    series = (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    return {name: float(value) for name, value in series}
+
+
 async def next_event(client: QMPClient, name: str, **data: Any) -> dict[str, Any]:
     async for ev in client.events:
         if ev["event"] == name and all(ev["data"].get(k) == v for k, v in data.items()):
@@ -238,11 +254,12 @@ async def next_event(client: QMPClient, name: str, **data: Any) -> dict[str, Any
 
 async def test_serve_cancel_in_precopy_then_a_forced_retry_on_the_same_pair(tmp_path: Path) -> None:
     """`serve`: a migration started over the socket is cancelled in precopy (the source runs,
-    the destination still waits), a second one on the same pair is forced over; SIGTERM then
-    ends serve with nothing left."""
+    the destination still waits), a second one on the same pair is forced over; serve's
+    metrics count both; SIGTERM then ends serve with nothing left."""
     sock = tmp_path / "srv" / "q.sock"
+    port = free_port()
     async with qemu_pair(tmp_path) as (src, dst, s, d):
-        serve = await ServeProcess(tmp_path).start("serve", "--control", str(sock))
+        serve = await ServeProcess(tmp_path).start("serve", "--control", str(sock), "--metrics", f"127.0.0.1:{port}")
         client = await qmp_client(sock, serve.proc)
         try:
             start = {"src-qmp": str(s), "dst-qmp": str(d), "src-ram": str(src.ram_path), "dst-ram": str(dst.ram_path)}
@@ -263,6 +280,10 @@ async def test_serve_cancel_in_precopy_then_a_forced_retry_on_the_same_pair(tmp_
                 ("m2", "completed", "destination"),
             ]
             assert "forced by the caller" in (await client.execute("query-migrate"))["x-orch"]["decision"]
+            scraped = await asyncio.to_thread(scrape, port)
+            assert scraped['orchestrator_migrations_total{outcome="cancelled"}'] == 1
+            assert scraped['orchestrator_migrations_total{outcome="completed"}'] == 1
+            assert scraped["orchestrator_sent_pages_total"] > 0
         finally:
             await hang_up(client)
         assert await serve.stop() == 0, serve.out
