@@ -74,18 +74,7 @@ def summary_data(rep: MigrationReport) -> dict[str, Any]:
         "rounds": len(rep.rounds),
         "pages_sent": rep.pages_sent,
         "bytes_sent": rep.bytes_sent,
-        "trackers": [
-            {
-                "name": t.name,
-                "kind": t.kind,
-                "state": t.state.value,
-                "reports": t.reports,
-                "errors": t.errors,
-                "fallbacks": t.fallbacks,
-                "restarts": t.restarts,
-            }
-            for t in rep.trackers
-        ],
+        "trackers": [t.counts() for t in rep.trackers],
         "mismatched_pages": None if rep.mismatched_pages is None else len(rep.mismatched_pages),
         "error": rep.error,
         "interrupted": rep.interrupted,

@@ -20,7 +20,7 @@ from orchestrator.experiments.model import CollectModel, LinkModel, Workload
 from orchestrator.migration.driver import MigrationReport
 from orchestrator.migration.engine import MigrationSequence, Outcome, Policy, PrecopyEngine, RoundRecord
 from orchestrator.migration.engine import sequence as seq
-from orchestrator.migration.events import EventHub, EventName, Listener
+from orchestrator.migration.events import EventHub, EventName, Listener, decision_data
 
 
 @dataclass(frozen=True)
@@ -145,18 +145,7 @@ class Simulation:
         obs, v = self.engine.observation, self.engine.verdict
         if obs is None or v is None:
             return
-        data = {
-            "round": obs.round,
-            "decision": v.decision.value,
-            "reason": v.reason,
-            "pending-pages": obs.pending_pages,
-            "device-bytes": obs.device_bytes,
-            "expected-downtime-ms": obs.expected_downtime_s * 1e3,
-            "collect-ms": obs.collect_s * 1e3,
-            "bandwidth-bps": obs.bandwidth_bps,
-            "throttle": v.throttle,
-        }
-        self.events.emit(EventName.DECISION, data, v)
+        self.events.emit(EventName.DECISION, decision_data(obs, v), v)
 
     def _answer(self, action: seq.Action) -> seq.Event:
         sc = self.scenario

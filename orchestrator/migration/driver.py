@@ -40,7 +40,7 @@ from orchestrator.migration.engine import (
 from orchestrator.migration.engine import sequence as seq
 from orchestrator.migration.engine.policy import with_downtime_limit
 from orchestrator.migration.engine.sequence import NotNow
-from orchestrator.migration.events import EventHub, EventName, EventStream, Listener
+from orchestrator.migration.events import EventHub, EventName, EventStream, Listener, decision_data
 from orchestrator.migration.info import MigrationInfo, RamInfo
 from orchestrator.migration.throttle import Actuator
 from orchestrator.qemu import choreography
@@ -252,21 +252,7 @@ class Migration:
             self._dirty_rate = obs.pending_pages / gap if gap > 0 else 0.0
             self._last_collect_s = obs.elapsed_s
             if v is not None:
-                self.events.emit(
-                    EventName.DECISION,
-                    {
-                        "round": obs.round,
-                        "decision": v.decision.value,
-                        "reason": v.reason,
-                        "pending-pages": obs.pending_pages,
-                        "device-bytes": obs.device_bytes,
-                        "expected-downtime-ms": obs.expected_downtime_s * 1e3,
-                        "collect-ms": obs.collect_s * 1e3,
-                        "bandwidth-bps": obs.bandwidth_bps,
-                        "throttle": v.throttle,
-                    },
-                    v,
-                )
+                self.events.emit(EventName.DECISION, decision_data(obs, v), v)
         status = self.sequence.job_status
         if status is not self._status:
             self._status = status

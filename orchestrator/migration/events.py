@@ -19,6 +19,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from orchestrator.migration.engine.policy import Observation, Verdict
+
 
 class EventName(enum.StrEnum):
     MIGRATION = "MIGRATION"  # the job status changed: {"status": JobStatus value}
@@ -36,6 +38,21 @@ class MigrationEvent:
     elapsed_s: float  # since the migration started, on its monotonic clock
     wall_s: float = field(default_factory=time.time)  # for QMP's timestamp
     record: object | None = None  # the typed object behind `data` (RoundRecord, TrackerEvent, ...)
+
+
+def decision_data(obs: Observation, verdict: Verdict) -> dict[str, Any]:
+    """ORCH_DECISION's data: what the policy saw after a collect and what it said."""
+    return {
+        "round": obs.round,
+        "decision": verdict.decision.value,
+        "reason": verdict.reason,
+        "pending-pages": obs.pending_pages,
+        "device-bytes": obs.device_bytes,
+        "expected-downtime-ms": obs.expected_downtime_s * 1e3,
+        "collect-ms": obs.collect_s * 1e3,
+        "bandwidth-bps": obs.bandwidth_bps,
+        "throttle": verdict.throttle,
+    }
 
 
 Listener = Callable[[MigrationEvent], None]

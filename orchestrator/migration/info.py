@@ -73,17 +73,6 @@ class MigrationInfo:
             "throttle": self.throttle,
             "decision": self.decision,
             "guest": self.guest,
-            "trackers": [
-                {
-                    "name": t.name,
-                    "kind": t.kind,
-                    "state": t.state.value,
-                    "reports": t.reports,
-                    "errors": t.errors,
-                    "fallbacks": t.fallbacks,
-                    "restarts": t.restarts,
-                }
-                for t in self.trackers
-            ],
+            "trackers": [t.counts() for t in self.trackers],
         }
         return out

@@ -48,3 +48,15 @@ class TrackerStats:
     fallbacks: int = 0
     restarts: int = 0
     state: TrackerState = TrackerState.STOPPED
+
+    def counts(self) -> dict[str, str | int]:
+        """What a report, `query-migrate` or a summary shows of a tracker, as JSON-ready data."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "state": self.state.value,
+            "reports": self.reports,
+            "errors": self.errors,
+            "fallbacks": self.fallbacks,
+            "restarts": self.restarts,
+        }
