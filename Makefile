@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast lint demo demo-linux bench deps clean qemu-10
+.PHONY: test test-fast lint demo demo-linux bench plots deps clean qemu-10
 
 # QEMU 10.0 from bookworm-backports, unpacked beside the system's 7.2 (never over it).
 QEMU10 := build/qemu-10.0/qemu-system-x86_64
@@ -50,6 +50,10 @@ demo-linux: deps fixtures linux-guest
 
 bench: deps fixtures $(QEMU10) linux-guest
 	$(PY) -m bench --qemu qemu-system-x86_64 --qemu $(abspath $(QEMU10))
+
+# One plot of each kind from real runs here: a report, a trace's W(t), a sweep (docs/plots/).
+plots: deps fixtures
+	$(PY) tools/example_plots.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
