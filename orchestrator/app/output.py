@@ -54,6 +54,8 @@ def summary(rep: MigrationReport, out: TextIO = sys.stdout) -> None:
         print(f"mismatched: {len(rep.mismatched_pages)} pages, first {rep.mismatched_pages[:8]}", file=out)
     if rep.error:
         print(f"error:      {rep.error}", file=out)
+    for problem in rep.watch_errors:
+        print(f"watch:      {problem}", file=out)
     out.flush()
 
 

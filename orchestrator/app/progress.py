@@ -78,6 +78,7 @@ def summary_data(rep: MigrationReport) -> dict[str, Any]:
         "mismatched_pages": None if rep.mismatched_pages is None else len(rep.mismatched_pages),
         "error": rep.error,
         "interrupted": rep.interrupted,
+        "watch_errors": rep.watch_errors,
     }
 
 

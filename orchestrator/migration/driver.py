@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import enum
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -104,6 +104,9 @@ class MigrationReport:
     error: str | None = None
     #: Set when the caller cancelled (a signal, for the CLI): the phase it arrived in.
     interrupted: str | None = None
+    #: What failed in a watch (trace, metrics, control socket, progress) as it closed: the
+    #: migration's outcome stands, these are said beside it.
+    watch_errors: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data: records as objects, enums as their values."""
@@ -491,8 +494,34 @@ class Migration:
 
 
 async def run_watched(mig: Migration, watches: Sequence[Watch] = ()) -> MigrationReport:
-    """`mig.run()` with every watch entered first and left afterwards, whatever happens."""
+    """`mig.run()` with every watch entered first and left afterwards, whatever happens. A
+    watch that cannot start stops the migration before it begins (nothing changed yet); one
+    that fails while closing never replaces the outcome: its error goes to the report's
+    `watch_errors`, and the other watches still close."""
     async with contextlib.AsyncExitStack() as stack:
         for watch in watches:
-            await stack.enter_async_context(watch(mig))
+            await stack.enter_async_context(_closing_safely(watch(mig), mig.report))
         return await mig.run()
+
+
+@contextlib.asynccontextmanager
+async def _closing_safely(
+    cm: contextlib.AbstractAsyncContextManager[object], report: MigrationReport
+) -> AsyncIterator[object]:
+    entered = await cm.__aenter__()
+    try:
+        yield entered
+    except BaseException as exc:
+        try:
+            suppress = await cm.__aexit__(type(exc), exc, exc.__traceback__)
+        except Exception as problem:
+            if problem is not exc:
+                report.watch_errors.append(f"{type(problem).__name__}: {problem}")
+            raise exc from None
+        if not suppress:
+            raise
+    else:
+        try:
+            await cm.__aexit__(None, None, None)
+        except Exception as problem:
+            report.watch_errors.append(f"{type(problem).__name__}: {problem}")

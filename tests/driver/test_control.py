@@ -5,12 +5,13 @@ phase, and what each refuses once its moment has passed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from orchestrator.migration.driver import GuestHome, Migration
+from orchestrator.migration.driver import GuestHome, Migration, run_watched
 from orchestrator.migration.engine.sequence import JobStatus, NotNow
 from orchestrator.migration.events import EventName, MigrationEvent
 from tests.fakes.rig import NPAGES, OPTIONS, Rig
@@ -229,3 +230,36 @@ async def test_a_throttle_without_an_actuator_fails_safely(make_rig: MakeRig) ->
     rep = await mig.run()
     assert rep.status == "failed" and rep.guest is GuestHome.SOURCE and "no actuator" in rep.error
     await rig.check_guest_home(rep)
+
+
+async def test_a_watch_failing_as_it_closes_never_replaces_the_outcome(make_rig: MakeRig) -> None:
+    """A trace on a full disk, say: the migration completed, and the report says what failed."""
+    closed: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def breaks_on_exit(mig: Migration) -> AsyncIterator[None]:
+        yield
+        raise OSError(28, "No space left on device")
+
+    @contextlib.asynccontextmanager
+    async def closes(mig: Migration) -> AsyncIterator[None]:
+        yield
+        closed.append("closed")
+
+    rig = make_rig()
+    rep = await run_watched(rig.migration(), [closes, breaks_on_exit])
+    assert rep.ok and rep.guest is GuestHome.DESTINATION and closed == ["closed"]
+    assert rep.watch_errors == ["OSError: [Errno 28] No space left on device"]
+
+
+async def test_a_watch_that_cannot_start_stops_the_migration_before_anything(make_rig: MakeRig) -> None:
+    @contextlib.asynccontextmanager
+    async def refuses(mig: Migration) -> AsyncIterator[None]:
+        raise OSError(13, "Permission denied")
+        yield
+
+    rig = make_rig()
+    mig = rig.migration()
+    with pytest.raises(OSError, match="Permission denied"):
+        await run_watched(mig, [refuses])
+    assert mig.info().status is JobStatus.SETUP and not rig.host.journal
