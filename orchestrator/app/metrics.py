@@ -35,6 +35,8 @@ from orchestrator.transport.receiver import Receiver
 OUTCOMES = (JobStatus.COMPLETED, JobStatus.CANCELLED, JobStatus.FAILED)
 #: Final downtimes, in seconds: from a few milliseconds (an idle guest) to a stalled switchover.
 DOWNTIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0)
+#: The events after which the gauges are read again from `info()`.
+REFRESHING = (EventName.MIGRATION, EventName.MIGRATION_PASS, EventName.DECISION, EventName.TRACKER)
 #: How often the HTTP server's thread looks for the request to stop: bounds the wait on exit.
 _POLL_S = 0.05
 
@@ -180,6 +182,8 @@ class _Feed:
             m.rounds.inc()
             m.sent_pages.inc(ev.data["sent_pages"])
             m.sent_bytes.inc(ev.data["sent_bytes"])
+        if ev.name not in REFRESHING:
+            return  # steps and harvests change nothing a gauge shows: no info() in the downtime for them
         info = self.mig.info()
         self.refresh(info)
         if ev.name is EventName.MIGRATION and info.status in OUTCOMES:

@@ -31,13 +31,16 @@ from rich.text import Text
 from orchestrator.app.output import event_line, round_line, summary
 from orchestrator.migration.driver import Migration, MigrationReport
 from orchestrator.migration.engine import RoundRecord
-from orchestrator.migration.events import MigrationEvent
+from orchestrator.migration.engine.sequence import JobStatus
+from orchestrator.migration.events import EventName, MigrationEvent
 from orchestrator.migration.info import MigrationInfo
 from orchestrator.trackers.events import TrackerEvent, TrackerState
 
 MIB = 1 << 20
 #: How often the live panel is redrawn between events: a round 0 of many GiB sends none for seconds.
 LIVE_REFRESH_S = 0.5
+#: While QEMU holds the guest stopped for the switchover: nothing slow on the loop then.
+IN_DOWNTIME = (JobStatus.PRE_SWITCHOVER, JobStatus.DEVICE)
 #: The `name` of the JSON stream's last line, and of a line carrying a notice.
 SUMMARY, NOTE = "SUMMARY", "NOTE"
 
@@ -139,19 +142,23 @@ def live_panel(info: MigrationInfo) -> RenderableType:
 
 @contextlib.asynccontextmanager
 async def _live(mig: Migration, console: Console) -> AsyncIterator[None]:
-    """The panel, redrawn on every event and every `LIVE_REFRESH_S`; tracker events are
-    also printed above it, so failures stay on screen once the panel has moved on."""
+    """The panel, redrawn on each round and status change and every `LIVE_REFRESH_S`; tracker
+    events are also printed above it, so failures stay on screen once the panel has moved on.
+    Never while the guest is stopped for the switchover: a redraw takes milliseconds of the
+    loop's thread, and the downtime would pay for them (the panel catches up after RESUME)."""
     with Live(live_panel(mig.info()), console=console, auto_refresh=False, transient=False) as live:
 
         def redraw() -> None:
-            live.update(live_panel(mig.info()), refresh=True)
+            if mig.sequence.job_status not in IN_DOWNTIME:
+                live.update(live_panel(mig.info()), refresh=True)
 
         def on_event(ev: MigrationEvent) -> None:
             if isinstance(ev.record, TrackerEvent):
                 line = io.StringIO()
                 event_line(ev.record, line)
                 live.console.print(line.getvalue().rstrip("\n"), markup=False, highlight=False)
-            redraw()
+            if ev.name in (EventName.MIGRATION, EventName.MIGRATION_PASS):
+                redraw()
 
         async def tick() -> None:
             while True:

@@ -16,7 +16,7 @@ import enum
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from orchestrator.migration.engine.policy import Observation, Verdict
@@ -92,7 +92,9 @@ class EventHub:
         self._listeners: list[Listener] = []
         self._streams: list[EventStream] = []
         self.closed = False
-        self.history: list[MigrationEvent] = []  # every event, for a subscriber that comes late
+        #: Every event, for a subscriber that comes late; a harvest's page numbers only reach
+        #: those listening when it happens (kept, they would grow with every round's dirty set).
+        self.history: list[MigrationEvent] = []
 
     def listen(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -115,7 +117,7 @@ class EventHub:
 
     def emit(self, name: EventName, data: dict[str, Any], record: object | None = None) -> MigrationEvent:
         event = MigrationEvent(name, data, self._clock(), record=record)
-        self.history.append(event)
+        self.history.append(event if name is not EventName.HARVEST else replace(event, record=None))
         for listener in list(self._listeners):
             try:
                 listener(event)

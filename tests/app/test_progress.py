@@ -13,6 +13,7 @@ from collections.abc import Callable
 import pytest
 from rich.console import Console
 
+from orchestrator.app import progress
 from orchestrator.app.cli import display_from, parser
 from orchestrator.app.output import event_line, round_line
 from orchestrator.app.progress import NOTE, SUMMARY, Display, ProgressMode, choose, live_panel
@@ -83,6 +84,21 @@ async def test_live_shows_the_fields_and_leaves_the_last_panel(make_rig: MakeRig
         assert field in shown, field
     assert "completed" in shown and f"measured {rep.downtime_ms:.1f} ms" in shown
     assert "report-error" in shown, "a tracker failure is printed above the panel"
+
+
+async def test_the_panel_is_never_drawn_while_the_guest_is_stopped(
+    make_rig: MakeRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A redraw costs milliseconds of the loop's thread: in the switchover they would be downtime."""
+    drawn: list[str] = []
+    mig = make_rig().migration()
+    real = progress.live_panel
+    monkeypatch.setattr(progress, "live_panel", lambda info: drawn.append(mig.sequence.job_status.value) or real(info))
+    monkeypatch.setattr(progress, "LIVE_REFRESH_S", 0.001)  # the ticker too
+    display = Display(ProgressMode.LIVE, io.StringIO(), Console(file=io.StringIO(), force_terminal=True))
+    rep = await run_watched(mig, [display.watch])
+    assert rep.ok and "active" in drawn and "completed" in drawn
+    assert not {"pre-switchover", "device"} & set(drawn), drawn
 
 
 async def test_the_panel_tells_one_moment(make_rig: MakeRig) -> None:

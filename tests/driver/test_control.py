@@ -87,6 +87,7 @@ async def test_the_event_stream_tells_statuses_in_qemus_order(make_rig: MakeRig)
     # A subscriber that comes late gets the whole story, and the stream ends at once.
     late = [ev async for ev in mig.subscribe(replay=True)]
     assert [e.name for e in late] == [e.name for e in mig.events.history]
+    assert all(e.record is None for e in late if e.name is EventName.HARVEST), "no page arrays kept"
 
 
 async def test_a_lower_limit_mid_way_switches_over_only_once_it_fits(make_rig: MakeRig) -> None:
