@@ -38,7 +38,7 @@ from orchestrator.migration.engine import (
     RoundRecord,
 )
 from orchestrator.migration.engine import sequence as seq
-from orchestrator.migration.engine.policy import with_downtime_limit
+from orchestrator.migration.engine.policy import downtime_limit_of, with_downtime_limit
 from orchestrator.migration.engine.sequence import NotNow
 from orchestrator.migration.events import EventHub, EventName, EventStream, Listener, decision_data
 from orchestrator.migration.info import MigrationInfo, RamInfo
@@ -188,11 +188,12 @@ class Migration:
         sent_pages = sum(r.sent_pages for r in eng.rounds)
         page = self.layout.page_size
         obs = eng.observation
-        limit = getattr(eng.policy, "downtime_limit_s", None)
+        limit = downtime_limit_of(eng.policy)
+        ended = self.sequence.finished and self.report.total_ms > 0
         return MigrationInfo(
             status=sq.job_status,
             phase=sq.phase.value,
-            total_time_ms=self._elapsed() * 1e3 if self._t0 else 0.0,
+            total_time_ms=self.report.total_ms if ended else self._elapsed() * 1e3 if self._t0 else 0.0,
             setup_time_ms=self._setup_ms,
             expected_downtime_ms=None if obs is None or not eng.bandwidth_bps else obs.expected_downtime_s * 1e3,
             downtime_ms=o.downtime_ms,

@@ -64,6 +64,8 @@ class MigrationInfo:
             "dirty-sync-count": r.dirty_sync_count,
             "mbps": r.mbps,
         }
+        if self.throttle:
+            out["cpu-throttle-percentage"] = round(self.throttle * 100)
         if self.error:
             out["error-desc"] = self.error
         out["x-orch"] = {

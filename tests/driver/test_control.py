@@ -264,3 +264,18 @@ async def test_a_watch_that_cannot_start_stops_the_migration_before_anything(mak
     with pytest.raises(OSError, match="Permission denied"):
         await run_watched(mig, [refuses])
     assert mig.info().status is JobStatus.SETUP and not rig.host.journal
+
+
+async def test_info_after_the_end_stands_still_and_names_a_wrapped_policys_limit(make_rig: MakeRig) -> None:
+    from orchestrator.migration.engine.throttling import ThrottlingPolicy
+
+    rig = make_rig()
+    wrapped = ThrottlingPolicy(inner=dataclasses.replace(OPTIONS, downtime_limit_ms=40).policy())
+    mig = rig.migration(dataclasses.replace(OPTIONS, custom_policy=wrapped))
+    assert mig.info().downtime_limit_ms == 40
+    mig.set_parameters(downtime_limit_ms=60)
+    assert mig.info().downtime_limit_ms == 60
+    rep = await mig.run()
+    first = mig.info().as_qmp()["total-time"]
+    await asyncio.sleep(0.05)
+    assert mig.info().as_qmp()["total-time"] == first == round(rep.total_ms)

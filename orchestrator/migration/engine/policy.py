@@ -72,6 +72,16 @@ class Policy(Protocol):
     def decide(self, obs: Observation) -> Verdict: ...
 
 
+def downtime_limit_of(policy: Policy) -> float | None:
+    """The limit `with_downtime_limit` would change: the policy's own, or the one of the policy
+    it wraps (`inner`); None for a policy without one."""
+    limit = getattr(policy, "downtime_limit_s", None)
+    if isinstance(limit, (int, float)):
+        return float(limit)
+    inner = getattr(policy, "inner", None)
+    return None if inner is None else downtime_limit_of(inner)
+
+
 def with_downtime_limit(policy: Policy, limit_s: float) -> Policy:
     """The same policy with another downtime limit (a caller tuning a running migration).
     Every policy with a `downtime_limit_s` field takes one; a policy that wraps another
