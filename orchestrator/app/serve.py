@@ -73,9 +73,12 @@ class Service:
     #: One set of metrics for every migration served (`serve --metrics`), so counters add up.
     metrics: Metrics | None = None
     running: dict[asyncio.Task[None], Migration | None] = field(default_factory=dict)
+    stopping: bool = False  # once set, nothing new starts: stop() waits for what runs
 
     async def launch(self, arguments: dict[str, Any]) -> Migration:
         """Attach as `migrate` does and start the migration; `CommandError` for bad input."""
+        if self.stopping:
+            raise CommandError("x-orch-migrate: the server is stopping; nothing was started")
         try:
             args = migrate_args(arguments)
             options = cli.check_migrate_args(args)
@@ -128,13 +131,16 @@ class Service:
 
     async def stop(self) -> None:
         """Cancel every migration safely (attaching ones stop there, running ones abort or
-        finish their handover) and wait until each has ended and closed what it opened."""
-        for task, migration in list(self.running.items()):
-            if migration is None:
-                task.cancel()
-            else:
-                migration.cancel()
-        await asyncio.gather(*self.running, return_exceptions=True)
+        finish their handover) and wait until each has ended and closed what it opened; a
+        start that came in meanwhile is refused, one already under way is waited for too."""
+        self.stopping = True
+        while self.running:
+            for task, migration in list(self.running.items()):
+                if migration is None:
+                    task.cancel()
+                else:
+                    migration.cancel()
+            await asyncio.gather(*self.running, return_exceptions=True)
 
 
 async def serve_control(path: Path, metrics_at: Endpoint | None = None) -> int:

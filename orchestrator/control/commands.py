@@ -50,6 +50,9 @@ MIGRATE_PARAMETERS = (
     Param("max-rounds", Kind.INTEGER),
     Param("max-time", Kind.NUMBER),
     Param("on-limit", Kind.STRING),
+    Param("policy", Kind.STRING),
+    Param("set", Kind.STRINGS),
+    Param("trace", Kind.STRING),
 )
 
 

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parents[2]
 REQUIRED = {"src-qmp": "/s.qmp", "dst-qmp": "/d.qmp", "src-ram": "/s.ram"}
 #: A value each parameter's option takes (choices where it has them).
-SAMPLE = {"tracker": "content", "on-limit": "force"}
+SAMPLE = {"tracker": "content", "on-limit": "force", "policy": "downtime", "set": ["max_rounds=3"]}
 BY_KIND = {Kind.STRING: "/p", Kind.INTEGER: 3, Kind.NUMBER: 1.5, Kind.BOOLEAN: True, Kind.STRINGS: ["/p", "/q"]}
 
 
@@ -133,3 +133,11 @@ async def test_serve_answers_until_a_signal_and_removes_everything(short_dir: Pa
 def test_options_of_the_whole_server_are_refused_per_migration(name: str) -> None:
     with pytest.raises(InputError, match=f"{name}: serve's own"):
         migrate_args({**REQUIRED, "dst-ram": "/d", name: "x"})
+
+
+async def test_a_start_while_stopping_is_refused_and_stop_waits_for_every_task() -> None:
+    service = Service(lambda _: None)
+    await service.stop()
+    with pytest.raises(CommandError, match="the server is stopping"):
+        await service.launch({**REQUIRED, "dst-ram": "/d"})
+    assert service.running == {}

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from qemu.qmp import QMPClient
 
+from orchestrator.experiments.trace import read_trace
 from orchestrator.lab.demo import guest_pair, wait_progress
 from orchestrator.lab.workload import parse_progress
 from orchestrator.migration.driver import GuestHome, Migration, MigrationOptions
@@ -270,7 +271,8 @@ async def test_serve_cancel_in_precopy_then_a_forced_retry_on_the_same_pair(tmp_
             await next_event(client, "MIGRATION", id="m1", status="cancelled")
             await source_runs_on(src.qmp, src)
             assert (await dst.qmp.execute("query-status"))["status"] == "inmigrate"
-            assert await client.execute("x-orch-migrate", {**start, "verify": True}) == {"id": "m2"}
+            traced = {**start, "verify": True, "trace": str(tmp_path / "m2.jsonl")}
+            assert await client.execute("x-orch-migrate", traced) == {"id": "m2"}
             await next_event(client, "MIGRATION_PASS", id="m2", **{"pass": 2})
             await client.execute("x-orch-force-switchover")  # no id: the latest
             await next_event(client, "MIGRATION", id="m2", status="completed")
@@ -280,6 +282,8 @@ async def test_serve_cancel_in_precopy_then_a_forced_retry_on_the_same_pair(tmp_
                 ("m2", "completed", "destination"),
             ]
             assert "forced by the caller" in (await client.execute("query-migrate"))["x-orch"]["decision"]
+            end = read_trace(tmp_path / "m2.jsonl").end
+            assert end is not None and end.report["status"] == "completed", "a served migration's own trace"
             scraped = await asyncio.to_thread(scrape, port)
             assert scraped['orchestrator_migrations_total{outcome="cancelled"}'] == 1
             assert scraped['orchestrator_migrations_total{outcome="completed"}'] == 1
