@@ -281,8 +281,9 @@ class Migration:
                 self._observe(action, rec)
         finally:
             watch.cancel()
-            if self.actuator is not None:
-                await self._release_throttle()
+            if self.actuator is not None and (problem := await self._release_throttle()):
+                o = self.sequence.outcome
+                o.error = problem if o.error is None else f"{o.error}; {problem}"
             self._finish()
             self.events.close()
         if self.sequence.caller_cancelled:

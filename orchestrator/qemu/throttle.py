@@ -98,6 +98,14 @@ def _write(path: Path, text: str) -> None:
         f.write(text)
 
 
+def _home(tasks: Path, tid: int, problems: list[str]) -> None:
+    """Move a thread back, saying (not raising) what failed: every other thread still goes."""
+    try:
+        _move(tasks, tid)
+    except OSError as exc:
+        problems.append(f"moving thread {tid} back to {tasks.parent} failed: {exc.strerror}")
+
+
 def _move(tasks: Path, tid: int) -> bool:
     """Write one thread into a cgroup; False if it has exited meanwhile."""
     try:
@@ -119,6 +127,17 @@ class _Group(Protocol):
     def limit(self, quota_us: int | None) -> None: ...
 
     def remove(self) -> list[str]: ...
+
+    @property
+    def child(self) -> Path | None: ...
+
+
+def _lift(group: _Group) -> list[str]:
+    try:
+        group.limit(None)
+    except OSError as exc:
+        return [f"lifting the limit of {group.child} failed: {exc.strerror}"]
+    return []
 
 
 @dataclass
@@ -154,13 +173,16 @@ class _V1Group:
         problems: list[str] = []
         if self.child is None:
             return problems
+        lifted = _lift(self)  # first of all: a thread that cannot be moved home at least runs unlimited
         home = self.origins[self.tids[0]]
         for tid in self.tids:
-            _move(self.origins[tid] / "tasks", tid)
+            _home(self.origins[tid] / "tasks", tid, problems)
         # A thread a vCPU thread started meanwhile is in the child too: it goes home as well.
         for line in _lines(self.child / "tasks"):
-            _move(home / "tasks", int(line))
-        problems += _rmdir(self.child)
+            _home(home / "tasks", int(line), problems)
+        if problems:
+            return lifted + problems  # the child stays for another release to retry
+        problems += lifted + _rmdir(self.child)
         self.child = None
         return problems
 
@@ -210,9 +232,12 @@ class _V2Group:
         problems: list[str] = []
         if self.child is None or self.origin is None:
             return problems
+        lifted = _lift(self)  # first of all: a thread that cannot be moved home at least runs unlimited
         for line in {*map(str, self.tids), *_lines(self.child / "cgroup.threads")}:
-            _move(self.origin / "cgroup.threads", int(line))
-        problems += _rmdir(self.child)
+            _home(self.origin / "cgroup.threads", int(line), problems)
+        if problems:
+            return lifted + problems  # the child stays for another release to retry
+        problems += lifted + _rmdir(self.child)
         self.child = None
         if self.enabled_cpu:
             try:
@@ -299,7 +324,12 @@ class CgroupThrottle:
     async def set(self, level: float) -> None:
         quota = self.quota_us(level)
         async with self._lock:
-            await asyncio.to_thread(self._set, quota)
+            work = asyncio.ensure_future(asyncio.to_thread(self._set, quota))
+            try:
+                await asyncio.shield(work)
+            except asyncio.CancelledError:
+                await asyncio.wait({work})  # the thread runs on: a release must come after it
+                raise
             self.level = level
 
     def _set(self, quota: int | None) -> None:
@@ -316,11 +346,14 @@ class CgroupThrottle:
         self._group.limit(quota)
 
     async def release(self) -> None:
-        """Every thread back in its cgroup, the child removed; safe to call again."""
+        """The limit lifted, every thread back in its cgroup, the child removed; safe to call
+        again, and what could not be undone is tried again then (the error says what)."""
         async with self._lock:
-            group, self._group, self.level = self._group, None, 0.0
+            group, self.level = self._group, 0.0
             if group is not None:
                 problems = await asyncio.to_thread(group.remove)
+                if group.child is None:
+                    self._group = None
                 if problems:
                     raise ThrottleError("; ".join(problems))
 

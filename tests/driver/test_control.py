@@ -279,3 +279,34 @@ async def test_info_after_the_end_stands_still_and_names_a_wrapped_policys_limit
     first = mig.info().as_qmp()["total-time"]
     await asyncio.sleep(0.05)
     assert mig.info().as_qmp()["total-time"] == first == round(rep.total_ms)
+
+
+async def test_a_throttle_that_cannot_be_released_is_said_in_the_report(make_rig: MakeRig) -> None:
+    from orchestrator.migration.engine import Decision, DowntimePolicy, Observation, Verdict
+
+    @dataclasses.dataclass(frozen=True)
+    class HalfSpeed:
+        inner: DowntimePolicy
+
+        def decide(self, obs: Observation) -> Verdict:
+            v = self.inner.decide(obs)
+            return Verdict(v.decision, v.reason, v.converged, throttle=0.5) if v.decision is Decision.CONTINUE else v
+
+    class Stuck:
+        def __init__(self) -> None:
+            self.levels: list[float] = []
+
+        async def set(self, level: float) -> None:
+            self.levels.append(level)
+
+        async def release(self) -> None:
+            raise OSError(16, "Device or resource busy")
+
+    rig = make_rig()
+    options = dataclasses.replace(STUBBORN, custom_policy=HalfSpeed(DowntimePolicy(1e-9, 4)))
+    actuator = Stuck()
+    mig = rig.migration(options)
+    mig.actuator = actuator
+    rep = await mig.run()
+    assert actuator.levels == [0.5] and rep.status == "cancelled" and rep.guest is GuestHome.SOURCE
+    assert "releasing the throttle failed" in rep.error and "busy" in rep.error

@@ -112,6 +112,31 @@ async def test_a_failure_inside_still_releases(spinner) -> None:
     assert home_of(pid, tid, throttle.hierarchy) == before
 
 
+async def test_a_thread_that_cannot_go_home_runs_unlimited_and_a_later_release_retries(
+    spinner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestrator.qemu import throttle as module
+
+    pid, tid = spinner
+    throttle = await CgroupThrottle.open(FakeQemu([tid]), pid)
+    before = home_of(pid, tid, throttle.hierarchy)
+    await throttle.set(0.9)
+    real = module._move
+
+    def refuses_home(tasks: Path, t: int) -> bool:
+        if "orchestrator-throttle-" not in str(tasks):
+            raise PermissionError(13, "Permission denied")
+        return real(tasks, t)
+
+    monkeypatch.setattr(module, "_move", refuses_home)
+    with pytest.raises(ThrottleError, match=f"moving thread {tid} back"):
+        await throttle.release()
+    assert quota_file(throttle) in ("-1", "max"), "the limit is lifted before anything else"
+    monkeypatch.setattr(module, "_move", real)
+    await throttle.release()  # the retry finishes the job
+    assert throttle._group is None and home_of(pid, tid, throttle.hierarchy) == before
+
+
 async def test_a_thread_that_is_not_qemus_is_refused(spinner) -> None:
     pid, _ = spinner
     with pytest.raises(ThrottleError, match="not a thread of QEMU's process"):
