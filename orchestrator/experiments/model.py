@@ -4,22 +4,27 @@ them, and the cost of collecting the dirty set.
 Workloads are written against guest time (it runs slower when throttled), so one model serves
 every throttle level. `GuestWorkload` is the fixture guest's patterns in closed form (the
 expected number of distinct pages a window of writes touches); `TraceWorkload` replays the
-dirty sets a trace recorded. `LinkModel` and `CollectModel` are the costs, each with a `fit`
-from a trace, so a prediction uses what the real run measured.
+dirty sets a trace recorded. `LinkModel` and `CollectModel` are the costs that scale with
+pages and RAM, `StepCosts` what every step costs besides (QMP round trips, tracker arming,
+QEMU's own part of the switchover); each has a `fit` from a trace, so a prediction uses what
+the real run measured.
 """
 
 from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Sequence
+import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from orchestrator.experiments.errors import ExperimentError
-from orchestrator.experiments.trace import Collect, Throttle, Trace, TraceKind, bits_of
+from orchestrator.experiments.trace import Collect, Step, Throttle, Trace, TraceKind, bits_of
+from orchestrator.migration.engine import PrecopyEngine
+from orchestrator.migration.engine import sequence as seq
 
 PAGE = 4096
 MIB, GIB = 1 << 20, 1 << 30
@@ -29,6 +34,9 @@ MIB, GIB = 1 << 20, 1 << 30
 UNPACED_PAGES_PER_S = 1_240_000.0
 #: The fixture guest's fw_cfg workload: 1 MiB copies into one buffer.
 FWCFG_COPY = MIB
+#: Rounds smaller than this time their fixed overhead more than the link (`PrecopyEngine`'s
+#: `min_sample_bytes`).
+MIN_SAMPLE_BYTES = PrecopyEngine.min_sample_bytes
 #: The RAM the fixture guest leaves to devices at the top of low memory (its `dma` default).
 DMA_WINDOW = 16 * MIB
 
@@ -230,8 +238,10 @@ class DirtyInterval:
 @dataclass
 class TraceWorkload:
     """The dirty sets of a trace, replayed: a window is the union of the sets it covers, and of
-    a set it covers in part, that share of its pages (the same pages for the same share, so
-    replays are deterministic). Past the end the trace repeats."""
+    a set it covers in part, the pages written in that part. Each page of a set is taken as
+    written once, at a moment spread evenly over the set's interval (a fixed random order of
+    the pages, so replays are deterministic): consecutive windows split a set between them
+    and together hold all of it, as consecutive collects did. Past the end the trace repeats."""
 
     intervals: list[DirtyInterval]
     npages: int
@@ -243,7 +253,8 @@ class TraceWorkload:
             raise ExperimentError("a trace with no dirty sets cannot be replayed (no harvests or collects)")
         if any(b.end_s <= a.end_s for a, b in zip(self.intervals, self.intervals[1:], strict=False)):
             raise ExperimentError("a trace's dirty sets must be in time order")
-        # Each page's place in a fixed random order: a share f of a set is its pages ranked below f.
+        # Each page's place in a fixed random order: the pages of a set written in the part of its
+        # interval from share f to share g are those ranked in [f, g).
         self._rank = np.random.default_rng(0).random(self.npages)
 
     @property
@@ -273,11 +284,14 @@ class TraceWorkload:
         for shift in (0.0, span):
             for iv in self.intervals:
                 lo, hi = iv.start_s + shift, iv.end_s + shift
-                overlap = min(b, hi) - max(a, lo)
-                if overlap <= 0:
+                first, last = max(a, lo), min(b, hi)
+                if last <= first:
                     continue
-                share = overlap / (hi - lo)
-                out |= iv.bits if share >= 1 else iv.bits & (self._rank < share)
+                if first <= lo and last >= hi:
+                    out |= iv.bits
+                    continue
+                f, g = (first - lo) / (hi - lo), (last - lo) / (hi - lo)
+                out |= iv.bits & (self._rank >= f) & (self._rank < g)
         return out
 
     def dirtied(self, start_s: float, end_s: float) -> int:
@@ -291,8 +305,10 @@ class TraceWorkload:
     @classmethod
     def from_trace(cls, trace: Trace) -> TraceWorkload:
         """A probe's harvests, or a migration's collects (each the pages written since the
-        harvest before it; the first since round 0 began), on guest time from the first set's
-        start: a throttled stretch counts (1 - level) of its length."""
+        collect before it; the first since tracking started), on guest time since the run
+        started: a throttled stretch counts (1 - level) of its length, and none counts
+        once QEMU stopped the guest. A migration's sets are bounded where their collects
+        began, as the simulator takes a collect's pages."""
         h = trace.header
         if h.kind is TraceKind.PROBE:
             spans = [(x.t - x.interval_s, x.t, bits_of(x.pages, h.npages)) for x in trace.harvests]
@@ -300,12 +316,18 @@ class TraceWorkload:
         rounds = trace.rounds
         if not rounds:
             raise ExperimentError("a migration trace without rounds cannot be replayed")
-        start = (rounds[0].ended_ms - rounds[0].duration_ms) / 1e3
+        steps: list[Step] = trace.of(Step)
+        began = {(int(s.data["round"]), bool(s.data.get("final"))): s.t for s in steps if s.action == "Collect"}
+        start = next((s.t for s in steps if s.action == "StartTrackers"), None)
+        if start is None:  # no steps recorded: from round 0's start
+            start = (rounds[0].ended_ms - rounds[0].duration_ms) / 1e3
         spans = []
         for c in trace.collects:
-            spans.append((start, c.t, bits_of(c.pages, h.npages)))
-            start = c.t
+            end = began.get((c.round, c.final), c.t)
+            spans.append((start, end, bits_of(c.pages, h.npages)))
+            start = end
         throttles = [(r.t, r.level) for r in trace.of(Throttle)]
+        throttles += [(s.t, 1.0) for s in steps if s.action == "DevicesStopCopy"]  # QEMU stopped the guest
         return cls(_on_guest_time(spans, throttles), h.npages, rounds[0].sent_pages)
 
 
@@ -323,10 +345,9 @@ def _on_guest_time(
             last, level = when, new
         return g + (t - last) * (1 - level)
 
-    intervals = [DirtyInterval(guest(a), guest(b), bits) for a, b, bits in spans if b > a]
-    # The first set starts at guest time 0, as tracking does in a simulated run.
-    origin = intervals[0].start_s if intervals else 0.0
-    return [DirtyInterval(iv.start_s - origin, iv.end_s - origin, iv.bits) for iv in intervals]
+    # Guest time counts from the run's start, as the simulator's does: its tracking starts when
+    # the trace's did, after the steps before it.
+    return [DirtyInterval(guest(a), guest(b), bits) for a, b, bits in spans if guest(b) > guest(a)]
 
 
 def working_set(workload: Workload, windows: Sequence[float], starts: int = 8) -> list[float]:
@@ -375,13 +396,17 @@ class LinkModel:
 
     @classmethod
     def fit(cls, trace: Trace) -> LinkModel:
-        """Least squares of duration on bytes over the trace's precopy rounds (round 0 and
-        the final copy apart: one scans all RAM, the other may be tiny); round 0 then gives
-        the scan rate. With fewer than two distinct rounds, a plain rate with no overhead."""
+        """Least squares of duration on bytes over the trace's rounds after round 0 (which
+        scans all RAM), the final copy included: it moves pages the same way, and in a run
+        that converged at once it is the only sample. Rounds under `MIN_SAMPLE_BYTES` time
+        fixed overhead, not the link, and count only when no round is larger (the engine's
+        rule for its estimate). Round 0 then gives the scan rate. With fewer than two
+        distinct rounds, a plain rate with no overhead."""
         rounds = trace.rounds
         if not rounds:
             raise ExperimentError("a trace without rounds has no bandwidth to fit")
-        samples = [(r.sent_bytes, r.duration_ms / 1e3) for r in rounds[1:-1] if r.sent_bytes and r.duration_ms > 0]
+        timed = [(r.sent_bytes, r.duration_ms / 1e3) for r in rounds[1:] if r.sent_bytes and r.duration_ms > 0]
+        samples = [s for s in timed if s[0] >= MIN_SAMPLE_BYTES] or timed
         if not samples:
             samples = [(r.sent_bytes, r.duration_ms / 1e3) for r in rounds if r.sent_bytes and r.duration_ms > 0]
         x = np.array([s[0] for s in samples], dtype=float)
@@ -423,9 +448,14 @@ class CollectModel:
 
     @classmethod
     def fit(cls, trace: Trace) -> CollectModel:
-        """Least squares of collect time on dirty pages over the trace's collects."""
+        """Least squares of collect time on dirty pages over the trace's precopy collects, as
+        the decision after each measured it: what the policy is shown. The final collect runs
+        with the guest stopped and is timed by its step (`StepCosts`); its time here is the
+        gap to the final harvest, so it counts only in a trace that has no other."""
         ram_gib = trace.header.ram_bytes / GIB
-        got = [(c.dirty_pages, c.collect_ms / 1e3) for c in trace.of(Collect) if c.collect_ms is not None]
+        got = [(int(d.data["pending-pages"]), float(d.data["collect-ms"]) / 1e3) for d in trace.decisions]
+        if not got:
+            got = [(c.dirty_pages, c.collect_ms / 1e3) for c in trace.of(Collect) if c.collect_ms is not None]
         if not got:
             return cls()
         x = np.array([g[0] for g in got], dtype=float)
@@ -435,3 +465,109 @@ class CollectModel:
             if per_page >= 0:
                 return cls(base / ram_gib, per_page)
         return cls(float(y.mean()) / ram_gib, 0.0)
+
+
+# -- the steps ----------------------------------------------------------------------------------
+#: Every action the sequence emits, by the name a trace's `step` records give it.
+ACTIONS = frozenset(t.__name__ for t in typing.get_args(seq.Action))
+FINAL = ":final"  # the suffix of the final collect's and final copy's keys
+
+
+def step_key(action: str, final: bool = False) -> str:
+    """The name a step's cost goes by: the action's, the final collect and copy apart (the
+    guest is stopped for them, so they cost what they cost, not what a precopy one does)."""
+    return action + FINAL if final else action
+
+
+@dataclass(frozen=True)
+class StepSpan:
+    """One step of a recorded run: from its `step` record to the next one (the last to the end)."""
+
+    key: str
+    start_s: float
+    end_s: float
+    data: dict[str, Any] = field(repr=False)
+
+    @property
+    def seconds(self) -> float:
+        return self.end_s - self.start_s
+
+
+def step_spans(trace: Trace) -> list[StepSpan]:
+    """The run's steps in order (a `throttle` record is the Throttle step's). The first counts
+    from the migration's start, so the spans add up to the recorded total; a trace without
+    an end stops at its last step."""
+    marks = [r for r in trace.records if isinstance(r, (Step, Throttle))]
+    end = trace.end
+    out = []
+    for i, rec in enumerate(marks):
+        stop = marks[i + 1].t if i + 1 < len(marks) else end.t if end is not None else None
+        if stop is None:
+            break
+        start = 0.0 if i == 0 else rec.t
+        data = rec.data if isinstance(rec, Step) else {"level": rec.level}
+        key = step_key(rec.action, bool(data.get("final"))) if isinstance(rec, Step) else "Throttle"
+        out.append(StepSpan(key, start, stop, data))
+    return out
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """What each step takes besides what the link and collect models charge for it: a step of
+    `key` takes max(0, its modelled part + seconds[key]) (a key not given: its modelled part,
+    or nothing). `resume_s` is the part of AwaitCompletion before the destination's RESUME
+    (downtime ends there); the rest of it, until both QEMUs say completed, is
+    seconds["AwaitCompletion"]. The defaults are placeholders for a scenario nobody measured:
+    10 ms from the decision to QEMU's STOP, 20 ms from the final copy to RESUME."""
+
+    seconds: Mapping[str, float] = field(default_factory=lambda: {"Migrate": 0.01})
+    resume_s: float = 0.02
+
+    def __post_init__(self) -> None:
+        unknown = sorted(k for k in self.seconds if k.removesuffix(FINAL) not in ACTIONS)
+        if unknown:
+            raise ExperimentError(f"no step is called {', '.join(unknown)} (steps: {', '.join(sorted(ACTIONS))})")
+        if self.resume_s < 0 or not all(math.isfinite(v) for v in self.seconds.values()):
+            raise ExperimentError("step costs are finite and the time to RESUME is not negative")
+
+    def spend(self, key: str, modelled_s: float = 0.0) -> float:
+        """How long a step of `key` takes whose modelled part is `modelled_s`."""
+        return max(0.0, modelled_s + self.seconds.get(key, 0.0))
+
+    @classmethod
+    def fit(cls, trace: Trace, link: LinkModel, collect: CollectModel) -> StepCosts:
+        """Each key's mean of (step time - what `link` and `collect` charge for it with the
+        recorded sizes), so a replay that sends and collects what the recording did takes
+        its total time; AwaitCompletion's time to RESUME from the downtime, the guest
+        stopping when `Migrate` ends (QEMU's STOP comes just before pre-switchover)."""
+        spans = step_spans(trace)
+        if not spans:
+            return cls()
+        ram, rounds = trace.header.ram_bytes, trace.rounds
+        pending = {int(d.data["round"]): int(d.data["pending-pages"]) for d in trace.decisions}
+        residuals: dict[str, list[float]] = {}
+        sent = 0  # rounds the steps so far have sent
+        stop = resume = None
+        for span in spans:
+            modelled = 0.0
+            match span.key.removesuffix(FINAL), span.key.endswith(FINAL):
+                case "SendRound0" | "SendPages", _ if sent < len(rounds):
+                    r = rounds[sent]
+                    modelled = link.round0_s(r.sent_bytes, ram) if sent == 0 else link.send_s(r.sent_bytes)
+                    sent += 1
+                case "Collect", False:
+                    modelled = collect.seconds(pending.get(int(span.data["round"]), 0), ram)
+                case "Collect", True if sent < len(rounds):
+                    modelled = collect.seconds(rounds[sent].dirty_pages, ram)
+                case "DevicesStopCopy", _:
+                    stop = span.start_s
+                case "AwaitCompletion", _:
+                    resume = span
+            residuals.setdefault(span.key, []).append(span.seconds - modelled)
+        seconds = {k: float(np.mean(v)) for k, v in residuals.items()}
+        downtime = trace.end.report.get("downtime_ms") if trace.end is not None else None
+        resume_s = 0.0
+        if resume is not None and stop is not None and downtime is not None:
+            resume_s = min(max(0.0, stop + downtime / 1e3 - resume.start_s), resume.seconds)
+            seconds["AwaitCompletion"] = float(np.mean(residuals["AwaitCompletion"])) - resume_s
+        return cls(seconds, resume_s)

@@ -1,5 +1,5 @@
 """From a trace to a prediction: the scenario a recorded run ran against (its dirty sets, its
-link, its collect costs, its switchover times) and the policy it was recorded with.
+link, its collect costs, what each of its steps cost) and the policy it was recorded with.
 
 `predict(trace, policy=None, modelled=True)` is the one call a validation needs: modelled, the
 fitted models answer every action (what a prediction of another policy relies on); not
@@ -12,9 +12,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from orchestrator.experiments.model import CollectModel, GuestWorkload, LinkModel, Pattern, TraceWorkload, Workload
-from orchestrator.experiments.simulator import RecordedCollect, Scenario, Script, SwitchoverModel, simulate
-from orchestrator.experiments.trace import Step, Trace, TraceKind, read_trace
+from orchestrator.experiments.model import (
+    CollectModel,
+    GuestWorkload,
+    LinkModel,
+    Pattern,
+    StepCosts,
+    TraceWorkload,
+    Workload,
+)
+from orchestrator.experiments.simulator import RecordedCollect, Scenario, Script, simulate
+from orchestrator.experiments.trace import Trace, TraceKind, read_trace
 from orchestrator.migration.engine import DowntimePolicy, Policy
 from orchestrator.migration.engine.registry import rebuild
 
@@ -43,24 +51,9 @@ def script_of(trace: Trace) -> Script:
     return Script(tuple(trace.rounds), tuple(collects), downtime, report.get("total_ms"))
 
 
-def switchover_of(trace: Trace) -> SwitchoverModel:
-    """Decision to STOP from the steps' times; final copy to RESUME from the downtime."""
-    steps = {s.action: s.t for s in trace.of(Step)}
-    default = SwitchoverModel()
-    pre = steps["DevicesStopCopy"] - steps["Listen"] if {"Listen", "DevicesStopCopy"} <= steps.keys() else None
-    end = trace.end
-    downtime = end.report.get("downtime_ms") if end is not None else None
-    resume = None
-    if downtime is not None and {"DevicesStopCopy", "LoadDevices"} <= steps.keys():
-        resume = max(0.0, downtime / 1e3 - (steps["LoadDevices"] - steps["DevicesStopCopy"]))
-    return SwitchoverModel(
-        default.pre_stop_s if pre is None else max(0.0, pre), default.resume_s if resume is None else resume
-    )
-
-
 def scenario_of(trace: Trace, modelled: bool = True, link: LinkModel | None = None) -> Scenario:
-    """The scenario of a trace: a migration's fitted link and collect costs (a probe has none:
-    `link`, or the defaults), its dirty sets, and with `modelled=False` its own numbers."""
+    """The scenario of a trace: a migration's fitted link, collect and step costs (a probe has
+    none: `link`, or the defaults), its dirty sets, and with `modelled=False` its own numbers."""
     h = trace.header
     workload: Workload
     if modelled or trace.collects or trace.harvests:
@@ -70,13 +63,15 @@ def scenario_of(trace: Trace, modelled: bool = True, link: LinkModel | None = No
     if h.kind is TraceKind.PROBE or not trace.rounds:
         return Scenario(workload, h.ram_bytes, h.page_size, link or LinkModel(cap_bps=h.bandwidth_cap))
     device = [int(d.data.get("device-bytes") or 0) for d in trace.decisions]
+    link = link or LinkModel.fit(trace)
+    collect = CollectModel.fit(trace)
     return Scenario(
         workload,
         h.ram_bytes,
         h.page_size,
-        link or LinkModel.fit(trace),
-        CollectModel.fit(trace),
-        switchover_of(trace),
+        link,
+        collect,
+        StepCosts.fit(trace, link, collect),
         device[-1] if device else 0,
         None if modelled else script_of(trace),
     )

@@ -5,7 +5,9 @@ The simulator keeps two clocks: wall time (what the report and the policy see) a
 which runs (1 - level) as fast while the guest is throttled, so a `Throttle` action scales
 the workload's dirty rate exactly as an actuator would. With a `Script` (a recorded run's own
 numbers: dirty counts, collect and send times, downtime) the answers are the recorded ones
-for as long as the replay follows the recording, and the models' after that.
+for as long as the replay follows the recording, and the models' after that. Every step
+costs its `StepCosts` time on top of what the link and collect models charge, except while a
+recording is followed: its times hold every step's already.
 """
 
 from __future__ import annotations
@@ -16,21 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.experiments.model import CollectModel, LinkModel, Workload
+from orchestrator.experiments.model import CollectModel, LinkModel, StepCosts, Workload, step_key
 from orchestrator.migration.driver import MigrationReport
 from orchestrator.migration.engine import MigrationSequence, Outcome, Policy, PrecopyEngine, RoundRecord
 from orchestrator.migration.engine import sequence as seq
 from orchestrator.migration.events import EventHub, EventName, Listener, decision_data
-
-
-@dataclass(frozen=True)
-class SwitchoverModel:
-    """Time from the switchover decision to QEMU's STOP (`pre_stop_s`: migrate-incoming,
-    migrate, QEMU's state stream to pre-switchover), and from the end of the final copy to the
-    destination's RESUME (`resume_s`: device state, migrate-continue, QEMU's completion)."""
-
-    pre_stop_s: float = 0.01
-    resume_s: float = 0.02
 
 
 @dataclass(frozen=True)
@@ -63,7 +55,7 @@ class Scenario:
     page_size: int = 4096
     link: LinkModel = field(default_factory=LinkModel)
     collect: CollectModel = field(default_factory=CollectModel)
-    switchover: SwitchoverModel = field(default_factory=SwitchoverModel)
+    steps: StepCosts = field(default_factory=StepCosts)
     device_bytes: int = 0  # device state still to move at every collect
     script: Script | None = None
 
@@ -147,35 +139,46 @@ class Simulation:
             return
         self.events.emit(EventName.DECISION, decision_data(obs, v), v)
 
+    def _spend(self, key: str, modelled_s: float = 0.0) -> None:
+        """The rest of a step of `key` whose modelled part took `modelled_s` (already spent)."""
+        if not self._following:
+            self._advance(self.scenario.steps.spend(key, modelled_s) - modelled_s)
+
     def _answer(self, action: seq.Action) -> seq.Event:
-        sc = self.scenario
-        page = sc.page_size
+        name = type(action).__name__
+        match action:
+            case seq.SendRound0():
+                event: seq.Event = self._round0()
+            case seq.Collect(round=round_, final=final):
+                event = self._collect(round_, final)
+            case seq.SendPages(final=final):
+                event = self._send(final)
+            case seq.AwaitCompletion():
+                event = seq.Completed(self._complete())
+            case _:
+                event = self._fixed(action)
+        modelled = event.seconds if isinstance(event, seq.Sent) else 0.0
+        if isinstance(event, seq.Collected):
+            modelled = event.collect_s
+        self._spend(step_key(name, getattr(action, "final", False)), modelled)
+        if isinstance(action, seq.Migrate):
+            self._stop_s = self.now_s  # QEMU stops the guest as it reaches pre-switchover
+        return event
+
+    def _fixed(self, action: seq.Action) -> seq.Event:
+        """The answer of a step that has only its fixed cost."""
         match action:
             case seq.Prepare():
                 return seq.Prepared(True)
             case seq.StartTrackers():
-                self._scan_guest_s = self.guest_s
+                self._scan_guest_s = self.guest_s  # tracking starts: the first window opens
                 return seq.Started()
-            case seq.SendRound0():
-                if (r0 := self._recorded_round(0)) is not None:
-                    self._jump(r0.ended_ms / 1e3)
-                    return seq.Sent(r0.sent_pages, r0.sent_bytes, r0.duration_ms / 1e3, elapsed_s=self.now_s)
-                pages = sc.workload.resident_pages()
-                took = sc.link.round0_s(pages * page, sc.ram_bytes)
-                self._advance(took)
-                return seq.Sent(pages, pages * page, took, elapsed_s=self.now_s)
-            case seq.Collect(round=round_, final=final):
-                return self._collect(round_, final)
-            case seq.SendPages(final=final):
-                return self._send(final)
             case seq.Throttle(level=level):
                 self.throttle = level
                 return seq.Throttled()
             case seq.Listen():
                 return seq.Listening()
             case seq.Migrate():
-                self._advance(sc.switchover.pre_stop_s)
-                self._stop_s = self.now_s
                 return seq.PreSwitchover(True)
             case seq.DevicesStopCopy():
                 return seq.DevicesStopped()
@@ -183,15 +186,26 @@ class Simulation:
                 return seq.DevicesLoaded()
             case seq.Continue():
                 return seq.Continued()
-            case seq.AwaitCompletion():
-                return seq.Completed(self._complete())
             case seq.RunDestinationDevices():
                 return seq.DevicesRunning()
             case seq.Cancel():
                 return seq.Cancelled()
             case seq.StopTrackers():
+                script = self.scenario.script
+                if self._following and script is not None and script.total_ms is not None:
+                    self._jump(script.total_ms / 1e3)  # the last step: a followed run ends when it did
                 return seq.TrackersStopped()
         raise TypeError(f"the simulator has no answer to {action!r}")
+
+    def _round0(self) -> seq.Sent:
+        sc = self.scenario
+        if (r0 := self._recorded_round(0)) is not None:
+            self._jump(r0.ended_ms / 1e3)
+            return seq.Sent(r0.sent_pages, r0.sent_bytes, r0.duration_ms / 1e3, elapsed_s=self.now_s)
+        pages = sc.workload.resident_pages()
+        took = sc.link.round0_s(pages * sc.page_size, sc.ram_bytes)
+        self._advance(took)
+        return seq.Sent(pages, pages * sc.page_size, took, elapsed_s=self.now_s)
 
     def _collect(self, round_: int, final: bool) -> seq.Collected:
         sc = self.scenario
@@ -239,11 +253,8 @@ class Simulation:
         """Downtime from STOP to RESUME; a followed recording's own figures."""
         script = self.scenario.script
         if self._following and script is not None and script.downtime_ms is not None:
-            assert self._stop_s is not None
-            if script.total_ms is not None:
-                self.now_s = max(self.now_s, script.total_ms / 1e3)
             return script.downtime_ms
-        self._advance(self.scenario.switchover.resume_s)
+        self._advance(self.scenario.steps.resume_s)
         assert self._stop_s is not None
         return (self.now_s - self._stop_s) * 1e3
 

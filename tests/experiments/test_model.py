@@ -13,11 +13,13 @@ from orchestrator.experiments.model import (
     GuestWorkload,
     LinkModel,
     Pattern,
+    StepCosts,
     TraceWorkload,
     _distinct,
+    step_key,
     working_set,
 )
-from orchestrator.experiments.trace import Collect, Round, Throttle, Trace, TraceHeader, TraceKind
+from orchestrator.experiments.trace import Collect, Round, Step, Throttle, Trace, TraceHeader, TraceKind
 from orchestrator.lab.workload import WORKLOADS
 from orchestrator.migration.engine import RoundRecord
 
@@ -124,19 +126,59 @@ def test_a_migration_trace_on_guest_time():
     w = TraceWorkload.from_trace(trace)
     assert [(iv.start_s, iv.end_s) for iv in w.intervals] == [(0.0, 2.0), (2.0, 3.0), (3.0, 3.5)]
     assert w.resident_pages() == 4
+    # With its steps: sets start when tracking did and end where their collects began; the
+    # guest stops with QEMU at pre-switchover (DevicesStopCopy follows it).
+    steps = [
+        Step(0.5, "StartTrackers", {}),
+        Step(1.5, "Collect", {"round": 1, "final": False}),
+        Step(3.5, "Collect", {"round": 2, "final": False}),
+        Step(4.5, "DevicesStopCopy", {}),
+        Step(4.8, "Collect", {"round": 3, "final": True}),
+    ]
+    timed = TraceWorkload.from_trace(Trace(trace.header, sorted([*trace.records, *steps], key=lambda r: r.t)))
+    assert [(iv.start_s, iv.end_s) for iv in timed.intervals] == [(0.5, 1.5), (1.5, 2.75), (2.75, 3.25)]
+
+
+def test_consecutive_windows_split_a_set():
+    (bits,) = sets(1000, list(range(1000)))
+    w = TraceWorkload([DirtyInterval(0.0, 1.0, bits)], 1000)
+    first, second = w.pages(0.0, 0.4), w.pages(0.4, 1.0)
+    assert not set(first.tolist()) & set(second.tolist())  # each page written once, in one of them
+    assert first.size + second.size == 1000
+    assert 300 < first.size < 500  # about 40% of it
+
+
+def test_step_costs_name_real_steps():
+    with pytest.raises(ExperimentError, match="Teleport"):
+        StepCosts({"Teleport": 1.0})
+    with pytest.raises(ExperimentError, match="RESUME"):
+        StepCosts({}, resume_s=-1.0)
+    costs = StepCosts({"Collect:final": -0.002, "Prepare": 0.01})
+    assert step_key("Collect", final=True) == "Collect:final" and step_key("Collect") == "Collect"
+    assert costs.spend("Collect:final", 0.003) == pytest.approx(0.001)
+    assert costs.spend("Collect:final", 0.001) == 0.0  # a step never takes less than nothing
+    assert costs.spend("Prepare") == 0.01 and costs.spend("Listen") == 0.0
 
 
 def test_link_fit_recovers_bandwidth_and_overhead():
     rounds = [rnd(0, 512 * MIB, 0.6, 0.6)] + [
         rnd(i, n, 0.002 + n / 1e9, 1.0 + i) for i, n in enumerate([64 * MIB, 16 * MIB, 4 * MIB, 1 * MIB], 1)
     ]
-    rounds.append(rnd(5, 4096, 0.0001, 6.0))  # the final copy: left out of the fit
+    rounds.append(rnd(5, 4096, 0.0001, 6.0))  # a final copy of one page times overhead: left out
     link = LinkModel.fit(Trace(header(), rounds))
     assert link.bandwidth_bps == pytest.approx(1e9, rel=1e-6)
     assert link.overhead_s == pytest.approx(0.002, rel=1e-6)
     # round 0: 0.6 s = scan of 1 GiB + 0.002 + 512 MiB / 1e9
     assert link.scan_bps == pytest.approx(GIB / (0.6 - 0.002 - 512 * MIB / 1e9), rel=1e-6)
     assert link.send_s(0) == 0.0 and link.capped(1e8).send_s(10**8) == pytest.approx(1.002)
+
+
+def test_a_run_that_converged_at_once_fits_its_final_copy():
+    # Round 0 (a scan of all RAM) and the final copy: the copy is the only bandwidth sample.
+    rounds = [rnd(0, 128 * MIB, 0.25, 0.25), rnd(1, 64 * MIB, 64 * MIB / 2.5e9, 0.3)]
+    link = LinkModel.fit(Trace(header(), rounds))
+    assert link.bandwidth_bps == pytest.approx(2.5e9, rel=1e-6) and link.overhead_s == 0.0
+    assert link.round0_s(128 * MIB, GIB) == pytest.approx(0.25, rel=1e-6)
 
 
 def test_collect_fit():

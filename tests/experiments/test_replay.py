@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.experiments.model import CollectModel, GuestWorkload, LinkModel
+from orchestrator.experiments.model import CollectModel, GuestWorkload, LinkModel, StepCosts, step_spans
 from orchestrator.experiments.replay import predict, recorded_policy, scenario_of
-from orchestrator.experiments.simulator import Scenario, Simulation, SwitchoverModel
+from orchestrator.experiments.simulator import Scenario, Simulation, simulate
 from orchestrator.experiments.trace import read_trace
 from orchestrator.migration.engine import DowntimePolicy, OnLimit
 from orchestrator.migration.engine.policies import ProgressTimeouts, StallDetection
@@ -21,6 +22,21 @@ from tests.experiments.recording import record
 
 MIB = 1 << 20
 RAM = 64 * MIB
+#: Fixed costs of the steps around the modelled ones, a few milliseconds each as on real QEMU.
+STEPS = {
+    "Prepare": 0.012,
+    "StartTrackers": 0.004,
+    "SendRound0": 0.0004,
+    "Collect": 0.0003,
+    "SendPages": 0.0006,
+    "Listen": 0.0025,
+    "Migrate": 0.005,
+    "Collect:final": 0.0015,
+    "SendPages:final": 0.0008,
+    "Continue": 0.0035,
+    "AwaitCompletion": 0.016,
+    "StopTrackers": 0.018,
+}
 
 policies = st.one_of(
     st.builds(
@@ -39,7 +55,7 @@ scenarios = st.builds(
         RAM,
         link=LinkModel(bw * MIB, overhead),
         collect=CollectModel(0.002, per_page),
-        switchover=SwitchoverModel(0.005, 0.015),
+        steps=StepCosts(STEPS, resume_s=0.015),
         device_bytes=0,
     ),
     st.sampled_from(["sweep", "random", "hotcold"]),
@@ -99,3 +115,54 @@ def test_modelled_replay_of_a_trace_fits_its_link_and_sets(tmp_path):
     modelled = predict(trace)
     assert len(modelled["rounds"]) == len(original["rounds"])
     assert modelled["status"] == original["status"] == "completed"
+
+
+def busy(steps: dict[str, float]) -> Scenario:
+    """A sweep that needs a few rounds at a 20 ms limit, with the given step costs."""
+    return Scenario(
+        GuestWorkload.from_command_line("pattern=sweep wss=16M rate=32M", RAM),
+        RAM,
+        link=LinkModel(64 * MIB, 0.001),
+        collect=CollectModel(0.004, 2e-7),
+        steps=StepCosts(steps, resume_s=0.006),
+    )
+
+
+TIGHT = DowntimePolicy(downtime_limit_s=0.02)
+
+
+def test_step_costs_fitted_from_a_trace_are_the_recorded_ones(tmp_path):
+    recorded(busy(STEPS), TIGHT, tmp_path / "run.jsonl")
+    trace = read_trace(tmp_path / "run.jsonl")
+    spans = step_spans(trace)
+    assert spans[0].start_s == 0.0 and spans[-1].end_s == trace.end.t  # the spans are the whole run
+    assert sum(s.seconds for s in spans) == pytest.approx(trace.end.report["total_ms"] / 1e3)
+    fitted = scenario_of(trace).steps
+    assert fitted.resume_s == pytest.approx(0.006, abs=1e-9)
+    for key, seconds in STEPS.items():
+        assert fitted.seconds[key] == pytest.approx(seconds, abs=1e-9), key
+    assert fitted.seconds["DevicesStopCopy"] == pytest.approx(0.0, abs=1e-9)  # not given: nothing
+
+
+def test_a_modelled_replay_of_its_own_trace_takes_the_recorded_time(tmp_path):
+    path = tmp_path / "run.jsonl"
+    original = recorded(busy(STEPS), TIGHT, path).as_dict()
+    assert original["status"] == "completed" and len(original["rounds"]) >= 4
+    replay = predict(path)
+    assert [r["dirty_pages"] for r in replay["rounds"]] == [r["dirty_pages"] for r in original["rounds"]]
+    assert replay["total_ms"] == pytest.approx(original["total_ms"], rel=1e-6)
+    assert replay["downtime_ms"] == pytest.approx(original["downtime_ms"], rel=1e-6)
+    # Negative control: without the fitted step costs the replay misses at least the ones
+    # every run pays once.
+    bare = simulate(replace(scenario_of(read_trace(path)), steps=StepCosts({}, resume_s=0.0)), TIGHT)
+    assert bare.total_ms < original["total_ms"] - 1e3 * (STEPS["Prepare"] + STEPS["StopTrackers"])
+
+
+def test_a_trace_whose_steps_are_slower_predicts_a_longer_run(tmp_path):
+    slow_steps = {k: 2 * v for k, v in STEPS.items()}
+    fast, slow = tmp_path / "fast.jsonl", tmp_path / "slow.jsonl"
+    recorded(busy(STEPS), TIGHT, fast)
+    recorded(busy(slow_steps), TIGHT, slow)
+    quick, slower = predict(fast), predict(slow)
+    assert slower["total_ms"] > quick["total_ms"] + sum(STEPS.values()) * 1e3 * 0.8
+    assert slower["downtime_ms"] > quick["downtime_ms"]  # the final collect and copy, Continue

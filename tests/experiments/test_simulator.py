@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from orchestrator.experiments.model import CollectModel, GuestWorkload, LinkModel
-from orchestrator.experiments.simulator import Scenario, Simulation, SwitchoverModel, simulate
+from orchestrator.experiments.model import CollectModel, GuestWorkload, LinkModel, StepCosts
+from orchestrator.experiments.simulator import Scenario, Simulation, simulate
 from orchestrator.migration.engine import Decision, DowntimePolicy, Observation, OnLimit, Verdict
 from orchestrator.migration.events import EventName
 
@@ -23,7 +23,7 @@ def scenario(append: str = "pattern=sweep wss=32M rate=4000K", **kw) -> Scenario
         RAM,
         link=LinkModel(BW, scan_bps=RAM / 0.5),
         collect=CollectModel(0.0, 0.0),
-        switchover=SwitchoverModel(pre_stop_s=0.01, resume_s=0.02),
+        steps=StepCosts({"Migrate": 0.01}, resume_s=0.02),
         **kw,
     )
 
