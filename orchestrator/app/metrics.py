@@ -83,14 +83,14 @@ class Metrics:
         )
         for outcome in OUTCOMES:
             self.migrations.labels(outcome.value)
-        self.phase = Gauge(
-            "orchestrator_migration_phase",
+        self.status = Gauge(
+            "orchestrator_migration_status",
             "1 for the current migration's status (QEMU's MigrationStatus values), 0 for the others",
-            ["phase"],
+            ["status"],
             registry=r,
         )
         for status in JobStatus:
-            self.phase.labels(status.value)
+            self.status.labels(status.value)
         self.sent_bytes = Counter("orchestrator_sent_bytes", "Bytes of guest pages sent", registry=r)
         self.sent_pages = Counter("orchestrator_sent_pages", "Guest pages sent", registry=r)
         self.rounds = Counter("orchestrator_rounds", "Rounds sent, round 0 and the final copy included", registry=r)
@@ -192,7 +192,7 @@ class _Feed:
     def refresh(self, info: MigrationInfo) -> None:
         m = self.metrics
         for status in JobStatus:
-            m.phase.labels(status.value).set(1 if status is info.status else 0)
+            m.status.labels(status.value).set(1 if status is info.status else 0)
         m.dirty_rate.set(info.ram.dirty_pages_rate)
         m.expected_downtime.set(math.nan if info.expected_downtime_ms is None else info.expected_downtime_ms / 1e3)
         m.downtime_limit.set(math.nan if info.downtime_limit_ms is None else info.downtime_limit_ms / 1e3)

@@ -58,7 +58,7 @@ async def test_scrapes_during_a_migration_move_and_end_equal_to_the_report(make_
         after = scrape(where)
     assert rep.ok and len(seen) == len(rep.rounds) >= 3
     assert all(v == 0 for v in counters(before).values()), "nothing counted before the migration ran"
-    assert value(before, "orchestrator_migration_phase", phase="setup") == 1
+    assert value(before, "orchestrator_migration_status", status="setup") == 1
     sent = 0
     previous = counters(before)
     for ev, samples in seen:
@@ -68,12 +68,12 @@ async def test_scrapes_during_a_migration_move_and_end_equal_to_the_report(make_
         now = counters(samples)
         assert all(now[k] >= v for k, v in previous.items()), "a counter went down"
         previous = now
-        phases = [value(samples, "orchestrator_migration_phase", phase=s.value) for s in JobStatus]
-        assert sorted(phases) == [0] * (len(JobStatus) - 1) + [1]
+        statuses = [value(samples, "orchestrator_migration_status", status=s.value) for s in JobStatus]
+        assert sorted(statuses) == [0] * (len(JobStatus) - 1) + [1]
         assert value(samples, "orchestrator_ram_total_bytes") == mig.info().ram.total
     assert value(seen[0][1], "orchestrator_sent_pages_total") > 0, "round 0 already counted pages"
     assert_matches_report(after, [rep])
-    assert value(after, "orchestrator_migration_phase", phase="completed") == 1
+    assert value(after, "orchestrator_migration_status", status="completed") == 1
     assert value(after, "orchestrator_downtime_seconds_count") == 1
     tracker = rep.trackers[0]
     assert value(after, "orchestrator_tracker_state", tracker=tracker.name, state="stopped") == 1
@@ -113,8 +113,8 @@ async def test_metrics_outlive_a_migration_and_count_only_what_is_attached(make_
     with serving(metrics, ANY_PORT) as where:
         samples = scrape(where)
     assert_matches_report(samples, [first, second])
-    assert value(samples, "orchestrator_migration_phase", phase="cancelled") == 1
-    assert value(samples, "orchestrator_migration_phase", phase="completed") == 0
+    assert value(samples, "orchestrator_migration_status", status="cancelled") == 1
+    assert value(samples, "orchestrator_migration_status", status="completed") == 0
 
 
 def outcomes(metrics: Metrics) -> dict[str, float]:

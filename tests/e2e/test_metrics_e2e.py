@@ -75,7 +75,7 @@ async def test_metrics_follow_a_real_migration_and_end_equal_to_its_report():
     assert value(final, "orchestrator_rounds_total") == len(rep.rounds)
     assert value(final, "orchestrator_migrations_total", outcome="completed") == 1
     assert value(final, "orchestrator_migrations_total", outcome="failed") == 0
-    assert value(final, "orchestrator_migration_phase", phase="completed") == 1
+    assert value(final, "orchestrator_migration_status", status="completed") == 1
     assert value(final, "orchestrator_downtime_seconds_count") == 1
     assert value(final, "orchestrator_downtime_seconds_sum") == pytest.approx(rep.downtime_ms / 1e3)
     for t in rep.trackers:
