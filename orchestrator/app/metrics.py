@@ -35,6 +35,8 @@ from orchestrator.transport.receiver import Receiver
 OUTCOMES = (JobStatus.COMPLETED, JobStatus.CANCELLED, JobStatus.FAILED)
 #: Final downtimes, in seconds: from a few milliseconds (an idle guest) to a stalled switchover.
 DOWNTIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0)
+#: How many migrations' gauges a long-running process keeps exporting (their counts add up forever).
+KEPT_MIGRATIONS = 32
 #: The events after which the gauges are read again from `info()`.
 REFRESHING = (EventName.MIGRATION, EventName.MIGRATION_PASS, EventName.DECISION, EventName.TRACKER)
 #: How often the HTTP server's thread looks for the request to stop: bounds the wait on exit.
@@ -73,7 +75,8 @@ class _ReceiverCollector:
 class Metrics:
     """The metrics of one process. `attach` (or `watch`, a `Watch`) feeds a migration into
     them; `add_receiver` exports a receiver's counters. Counters add up over every migration
-    attached; gauges describe the one that sent the latest event."""
+    attached; gauges are per migration, labelled `migration` with its number in this process
+    (1, 2, ...), the last `KEPT_MIGRATIONS` of them kept."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -85,25 +88,30 @@ class Metrics:
             self.migrations.labels(outcome.value)
         self.status = Gauge(
             "orchestrator_migration_status",
-            "1 for the current migration's status (QEMU's MigrationStatus values), 0 for the others",
-            ["status"],
+            "1 for each migration's status (QEMU's MigrationStatus values), 0 for the others",
+            ["migration", "status"],
             registry=r,
         )
-        for status in JobStatus:
-            self.status.labels(status.value)
         self.sent_bytes = Counter("orchestrator_sent_bytes", "Bytes of guest pages sent", registry=r)
         self.sent_pages = Counter("orchestrator_sent_pages", "Guest pages sent", registry=r)
         self.rounds = Counter("orchestrator_rounds", "Rounds sent, round 0 and the final copy included", registry=r)
         self.dirty_rate = Gauge(
-            "orchestrator_dirty_pages_per_second", "Pages the trackers found dirty per second, last round", registry=r
+            "orchestrator_dirty_pages_per_second",
+            "Pages the trackers found dirty per second, last round",
+            ["migration"],
+            registry=r,
         )
         self.expected_downtime = Gauge(
             "orchestrator_expected_downtime_seconds",
             "What the final copy would take now (NaN until a bandwidth is measured)",
+            ["migration"],
             registry=r,
         )
         self.downtime_limit = Gauge(
-            "orchestrator_downtime_limit_seconds", "The policy's downtime limit (NaN: its policy has none)", registry=r
+            "orchestrator_downtime_limit_seconds",
+            "The policy's downtime limit (NaN: its policy has none)",
+            ["migration"],
+            registry=r,
         )
         self.downtime = Histogram(
             "orchestrator_downtime_seconds",
@@ -111,10 +119,11 @@ class Metrics:
             buckets=DOWNTIME_BUCKETS,
             registry=r,
         )
-        self.ram_total = Gauge("orchestrator_ram_total_bytes", "Guest RAM of the current migration", registry=r)
+        self.ram_total = Gauge("orchestrator_ram_total_bytes", "The migration's guest RAM", ["migration"], registry=r)
         self.ram_remaining = Gauge(
             "orchestrator_ram_remaining_bytes",
             "Bytes known dirty and not sent yet (all of RAM before round 0)",
+            ["migration"],
             registry=r,
         )
         self.tracker_errors = Counter(
@@ -131,12 +140,14 @@ class Metrics:
         )
         self.tracker_state = Gauge(
             "orchestrator_tracker_state",
-            "1 for each tracker's current state in the current migration",
-            ["tracker", "state"],
+            "1 for each tracker's current state in each migration",
+            ["migration", "tracker", "state"],
             registry=r,
         )
         self._receivers = _ReceiverCollector()
         r.register(self._receivers)
+        self._attached = 0
+        self._kept: list[_Feed] = []  # whose gauge series are still exported, oldest first
 
     def attach(self, mig: Migration) -> None:
         """Feed `mig`'s events into these metrics from now on (before `run()` to see it all)."""
@@ -153,7 +164,11 @@ class Metrics:
             feed.finish()
 
     def _feed(self, mig: Migration) -> _Feed:
-        feed = _Feed(self, mig)
+        self._attached += 1
+        feed = _Feed(self, mig, str(self._attached))
+        self._kept.append(feed)
+        if len(self._kept) > KEPT_MIGRATIONS:  # a long-running serve: the oldest's gauges go
+            self._kept.pop(0).forget()
         mig.listen(feed)
         feed.refresh(mig.info())
         return feed
@@ -173,6 +188,7 @@ class _Feed:
 
     metrics: Metrics
     mig: Migration
+    name: str  # the `migration` label of its gauges
     counted: dict[int, TrackerStats] = field(default_factory=dict)
     ended: bool = False
 
@@ -190,15 +206,27 @@ class _Feed:
             self._end(info.status, info.downtime_ms)
 
     def refresh(self, info: MigrationInfo) -> None:
-        m = self.metrics
+        m, n = self.metrics, self.name
         for status in JobStatus:
-            m.status.labels(status.value).set(1 if status is info.status else 0)
-        m.dirty_rate.set(info.ram.dirty_pages_rate)
-        m.expected_downtime.set(math.nan if info.expected_downtime_ms is None else info.expected_downtime_ms / 1e3)
-        m.downtime_limit.set(math.nan if info.downtime_limit_ms is None else info.downtime_limit_ms / 1e3)
-        m.ram_total.set(info.ram.total)
-        m.ram_remaining.set(info.ram.remaining)
+            m.status.labels(n, status.value).set(1 if status is info.status else 0)
+        m.dirty_rate.labels(n).set(info.ram.dirty_pages_rate)
+        expected = info.expected_downtime_ms
+        m.expected_downtime.labels(n).set(math.nan if expected is None else expected / 1e3)
+        m.downtime_limit.labels(n).set(math.nan if info.downtime_limit_ms is None else info.downtime_limit_ms / 1e3)
+        m.ram_total.labels(n).set(info.ram.total)
+        m.ram_remaining.labels(n).set(info.ram.remaining)
         self._trackers(info.trackers)
+
+    def forget(self) -> None:
+        """Stop exporting this migration's gauges (its counts stay in the totals)."""
+        m, n = self.metrics, self.name
+        for status in JobStatus:
+            m.status.remove(n, status.value)
+        for gauge in (m.dirty_rate, m.expected_downtime, m.downtime_limit, m.ram_total, m.ram_remaining):
+            gauge.remove(n)
+        for stats in self.counted.values():
+            for state in TrackerState:
+                m.tracker_state.remove(n, stats.name, state.value)
 
     def _trackers(self, stats: tuple[TrackerStats, ...]) -> None:
         """Add what each tracker counted since the last look (the set's counts only grow)."""
@@ -209,7 +237,7 @@ class _Feed:
             m.tracker_fallbacks.labels(now.name).inc(now.fallbacks - before.fallbacks)
             m.tracker_restarts.labels(now.name).inc(now.restarts - before.restarts)
             for state in TrackerState:
-                m.tracker_state.labels(now.name, state.value).set(1 if state is now.state else 0)
+                m.tracker_state.labels(self.name, now.name, state.value).set(1 if state is now.state else 0)
             self.counted[i] = now
 
     def _end(self, outcome: JobStatus, downtime_ms: float | None) -> None:

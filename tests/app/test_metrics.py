@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
+from orchestrator.app import metrics as metrics_module
 from orchestrator.app.cli import EXIT_BAD_INPUT, main
 from orchestrator.app.metrics import Metrics, metrics_watch, receiver_metrics, serving
 from orchestrator.dirty.memory import MemoryLayout
@@ -58,7 +59,7 @@ async def test_scrapes_during_a_migration_move_and_end_equal_to_the_report(make_
         after = scrape(where)
     assert rep.ok and len(seen) == len(rep.rounds) >= 3
     assert all(v == 0 for v in counters(before).values()), "nothing counted before the migration ran"
-    assert value(before, "orchestrator_migration_status", status="setup") == 1
+    assert value(before, "orchestrator_migration_status", migration="1", status="setup") == 1
     sent = 0
     previous = counters(before)
     for ev, samples in seen:
@@ -68,17 +69,17 @@ async def test_scrapes_during_a_migration_move_and_end_equal_to_the_report(make_
         now = counters(samples)
         assert all(now[k] >= v for k, v in previous.items()), "a counter went down"
         previous = now
-        statuses = [value(samples, "orchestrator_migration_status", status=s.value) for s in JobStatus]
+        statuses = [value(samples, "orchestrator_migration_status", migration="1", status=s.value) for s in JobStatus]
         assert sorted(statuses) == [0] * (len(JobStatus) - 1) + [1]
-        assert value(samples, "orchestrator_ram_total_bytes") == mig.info().ram.total
+        assert value(samples, "orchestrator_ram_total_bytes", migration="1") == mig.info().ram.total
     assert value(seen[0][1], "orchestrator_sent_pages_total") > 0, "round 0 already counted pages"
     assert_matches_report(after, [rep])
-    assert value(after, "orchestrator_migration_status", status="completed") == 1
+    assert value(after, "orchestrator_migration_status", migration="1", status="completed") == 1
     assert value(after, "orchestrator_downtime_seconds_count") == 1
     tracker = rep.trackers[0]
-    assert value(after, "orchestrator_tracker_state", tracker=tracker.name, state="stopped") == 1
+    assert value(after, "orchestrator_tracker_state", migration="1", tracker=tracker.name, state="stopped") == 1
     assert value(after, "orchestrator_tracker_errors_total", tracker=tracker.name) == 0
-    limit = value(after, "orchestrator_downtime_limit_seconds")
+    limit = value(after, "orchestrator_downtime_limit_seconds", migration="1")
     assert limit == pytest.approx(OPTIONS.downtime_limit_ms / 1e3)
 
 
@@ -113,8 +114,28 @@ async def test_metrics_outlive_a_migration_and_count_only_what_is_attached(make_
     with serving(metrics, ANY_PORT) as where:
         samples = scrape(where)
     assert_matches_report(samples, [first, second])
-    assert value(samples, "orchestrator_migration_status", status="cancelled") == 1
-    assert value(samples, "orchestrator_migration_status", status="completed") == 0
+    # each migration's own gauges, side by side
+    assert value(samples, "orchestrator_migration_status", migration="1", status="completed") == 1
+    assert value(samples, "orchestrator_migration_status", migration="2", status="cancelled") == 1
+    assert value(samples, "orchestrator_migration_status", migration="2", status="completed") == 0
+
+
+async def test_a_long_running_process_keeps_the_gauges_of_its_last_migrations_only(
+    make_rig: MakeRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metrics_module, "KEPT_MIGRATIONS", 2)
+    metrics = Metrics()
+    reports = []
+    for _ in range(3):
+        mig = make_rig().migration()
+        metrics.attach(mig)
+        reports.append(await mig.run())
+    with serving(metrics, ANY_PORT) as where:
+        samples = scrape(where)
+    kept = {dict(labels).get("migration") for name, labels in samples if name == "orchestrator_ram_total_bytes"}
+    assert kept == {"2", "3"}, "the first one's gauges are gone"
+    assert not any(dict(labels).get("migration") == "1" for _, labels in samples)
+    assert value(samples, "orchestrator_migrations_total", outcome="completed") == 3, "its count stays"
 
 
 def outcomes(metrics: Metrics) -> dict[str, float]:

@@ -75,13 +75,13 @@ async def test_metrics_follow_a_real_migration_and_end_equal_to_its_report():
     assert value(final, "orchestrator_rounds_total") == len(rep.rounds)
     assert value(final, "orchestrator_migrations_total", outcome="completed") == 1
     assert value(final, "orchestrator_migrations_total", outcome="failed") == 0
-    assert value(final, "orchestrator_migration_status", status="completed") == 1
+    assert value(final, "orchestrator_migration_status", migration="1", status="completed") == 1
     assert value(final, "orchestrator_downtime_seconds_count") == 1
     assert value(final, "orchestrator_downtime_seconds_sum") == pytest.approx(rep.downtime_ms / 1e3)
     for t in rep.trackers:
         assert value(final, "orchestrator_tracker_errors_total", tracker=t.name) == t.errors
         assert value(final, "orchestrator_tracker_fallbacks_total", tracker=t.name) == t.fallbacks
-        assert value(final, "orchestrator_tracker_state", tracker=t.name, state="stopped") == 1
+        assert value(final, "orchestrator_tracker_state", migration="1", tracker=t.name, state="stopped") == 1
 
 
 def free_port() -> int:
