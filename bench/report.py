@@ -109,19 +109,32 @@ def _validation(section: dict) -> list[str]:
                 m["total_ms"],
                 p["total_ms"],
                 e["total_ms"],
+                row["run_to_run"]["total_ms"],
                 m["rounds"],
                 p["rounds"],
                 m["downtime_ms"],
                 p["downtime_ms"],
-                e["bytes_sent"],
+                None if m["bytes_sent"] is None else m["bytes_sent"] / 2**20,
+                None if p["bytes_sent"] is None else p["bytes_sent"] / 2**20,
                 m["converged"],
                 p["converged"],
                 row["replay_rounds_exact"],
             ]
         )
-    header = ["workload", "policy", "total ms", "predicted", "error", "rounds", "predicted", "downtime ms"]
-    header += ["predicted", "bytes error", "converged", "predicted", "replay exact"]
-    return [*out, *_table(header, table)]
+    header = ["workload", "policy", "total ms", "predicted", "error", "run to run", "rounds", "predicted"]
+    header += ["downtime ms", "predicted", "MiB sent", "predicted", "converged", "predicted", "replay exact"]
+    s = section["summary"]
+    medians = [
+        [figure, s[f"median_error_{figure}"], s[f"median_run_to_run_{figure}"]]
+        for figure in ("total_ms", "downtime_ms", "rounds", "bytes_sent")
+    ]
+    note = [
+        "Run to run: the training run's measured figure taken as the prediction of the test run's,",
+        "the spread no model fitted to one run can be expected to beat.",
+        "",
+    ]
+    medians_table = _table(["figure", "median error", "median run to run"], medians)
+    return [*out, *_table(header, table), *note, *medians_table]
 
 
 def _targets(results: dict) -> list[str]:

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from orchestrator.experiments.errors import ExperimentError
-from orchestrator.experiments.trace import Collect, Step, Throttle, Trace, TraceKind, bits_of
+from orchestrator.experiments.trace import Collect, Decision, Step, Throttle, Trace, TraceKind, bits_of
 from orchestrator.migration.engine import PrecopyEngine
 from orchestrator.migration.engine import sequence as seq
 
@@ -326,9 +326,29 @@ class TraceWorkload:
             end = began.get((c.round, c.final), c.t)
             spans.append((start, end, bits_of(c.pages, h.npages)))
             start = end
+        if (last := _unharvested(trace)) is not None:
+            end = began.get((int(last.data["round"]), False), last.t)
+            spans.append((start, end, _stand_in(h.npages, int(last.data["pending-pages"]))))
         throttles = [(r.t, r.level) for r in trace.of(Throttle)]
         throttles += [(s.t, 1.0) for s in steps if s.action == "DevicesStopCopy"]  # QEMU stopped the guest
         return cls(_on_guest_time(spans, throttles), h.npages, rounds[0].sent_pages)
+
+
+def _unharvested(trace: Trace) -> Decision | None:
+    """The last decision, when nothing harvested its collect: a run cancelled or ended right
+    after it. Its count is all the trace knows of those pages."""
+    if not trace.decisions:
+        return None
+    last = max(trace.decisions, key=lambda d: int(d.data["round"]))
+    harvested = any(c.final or c.round >= int(last.data["round"]) for c in trace.collects)
+    return None if harvested else last
+
+
+def _stand_in(npages: int, count: int) -> np.ndarray:
+    """`count` pages where only the count is known: a fixed random choice (deterministic)."""
+    bits = np.zeros(npages, dtype=bool)
+    bits[np.random.default_rng(1).permutation(npages)[: min(count, npages)]] = True
+    return bits
 
 
 def _on_guest_time(

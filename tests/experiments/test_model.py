@@ -19,7 +19,7 @@ from orchestrator.experiments.model import (
     step_key,
     working_set,
 )
-from orchestrator.experiments.trace import Collect, Round, Step, Throttle, Trace, TraceHeader, TraceKind
+from orchestrator.experiments.trace import Collect, Decision, Round, Step, Throttle, Trace, TraceHeader, TraceKind
 from orchestrator.lab.workload import WORKLOADS
 from orchestrator.migration.engine import RoundRecord
 
@@ -137,6 +137,19 @@ def test_a_migration_trace_on_guest_time():
     ]
     timed = TraceWorkload.from_trace(Trace(trace.header, sorted([*trace.records, *steps], key=lambda r: r.t)))
     assert [(iv.start_s, iv.end_s) for iv in timed.intervals] == [(0.5, 1.5), (1.5, 2.75), (2.75, 3.25)]
+
+
+def test_a_run_cancelled_before_any_harvest_replays_its_count():
+    # Cancelled at the first decision: that collect was never harvested, so only its count is known.
+    decision = Decision(1.2, {"round": 1, "decision": "cancel", "pending-pages": 300, "collect-ms": 2.0})
+    trace = Trace(header(ram=4 * MIB), [rnd(0, 40 * PAGE, 1.0, 1.0), decision])
+    w = TraceWorkload.from_trace(trace)
+    assert [(iv.start_s, iv.end_s, int(iv.bits.sum())) for iv in w.intervals] == [(0.0, 1.2, 300)]
+    assert w.resident_pages() == 40
+    harvested = Collect(1.3, 1, 0, 2.0, False, np.arange(300))  # negative control: a harvest holds the pages
+    assert TraceWorkload.from_trace(Trace(trace.header, [*trace.records, harvested])).pages(0.0, 9.0).tolist() == list(
+        range(300)
+    )
 
 
 def test_consecutive_windows_split_a_set():
