@@ -25,6 +25,7 @@ from orchestrator.experiments.errors import ExperimentError
 from orchestrator.experiments.trace import Collect, Decision, Step, Throttle, Trace, TraceKind, bits_of
 from orchestrator.migration.engine import PrecopyEngine
 from orchestrator.migration.engine import sequence as seq
+from orchestrator.native.presets import GUEST_PRESETS
 
 PAGE = 4096
 MIB, GIB = 1 << 20, 1 << 30
@@ -72,14 +73,7 @@ class Pattern(enum.StrEnum):
 
 
 #: The fixture guest's presets (the demo's `--workload` names), as its command lines.
-PRESETS: dict[str, str] = {
-    "idle": "pattern=idle",
-    "light": "pattern=sweep wss=32M rate=32M",
-    "sweep": "pattern=sweep wss=128M rate=0",
-    "heavy": "pattern=random wss=128M rate=0",
-    "hotcold": "pattern=hotcold wss=128M rate=0",
-    "fwcfg": "pattern=sweep wss=32M rate=32M fwcfg=256M",
-}
+PRESETS = GUEST_PRESETS
 
 
 def parse_size(text: str) -> int:

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 
 from orchestrator.native import builds
+from orchestrator.native.presets import GUEST_PRESETS
 
 #: The guest kernel in the per-user cache that is current when this module is imported
 #: (`builds.ensure(builds.GUEST)` builds it there).
@@ -15,16 +16,8 @@ GUEST_ELF = builds.location(builds.GUEST)
 FWCFG_FILE = builds.location(builds.FWCFG)
 FWCFG_NAME = "opt/orchestrator/dma"
 
-# name -> guest command line (see fixtures/README.md for the keys)
-WORKLOADS: dict[str, str] = {
-    "idle": "pattern=idle",
-    "light": "pattern=sweep wss=32M rate=32M",
-    "sweep": "pattern=sweep wss=128M rate=0",
-    "heavy": "pattern=random wss=128M rate=0",
-    "hotcold": "pattern=hotcold wss=128M rate=0",
-    # light, plus 32 fw_cfg DMA reads a second: device-model writes no vCPU store makes
-    "fwcfg": "pattern=sweep wss=32M rate=32M fwcfg=256M",
-}
+#: name -> guest command line: the presets of `native.presets`, by the name the lab uses.
+WORKLOADS = GUEST_PRESETS
 
 _PROGRESS = re.compile(r"^P (\d+) (\d+) (\d+)$", re.M)
 _ERROR = re.compile(r"^E (.*)$", re.M)

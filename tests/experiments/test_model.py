@@ -28,7 +28,7 @@ MIB, GIB = 1 << 20, 1 << 30
 
 
 def test_presets_are_the_fixture_guests():
-    assert PRESETS == WORKLOADS
+    assert PRESETS is WORKLOADS, "one home: orchestrator.native.presets"
 
 
 def test_distinct_pages_of_uniform_writes():
