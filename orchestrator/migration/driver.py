@@ -220,16 +220,19 @@ class Migration:
         """QEMU's `migrate-set-parameters` for this migration: a new downtime limit counts
         from the next decision (`NotNow` once the switchover is decided); a bandwidth cap
         (bytes per second, 0 lifts it) applies to the page stream from its next frame."""
+        if max_bandwidth is not None and max_bandwidth < 0:
+            raise ValueError(f"a bandwidth cap must be positive (0 lifts it), got {max_bandwidth}")
         if downtime_limit_ms is not None:
             self.sequence.set_policy(with_downtime_limit(self.engine.policy, downtime_limit_ms / 1e3))
         if max_bandwidth is not None:
-            if max_bandwidth < 0:
-                raise ValueError(f"a bandwidth cap must be positive (0 lifts it), got {max_bandwidth}")
             self.sink.set_max_bandwidth(max_bandwidth or None)
+        changed = {"downtime-limit": downtime_limit_ms, "max-bandwidth": max_bandwidth}
+        self._steered("set-parameters", {k: v for k, v in changed.items() if v is not None})
 
     def force_switchover(self) -> None:
         """Switch over at the next decision whatever the expected downtime (`NotNow` after)."""
         self.sequence.request_switchover()
+        self._steered("force-switchover")
 
     def cancel(self) -> bool:
         """Abort as a signal would: before `migrate-continue` the source keeps the guest;
@@ -239,9 +242,14 @@ class Migration:
             return False
         if not self._cancel_requested:
             self._cancel_requested = True
+            self._steered("cancel")
             if self._run_task is not None:
                 self._run_task.cancel()
         return True
+
+    def _steered(self, command: str, data: dict[str, Any] | None = None) -> None:
+        """What a caller changed, for the watchers (a trace replays a steered run with it)."""
+        self.events.emit(EventName.CONTROL, {"command": command, **(data or {})})
 
     def _tracker_event(self, ev: TrackerEvent) -> None:
         self.events.emit(EventName.TRACKER, _plain(list(asdict(ev).items())), ev)

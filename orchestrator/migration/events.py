@@ -28,6 +28,7 @@ class EventName(enum.StrEnum):
     DECISION = "ORCH_DECISION"  # the policy decided after a collect: what it saw and said
     TRACKER = "ORCH_TRACKER"  # a tracker started, failed, fell back, restarted, went perma-dirty
     STEP = "ORCH_STEP"  # the driver began an action of the sequence (switchover steps, throttle)
+    CONTROL = "ORCH_CONTROL"  # a caller steered: {command: set-parameters|force-switchover|cancel, ...}
     HARVEST = "ORCH_HARVEST"  # a round's dirty pages were harvested: {round, pages, final}; record: the page numbers
 
 

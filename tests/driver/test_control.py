@@ -103,6 +103,8 @@ async def test_a_lower_limit_mid_way_switches_over_only_once_it_fits(make_rig: M
     on(mig, EventName.MIGRATION_PASS, relax)
     rep = await mig.run()
     assert rep.ok and rounds_at_change == [2]
+    steered = [ev.data for ev in mig.events.history if ev.name is EventName.CONTROL]
+    assert steered == [{"command": "set-parameters", "downtime-limit": 60_000}]
     assert "<= limit 60000 ms" in rep.decision
     assert len(rep.rounds) == 4  # round 0, 1, 2; the next collect fits the new limit: the final copy
     assert mig.info().downtime_limit_ms == 60_000
