@@ -70,7 +70,7 @@ class LocalSink:
         self.page_size = layout.page_size
         self._maps: list[mmap.mmap] = []
         self.regions: list[_Region] = []
-        self._bucket: TokenBucket | None = None
+        self._bucket = TokenBucket(None)
         try:
             for r in layout.regions:
                 self.regions.append(self._open(r, src_paths, dst_paths))
@@ -96,11 +96,12 @@ class LocalSink:
 
     @property
     def max_bandwidth(self) -> float | None:
-        return None if self._bucket is None else self._bucket.rate
+        return self._bucket.rate
 
     def set_max_bandwidth(self, rate: float | None) -> None:
-        """Cap the copy at `rate` bytes per second (None: as fast as memory goes)."""
-        self._bucket = TokenBucket(rate) if rate else None
+        """Cap the copy at `rate` bytes per second (None or 0: as fast as memory goes); a slice
+        already waiting on the old cap goes by the new one."""
+        self._bucket.set_rate(rate or None)
 
     def close(self) -> None:
         for region in self.regions:
@@ -158,7 +159,7 @@ class LocalSink:
         return total, total * self.page_size
 
     async def send_round0(self, on_sent: OnSent | None = None) -> tuple[int, int]:
-        if self._bucket is None:
+        if self._bucket.rate is None:
             return await asyncio.to_thread(self.send_nonzero, on_sent)
         total = 0
         for reg in self.regions:
@@ -169,7 +170,7 @@ class LocalSink:
         return total, total * self.page_size
 
     async def send_pages(self, pages: np.ndarray, on_sent: OnSent | None = None) -> int:
-        if self._bucket is not None:
+        if self._bucket.rate is not None:
             moved = 0
             for reg, local, gp in split_pages(self.regions, page_numbers(pages)):
                 moved += await self._paced(reg, local, gp, on_sent)
@@ -180,12 +181,11 @@ class LocalSink:
 
     async def _paced(self, reg: _Region, local: np.ndarray, gp: np.ndarray, on_sent: OnSent | None) -> int:
         """Copy in slices, each after the bucket lets its bytes through (the cap may change
-        between slices: `set_max_bandwidth` while a round runs)."""
+        while a round runs, even while a slice waits: `set_max_bandwidth`)."""
         moved = 0
         for i in range(0, local.size, PACE_PAGES):
             part = slice(i, i + PACE_PAGES)
-            if (bucket := self._bucket) is not None:
-                await bucket.take(local[part].size * self.page_size)
+            await self._bucket.take(local[part].size * self.page_size)
             moved += await asyncio.to_thread(self._copy, reg, local[part], gp[part], on_sent)
         return moved
 

@@ -218,7 +218,7 @@ class TcpSink:
         self._token = token
         self._rounds = 0
         self._need = max(r.offset + r.length for r in layout.regions)
-        self._bucket = TokenBucket(options.max_bandwidth) if options.max_bandwidth else None
+        self._bucket = TokenBucket(options.max_bandwidth or None)
         self._lanes = [_Lane(i) for i in range(options.streams)]
         mm, view = map_ram(src_path, self._need, writable=False)
         self._maps = [mm]
@@ -227,12 +227,12 @@ class TcpSink:
 
     @property
     def max_bandwidth(self) -> float | None:
-        return None if self._bucket is None else self._bucket.rate
+        return self._bucket.rate
 
     def set_max_bandwidth(self, rate: float | None) -> None:
-        """Cap the stream at `rate` bytes per second, all lanes together (None: uncapped),
-        from the next frame on."""
-        self._bucket = TokenBucket(rate) if rate else None
+        """Cap the stream at `rate` bytes per second, all lanes together (None or 0: uncapped);
+        a frame already waiting on the old cap goes by the new one."""
+        self._bucket.set_rate(rate or None)
 
     @classmethod
     async def connect(
@@ -358,8 +358,7 @@ class TcpSink:
                 sent = _Sent(lane.seq, batch, self._frame(lane, batch, copy=on_sent is not None))
                 lane.seq += 1
                 lane.inflight.append(sent)
-                if self._bucket is not None:
-                    await self._bucket.take(sent.pages.nbytes)
+                await self._bucket.take(sent.pages.nbytes)
                 for piece in sent.pages.pieces():
                     conn.writer.write(piece)
                 await conn.writer.drain()

@@ -1,6 +1,7 @@
 """The local sink moves exactly the pages asked for, maps regions to file offsets, skips zero
 pages in round 0, and finds every mismatching page."""
 
+import asyncio
 import os
 
 import numpy as np
@@ -151,3 +152,29 @@ def test_round0_writes_zeros_where_the_file_cannot_punch_holes(shm_files, monkey
     with LocalSink.flat(MemoryLayout.flat(1024 * PAGE), src, dst) as sink:
         sink.send_nonzero()
     assert np.array_equal(np.fromfile(src, np.uint8), np.fromfile(dst, np.uint8))
+
+
+async def test_lifting_the_cap_rescues_a_copy_waiting_on_the_old_one(tmp_path, monkeypatch):
+    from orchestrator.transport import bucket as bucket_module
+    from orchestrator.transport.local import PACE_PAGES
+
+    npages = 2 * PACE_PAGES
+    src = np.random.default_rng(3).integers(0, 256, npages * PAGE, dtype=np.uint8)
+    s, d = ram_file(tmp_path / "s", npages, src), ram_file(tmp_path / "d", npages)
+    takes: list[int] = []
+    take = bucket_module.TokenBucket.take
+
+    async def counted(self, nbytes):
+        takes.append(nbytes)
+        await take(self, nbytes)
+
+    monkeypatch.setattr(bucket_module.TokenBucket, "take", counted)
+    with LocalSink.flat(MemoryLayout.flat(npages * PAGE), s, d) as sink:
+        sink.set_max_bandwidth(1)  # the second slice would wait off a mebibyte at 1 B/s
+        copy = asyncio.create_task(sink.send_pages(np.arange(npages)))
+        while len(takes) < 2:
+            await asyncio.sleep(0.001)
+        sink.set_max_bandwidth(None)
+        async with asyncio.timeout(60):  # a hang guard only: without the fix this waits for days
+            assert await copy == npages * PAGE
+        assert sink.max_bandwidth is None and sink.mismatched_pages().size == 0
