@@ -15,8 +15,9 @@ A spec is TOML:
     [random]                      # each key [low, high], or {low, high, log = true, int = true}
     downtime_limit_s = [0.01, 0.5]
 
-Keys are the policy's fields (any `--set` key) and `bandwidth_cap`, a cap on the link. Every
-run is a pure function of its settings, so the table is the same however it was computed.
+Keys are the policy's fields (any `--set` key) and `bandwidth_cap`, a cap on the link (bytes
+per second as a number or a size string; 0 is uncapped). Every run is a pure function of its
+settings, so the table is the same however it was computed.
 """
 
 from __future__ import annotations
@@ -101,10 +102,7 @@ class SweepSpec:
 def run_one(run: Run) -> dict[str, Any]:
     """One simulation, as one row of the table."""
     settings = dict(run.settings)
-    cap = settings.pop(LINK_CAP, None)
-    sim = Simulation(
-        run.scenario.build(None if cap is None else float(parse_size(str(cap)))), make_policy(run.policy, settings)
-    )
+    sim = Simulation(run.scenario.build(link_cap(settings.pop(LINK_CAP, None))), make_policy(run.policy, settings))
     rep = sim.run()
     return {
         "index": run.index,
@@ -118,6 +116,23 @@ def run_one(run: Run) -> dict[str, Any]:
         "bytes_sent": rep.bytes_sent,
         "decision": rep.decision,
     }
+
+
+def link_cap(value: Any) -> float | None:
+    """A `bandwidth_cap` setting in bytes per second: a number (a random draw is a float) or
+    a size string; 0 (or no setting) is uncapped, as with QEMU's max-bandwidth. Checked in
+    `parse_spec` for every point, so a bad cap fails before any run, not in a worker."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        cap = float(parse_size(value))
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        cap = float(value)
+    else:
+        raise ExperimentError(f"{LINK_CAP} must be a number or a size like 100M, got {value!r}")
+    if not math.isfinite(cap) or cap < 0:
+        raise ExperimentError(f"{LINK_CAP} must be a finite number of bytes per second, 0 or more, got {value!r}")
+    return cap or None
 
 
 def _scenario(obj: Mapping[str, Any], base: Path, i: int) -> ScenarioSpec:
@@ -215,10 +230,11 @@ def parse_spec(doc: Mapping[str, Any], base: Path = Path(".")) -> SweepSpec:
                 f"{key!r} is neither a setting of policy {policy!r} ({', '.join(sorted(declared))}) nor {LINK_CAP}"
             )
     for point in spec.points:  # a bad value fails before any run
-        settings = {k: v for k, v in point if k != LINK_CAP}
+        settings = dict(point)
         try:
+            link_cap(settings.pop(LINK_CAP, None))
             make_policy(policy, settings)
-        except PolicyError as exc:
+        except (PolicyError, ExperimentError) as exc:
             raise ExperimentError(f"sweep point {dict(point)}: {exc}") from None
     return spec
 

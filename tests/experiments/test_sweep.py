@@ -105,3 +105,31 @@ def test_bad_specs_are_refused_naming_the_problem(doc, message, tmp_path):
 def test_a_sweep_where_nothing_completed_has_no_plot(tmp_path):
     with pytest.raises(ExperimentError, match="no run of the sweep completed"):
         plot_sweep([{"scenario": "a", "total_ms": 1.0, "downtime_ms": None, "converged": False}], tmp_path / "x.png")
+
+
+def _capped(search: dict) -> dict:
+    return {"scenario": [{"workload": "light", "bandwidth": "1G"}], "grid": {"max_rounds": [4]}, **search}
+
+
+def test_a_random_search_over_the_bandwidth_cap_runs():
+    doc = _capped({"search": "random", "samples": 3, "seed": 1, "random": {"bandwidth_cap": ["100M", "1G"]}})
+    spec = parse_spec(doc)
+    caps = [dict(p)["bandwidth_cap"] for p in spec.points]
+    assert all(isinstance(c, float) and c != int(c) for c in caps), "draws are fractional bytes per second"
+    rows = run_local(spec.runs(), jobs=1)
+    assert [r["bandwidth_cap"] for r in rows] == caps and {r["status"] for r in rows} <= {"completed", "cancelled"}
+
+
+def test_grid_caps_may_be_numbers_and_zero_is_uncapped():
+    rows = run_local(parse_spec(_capped({"grid": {"bandwidth_cap": [104857600.0, 0, "100M"]}})).runs(), jobs=1)
+    uncapped = run_local(parse_spec(_capped({})).runs(), jobs=1)[0]
+    by_cap = {r["bandwidth_cap"]: r for r in rows}
+    assert by_cap[0]["total_ms"] == uncapped["total_ms"]
+    assert by_cap[104857600.0]["total_ms"] == by_cap["100M"]["total_ms"], "a number is bytes per second"
+    assert by_cap["100M"]["total_ms"] > uncapped["total_ms"], "a cap below the link slows the run"
+
+
+@pytest.mark.parametrize("cap", [-1, "fast", True, float("nan"), float("inf"), [1]])
+def test_a_bad_cap_is_refused_before_any_run(cap):
+    with pytest.raises(ExperimentError, match=r"sweep point .*bandwidth_cap"):
+        parse_spec(_capped({"grid": {"bandwidth_cap": [1e8, cap]}}))
