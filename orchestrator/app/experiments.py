@@ -4,6 +4,7 @@ them: a policy chosen by name (`--policy NAME --set k=v`) and a plot of the repo
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -80,15 +81,16 @@ def add_plot_option(p: argparse.ArgumentParser) -> None:
 
 def plot_if_asked(args: argparse.Namespace, report: dict[str, Any]) -> None:
     """The report's plot, when `--plot` asked for one (a report without rounds is said, not raised:
-    the migration's outcome and exit status stand)."""
+    the migration's outcome and exit status stand). Said on stderr: with `--json -` stdout
+    carries the report and nothing else."""
     if args.plot is None:
         return
     if not report.get("rounds"):
-        print(f"no plot written to {args.plot}: the migration ended before its first round")
+        print(f"no plot written to {args.plot}: the migration ended before its first round", file=sys.stderr)
         return
     from orchestrator.experiments import plots  # matplotlib costs a second: only when plotting
 
-    print(f"plot: {plots.plot_report(report, args.plot)}")
+    print(f"plot: {plots.plot_report(report, args.plot)}", file=sys.stderr)
 
 
 # -- simulate ----------------------------------------------------------------------------------

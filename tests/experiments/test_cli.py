@@ -67,3 +67,11 @@ def test_migrate_and_demo_take_a_policy_by_name():
     assert options("--set", "max_rounds=4").custom_policy == DowntimePolicy(max_rounds=4)
     with pytest.raises(PolicyError, match="--max-time does not apply to policy 'nova'"):
         options("--policy", "nova", "--max-time", "10")
+
+
+def test_simulate_json_on_stdout_is_the_report_alone_with_a_plot(tmp_path, capsys):
+    png = tmp_path / "r.png"
+    assert cli.main(["simulate", "--workload", "light", "--json", "-", "--plot", str(png)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["status"] == "completed", "stdout parses as one JSON document"
+    assert f"plot: {png}" in err and png.stat().st_size > 0
