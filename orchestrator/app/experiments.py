@@ -4,6 +4,7 @@ them: a policy chosen by name (`--policy NAME --set k=v`) and a plot of the repo
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +15,7 @@ from orchestrator.app.output import summary, write_json
 from orchestrator.experiments.model import PRESETS, GuestWorkload, LinkModel, parse_size
 from orchestrator.experiments.replay import recorded_policy, scenario_of
 from orchestrator.experiments.simulator import Scenario, simulate
-from orchestrator.experiments.sweep import load_spec, run_dask, run_local, write_table
+from orchestrator.experiments.sweep import DaskWorkers, LocalWorkers, Run, Workers, load_spec, write_table
 from orchestrator.experiments.trace import read_trace
 from orchestrator.migration.driver import MigrationOptions
 from orchestrator.migration.engine import DowntimePolicy, OnLimit, Policy, PolicyError
@@ -119,8 +120,10 @@ def _scenario(args: argparse.Namespace) -> tuple[Scenario, Policy]:
 async def simulate_command(args: argparse.Namespace) -> int:
     writable_target("--json", args.json)
     writable_target("--plot", args.plot)
-    scenario, policy = _scenario(args)
-    report = simulate(scenario, policy)
+    # Off the loop's thread (a trace is read and fitted, then simulated), so a signal's
+    # handler runs meanwhile and the command stops the way every command does.
+    scenario, policy = await asyncio.to_thread(_scenario, args)
+    report = await asyncio.to_thread(simulate, scenario, policy)
     if args.json != "-":
         summary(report)
     data = report.as_dict()
@@ -140,18 +143,26 @@ async def sweep_command(args: argparse.Namespace) -> int:
         "a local Dask cluster" if args.dask == "local" else f"{args.jobs or 'all'} local processes"
     )
     print(f"sweep: {len(runs)} simulations ({len(spec.scenarios)} scenarios x {len(spec.points)} settings) on {where}")
-    if args.scheduler is not None or args.dask == "local":
-        rows = run_dask(runs, args.scheduler)
-    else:
-        rows = run_local(runs, args.jobs)
+    dask = args.scheduler is not None or args.dask == "local"
+    rows = await _run_sweep(DaskWorkers(args.scheduler) if dask else LocalWorkers(args.jobs), runs)
     write_table(rows, args.out)
     converged = sum(1 for r in rows if r["converged"])
     print(f"table: {args.out} ({len(rows)} rows, {converged} converged)")
     if args.plot is not None:
         from orchestrator.experiments import plots
 
-        print(f"plot: {plots.plot_sweep(rows, args.plot)}")
+        print(f"plot: {await asyncio.to_thread(plots.plot_sweep, rows, args.plot)}")
     return 0
+
+
+async def _run_sweep(workers: Workers, runs: list[Run]) -> list[dict[str, Any]]:
+    """The runs in a thread, so the loop's signal handlers run meanwhile; the workers are
+    closed on every exit, a signal's cancellation included: pending runs dropped, no worker
+    process left."""
+    try:
+        return await asyncio.to_thread(workers.run, runs)
+    finally:
+        await asyncio.to_thread(workers.close)
 
 
 async def plot_command(args: argparse.Namespace) -> int:

@@ -27,12 +27,14 @@ import functools
 import itertools
 import math
 import os
+import signal
+import threading
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -239,25 +241,100 @@ def parse_spec(doc: Mapping[str, Any], base: Path = Path(".")) -> SweepSpec:
     return spec
 
 
+#: Runs a worker takes at a time: few enough that a stopped sweep waits about a second for the
+#: runs already under way, enough to keep the cost of a hand-off small against a run's.
+CHUNK_RUNS = 8
+
+
+class Workers(Protocol):
+    """Where a sweep's runs go. `run` blocks until every row is in; `close`, from any thread,
+    drops the runs not started, lets the running ones end and returns when no worker is left,
+    so a command stopped by a signal leaves nothing running (`run` then raises)."""
+
+    def run(self, runs: Sequence[Run]) -> list[dict[str, Any]]: ...
+
+    def close(self) -> None: ...
+
+
+def _leave_signals_to_parent() -> None:
+    """A worker ignores the terminal's signals: a Ctrl-C reaches the whole foreground process
+    group, and the command that started the workers decides how they stop."""
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class LocalWorkers:
+    """Processes on this machine, one per core unless `jobs` says."""
+
+    def __init__(self, jobs: int | None = None) -> None:
+        self.jobs = jobs or os.cpu_count() or 1
+        self._pool = ProcessPoolExecutor(self.jobs, initializer=_leave_signals_to_parent)
+
+    def run(self, runs: Sequence[Run]) -> list[dict[str, Any]]:
+        chunk = max(1, min(CHUNK_RUNS, len(runs) // (4 * self.jobs)))
+        return list(self._pool.map(run_one, runs, chunksize=chunk))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class DaskWorkers:
+    """A Dask cluster: the scheduler at `scheduler`, or a local cluster of `workers` threads in
+    this process. It is reached (or started) by the first `run`, which may take seconds, so
+    that a `close` meanwhile waits for it and then shuts it down."""
+
+    def __init__(self, scheduler: str | None = None, workers: int = 2) -> None:
+        self.scheduler, self.workers = scheduler, workers
+        self._lock = threading.Lock()
+        self._closed = False
+        self._client: Any = None
+        self._cluster: Any = None
+        self._futures: list[Any] = []
+
+    def run(self, runs: Sequence[Run]) -> list[dict[str, Any]]:
+        from distributed import Client, LocalCluster
+
+        with self._lock:
+            if self._closed:
+                raise ExperimentError("the sweep's Dask workers are closed")
+            if self._client is None:
+                if self.scheduler is None:
+                    self._cluster = LocalCluster(n_workers=self.workers, processes=False, dashboard_address=None)
+                self._client = Client(self.scheduler or self._cluster)
+            self._futures = self._client.map(run_one, list(runs), pure=False)
+            futures = self._futures
+        return list(self._client.gather(futures))
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._client is not None:
+                self._client.cancel(self._futures)
+                self._client.close()
+            if self._cluster is not None:
+                self._cluster.close()
+
+
+def run_on(workers: Workers, runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Every run on `workers`, closed afterwards."""
+    try:
+        return workers.run(runs)
+    finally:
+        workers.close()
+
+
 def run_local(runs: Sequence[Run], jobs: int | None = None) -> list[dict[str, Any]]:
-    """Every run on this machine's cores (one process per core unless `jobs` says)."""
-    workers = jobs or os.cpu_count() or 1
-    if workers == 1:
+    """Every run on this machine's cores (one process per core unless `jobs` says; with one,
+    in this process)."""
+    if (jobs or os.cpu_count() or 1) == 1:
         return [run_one(r) for r in runs]
-    with ProcessPoolExecutor(workers) as pool:
-        return list(pool.map(run_one, runs, chunksize=max(1, len(runs) // (4 * workers))))
+    return run_on(LocalWorkers(jobs), runs)
 
 
 def run_dask(runs: Sequence[Run], scheduler: str | None = None, workers: int = 2) -> list[dict[str, Any]]:
     """Every run on a Dask cluster: the scheduler at `scheduler`, or a local cluster of
     `workers` threads in this process, started and shut down here."""
-    from distributed import Client, LocalCluster
-
-    if scheduler is not None:
-        with Client(scheduler) as client:
-            return list(client.gather(client.map(run_one, list(runs), pure=False)))
-    with LocalCluster(n_workers=workers, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
-        return list(client.gather(client.map(run_one, list(runs), pure=False)))
+    return run_on(DaskWorkers(scheduler, workers), runs)
 
 
 def columns(rows: Iterable[Mapping[str, Any]]) -> list[str]:
