@@ -2,9 +2,10 @@
 one `Migrations`.
 
 Only the user this process runs as may connect: the socket (0600) is created inside a
-private directory (0700, made here unless the owner already keeps one), and every connection's
-SO_PEERCRED uid is checked besides, so a socket the file modes would let through (a wider
-directory, a chmod) still refuses another user before a byte is read or sent. Several clients
+private directory (0700, made here unless the owner already keeps one; never a symlink, and
+checked again after the bind to be the directory the socket went into), and every
+connection's SO_PEERCRED uid is checked besides, so a socket the file modes would let through
+(a wider directory, a chmod) still refuses another user before a byte is read or sent. Several clients
 are served at once; each negotiated one gets the events of every migration as QMP events
 (`id` added to their data when the socket serves several). Closing removes the socket, and
 the directory if it was made here, on every exit path.
@@ -51,29 +52,82 @@ def peer_uid(sock: Any) -> int:
     return int(struct.unpack("3i", creds)[1])
 
 
-def _private_directory(directory: Path, owner: int) -> bool:
-    """Make `directory` (0700) and return True, or check an existing one is the owner's and
-    closed to everyone else (False: it stays when the socket goes)."""
+@dataclass
+class _Directory:
+    """The socket's directory, held open from its check until the socket is removed, so what
+    the server binds in, checks again and cleans is the directory it checked, whatever its
+    path names meanwhile (a path component repointed by someone else)."""
+
+    path: Path
+    fd: int
+    made: bool  # made here: removed with the socket
+
+    def still_at_path(self) -> bool:
+        """The path names this very directory (lstat: a symlink there is itself, never equal)."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(self.fd)
+        return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+
+    def remove(self, name: str) -> None:
+        """Remove the socket `name` from this directory, the directory if it was made here and
+        its path still names it, and let go of it."""
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=self.fd)
+            if self.made and self.still_at_path():
+                with contextlib.suppress(FileNotFoundError):
+                    os.rmdir(self.path)
+        finally:
+            os.close(self.fd)
+
+
+def _private_directory(directory: Path, owner: int) -> _Directory:
+    """Make `directory` (0700), or accept an existing one that is the owner's and closed to
+    everyone else (it stays when the socket goes). A symlink is refused either way: one in a
+    shared directory could point at another user's private directory, or be repointed later."""
     try:
         os.mkdir(directory, 0o700)
-        os.chmod(directory, 0o700)  # exactly, whatever the umask took away
-        return True
+        made = True
     except FileExistsError:
-        pass
+        made = False
     except FileNotFoundError:
         raise ControlError(
             f"the control socket's directory {directory} cannot be made: its parent is missing"
         ) from None
-    st = os.stat(directory)
-    if not stat.S_ISDIR(st.st_mode):
-        raise ControlError(f"the control socket's directory {directory} is not a directory")
-    if st.st_uid != owner or st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ControlError(
-            f"the control socket's directory {directory} is not private (owner uid {st.st_uid}, mode "
-            f"{stat.S_IMODE(st.st_mode):04o}): give a directory that does not exist yet, or one only uid "
-            f"{owner} can enter (chmod 0700)"
-        )
-    return False
+    if stat.S_ISLNK(os.lstat(directory).st_mode):
+        raise ControlError(f"the control socket's directory {directory} is a symbolic link: give a real directory")
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except NotADirectoryError:
+        raise ControlError(f"the control socket's directory {directory} is not a directory") from None
+    except OSError as exc:  # ELOOP: it became a symlink since the lstat
+        raise ControlError(f"the control socket's directory {directory} cannot be opened as itself: {exc}") from None
+    try:
+        if made:
+            os.fchmod(fd, 0o700)  # exactly, whatever the umask took away
+        st = os.fstat(fd)
+        if st.st_uid != owner or st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ControlError(
+                f"the control socket's directory {directory} is not private (owner uid {st.st_uid}, mode "
+                f"{stat.S_IMODE(st.st_mode):04o}): give a directory that does not exist yet, or one only uid "
+                f"{owner} can enter (chmod 0700)"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return _Directory(directory, fd, made)
+
+
+def _remove_stray_socket(path: Path, owner: int) -> None:
+    """The socket bound through a path that no longer named the checked directory: removed if
+    what the path names now is a socket of the owner's (never another user's file)."""
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(path)
+        if stat.S_ISSOCK(st.st_mode) and st.st_uid == owner:
+            path.unlink()
 
 
 @dataclass(eq=False)  # one per connection, kept in a set by identity
@@ -97,7 +151,7 @@ class ControlServer:
         self.tag_ids = tag_ids
         self.owner = os.geteuid()
         self.refused: list[int] = []  # uids turned away, in order
-        self._made_directory = False
+        self._directory: _Directory | None = None
         self._server: asyncio.Server | None = None
         self._clients: set[_Client] = set()
         self._handlers: set[asyncio.Task[None]] = set()
@@ -119,11 +173,20 @@ class ControlServer:
             raise ControlError(
                 f"{self.path} exists: another control socket may be serving there (remove it if it is stale)"
             )
-        self._made_directory = _private_directory(self.path.parent, self.owner)
+        self._directory = directory = _private_directory(self.path.parent, self.owner)
         try:
             self._server = await asyncio.start_unix_server(self._accept, path=self.path)
-            os.chmod(self.path, 0o600)  # the private directory already kept everyone out meanwhile
+            if not directory.still_at_path():
+                _remove_stray_socket(self.path, self.owner)
+                raise ControlError(
+                    f"the control socket's directory {directory.path} was replaced while the socket was made"
+                )
+            # The private directory already kept everyone out meanwhile.
+            os.chmod(self.path.name, 0o600, dir_fd=directory.fd)
         except BaseException:
+            if self._server is not None:
+                self._server.close()
+                self._server = None
             await self._remove()
             raise
 
@@ -149,12 +212,9 @@ class ControlServer:
             await self._remove()
 
     async def _remove(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        if self._made_directory:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.parent.rmdir()
-            self._made_directory = False
+        if self._directory is not None:
+            directory, self._directory = self._directory, None
+            directory.remove(self.path.name)
 
     # -- connections ------------------------------------------------------------------
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -325,3 +325,41 @@ async def test_a_serving_socket_starts_migrations_and_tags_their_events(make_rig
         finally:
             await client.disconnect()
     await asyncio.gather(*runs)
+
+
+async def test_a_symlinked_directory_is_refused_even_to_a_private_one(short_dir: Path) -> None:
+    """The attack: a link someone else could repoint, here at a private directory of ours."""
+    private = short_dir / "private"
+    private.mkdir(mode=0o700)
+    link = short_dir / "link"
+    link.symlink_to(private)
+    with pytest.raises(ControlError, match="is a symbolic link"):
+        await ControlServer(link / "q.sock", Context(Migrations())).start()
+    dangling = short_dir / "dangling"
+    dangling.symlink_to(short_dir / "nowhere")
+    with pytest.raises(ControlError, match="is a symbolic link"):
+        await ControlServer(dangling / "q.sock", Context(Migrations())).start()
+    assert list(private.iterdir()) == [] and not (short_dir / "nowhere").exists()
+    async with ControlServer(private / "q.sock", Context(Migrations())):  # the directory itself is fine
+        assert stat.S_ISSOCK(os.lstat(private / "q.sock").st_mode)
+
+
+async def test_a_directory_swapped_before_the_bind_is_refused(short_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checked, then replaced by a link before the socket is bound: the server notices after
+    the bind, removes its socket from the directory it checked and leaves the other alone."""
+    from orchestrator.control import server as server_module
+
+    made, elsewhere = short_dir / "made", short_dir / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    bind = server_module.asyncio.start_unix_server
+
+    async def swapped(*args: Any, **kwargs: Any) -> asyncio.Server:
+        os.rename(made, short_dir / "moved")
+        made.symlink_to(elsewhere)
+        return await bind(*args, **kwargs)
+
+    monkeypatch.setattr(server_module.asyncio, "start_unix_server", swapped)
+    with pytest.raises(ControlError, match="was replaced while the socket was made"):
+        await ControlServer(made / "q.sock", Context(Migrations())).start()
+    assert list(elsewhere.iterdir()) == [], "the socket bound through the link is not left there"
+    assert list((short_dir / "moved").iterdir()) == []
