@@ -19,6 +19,7 @@ ROOMS: dict[str, int] = {
     "uapi": 0,
     "dirty": 0,
     "native": 0,
+    "encoding": 0,
     "vfio": 1,
     "emulated": 1,
     "writewatch": 1,

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.control.errors import ErrorClass
+from orchestrator.encoding.plainjson import jsonable
 
 MAX_MESSAGE = 1 << 20
 MAX_DEPTH = 64
@@ -61,22 +62,6 @@ class Answer:
 
 
 Event = Command | Answer | _Need
-
-
-def jsonable(value: Any) -> Any:
-    """`value` as plain JSON: enums as their values, tuples as lists, non-finite numbers as
-    null (JSON has no NaN or infinity), anything else unknown as its text."""
-    if isinstance(value, enum.Enum):
-        return jsonable(value.value)
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    return str(value)
 
 
 def _frame(message: Mapping[str, Any]) -> bytes:

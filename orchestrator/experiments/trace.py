@@ -14,6 +14,7 @@ import base64
 import enum
 import json
 import logging
+import math
 import os
 import time
 import zlib
@@ -25,6 +26,7 @@ from typing import Any, Protocol
 import aiofiles
 import numpy as np
 
+from orchestrator.encoding.plainjson import jsonable
 from orchestrator.experiments.errors import ExperimentError
 from orchestrator.migration.engine.records import RoundRecord
 
@@ -244,9 +246,17 @@ def record_json(rec: Record, npages: int) -> dict[str, Any]:
     raise TypeError(f"not a trace record: {rec!r}")
 
 
+#: Per record type, the fields that are infinite when there is no bandwidth estimate yet:
+#: strict JSON writes them as null, older writers as `Infinity`; both read back as infinity.
+UNBOUNDED = {"round": ("expected_downtime_ms",), "decision": ("expected-downtime-ms",)}
+
+
 def _parse(obj: dict[str, Any], npages: int) -> Record | None:
     """A line's record; None for a type this version does not know (newer writers may add some)."""
     rest = {k: v for k, v in obj.items() if k not in ("type", "t")}
+    for name in UNBOUNDED.get(obj["type"], ()):
+        if name in rest and rest[name] is None:
+            rest[name] = math.inf
     t = float(obj["t"])
     match obj["type"]:
         case "harvest":
@@ -388,8 +398,9 @@ def _private(path: str, flags: int) -> int:
 
 
 def _line(rec: Record | TraceHeader, npages: int) -> str:
+    """One line of strict JSON: a non-finite number (an estimate with no bandwidth yet) is null."""
     obj = rec.as_json() if isinstance(rec, TraceHeader) else record_json(rec, npages)
-    return json.dumps(obj, separators=(",", ":")) + "\n"
+    return json.dumps(jsonable(obj), allow_nan=False, separators=(",", ":")) + "\n"
 
 
 class TraceWriter:
@@ -400,8 +411,9 @@ class TraceWriter:
     writes it through the sink. `close` drains what is queued, adds a `lost` record when
     anything was dropped, then the last record if given, flushes and closes the file; it
     runs on every exit path of the recorder and the probe (a cancellation included). A disk
-    that fails mid-way ends the writing, not the migration: `failure` says why, and what
-    was offered after it counts as dropped."""
+    that fails mid-way (or a bug in the drain) ends the writing, not the migration: `failure`
+    says why, what was offered after it counts as dropped, and `close` does not raise for
+    it, so a finished migration's report is never replaced by a trace's error."""
 
     def __init__(self, path: Path, header: TraceHeader, maxsize: int = 4096, opener: Opener = open_file) -> None:
         if maxsize < 1:
@@ -414,7 +426,7 @@ class TraceWriter:
         self._sink: TextSink | None = None
         self._drain: asyncio.Task[None] | None = None
         self._closed = False
-        self.failure: OSError | None = None
+        self.failure: Exception | None = None
         self._last_t = 0.0  # of the last record offered: when a `lost` note has no end to go by
 
     async def open(self) -> TraceWriter:
@@ -449,12 +461,17 @@ class TraceWriter:
                 continue
             try:
                 await self._sink.write(await asyncio.to_thread(_line, rec, self.header.npages))
-            except OSError as exc:
-                self.failure = exc
+            except Exception as exc:  # a disk error, or a bug: either way the run goes on
+                self._failed(exc, "writing the trace %s failed, the rest of it is lost: %s")
                 self.dropped += 1
-                log.warning("writing the trace %s failed, the rest of it is lost: %s", self.path, exc)
                 continue
             self.written += 1
+
+    def _failed(self, exc: Exception, message: str) -> None:
+        """The first failure is the writer's; each is said."""
+        if self.failure is None:
+            self.failure = exc
+        log.warning(message, self.path, exc)
 
     async def close(self, last: Callable[[], Record] | None = None) -> None:
         """Drain, note what was lost, write `last()` (the end), flush, close. A cancellation
@@ -465,8 +482,7 @@ class TraceWriter:
         sink, drain = self._sink, self._drain
         try:
             if drain is not None:
-                await self._queue.put(None)
-                await drain
+                await self._finish_drain(drain)
             if sink is not None and self.failure is None:
                 end = last() if last is not None else None
                 if self.dropped:
@@ -476,11 +492,33 @@ class TraceWriter:
                     self.written += 1
                 await sink.flush()
         except OSError as exc:
-            self.failure = exc
-            log.warning("finishing the trace %s failed: %s", self.path, exc)
+            self._failed(exc, "finishing the trace %s failed: %s")
         finally:
             if drain is not None and not drain.done():
                 drain.cancel()
                 await asyncio.gather(drain, return_exceptions=True)
             if sink is not None:
-                await sink.close()
+                try:
+                    await sink.close()  # flushes again: the same full disk fails here too
+                except OSError as exc:
+                    self._failed(exc, "closing the trace %s failed: %s")
+
+    async def _finish_drain(self, drain: asyncio.Task[None]) -> None:
+        """Let the drain write what is queued, then end; a drain that died meanwhile (it was
+        cancelled) is not waited for, and what it left in the queue counts as dropped."""
+        ending = asyncio.ensure_future(self._queue.put(None))
+        try:
+            await asyncio.wait((ending, drain), return_when=asyncio.FIRST_COMPLETED)
+            if ending.done():
+                await asyncio.wait((drain,))
+        finally:
+            ending.cancel()
+        if drain.cancelled() or drain.exception() is not None:
+            self.dropped += sum(1 for rec in _emptied(self._queue) if rec is not None)
+            self._failed(TraceError("the trace's writer stopped early"), "writing the trace %s stopped: %s")
+
+
+def _emptied(queue: asyncio.Queue[Record | None]) -> Iterator[Record | None]:
+    """What is left in `queue`, taken out."""
+    while not queue.empty():
+        yield queue.get_nowait()

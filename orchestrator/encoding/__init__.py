@@ -1,0 +1,1 @@
+"""How the orchestrator's values become text that other programs parse."""
