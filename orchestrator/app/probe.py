@@ -4,7 +4,8 @@ The same write-watch tracker a migration uses is armed on the QEMU and harvested
 period into a `DirtyBitmap`; each harvest is one trace record (the pages written in that
 period), from which `experiments.workingset` computes W(t). Nothing in the VM changes: no
 capability, no migration, the guest never paused; the registration ends (and QEMU is as it
-was) on every way out, a signal included, and the trace is closed with what it holds.
+was) on every way out, a signal included, and the trace is closed with what it holds. A
+signal ends the probe early: its summary and where its trace is kept are printed, exit 1.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +33,8 @@ from orchestrator.writewatch import WriteWatch
 
 _T = TypeVar("_T")
 MIB = 1 << 20
+#: The exit status of a probe stopped before its duration, as of any command a signal stops.
+EXIT_STOPPED = 1
 
 
 def add_probe_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -111,26 +115,48 @@ async def _probe(args: argparse.Namespace, layout: MemoryLayout, tracker: WriteW
         return End(time.monotonic() - t0, {"harvests": len(harvests), "dirty_pages": pages, "interrupted": interrupted})
 
     try:
-        await _to_the_end(lambda: tracker.start(layout))
-        t0 = last = time.monotonic()  # armed: every write from here on is seen
         try:
-            for k in range(1, int(args.duration / args.period + 1e-9) + 1):
-                await asyncio.sleep(max(0.0, t0 + k * args.period - time.monotonic()))
-                await _to_the_end(lambda: tracker.collect(bitmap))
-                now = time.monotonic()
-                harvest = Harvest(now - t0, now - last, bitmap.harvest())
-                last = now
-                harvests.append(harvest)
-                writer.offer(harvest)
-                mb = harvest.dirty_pages * layout.page_size / MIB
-                print(f"t={harvest.t:7.2f} s  {harvest.dirty_pages:8d} pages ({mb / harvest.interval_s:8.1f} MiB/s)")
-            interrupted = False
+            await _to_the_end(lambda: tracker.start(layout))
+            t0 = last = time.monotonic()  # armed: every write from here on is seen
+            try:
+                for k in range(1, int(args.duration / args.period + 1e-9) + 1):
+                    await asyncio.sleep(max(0.0, t0 + k * args.period - time.monotonic()))
+                    await _to_the_end(lambda: tracker.collect(bitmap))
+                    now = time.monotonic()
+                    harvest = Harvest(now - t0, now - last, bitmap.harvest())
+                    last = now
+                    harvests.append(harvest)
+                    writer.offer(harvest)
+                    mb = harvest.dirty_pages * layout.page_size / MIB
+                    print(
+                        f"t={harvest.t:7.2f} s  {harvest.dirty_pages:8d} pages ({mb / harvest.interval_s:8.1f} MiB/s)"
+                    )
+                interrupted = False
+            finally:
+                await _to_the_end(tracker.stop)
         finally:
-            await _to_the_end(tracker.stop)
-    finally:
-        await writer.close(end)
+            await writer.close(end)
+    except asyncio.CancelledError:
+        if not _stopped_once():
+            raise
     summarize(harvests, layout, args.period, writer)
+    if interrupted:
+        # Said here rather than by the CLI's generic line for a signal (everything removed):
+        # what a stopped probe made, its trace so far, is what its user asked for.
+        print(
+            f"probe: stopped after {len(harvests)} harvests; the trace so far is kept in {writer.path} "
+            "(its end record says interrupted)",
+            file=sys.stderr,
+        )
+        return EXIT_STOPPED
     return 0
+
+
+def _stopped_once() -> bool:
+    """A cancellation (a signal's, through the signal policy) is the probe's early end: taken
+    back when it is the only one pending, so the probe can say what it kept."""
+    task = asyncio.current_task()
+    return task is not None and task.uncancel() == 0
 
 
 def summarize(harvests: list[Harvest], layout: MemoryLayout, period_s: float, writer: TraceWriter) -> None:

@@ -101,6 +101,8 @@ async def test_sigint_closes_the_trace_and_leaves_the_vm_watchable(built, tmp_pa
         proc.send_signal(signal.SIGINT)
         _, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 1, err.decode()
+        said = err.decode()
+        assert f"the trace so far is kept in {tmp_path / 'cut.jsonl'}" in said and "is removed" not in said
         cut = read_trace(tmp_path / "cut.jsonl")
         assert len(cut.harvests) >= 3 and cut.end is not None and cut.end.report["interrupted"] is True
         before = len(parse_progress(vm.read_serial()))
