@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from orchestrator.encoding.plainjson import jsonable
 from orchestrator.lab.demo import DemoResult
 from orchestrator.lab.workload import guest_rate
 from orchestrator.migration.driver import MigrationReport
@@ -82,7 +83,7 @@ def demo_lines(result: DemoResult) -> list[str]:
 def write_json(data: dict, where: str | None) -> None:
     if where is None:
         return
-    text = json.dumps(data, indent=2)
+    text = json.dumps(jsonable(data), indent=2, allow_nan=False)  # strict JSON: an unmeasured estimate is null
     if where == "-":
         print(text, flush=True)
     else:

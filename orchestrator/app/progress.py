@@ -29,6 +29,7 @@ from rich.table import Table
 from rich.text import Text
 
 from orchestrator.app.output import event_line, round_line, summary
+from orchestrator.encoding.plainjson import jsonable
 from orchestrator.migration.driver import Migration, MigrationReport
 from orchestrator.migration.engine import RoundRecord
 from orchestrator.migration.engine.sequence import JobStatus
@@ -62,7 +63,7 @@ def timestamp(wall_s: float) -> dict[str, int]:
 def event_json(ev: MigrationEvent) -> str:
     """One event as one line of JSON."""
     line = {"name": ev.name.value, "data": ev.data, "elapsed_s": ev.elapsed_s, "timestamp": timestamp(ev.wall_s)}
-    return json.dumps(line, default=str)
+    return json.dumps(jsonable(line), allow_nan=False)
 
 
 def summary_data(rep: MigrationReport) -> dict[str, Any]:
@@ -212,7 +213,7 @@ class Display:
         with the same facts and `extra` as the stream's last line, or nothing when quiet."""
         if self.mode is ProgressMode.JSON:
             line = {"name": SUMMARY, "data": summary_data(rep) | dict(extra or {}), "elapsed_s": rep.total_ms / 1e3}
-            print(json.dumps(line, default=str), file=self.out, flush=True)
+            print(json.dumps(jsonable(line), allow_nan=False), file=self.out, flush=True)
         elif self.mode is not ProgressMode.QUIET:
             summary(rep, self.out)
             for text in lines:

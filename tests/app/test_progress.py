@@ -165,3 +165,10 @@ def test_the_cli_options_choose_the_display(capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         parser().parse_args([*base, "--progress", "quiet"])
     assert exc.value.code == 2 and "invalid choice: 'quiet'" in capsys.readouterr().err
+
+
+def test_json_lines_are_strict_json_even_for_an_estimate_without_bandwidth() -> None:
+    ev = MigrationEvent(EventName.DECISION, {"expected-downtime-ms": float("inf"), "x": float("nan")}, 0.5)
+    line = progress.event_json(ev)
+    assert json.loads(line)["data"] == {"expected-downtime-ms": None, "x": None}
+    assert "Infinity" not in line and "NaN" not in line
