@@ -18,6 +18,7 @@ import numpy as np
 
 from orchestrator.experiments.trace import (
     Collect,
+    Control,
     Decision,
     End,
     Record,
@@ -74,6 +75,8 @@ class EventRecorder:
                 return Status(t, str(ev.data["status"]))
             case EventName.TRACKER:
                 return TrackerNote(t, dict(ev.data))
+            case EventName.CONTROL:
+                return Control(t, str(ev.data["command"]), {k: v for k, v in ev.data.items() if k != "command"})
             case EventName.STEP:
                 action = str(ev.data["action"])
                 if action == "Collect" and ev.data.get("final"):

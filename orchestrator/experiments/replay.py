@@ -22,7 +22,7 @@ from orchestrator.experiments.model import (
     Workload,
 )
 from orchestrator.experiments.simulator import RecordedCollect, Scenario, Script, simulate
-from orchestrator.experiments.trace import Trace, TraceKind, read_trace
+from orchestrator.experiments.trace import Control, Trace, TraceKind, read_trace
 from orchestrator.migration.engine import DowntimePolicy, Policy
 from orchestrator.migration.engine.registry import rebuild
 
@@ -74,6 +74,7 @@ def scenario_of(trace: Trace, modelled: bool = True, link: LinkModel | None = No
         StepCosts.fit(trace, link, collect),
         device[-1] if device else 0,
         None if modelled else script_of(trace),
+        tuple(trace.of(Control)),
     )
 
 

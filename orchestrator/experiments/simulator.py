@@ -13,15 +13,17 @@ recording is followed: its times hold every step's already.
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
 
 from orchestrator.experiments.model import CollectModel, LinkModel, StepCosts, Workload, step_key
+from orchestrator.experiments.trace import Control
 from orchestrator.migration.driver import MigrationReport
 from orchestrator.migration.engine import MigrationSequence, Outcome, Policy, PrecopyEngine, RoundRecord
 from orchestrator.migration.engine import sequence as seq
+from orchestrator.migration.engine.policy import with_downtime_limit
 from orchestrator.migration.events import EventHub, EventName, Listener, decision_data
 
 
@@ -58,10 +60,19 @@ class Scenario:
     steps: StepCosts = field(default_factory=StepCosts)
     device_bytes: int = 0  # device state still to move at every collect
     script: Script | None = None
+    #: What a caller did to the recorded run (new limits, caps, a forced switchover, a cancel),
+    #: applied when the virtual clock reaches each one's time.
+    controls: tuple[Control, ...] = ()
 
 
 def _plain(items: list[tuple[str, Any]]) -> dict[str, Any]:
     return {k: v.value if isinstance(v, enum.Enum) else v for k, v in items}
+
+
+#: A control is stamped when its event is emitted, a moment after the step boundary the driver
+#: takes it at (the listeners of the step before run first): it applies at the boundary this
+#: close before its time.
+STEER_SLACK_S = 1e-3
 
 
 @dataclass
@@ -82,6 +93,7 @@ class Simulation:
     _harvest: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def __post_init__(self) -> None:
+        self._controls = sorted(self.scenario.controls, key=lambda c: c.t)
         self.events = EventHub(lambda: self.now_s)
         sc = self.scenario
         self.engine = PrecopyEngine(sc.page_size, self.policy)
@@ -115,6 +127,25 @@ class Simulation:
             return None
         return script.rounds[round_]
 
+    def _steer(self) -> bool:
+        """Apply the controls now due, as the driver would have taken them; True: a cancel
+        arrived (the pending action is answered with the caller's cancellation)."""
+        cancelled = False
+        while self._controls and self._controls[0].t <= self.now_s + STEER_SLACK_S:
+            c = self._controls.pop(0)
+            sq, data = self.sequence, c.data
+            if c.command == "set-parameters":
+                if data.get("downtime-limit") is not None and sq.tunable:
+                    sq.set_policy(with_downtime_limit(self.engine.policy, float(data["downtime-limit"]) / 1e3))
+                if data.get("max-bandwidth") is not None:
+                    cap = float(data["max-bandwidth"]) or None
+                    self.scenario = replace(self.scenario, link=replace(self.scenario.link, cap_bps=cap))
+            elif c.command == "force-switchover" and sq.tunable:
+                sq.request_switchover()
+            elif c.command == "cancel":
+                cancelled = True
+        return cancelled
+
     def run(self) -> MigrationReport:
         sq = self.sequence
         status = sq.job_status
@@ -122,6 +153,11 @@ class Simulation:
             self.events.emit(
                 EventName.STEP, {"action": type(action).__name__, **_plain(list(asdict(action).items()))}, action
             )
+            if self._steer():
+                cancellable = sq.cancellable
+                sq.send(seq.CallerCancelled())  # after migrate-continue only noted, as the driver does
+                if cancellable:
+                    continue
             rec = sq.send(self._answer(action))
             if rec is not None:
                 self.events.emit(EventName.MIGRATION_PASS, {"pass": rec.round, **asdict(rec)}, rec)

@@ -52,6 +52,7 @@ class RecordType(enum.StrEnum):
     STATUS = "status"
     TRACKER = "tracker"
     STEP = "step"
+    CONTROL = "control"
     LOST = "lost"
     END = "end"
 
@@ -189,6 +190,15 @@ class Step:
 
 
 @dataclass(frozen=True)
+class Control:
+    """A caller steered the migration (ORCH_CONTROL): a replay applies it at its time."""
+
+    t: float
+    command: str  # set-parameters, force-switchover, cancel
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Lost:
     """Records the writer dropped because the disk fell behind."""
 
@@ -204,7 +214,7 @@ class End:
 
 log = logging.getLogger(__name__)
 
-Record = Harvest | Round | Collect | Decision | Throttle | Status | TrackerNote | Step | Lost | End
+Record = Harvest | Round | Collect | Decision | Throttle | Status | TrackerNote | Step | Control | Lost | End
 
 
 def record_json(rec: Record, npages: int) -> dict[str, Any]:
@@ -239,6 +249,8 @@ def record_json(rec: Record, npages: int) -> dict[str, Any]:
             return {"type": "status", "t": t, "status": status}
         case Step(t=t, action=action, data=data):
             return {"type": "step", "t": t, **data, "action": action}
+        case Control(t=t, command=command, data=data):
+            return {"type": "control", "t": t, **data, "command": command}
         case Lost(t=t, records=n):
             return {"type": "lost", "t": t, "records": n}
         case End(t=t, report=report):
@@ -277,6 +289,8 @@ def _parse(obj: dict[str, Any], npages: int) -> Record | None:
             return TrackerNote(t, rest)
         case "step":
             return Step(t, str(rest.pop("action")), rest)
+        case "control":
+            return Control(t, str(rest.pop("command")), rest)
         case "lost":
             return Lost(t, int(obj["records"]))
         case "end":
