@@ -60,12 +60,34 @@ class DeviceMigration:
     _fd: int | None = field(default=None, init=False)
     _pump: asyncio.Task | None = field(default=None, init=False)
     _wake: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    #: Calls whose thread has not returned, abandoned ones (a cancelled step) included.
+    _inflight: int = field(default=0, init=False)
+    _idle: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
     def __post_init__(self) -> None:
         self.report = DeviceReport(self.name)
+        self._idle.set()
 
     async def _call(self, fn, *args):
-        return await watched(fn, *args, timeout=self.timeout_s, name=f"{self.name}: {fn.__name__}")
+        self._inflight += 1
+        self._idle.clear()
+
+        def settled() -> None:
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
+
+        name = f"{self.name}: {fn.__name__}"
+        return await watched(fn, *args, timeout=self.timeout_s, name=name, on_settled=settled)
+
+    async def _quiesce(self) -> str | None:
+        """Wait for the calls a cancelled step left running: a STOP_COPY still in its thread
+        would otherwise land after abort's RUNNING and leave the device stopped."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), self.timeout_s)
+        except TimeoutError:
+            return f"a call still had not returned after {self.timeout_s:g}s"
+        return None
 
     async def start_precopy(self) -> None:
         """Enter PRE_COPY when the device offers it and start reading its precopy data."""
@@ -150,6 +172,8 @@ class DeviceMigration:
             await self._stop_pump()
         except (VfioError, TimeoutError) as exc:
             problems.append(f"precopy read failed: {exc}")
+        if hung := await self._quiesce():
+            problems.append(hung)
         await self._close(self.src, self._fd)
         self._fd = None
         try:

@@ -235,3 +235,33 @@ async def test_a_guest_its_user_pauses_during_precopy_stays_paused_after_an_abor
     assert rep.status == "failed" and rep.guest is GuestHome.SOURCE, rep.error
     assert "src: migrate" not in key_steps(rig)
     assert not rig.src.running, "the user's pause was undone"
+
+
+async def test_a_device_call_still_running_when_the_caller_cancels_is_waited_for(
+    make_rig: MakeRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cancel lands while the device's STOP_COPY still runs in its thread (slowed here,
+    after its journal step and before its ioctl): the abort's RUNNING must come after it, or
+    the device would end stopped under a running guest."""
+    import time
+
+    from tests.fakes.devices import Journaled
+
+    rig = make_rig()
+    mig = rig.migration()
+    task = asyncio.ensure_future(mig.run())
+    loop = asyncio.get_running_loop()
+    real = Journaled.set_state
+
+    def slow_stop_copy(self: Journaled, state: State | int) -> int | None:
+        if State(state) is State.VFIO_DEVICE_STATE_STOP_COPY:
+            loop.call_soon_threadsafe(task.cancel)
+            time.sleep(0.3)  # in the device call's own thread: the transition is not done yet
+        return real(self, state)
+
+    monkeypatch.setattr(Journaled, "set_state", slow_stop_copy)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert mig.report.status == "cancelled" and mig.report.guest is GuestHome.SOURCE
+    await asyncio.sleep(0.5)  # a call left running in its thread has landed by now
+    await rig.check_guest_home(mig.report)  # the source device is RUNNING again
