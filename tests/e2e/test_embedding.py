@@ -282,8 +282,6 @@ async def test_serve_cancel_in_precopy_then_a_forced_retry_on_the_same_pair(tmp_
                 ("m2", "completed", "destination"),
             ]
             assert "forced by the caller" in (await client.execute("query-migrate"))["x-orch"]["decision"]
-            end = read_trace(tmp_path / "m2.jsonl").end
-            assert end is not None and end.report["status"] == "completed", "a served migration's own trace"
             scraped = await asyncio.to_thread(scrape, port)
             assert scraped['orchestrator_migrations_total{outcome="cancelled"}'] == 1
             assert scraped['orchestrator_migrations_total{outcome="completed"}'] == 1
@@ -291,5 +289,8 @@ async def test_serve_cancel_in_precopy_then_a_forced_retry_on_the_same_pair(tmp_
         finally:
             await hang_up(client)
         assert await serve.stop() == 0, serve.out
+        # closed with its migration's watches, which serve has waited for: the report is last
+        end = read_trace(tmp_path / "m2.jsonl").end
+        assert end is not None and end.report["status"] == "completed", "a served migration's own trace"
         assert (await dst.qmp.execute("query-status"))["status"] == "running"
         assert not sock.parent.exists() and serve.left_behind() == []
