@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from orchestrator.migration.driver import GuestHome, Migration, run_watched
+from orchestrator.migration.engine import Decision, DowntimePolicy, Observation, Verdict
 from orchestrator.migration.engine.sequence import JobStatus, NotNow
 from orchestrator.migration.events import EventName, MigrationEvent
 from tests.fakes.rig import NPAGES, OPTIONS, Rig
@@ -217,19 +218,20 @@ async def test_an_outside_cancellation_is_still_raised(make_rig: MakeRig) -> Non
     assert mig.report.status == "cancelled"
 
 
+@dataclasses.dataclass(frozen=True)
+class HalfSpeed:
+    """Asks to throttle the guest to half speed whenever its inner policy continues."""
+
+    inner: DowntimePolicy
+
+    def decide(self, obs: Observation) -> Verdict:
+        v = self.inner.decide(obs)
+        return Verdict(v.decision, v.reason, v.converged, throttle=0.5) if v.decision is Decision.CONTINUE else v
+
+
 async def test_a_throttle_without_an_actuator_fails_safely(make_rig: MakeRig) -> None:
-    from orchestrator.migration.engine import Decision, DowntimePolicy, Observation, Verdict
-
-    @dataclasses.dataclass(frozen=True)
-    class Throttling:
-        inner: DowntimePolicy
-
-        def decide(self, obs: Observation) -> Verdict:
-            v = self.inner.decide(obs)
-            return Verdict(v.decision, v.reason, v.converged, throttle=0.5) if v.decision is Decision.CONTINUE else v
-
     rig = make_rig()
-    mig = rig.migration(dataclasses.replace(OPTIONS, custom_policy=Throttling(DowntimePolicy(1e-9, 5))))
+    mig = rig.migration(dataclasses.replace(OPTIONS, custom_policy=HalfSpeed(DowntimePolicy(1e-9, 5))))
     rep = await mig.run()
     assert rep.status == "failed" and rep.guest is GuestHome.SOURCE and "no actuator" in rep.error
     await rig.check_guest_home(rep)
@@ -284,16 +286,6 @@ async def test_info_after_the_end_stands_still_and_names_a_wrapped_policys_limit
 
 
 async def test_a_throttle_that_cannot_be_released_is_said_in_the_report(make_rig: MakeRig) -> None:
-    from orchestrator.migration.engine import Decision, DowntimePolicy, Observation, Verdict
-
-    @dataclasses.dataclass(frozen=True)
-    class HalfSpeed:
-        inner: DowntimePolicy
-
-        def decide(self, obs: Observation) -> Verdict:
-            v = self.inner.decide(obs)
-            return Verdict(v.decision, v.reason, v.converged, throttle=0.5) if v.decision is Decision.CONTINUE else v
-
     class Stuck:
         def __init__(self) -> None:
             self.levels: list[float] = []
