@@ -14,7 +14,8 @@ the device, not the disk.
 QEMU's own precopy under TCG loses dirty pages in releases before 9.0: after a dirty-bitmap
 sync it leaves the vCPU's cached TLB entries in place, so later stores through them mark
 nothing (upstream commit 03bfc2188f, "physmem: Fix migration dirty bitmap coherency with TCG
-memory access"). This guest's kernel does not survive that on Debian 12's QEMU 7.2; QEMU 10.0
+memory access"). It is a race: on Debian 12's QEMU 7.2 this guest's kernel
+usually crashes after a live migration, though a run can come through; QEMU 10.0
 (`make qemu-10`) migrates it right. The orchestrator's trackers do not depend on QEMU's
 dirty log, so they are right on both.
 """

@@ -3,8 +3,10 @@ the launcher, `migrate` over a unix socket, the guest rewriting its memory and r
 throughout. The source's RAM is a share=on file, but without x-ignore-shared QEMU copies every
 page itself.
 
-Live, QEMU before 9.0 (Debian 12's 7.2) loses the guest's writes under TCG (a QEMU bug; see
-`orchestrator.lab.linux`): the destination kernel crashes, which the test expects there.
+Live, QEMU before 9.0 (Debian 12's 7.2) loses the guest's writes under TCG (a QEMU race; see
+`orchestrator.lab.linux`): in most runs the destination's kernel crashes or hangs, or its
+checker finds a stale page, which the test excuses there and only there (as an expected
+failure); a run the race spares passes.
 The same live migration on QEMU 10.0 (`make test`'s second pass) keeps the guest running, and
 so does 7.2 migrating the guest paused: the bug is the dirty tracking, not the guest.
 """
@@ -65,16 +67,8 @@ def configs() -> tuple[VmConfig, VmConfig]:
     return (linux.vm_config("src", 512, workload=WORKLOAD), linux.vm_config("dst", 512, Role.DESTINATION, WORKLOAD))
 
 
-async def test_qemu_live_migration_keeps_the_guest_running(linux_guest: None, request: pytest.FixtureRequest) -> None:
+async def test_qemu_live_migration_keeps_the_guest_running(linux_guest: None) -> None:
     version = qemu_version()
-    if version < (9, 0):
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                raises=AssertionError,
-                reason="QEMU before 9.0 loses TCG writes in its own precopy (upstream 03bfc2188f)",
-            )
-        )
     src_cfg, dst_cfg = configs()
     assert src_cfg.share
     async with launch(src_cfg) as src, launch(dst_cfg) as dst:
@@ -83,11 +77,25 @@ async def test_qemu_live_migration_keeps_the_guest_running(linux_guest: None, re
         info = await migrate(src, dst)
         assert parse_progress(src.read_serial())[-1].pages > before.pages, "the guest ran meanwhile"
         assert (await dst.qmp.execute("query-status"))["status"] == "running"
-        await goes_on(dst, src)
+        try:
+            await goes_on(dst, src)
+        except AssertionError:
+            if version >= (9, 0) or not lost_writes(dst.read_serial(), src.read_serial()):
+                raise
+            # The race is QEMU's: it loses writes in most runs, not in all, so a clean run
+            # passes; only the bug's own symptom is excused.
+            pytest.xfail(f"QEMU {version} lost the guest's writes in its own precopy (upstream 03bfc2188f)")
         print(
             f"\nQEMU {version} live migration of the Linux guest: {info['total-time']} ms, "
             f"downtime {info.get('downtime')} ms, {info['ram']['transferred'] >> 20} MiB sent"
         )
+
+
+def lost_writes(dst_text: str, src_text: str) -> bool:
+    """The destination shows what lost writes do to this guest: its checker found a stale
+    page, its kernel died of one, or it hung short of a full sweep past the source's last."""
+    last = parse_progress(src_text)[-1]
+    return bool(linux.errors(dst_text)) or linux.kernel_died(dst_text) or not swept(last.pages)(dst_text)
 
 
 async def test_qemu_migration_of_the_paused_guest(linux_guest: None) -> None:
