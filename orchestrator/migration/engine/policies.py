@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from orchestrator.migration.engine.errors import PolicyError
-from orchestrator.migration.engine.policy import Decision, Observation, OnLimit, Verdict
+from orchestrator.migration.engine.policy import DOWNTIME_LIMIT_S, MAX_TIME_S, Decision, Observation, OnLimit, Verdict
 
 GIB = 1 << 30
 
@@ -122,7 +122,7 @@ class ProgressTimeouts:
     reached a new low for `progress_timeout_s`, or that has run longer than
     `completion_timeout_s_per_gib` seconds per GiB of RAM, is cancelled (or forced)."""
 
-    downtime_limit_s: float = 0.3
+    downtime_limit_s: float = DOWNTIME_LIMIT_S
     progress_timeout_s: float = 150.0
     completion_timeout_s_per_gib: float = 150.0
     on_limit: OnLimit = OnLimit.CANCEL
@@ -154,10 +154,10 @@ class StallDetection:
     `min_gain` (a share) below the lowest one before them, it has stalled (the guest
     dirties as fast as the link sends). `max_time_s` still bounds everything."""
 
-    downtime_limit_s: float = 0.3
+    downtime_limit_s: float = DOWNTIME_LIMIT_S
     window: int = 3
     min_gain: float = 0.05
-    max_time_s: float = 300.0
+    max_time_s: float = MAX_TIME_S
     on_limit: OnLimit = OnLimit.FORCE
 
     def __post_init__(self) -> None:

@@ -99,15 +99,22 @@ def with_downtime_limit(policy: Policy, limit_s: float) -> Policy:
     raise PolicyError(f"{type(policy).__name__} has no downtime limit to set")
 
 
+#: QEMU's own defaults (downtime-limit 300 ms), and the caps on a migration that does not
+#: converge; the other policies start from the same figures.
+DOWNTIME_LIMIT_S = 0.3
+MAX_ROUNDS = 30
+MAX_TIME_S = 300.0
+
+
 @dataclass(frozen=True)
 class DowntimePolicy:
     """QEMU's rule: switch over once the expected downtime fits the limit. Caps on rounds and
     time bound a migration that does not converge; `on_limit` says what happens then:
     `cancel` (the source keeps running) or `force` (switch over anyway, longer downtime)."""
 
-    downtime_limit_s: float = 0.3
-    max_rounds: int = 30
-    max_time_s: float = 300.0
+    downtime_limit_s: float = DOWNTIME_LIMIT_S
+    max_rounds: int = MAX_ROUNDS
+    max_time_s: float = MAX_TIME_S
     on_limit: OnLimit = OnLimit.CANCEL
 
     def __post_init__(self) -> None:
