@@ -16,7 +16,7 @@ async def wait_until(vm: QemuVm, done: Callable[[str], bool], timeout: float, wh
     deadline = time.monotonic() + timeout
     while True:
         text = vm.read_serial()
-        assert not linux.errors(text) and not linux.kernel_died(text), f"{vm.name}:\n{text[-1500:]}"
+        assert not linux.failed(text), f"{vm.name}:\n{text[-1500:]}"
         if done(text):
             return text
         vm.check_running()

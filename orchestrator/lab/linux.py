@@ -14,9 +14,9 @@ the device, not the disk.
 QEMU's own precopy under TCG loses dirty pages in releases before 9.0: after a dirty-bitmap
 sync it leaves the vCPU's cached TLB entries in place, so later stores through them mark
 nothing (upstream commit 03bfc2188f, "physmem: Fix migration dirty bitmap coherency with TCG
-memory access"). It is a race: on Debian 12's QEMU 7.2 this guest's kernel
-usually crashes after a live migration, though a run can come through; QEMU 10.0
-(`make qemu-10`) migrates it right. The orchestrator's trackers do not depend on QEMU's
+memory access"). It is a race: on Debian 12's QEMU 7.2 this guest's kernel usually crashes
+after a live migration, though a run can come through; QEMU 10.0 (`make qemu-10`) migrates it
+right. The orchestrator's trackers do not depend on QEMU's
 dirty log, so they are right on both.
 """
 
@@ -29,7 +29,7 @@ from typing import Any
 
 from orchestrator.lab.errors import LabError
 from orchestrator.lab.launcher import Role, VmConfig
-from orchestrator.lab.workload import guest_errors as errors  # noqa: F401 - the guest's E lines, as the fixture guest's
+from orchestrator.lab.workload import guest_errors as errors  # the guest's E lines, as the fixture guest's
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD = REPO / "build" / "linux"
@@ -149,6 +149,11 @@ def vm_config(
 def kernel_died(serial_text: str) -> bool:
     """Whether the guest's kernel printed an oops, a panic or a BUG."""
     return _KERNEL_DIED.search(serial_text) is not None
+
+
+def failed(serial_text: str) -> bool:
+    """Whether the guest said something went wrong: its checker's `E` line or a dead kernel."""
+    return bool(errors(serial_text)) or kernel_died(serial_text)
 
 
 def disk_progress(serial_text: str) -> list[DiskProgress]:

@@ -95,7 +95,7 @@ def lost_writes(dst_text: str, src_text: str) -> bool:
     """The destination shows what lost writes do to this guest: its checker found a stale
     page, its kernel died of one, or it hung short of a full sweep past the source's last."""
     last = parse_progress(src_text)[-1]
-    return bool(linux.errors(dst_text)) or linux.kernel_died(dst_text) or not swept(last.pages)(dst_text)
+    return linux.failed(dst_text) or not swept(last.pages)(dst_text)
 
 
 async def test_qemu_migration_of_the_paused_guest(linux_guest: None) -> None:

@@ -80,6 +80,9 @@ def test_serial_lines() -> None:
     assert [p.pages for p in parse_progress(text)] == [1, 2]
     assert linux.disk_progress(text) == [linux.DiskProgress(3, 196608, 100), linux.DiskProgress(7, 458752, 200)]
     assert linux.errors(text) == ["page 0 in sweep 3: got (9, 0x0), want (2, 0x1)"]
+    assert linux.failed(text) and not linux.kernel_died(text)
+    assert not linux.failed(text.replace("E page", "page"))
+    assert linux.failed("[   12.5] Kernel panic - not syncing: Attempted to kill init!\n")
     fields = linux.announced(text)
     assert fields is not None and fields["kernel"] == "6.12.9" and fields["pages"] == "1"
     assert workload.dma_window(text) == (0x10000000, 0x1000000)
